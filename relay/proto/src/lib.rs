@@ -28,6 +28,7 @@
 
 pub mod error;
 pub mod frame;
+pub mod framer;
 pub mod handshake;
 pub mod key;
 pub mod stun;
@@ -35,6 +36,7 @@ pub mod ws;
 
 pub use error::DecodeError;
 pub use frame::{Frame, FrameDecoder, PeerGoneReason};
+pub use framer::{Framer, Transport};
 pub use key::{PublicKey, SecretKey};
 
 /// Version of the DERP protocol spoken here (v2: RecvPacket carries the source key).
