@@ -1,1 +1,10 @@
+//! `warren`: the node client of the Warren mesh.
+//!
+//! For now it holds the DERP client ([`derp`]) that talks to a Warren relay (or any DERP v2
+//! server) over the HTTP upgrade or WebSocket, with or without TLS. Path selection, hole
+//! punching and the funnel agent grow on top of it.
 
+pub mod derp;
+pub mod url;
+
+pub use derp::{ClientError, ConnectOptions, DerpClient};

@@ -1,1 +1,24 @@
+//! `warren-relay`: a DERP v2 relay with STUN.
+//!
+//! Nodes that cannot reach each other directly send end-to-end encrypted packets through the
+//! relay, addressed by Curve25519 public key. The wire protocol is Tailscale's DERP v2, over an
+//! HTTP/1.1 upgrade or WebSocket, usually inside TLS. The relay also answers STUN Binding
+//! requests so nodes can learn their public address.
+//!
+//! Layout: [`config`] (file + CLI → typed config), [`server`] (listeners and shutdown),
+//! `conn` (one actor per client), `clients` (the key → connection table), `web` (routing
+//! of the DERP port), `stun`, [`tls`], [`keyfile`], [`metrics`].
 
+mod admin;
+mod clients;
+pub mod config;
+mod conn;
+mod web;
+pub mod keyfile;
+pub mod metrics;
+pub mod server;
+mod stun;
+pub mod tls;
+
+pub use config::Config;
+pub use server::{Server, ServerError};

@@ -1,1 +1,177 @@
-fn main() {}
+//! `warren-relay`: command-line entry point.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use tracing::{error, info};
+use warren_relay::config::{Config, FileConfig};
+use warren_relay::Server;
+
+/// Exit code for an invalid configuration (EX_USAGE in sysexits.h).
+const EXIT_CONFIG: u8 = 64;
+
+/// Warren relay: forwards end-to-end encrypted packets between mesh nodes (DERP v2) and
+/// answers STUN.
+///
+/// Settings come from the TOML file given with --config; flags override the file.
+#[derive(Debug, Parser)]
+#[command(name = "warren-relay", version)]
+struct Cli {
+    /// TOML configuration file (see deploy/relay.example.toml).
+    #[arg(short, long, env = "WARREN_RELAY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Validate the configuration and exit without binding any port.
+    #[arg(long)]
+    check_config: bool,
+    /// Development mode: TLS from a local CA, loopback ports 8443 (DERP), 3478 (STUN),
+    /// 9090 (admin), state in ./.warren-dev/relay unless set otherwise.
+    #[arg(long)]
+    dev: bool,
+    /// With --dev: plain HTTP instead of TLS (loopback only).
+    #[arg(long, requires = "dev")]
+    plain: bool,
+    /// DERP/HTTPS listen address, e.g. 0.0.0.0:443.
+    #[arg(long)]
+    listen: Option<String>,
+    /// Directory for the server key and dev CA.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Server key file (created 0600 on first start).
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Public host name of this relay.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// TLS certificate chain (PEM); selects manual TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// STUN listen address, e.g. 0.0.0.0:3478.
+    #[arg(long)]
+    stun_listen: Option<String>,
+    /// Do not serve STUN.
+    #[arg(long)]
+    no_stun: bool,
+    /// Admin (metrics, health) listen address.
+    #[arg(long)]
+    admin_listen: Option<String>,
+    /// Log format.
+    #[arg(long, value_parser = ["text", "json"], default_value = "text")]
+    log_format: String,
+}
+
+impl Cli {
+    /// Lays the flags over the file's settings.
+    fn apply(&self, mut f: FileConfig) -> FileConfig {
+        if self.dev {
+            f.tls.mode = Some(if self.plain { "plain" } else { "dev" }.into());
+            f.listen.get_or_insert_with(|| "127.0.0.1:8443".into());
+            f.stun.listen.get_or_insert_with(|| "127.0.0.1:3478".into());
+            f.admin.listen.get_or_insert_with(|| "127.0.0.1:9090".into());
+            f.state_dir.get_or_insert_with(|| PathBuf::from(".warren-dev/relay"));
+        }
+        let set = |slot: &mut Option<String>, v: &Option<String>| {
+            if let Some(v) = v {
+                *slot = Some(v.clone());
+            }
+        };
+        set(&mut f.listen, &self.listen);
+        set(&mut f.hostname, &self.hostname);
+        set(&mut f.stun.listen, &self.stun_listen);
+        set(&mut f.admin.listen, &self.admin_listen);
+        if let Some(d) = &self.state_dir {
+            f.state_dir = Some(d.clone());
+        }
+        if let Some(k) = &self.key_file {
+            f.key_file = Some(k.clone());
+        }
+        if let (Some(c), Some(k)) = (&self.tls_cert, &self.tls_key) {
+            f.tls.mode = Some("manual".into());
+            f.tls.cert_file = Some(c.clone());
+            f.tls.key_file = Some(k.clone());
+        }
+        if self.no_stun {
+            f.stun.enabled = Some(false);
+        }
+        f
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let file = match &cli.config {
+        Some(path) => FileConfig::load(path),
+        None => Ok(FileConfig::default()),
+    };
+    let config = match file.and_then(|f| Config::try_from(cli.apply(f))) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("warren-relay: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if cli.check_config {
+        eprintln!("warren-relay: configuration is valid");
+        return ExitCode::SUCCESS;
+    }
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("warren-relay: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    rt.block_on(async move {
+        let prometheus = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full("relay_queue_delay_seconds".into()),
+                &[0.000_01, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.005, 0.025, 0.1, 0.5],
+            )
+            .context("metric buckets")?
+            .install_recorder()
+            .context("installing the metrics recorder")?;
+        warren_relay::metrics::describe();
+        let server = Server::spawn(config, Some(prometheus)).await?;
+        wait_for_signal().await;
+        info!("shutdown requested; draining (send the signal again to stop at once)");
+        tokio::select! {
+            _ = server.shutdown() => {}
+            _ = wait_for_signal() => info!("second signal: stopping now"),
+        }
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,214 @@
+//! `warren`: the node client command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use rand_core::OsRng;
+use warren::derp::{ConnectOptions, DerpClient};
+use warren_relay_proto::{Frame, PeerGoneReason, SecretKey, Transport};
+
+/// Warren node client.
+#[derive(Debug, Parser)]
+#[command(name = "warren", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a relay end to end: two fresh keys log in, ping the relay, exchange packets
+    /// through it, and measure round-trip time and one-way throughput.
+    RelayCheck(RelayCheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RelayCheckArgs {
+    /// Relay URL, e.g. https://localhost:8443 or http://127.0.0.1:3340.
+    #[arg(long)]
+    relay: String,
+    /// PEM file of a CA to trust (e.g. the relay's dev CA).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Use the WebSocket transport instead of the DERP upgrade.
+    #[arg(long)]
+    websocket: bool,
+    /// Ask for Derp-Fast-Start (no 101 response).
+    #[arg(long, conflicts_with = "websocket")]
+    fast_start: bool,
+    /// Round trips to time.
+    #[arg(long, default_value_t = 200)]
+    round_trips: u32,
+    /// Packets to send for the throughput run (0 skips it).
+    #[arg(long, default_value_t = 20_000)]
+    packets: u32,
+    /// Packet size in bytes for the throughput run.
+    #[arg(long, default_value_t = 1200)]
+    size: usize,
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("warren: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::RelayCheck(args) => relay_check(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warren: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Prints one line of the command's report on stdout.
+#[allow(clippy::print_stdout)] // stdout is the command's output
+fn report(line: &str) {
+    println!("{line}");
+}
+
+async fn relay_check(args: RelayCheckArgs) -> anyhow::Result<()> {
+    if args.size == 0 || args.size > warren_relay_proto::MAX_PACKET_SIZE {
+        bail!("--size must be between 1 and {}", warren_relay_proto::MAX_PACKET_SIZE);
+    }
+    let opts = ConnectOptions {
+        transport: if args.websocket { Transport::WebSocket } else { Transport::Derp },
+        fast_start: args.fast_start,
+        ca_file: args.ca.clone(),
+        ..Default::default()
+    };
+    let (ka, kb) = (SecretKey::generate(&mut OsRng), SecretKey::generate(&mut OsRng));
+    let mut a = DerpClient::connect(&args.relay, &ka, &opts).await.context("client A login")?;
+    let mut b = DerpClient::connect(&args.relay, &kb, &opts).await.context("client B login")?;
+    report(&format!("relay {} key {} transport {}", args.relay, a.server_key(), opts.transport.name()));
+    report(&format!("client A {} and client B {} logged in", a.public_key().short(), b.public_key().short()));
+
+    let t = Instant::now();
+    a.send(&Frame::Ping(*b"warren!!")).await?;
+    loop {
+        match timeout(a.recv()).await? {
+            Frame::Pong(d) if &d == b"warren!!" => break,
+            _ => {}
+        }
+    }
+    report(&format!("ping -> pong from relay in {:.1?}", t.elapsed()));
+
+    let absent = SecretKey::generate(&mut OsRng).public_key();
+    a.send_packet(absent, b"anyone there?").await?;
+    loop {
+        match timeout(a.recv()).await? {
+            Frame::PeerGone { peer, reason: PeerGoneReason::NotHere } if peer == absent => break,
+            _ => {}
+        }
+    }
+    report("packet to an absent key -> PeerGone(not here)");
+
+    let rtts = round_trips(&mut a, &mut b, args.round_trips).await?;
+    if !rtts.is_empty() {
+        let pct = |p: f64| rtts[((rtts.len() - 1) as f64 * p) as usize];
+        report(&format!(
+            "A -> B -> A echo through the relay: {} round trips, p50 {:.0?} p90 {:.0?} p99 {:.0?} max {:.0?}",
+            rtts.len(),
+            pct(0.5),
+            pct(0.9),
+            pct(0.99),
+            rtts[rtts.len() - 1]
+        ));
+    }
+    if args.packets > 0 {
+        throughput(a, b, args.packets, args.size).await?;
+    }
+    Ok(())
+}
+
+async fn timeout<T>(f: impl std::future::Future<Output = Result<T, warren::ClientError>>) -> anyhow::Result<T> {
+    Ok(tokio::time::timeout(Duration::from_secs(5), f).await.context("no answer from the relay within 5s")??)
+}
+
+async fn round_trips(a: &mut DerpClient, b: &mut DerpClient, n: u32) -> anyhow::Result<Vec<Duration>> {
+    let (akey, bkey) = (a.public_key(), b.public_key());
+    let mut rtts = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let payload = i.to_be_bytes();
+        let t = Instant::now();
+        a.send_packet(bkey, &payload).await?;
+        let (src, got) = timeout(b.recv_packet()).await?;
+        if src != akey || got[..] != payload {
+            bail!("B received a packet that A did not send");
+        }
+        b.send_packet(akey, &got).await?;
+        let (src, back) = timeout(a.recv_packet()).await?;
+        if src != bkey || back[..] != payload {
+            bail!("A received a packet that B did not echo");
+        }
+        rtts.push(t.elapsed());
+    }
+    rtts.sort();
+    Ok(rtts)
+}
+
+/// Packets in flight in the throughput run; below the relay's default queue depth (128), so a
+/// healthy relay drops nothing.
+const WINDOW: u32 = 96;
+/// B acknowledges every this many packets.
+const ACK_EVERY: u32 = 16;
+
+/// Closed-loop one-way throughput: A keeps at most [`WINDOW`] packets unacknowledged; B
+/// acknowledges every [`ACK_EVERY`] packets through the relay.
+async fn throughput(mut a: DerpClient, mut b: DerpClient, n: u32, size: usize) -> anyhow::Result<()> {
+    let (akey, bkey) = (a.public_key(), b.public_key());
+    let receiver = tokio::spawn(async move {
+        let mut got = 0u32;
+        while got < n {
+            match tokio::time::timeout(Duration::from_secs(2), b.recv_packet()).await {
+                Ok(Ok(_)) => got += 1,
+                _ => break,
+            }
+            if (got % ACK_EVERY == 0 || got == n) && b.send_packet(akey, &got.to_be_bytes()).await.is_err() {
+                break;
+            }
+        }
+        got
+    });
+    let payload = bytes::Bytes::from(vec![0xa5; size]);
+    let start = Instant::now();
+    let (mut sent, mut acked) = (0u32, 0u32);
+    while acked < n {
+        while sent < n && sent - acked < WINDOW {
+            a.queue(&Frame::SendPacket { dst: bkey, packet: payload.clone() })?;
+            sent += 1;
+        }
+        a.flush().await?;
+        let Ok(Ok((_, ack))) = tokio::time::timeout(Duration::from_secs(2), a.recv_packet()).await else {
+            break;
+        };
+        if let Ok(v) = <[u8; 4]>::try_from(&ack[..]) {
+            acked = acked.max(u32::from_be_bytes(v));
+        }
+    }
+    let elapsed = start.elapsed().max(Duration::from_micros(1));
+    let got = receiver.await.context("receiver task")?;
+    report(&format!(
+        "throughput A -> B (closed loop, window {WINDOW}): {got}/{n} x {size} B delivered in {elapsed:.2?}: {:.0} packets/s, {:.1} MB/s",
+        f64::from(got) / elapsed.as_secs_f64(),
+        f64::from(got) * size as f64 / elapsed.as_secs_f64() / 1e6
+    ));
+    if got < n {
+        bail!("{} of {n} packets were not delivered", n - got);
+    }
+    Ok(())
+}

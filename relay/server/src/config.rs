@@ -1,0 +1,380 @@
+//! Relay configuration: the TOML file schema, CLI overrides, and the typed runtime [`Config`].
+//!
+//! The file is read into [`FileConfig`] (unknown keys are errors), command-line flags are laid
+//! over it, and [`Config::try_from`] checks everything once ("parse, don't validate").
+
+use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Defaults, in one place.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// DERP over HTTPS.
+    pub const LISTEN: &str = "0.0.0.0:443";
+    /// Loopback-only plain HTTP for development.
+    pub const DEV_LISTEN: &str = "127.0.0.1:3340";
+    /// STUN.
+    pub const STUN_LISTEN: &str = "0.0.0.0:3478";
+    /// Prometheus metrics and health, never on the public port.
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:9090";
+    /// Where the server key and dev CA live.
+    pub const STATE_DIR: &str = "/var/lib/warren-relay";
+    /// Per-client queue of packets awaiting write.
+    pub const SEND_QUEUE_DEPTH: usize = 128;
+    /// Time from TCP accept to a completed DERP login.
+    pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    /// Time one batched write to a client may take before it is considered stuck.
+    pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Interval between KeepAlive frames.
+    pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(60);
+    /// Drain time on shutdown.
+    pub const GRACE_PERIOD: Duration = Duration::from_secs(10);
+    /// Told to clients in Restarting: reconnect after this long.
+    pub const RESTART_RECONNECT_IN: Duration = Duration::from_millis(500);
+    /// Told to clients in Restarting: keep trying this long.
+    pub const RESTART_TRY_FOR: Duration = Duration::from_secs(60);
+    /// STUN Binding requests per second per source IP.
+    pub const STUN_RATE: u32 = 20;
+    /// STUN burst per source IP.
+    pub const STUN_BURST: u32 = 40;
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, with line and column.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid config: {field}: {reason}")]
+    Invalid {
+        /// The offending key.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl ConfigError {
+    fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid { field, reason: reason.into() }
+    }
+}
+
+/// The TOML file as written by an operator. Every key is optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Address of the DERP/HTTPS listener.
+    pub listen: Option<String>,
+    /// Directory for the server key and dev CA.
+    pub state_dir: Option<PathBuf>,
+    /// Server key file (default `<state_dir>/relay.key`).
+    pub key_file: Option<PathBuf>,
+    /// Host name this relay is reached at (for the dev certificate and logs).
+    pub hostname: Option<String>,
+    /// TLS settings.
+    #[serde(default)]
+    pub tls: TlsFile,
+    /// STUN settings.
+    #[serde(default)]
+    pub stun: StunFile,
+    /// Admin listener settings.
+    #[serde(default)]
+    pub admin: AdminFile,
+    /// Limits.
+    #[serde(default)]
+    pub limits: LimitsFile,
+    /// Shutdown behaviour.
+    #[serde(default)]
+    pub shutdown: ShutdownFile,
+}
+
+/// `[tls]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// `manual` (cert_file + key_file), `dev` (local CA) or `plain` (no TLS, loopback only).
+    pub mode: Option<String>,
+    /// PEM certificate chain for `manual`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key for `manual`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[stun]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StunFile {
+    /// Whether to serve STUN (default true).
+    pub enabled: Option<bool>,
+    /// UDP address.
+    pub listen: Option<String>,
+    /// Requests per second per source IP.
+    pub rate_per_second: Option<u32>,
+    /// Burst per source IP.
+    pub burst: Option<u32>,
+}
+
+/// `[admin]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// Whether to serve /metrics and /healthz (default true).
+    pub enabled: Option<bool>,
+    /// TCP address.
+    pub listen: Option<String>,
+}
+
+/// `[limits]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Packets queued per client before drops.
+    pub send_queue_depth: Option<usize>,
+    /// e.g. "10s".
+    pub handshake_timeout: Option<String>,
+    /// e.g. "5s".
+    pub write_timeout: Option<String>,
+    /// e.g. "60s".
+    pub keepalive_interval: Option<String>,
+}
+
+/// `[shutdown]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownFile {
+    /// How long to keep serving connected clients after SIGTERM, e.g. "10s".
+    pub grace_period: Option<String>,
+    /// Told to clients: reconnect after, e.g. "500ms".
+    pub reconnect_in: Option<String>,
+    /// Told to clients: keep trying for, e.g. "60s".
+    pub try_for: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.into(), source },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`].
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), source: Box::new(e) })
+    }
+}
+
+/// How the DERP listener does TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Certificate and key from files.
+    Manual {
+        /// PEM chain.
+        cert_file: PathBuf,
+        /// PEM key.
+        key_file: PathBuf,
+    },
+    /// A local CA under the state dir signs a certificate for the hostname and localhost; the
+    /// CA certificate is written to `<state_dir>/dev-ca.pem` for clients to trust.
+    Dev,
+    /// No TLS. Only allowed on loopback addresses.
+    Plain,
+}
+
+/// STUN listener settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StunConfig {
+    /// UDP address.
+    pub listen: SocketAddr,
+    /// Requests per second per source IP.
+    pub rate_per_second: NonZeroU32,
+    /// Burst per source IP.
+    pub burst: NonZeroU32,
+}
+
+/// The checked runtime configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// DERP/HTTP(S) listener.
+    pub listen: SocketAddr,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Server key file.
+    pub key_file: PathBuf,
+    /// Public host name.
+    pub hostname: String,
+    /// TLS mode.
+    pub tls: TlsMode,
+    /// STUN, if enabled.
+    pub stun: Option<StunConfig>,
+    /// Admin listener, if enabled.
+    pub admin_listen: Option<SocketAddr>,
+    /// Per-client packet queue depth.
+    pub send_queue_depth: NonZeroUsize,
+    /// Accept-to-login deadline.
+    pub handshake_timeout: Duration,
+    /// Deadline of one batched write.
+    pub write_timeout: Duration,
+    /// KeepAlive interval.
+    pub keepalive_interval: Duration,
+    /// Drain time on shutdown.
+    pub grace_period: Duration,
+    /// Restarting: reconnect in.
+    pub restart_reconnect_in: Duration,
+    /// Restarting: try for.
+    pub restart_try_for: Duration,
+}
+
+impl TryFrom<FileConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(f: FileConfig) -> Result<Self, ConfigError> {
+        let tls = match f.tls.mode.as_deref().unwrap_or("dev") {
+            "manual" => TlsMode::Manual {
+                cert_file: f.tls.cert_file.ok_or_else(|| ConfigError::invalid("tls.cert_file", "required when tls.mode = \"manual\""))?,
+                key_file: f.tls.key_file.ok_or_else(|| ConfigError::invalid("tls.key_file", "required when tls.mode = \"manual\""))?,
+            },
+            "dev" => TlsMode::Dev,
+            "plain" => TlsMode::Plain,
+            other => return Err(ConfigError::invalid("tls.mode", format!("{other:?} is not one of manual, dev, plain"))),
+        };
+        let default_listen = if tls == TlsMode::Plain { defaults::DEV_LISTEN } else { defaults::LISTEN };
+        let listen = parse_addr("listen", f.listen.as_deref().unwrap_or(default_listen))?;
+        if tls == TlsMode::Plain && !listen.ip().is_loopback() {
+            return Err(ConfigError::invalid("listen", format!("{listen} is not loopback; tls.mode = \"plain\" only binds loopback")));
+        }
+        let state_dir = f.state_dir.unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR));
+        let key_file = f.key_file.unwrap_or_else(|| state_dir.join("relay.key"));
+        let stun = if f.stun.enabled.unwrap_or(true) {
+            Some(StunConfig {
+                listen: parse_addr("stun.listen", f.stun.listen.as_deref().unwrap_or(defaults::STUN_LISTEN))?,
+                rate_per_second: nonzero_u32("stun.rate_per_second", f.stun.rate_per_second.unwrap_or(defaults::STUN_RATE))?,
+                burst: nonzero_u32("stun.burst", f.stun.burst.unwrap_or(defaults::STUN_BURST))?,
+            })
+        } else {
+            None
+        };
+        let admin_listen = if f.admin.enabled.unwrap_or(true) {
+            Some(parse_addr("admin.listen", f.admin.listen.as_deref().unwrap_or(defaults::ADMIN_LISTEN))?)
+        } else {
+            None
+        };
+        let depth = f.limits.send_queue_depth.unwrap_or(defaults::SEND_QUEUE_DEPTH);
+        let send_queue_depth = NonZeroUsize::new(depth)
+            .filter(|d| d.get() <= 1 << 16)
+            .ok_or_else(|| ConfigError::invalid("limits.send_queue_depth", "must be between 1 and 65536"))?;
+        Ok(Config {
+            listen,
+            state_dir,
+            key_file,
+            hostname: f.hostname.unwrap_or_else(|| "localhost".into()),
+            tls,
+            stun,
+            admin_listen,
+            send_queue_depth,
+            handshake_timeout: dur("limits.handshake_timeout", f.limits.handshake_timeout, defaults::HANDSHAKE_TIMEOUT)?,
+            write_timeout: dur("limits.write_timeout", f.limits.write_timeout, defaults::WRITE_TIMEOUT)?,
+            keepalive_interval: dur("limits.keepalive_interval", f.limits.keepalive_interval, defaults::KEEPALIVE_INTERVAL)?,
+            grace_period: dur("shutdown.grace_period", f.shutdown.grace_period, defaults::GRACE_PERIOD)?,
+            restart_reconnect_in: dur("shutdown.reconnect_in", f.shutdown.reconnect_in, defaults::RESTART_RECONNECT_IN)?,
+            restart_try_for: dur("shutdown.try_for", f.shutdown.try_for, defaults::RESTART_TRY_FOR)?,
+        })
+    }
+}
+
+fn parse_addr(field: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|_| ConfigError::invalid(field, format!("{s:?} is not an ip:port address")))
+}
+
+fn nonzero_u32(field: &'static str, v: u32) -> Result<NonZeroU32, ConfigError> {
+    NonZeroU32::new(v).ok_or_else(|| ConfigError::invalid(field, "must be at least 1"))
+}
+
+fn dur(field: &'static str, v: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    match v {
+        None => Ok(default),
+        Some(s) => parse_duration(&s).ok_or_else(|| ConfigError::invalid(field, format!("{s:?} is not a duration like \"500ms\", \"10s\" or \"2m\""))),
+    }
+}
+
+/// Parses `"250ms"`, `"10s"`, `"2m"`, `"1h"` (one number, one unit).
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::try_from(FileConfig::parse("").expect("parses")).expect("valid");
+        assert_eq!(c.listen, "0.0.0.0:443".parse().expect("addr"));
+        assert_eq!(c.tls, TlsMode::Dev);
+        assert_eq!(c.key_file, PathBuf::from("/var/lib/warren-relay/relay.key"));
+        assert_eq!(c.keepalive_interval, Duration::from_secs(60));
+        assert!(c.stun.is_some());
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(matches!(FileConfig::parse("lisen = \"x\""), Err(ConfigError::Parse { .. })));
+        assert!(matches!(FileConfig::parse("[tls]\nmod = \"dev\""), Err(ConfigError::Parse { .. })));
+        let bad = |t: &str| Config::try_from(FileConfig::parse(t).expect("parses"));
+        assert!(matches!(bad("listen = \"nope\""), Err(ConfigError::Invalid { field: "listen", .. })));
+        assert!(bad("[tls]\nmode = \"plain\"\n").is_ok());
+        assert!(matches!(bad("listen = \"0.0.0.0:80\"\n[tls]\nmode = \"plain\""), Err(ConfigError::Invalid { field: "listen", .. })));
+        assert!(matches!(bad("[tls]\nmode = \"manual\""), Err(ConfigError::Invalid { field: "tls.cert_file", .. })));
+        assert!(matches!(bad("[limits]\nsend_queue_depth = 0"), Err(ConfigError::Invalid { .. })));
+        assert!(matches!(bad("[limits]\nhandshake_timeout = \"10 parsecs\""), Err(ConfigError::Invalid { .. })));
+        assert!(matches!(bad("[stun]\nburst = 0"), Err(ConfigError::Invalid { field: "stun.burst", .. })));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("s"), None);
+        assert_eq!(parse_duration("99999999999999999999h"), None);
+    }
+}

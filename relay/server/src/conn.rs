@@ -1,0 +1,341 @@
+//! One DERP connection: login handshake, then an actor that forwards packets.
+//!
+//! The actor owns the socket and a [`Framer`]. Its loop, in priority order:
+//!
+//! 1. shutdown (hard stop after the drain grace period),
+//! 2. control messages (peer gone, restarting, replaced),
+//! 3. packets queued for this client: drained in a batch and written with one write,
+//! 4. frames read from the client,
+//! 5. the keep-alive timer.
+//!
+//! Cancel safety: every branch of the `select!` is cancel safe. `recv` on tokio mpsc channels
+//! loses nothing when dropped; `read_frame` keeps all partial input inside the framer and only
+//! awaits `read_buf`, which is cancel safe; `sleep`-based ticks are re-armed each round.
+//! Writes happen in branch bodies, outside the select, bounded by the write timeout.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand_core::OsRng;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+use warren_relay_proto::handshake::{ClientInfo, ServerInfo};
+use warren_relay_proto::{DecodeError, Frame, Framer, PeerGoneReason, PublicKey, Transport, PROTOCOL_VERSION};
+
+use crate::clients::{ClientHandle, Control, Delivery, Packet};
+use crate::metrics::{DropReason, HandshakeFailure};
+use crate::server::Shared;
+
+/// Packets written per batch before reading from the socket again.
+const MAX_BATCH: usize = 256;
+/// Bytes queued per batch before flushing.
+const MAX_BATCH_BYTES: usize = 256 << 10;
+/// Read buffer growth step.
+const READ_CHUNK: usize = 4096;
+/// Peers remembered per client for PeerGone notices on disconnect.
+const MAX_SENT_TO: usize = 4096;
+/// Control messages a client can have pending.
+pub(crate) const CONTROL_QUEUE: usize = 16;
+
+/// Why reading a frame ended.
+#[derive(Debug)]
+enum ReadError {
+    Closed,
+    Io,
+    Decode(DecodeError),
+}
+
+/// Serves one upgraded connection until it closes or the relay stops.
+pub(crate) async fn run<S>(shared: Arc<Shared>, mut io: S, mut framer: Framer, remote: SocketAddr, transport: Transport)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let login = tokio::time::timeout(shared.config.handshake_timeout, handshake(&shared, &mut io, &mut framer)).await;
+    let (key, info) = match login {
+        Ok(Ok(v)) => v,
+        Ok(Err(reason)) => {
+            debug!(%remote, reason = reason.label(), "handshake failed");
+            shared.metrics.handshake_failed(reason);
+            return;
+        }
+        Err(_) => {
+            debug!(%remote, "handshake timed out");
+            shared.metrics.handshake_failed(HandshakeFailure::Timeout);
+            return;
+        }
+    };
+    let conn_id = shared.next_conn_id();
+    let (packets_tx, packets) = mpsc::channel(shared.config.send_queue_depth.get());
+    let (control_tx, control) = mpsc::channel(CONTROL_QUEUE);
+    let handle = ClientHandle { conn_id, packets: packets_tx, control: control_tx };
+    if let Some(old) = shared.clients.register(key, handle) {
+        let _ = old.control.try_send(Control::Replaced);
+        shared.metrics.replaced.increment(1);
+    }
+    match transport {
+        Transport::Derp => shared.metrics.conns_derp.increment(1),
+        Transport::WebSocket => shared.metrics.conns_ws.increment(1),
+    }
+    shared.metrics.clients.increment(1.0);
+    info!(client = %key.short(), %remote, transport = transport.name(), version = info.version, "client connected");
+
+    let mut actor = Actor {
+        shared: shared.clone(),
+        key,
+        framer,
+        packets,
+        control,
+        sent_to: HashSet::new(),
+        preferred: false,
+        peer_gone_budget: PeerGoneBudget::new(Instant::now()),
+    };
+    let why = actor.run(&mut io).await;
+    actor.finish(conn_id);
+    // Best effort close_notify / FIN; a peer that stopped reading must not hold us here.
+    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+    info!(client = %key.short(), %remote, reason = why, "client disconnected");
+}
+
+async fn handshake<S>(shared: &Shared, io: &mut S, framer: &mut Framer) -> Result<(PublicKey, ClientInfo), HandshakeFailure>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    framer.queue(&Frame::ServerKey { key: shared.public });
+    flush(io, framer, shared.config.write_timeout).await.map_err(|_| HandshakeFailure::Io)?;
+    let frame = read_frame(io, framer).await.map_err(|e| match e {
+        ReadError::Decode(_) => HandshakeFailure::BadFrame,
+        ReadError::Closed | ReadError::Io => HandshakeFailure::Io,
+    })?;
+    let Frame::ClientInfo { key, sealed } = frame else {
+        return Err(HandshakeFailure::BadFrame);
+    };
+    let info = ClientInfo::open(&shared.secret, &key, &sealed).map_err(|_| HandshakeFailure::BadClientInfo)?;
+    let server_info = ServerInfo { version: PROTOCOL_VERSION, ..Default::default() };
+    framer.queue(&server_info.seal_frame(&shared.secret, &key, &mut OsRng));
+    flush(io, framer, shared.config.write_timeout).await.map_err(|_| HandshakeFailure::Io)?;
+    Ok((key, info))
+}
+
+/// Reads until the framer yields a frame.
+///
+/// # Cancel safety
+/// Cancel safe: partial input stays in the framer; the only await is `read_buf`.
+async fn read_frame<S: AsyncRead + Unpin>(io: &mut S, framer: &mut Framer) -> Result<Frame, ReadError> {
+    loop {
+        if let Some(frame) = framer.poll_frame().map_err(ReadError::Decode)? {
+            return Ok(frame);
+        }
+        if framer.peer_closed() {
+            return Err(ReadError::Closed);
+        }
+        let buf = framer.rx_buf();
+        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+            buf.reserve(READ_CHUNK);
+        }
+        match io.read_buf(buf).await {
+            Ok(0) => return Err(ReadError::Closed),
+            Ok(_) => {}
+            Err(_) => return Err(ReadError::Io),
+        }
+    }
+}
+
+/// Writes everything the framer has queued, in as few writes as it allows.
+async fn flush<S: AsyncWrite + Unpin>(io: &mut S, framer: &mut Framer, limit: Duration) -> std::io::Result<()> {
+    while let Some(bytes) = framer.take_transmit(&mut OsRng) {
+        let write = async {
+            io.write_all(&bytes).await?;
+            io.flush().await
+        };
+        tokio::time::timeout(limit, write)
+            .await
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "write timed out"))??;
+    }
+    Ok(())
+}
+
+/// Rate limit of PeerGone(NotHere) notices: a burst of 3, then one per second.
+#[derive(Debug)]
+struct PeerGoneBudget {
+    tokens: f64,
+    last: Instant,
+}
+
+impl PeerGoneBudget {
+    fn new(now: Instant) -> Self {
+        PeerGoneBudget { tokens: 3.0, last: now }
+    }
+
+    fn allow(&mut self, now: Instant) -> bool {
+        let refill = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + refill).min(3.0);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return true;
+        }
+        false
+    }
+}
+
+struct Actor {
+    shared: Arc<Shared>,
+    key: PublicKey,
+    framer: Framer,
+    packets: mpsc::Receiver<Packet>,
+    control: mpsc::Receiver<Control>,
+    /// Peers this client sent to: told PeerGone(Disconnected) when it leaves.
+    sent_to: HashSet<PublicKey>,
+    preferred: bool,
+    peer_gone_budget: PeerGoneBudget,
+}
+
+/// What the frame handler decided.
+enum Next {
+    Continue,
+    Close(&'static str),
+}
+
+impl Actor {
+    async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, io: &mut S) -> &'static str {
+        let cancel = self.shared.conns_cancel.clone();
+        let interval = self.shared.config.keepalive_interval;
+        let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+        loop {
+            let next = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => Next::Close("relay shutting down"),
+                Some(ctl) = self.control.recv() => self.on_control(ctl),
+                Some(pkt) = self.packets.recv() => {
+                    self.on_packets(pkt);
+                    Next::Continue
+                }
+                frame = read_frame(io, &mut self.framer) => match frame {
+                    Ok(frame) => self.on_frame(frame),
+                    Err(ReadError::Closed) => Next::Close("closed by client"),
+                    Err(ReadError::Io) => Next::Close("read error"),
+                    Err(ReadError::Decode(e)) => {
+                        self.shared.metrics.protocol_errors.increment(1);
+                        debug!(client = %self.key.short(), error = %e, "protocol error");
+                        Next::Close("protocol error")
+                    }
+                },
+                _ = keepalive.tick() => {
+                    self.framer.queue(&Frame::KeepAlive);
+                    Next::Continue
+                }
+            };
+            let flushed = flush(io, &mut self.framer, self.shared.config.write_timeout).await;
+            if let Next::Close(why) = next {
+                return why;
+            }
+            if flushed.is_err() {
+                return "write failed or timed out";
+            }
+        }
+    }
+
+    fn on_control(&mut self, ctl: Control) -> Next {
+        match ctl {
+            Control::PeerGone(peer, reason) => self.framer.queue(&Frame::PeerGone { peer, reason }),
+            Control::Restarting { reconnect_in_ms, try_for_ms } => {
+                self.framer.queue(&Frame::Restarting { reconnect_in_ms, try_for_ms });
+            }
+            Control::Replaced => {
+                self.framer.queue(&Frame::Health { problem: "replaced by a newer connection with the same key".into() });
+                return Next::Close("replaced by a newer connection");
+            }
+        }
+        Next::Continue
+    }
+
+    fn on_packets(&mut self, first: Packet) {
+        let now = Instant::now();
+        self.write_packet(first, now);
+        for _ in 1..MAX_BATCH {
+            if self.framer.queued_len() >= MAX_BATCH_BYTES {
+                break;
+            }
+            match self.packets.try_recv() {
+                Ok(p) => self.write_packet(p, now),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn write_packet(&mut self, p: Packet, now: Instant) {
+        let m = &self.shared.metrics;
+        m.forwarded.increment(1);
+        m.forwarded_bytes.increment(p.data.len() as u64);
+        m.queue_delay.record(now.saturating_duration_since(p.enqueued).as_secs_f64());
+        self.framer.queue(&Frame::RecvPacket { src: p.src, packet: p.data });
+    }
+
+    fn on_frame(&mut self, frame: Frame) -> Next {
+        match frame {
+            Frame::SendPacket { dst, packet } => self.deliver(dst, packet),
+            Frame::Ping(data) => self.framer.queue(&Frame::Pong(data)),
+            Frame::NotePreferred { preferred } => self.set_preferred(preferred),
+            Frame::WatchConns | Frame::ClosePeer { .. } => {
+                // Mesh-only frames: DERP closes connections that lack the mesh key.
+                self.shared.metrics.protocol_errors.increment(1);
+                return Next::Close("mesh frame without mesh key");
+            }
+            Frame::ForwardPacket { .. } => self.shared.metrics.dropped(DropReason::NotMesh, 1),
+            Frame::Unknown { .. } => self.shared.metrics.unknown_frames.increment(1),
+            // Pong answers, keep-alives and frames only a relay sends carry nothing for us.
+            _ => {}
+        }
+        Next::Continue
+    }
+
+    fn deliver(&mut self, dst: PublicKey, data: bytes::Bytes) {
+        let now = Instant::now();
+        let packet = Packet { src: self.key, data, enqueued: now };
+        match self.shared.clients.send_packet(&dst, packet) {
+            Delivery::Queued => {
+                if self.sent_to.len() < MAX_SENT_TO {
+                    self.sent_to.insert(dst);
+                }
+            }
+            Delivery::QueueFull => self.shared.metrics.dropped(DropReason::QueueFull, 1),
+            Delivery::NotHere => {
+                self.shared.metrics.dropped(DropReason::UnknownDest, 1);
+                if self.peer_gone_budget.allow(now) {
+                    self.framer.queue(&Frame::PeerGone { peer: dst, reason: PeerGoneReason::NotHere });
+                }
+            }
+        }
+    }
+
+    fn set_preferred(&mut self, preferred: bool) {
+        if preferred != self.preferred {
+            self.preferred = preferred;
+            let delta = if preferred { 1.0 } else { -1.0 };
+            self.shared.metrics.clients_home.increment(delta);
+        }
+    }
+
+    /// Leaves the table, tells the peers this client sent to, counts packets left behind.
+    fn finish(&mut self, conn_id: u64) {
+        self.set_preferred(false);
+        let m = &self.shared.metrics;
+        m.clients.decrement(1.0);
+        if self.shared.clients.unregister(&self.key, conn_id) {
+            for peer in self.sent_to.drain() {
+                self.shared.clients.send_control(&peer, Control::PeerGone(self.key, PeerGoneReason::Disconnected));
+            }
+        }
+        self.packets.close();
+        let mut left = 0;
+        while self.packets.try_recv().is_ok() {
+            left += 1;
+        }
+        if left > 0 {
+            m.dropped(DropReason::Gone, left);
+        }
+    }
+}

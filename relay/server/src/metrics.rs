@@ -1,0 +1,176 @@
+//! Every metric the relay exports, described once, with handles resolved once per server.
+//!
+//! Labels come only from closed enums; keys and addresses never appear in metrics.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
+
+/// Why a packet was not delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DropReason {
+    /// The destination's send queue was full (slow reader).
+    QueueFull,
+    /// The destination key is not connected here.
+    UnknownDest,
+    /// The destination disconnected with the packet still queued.
+    Gone,
+    /// A mesh-only frame from a client without the mesh key.
+    NotMesh,
+}
+
+impl DropReason {
+    const ALL: [DropReason; 4] = [DropReason::QueueFull, DropReason::UnknownDest, DropReason::Gone, DropReason::NotMesh];
+
+    fn label(self) -> &'static str {
+        match self {
+            DropReason::QueueFull => "queue_full",
+            DropReason::UnknownDest => "unknown_dest",
+            DropReason::Gone => "gone",
+            DropReason::NotMesh => "not_mesh",
+        }
+    }
+}
+
+/// Why a connection did not reach the logged-in state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// TLS handshake failed.
+    Tls,
+    /// Not a valid HTTP request, or an upgrade we do not serve.
+    BadRequest,
+    /// Deadline passed before login completed.
+    Timeout,
+    /// The first frame was not a valid ClientInfo.
+    BadFrame,
+    /// The ClientInfo box did not open, or its JSON was invalid.
+    BadClientInfo,
+    /// The connection failed mid-handshake.
+    Io,
+}
+
+impl HandshakeFailure {
+    const ALL: [HandshakeFailure; 6] = [
+        HandshakeFailure::Tls,
+        HandshakeFailure::BadRequest,
+        HandshakeFailure::Timeout,
+        HandshakeFailure::BadFrame,
+        HandshakeFailure::BadClientInfo,
+        HandshakeFailure::Io,
+    ];
+
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            HandshakeFailure::Tls => "tls",
+            HandshakeFailure::BadRequest => "bad_request",
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::BadFrame => "bad_frame",
+            HandshakeFailure::BadClientInfo => "bad_client_info",
+            HandshakeFailure::Io => "io",
+        }
+    }
+}
+
+/// Outcome of one STUN datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StunResult {
+    /// Answered.
+    Ok,
+    /// Not STUN, or corrupt.
+    Malformed,
+    /// STUN, but not a Binding request.
+    NotBinding,
+    /// Over the per-source rate.
+    RateLimited,
+}
+
+impl StunResult {
+    const ALL: [StunResult; 4] = [StunResult::Ok, StunResult::Malformed, StunResult::NotBinding, StunResult::RateLimited];
+
+    fn label(self) -> &'static str {
+        match self {
+            StunResult::Ok => "ok",
+            StunResult::Malformed => "malformed",
+            StunResult::NotBinding => "not_binding",
+            StunResult::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// Describes every metric (call once, after installing the recorder).
+pub fn describe() {
+    describe_gauge!("relay_clients_connected", "DERP clients currently logged in");
+    describe_gauge!("relay_clients_home", "Connected clients that marked this relay as their home (NotePreferred)");
+    describe_counter!("relay_connections_total", "Logged-in DERP connections, by transport");
+    describe_counter!("relay_clients_replaced_total", "Connections closed because the same key connected again");
+    describe_counter!("relay_packets_forwarded_total", "Packets written to their destination");
+    describe_counter!("relay_bytes_forwarded_total", Unit::Bytes, "Packet payload bytes written to their destination");
+    describe_counter!("relay_packets_dropped_total", "Packets not delivered, by reason");
+    describe_histogram!("relay_queue_delay_seconds", Unit::Seconds, "Time packets wait in the destination's queue");
+    describe_counter!("relay_handshake_failures_total", "Connections that failed before login, by reason");
+    describe_counter!("relay_frames_unknown_total", "Frames of unknown type received and skipped");
+    describe_counter!("relay_protocol_errors_total", "Connections closed for a protocol violation after login");
+    describe_counter!("relay_stun_requests_total", "STUN datagrams received, by result");
+    describe_counter!("relay_http_requests_total", "Plain HTTP requests served (probes, landing page)");
+}
+
+/// Metric handles of one relay, resolved once so the hot path does no registry lookups.
+#[derive(Debug)]
+pub struct RelayMetrics {
+    pub(crate) clients: Gauge,
+    pub(crate) clients_home: Gauge,
+    pub(crate) conns_derp: Counter,
+    pub(crate) conns_ws: Counter,
+    pub(crate) replaced: Counter,
+    pub(crate) forwarded: Counter,
+    pub(crate) forwarded_bytes: Counter,
+    pub(crate) queue_delay: Histogram,
+    pub(crate) unknown_frames: Counter,
+    pub(crate) protocol_errors: Counter,
+    pub(crate) http_requests: Counter,
+    dropped: [Counter; 4],
+    handshake: [Counter; 6],
+    stun: [Counter; 4],
+}
+
+impl RelayMetrics {
+    /// Resolves all handles against the currently installed recorder (no-ops without one).
+    pub fn new() -> Self {
+        RelayMetrics {
+            clients: metrics::gauge!("relay_clients_connected"),
+            clients_home: metrics::gauge!("relay_clients_home"),
+            conns_derp: metrics::counter!("relay_connections_total", "transport" => "derp"),
+            conns_ws: metrics::counter!("relay_connections_total", "transport" => "websocket"),
+            replaced: metrics::counter!("relay_clients_replaced_total"),
+            forwarded: metrics::counter!("relay_packets_forwarded_total"),
+            forwarded_bytes: metrics::counter!("relay_bytes_forwarded_total"),
+            queue_delay: metrics::histogram!("relay_queue_delay_seconds"),
+            unknown_frames: metrics::counter!("relay_frames_unknown_total"),
+            protocol_errors: metrics::counter!("relay_protocol_errors_total"),
+            http_requests: metrics::counter!("relay_http_requests_total"),
+            dropped: DropReason::ALL.map(|r| metrics::counter!("relay_packets_dropped_total", "reason" => r.label())),
+            handshake: HandshakeFailure::ALL.map(|r| metrics::counter!("relay_handshake_failures_total", "reason" => r.label())),
+            stun: StunResult::ALL.map(|r| metrics::counter!("relay_stun_requests_total", "result" => r.label())),
+        }
+    }
+
+    /// Counts `n` dropped packets.
+    pub fn dropped(&self, reason: DropReason, n: u64) {
+        self.dropped[reason as usize].increment(n);
+    }
+
+    /// Counts a failed handshake.
+    pub fn handshake_failed(&self, reason: HandshakeFailure) {
+        self.handshake[reason as usize].increment(1);
+    }
+
+    /// Counts a STUN datagram.
+    pub fn stun(&self, result: StunResult) {
+        self.stun[result as usize].increment(1);
+    }
+}
+
+impl Default for RelayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

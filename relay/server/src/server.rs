@@ -1,0 +1,356 @@
+//! The relay process: listeners, the client table, and structured shutdown.
+//!
+//! [`Server::spawn`] binds every listener (DERP/HTTP(S), STUN, admin) and returns at once;
+//! every task it starts belongs to the server's [`TaskTracker`]. [`Server::shutdown`] drains:
+//! it stops accepting, tells every client `Restarting`, keeps forwarding for the clients that
+//! stay until the grace period ends or all have left, then closes what remains.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use warren_relay_proto::ws::Role;
+use warren_relay_proto::{FrameDecoder, Framer, PublicKey, SecretKey, Transport};
+
+use crate::clients::{Clients, Control};
+use crate::config::{Config, TlsMode};
+use crate::web::{self, HeadError, Route};
+use crate::metrics::{HandshakeFailure, RelayMetrics};
+use crate::{conn, keyfile, stun, tls};
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// A listener could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The key file could not be used.
+    #[error(transparent)]
+    KeyFile(#[from] keyfile::KeyFileError),
+    /// TLS could not be set up.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+impl ServerError {
+    /// A short stable name for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerError::Bind { .. } => "bind",
+            ServerError::KeyFile(_) => "key_file",
+            ServerError::Tls(_) => "tls",
+        }
+    }
+}
+
+/// State shared by every task of one relay.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) secret: SecretKey,
+    pub(crate) public: PublicKey,
+    pub(crate) config: Config,
+    pub(crate) clients: Clients,
+    pub(crate) metrics: RelayMetrics,
+    /// Fires when connections must close (end of drain).
+    pub(crate) conns_cancel: CancellationToken,
+    draining: AtomicBool,
+    next_conn_id: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn next_conn_id(&self) -> u64 {
+        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+/// A running relay.
+#[derive(Debug)]
+pub struct Server {
+    shared: Arc<Shared>,
+    http_addr: SocketAddr,
+    stun_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    dev_ca_cert: Option<PathBuf>,
+    accept_cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Server {
+    /// Loads the key, sets up TLS, binds every listener and starts serving.
+    ///
+    /// `prometheus` is the handle `/metrics` renders; without it the admin listener serves
+    /// only `/healthz`.
+    ///
+    /// # Errors
+    /// [`ServerError`] if the key, TLS material or a listener cannot be set up.
+    pub async fn spawn(config: Config, prometheus: Option<PrometheusHandle>) -> Result<Server, ServerError> {
+        let secret = keyfile::load_or_create(&config.key_file)?;
+        let (acceptor, dev_ca_cert) = match &config.tls {
+            TlsMode::Manual { cert_file, key_file } => (Some(TlsAcceptor::from(tls::load_manual(cert_file, key_file)?)), None),
+            TlsMode::Dev => {
+                let ca = tls::DevCa::open_or_create(&config.state_dir)?;
+                let mut names = vec![config.hostname.clone(), "localhost".into(), "127.0.0.1".into(), "::1".into()];
+                names.dedup();
+                (Some(TlsAcceptor::from(ca.server_config(&names)?)), Some(ca.ca_cert_path))
+            }
+            TlsMode::Plain => (None, None),
+        };
+        let bind = |what, addr| move |source| ServerError::Bind { what, addr, source };
+        let listener = TcpListener::bind(config.listen).await.map_err(bind("DERP listener", config.listen))?;
+        let http_addr = listener.local_addr().map_err(bind("DERP listener", config.listen))?;
+        let stun_socket = match &config.stun {
+            Some(s) => Some(UdpSocket::bind(s.listen).await.map_err(bind("STUN", s.listen))?),
+            None => None,
+        };
+        let admin_listener = match config.admin_listen {
+            Some(a) => Some(TcpListener::bind(a).await.map_err(bind("admin listener", a))?),
+            None => None,
+        };
+        let stun_addr = stun_socket.as_ref().and_then(|s| s.local_addr().ok());
+        let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+        let public = secret.public_key();
+        let shared = Arc::new(Shared {
+            secret,
+            public,
+            config: config.clone(),
+            clients: Clients::default(),
+            metrics: RelayMetrics::new(),
+            conns_cancel: CancellationToken::new(),
+            draining: AtomicBool::new(false),
+            next_conn_id: AtomicU64::new(1),
+        });
+        let accept_cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(accept_loop(listener, acceptor, shared.clone(), accept_cancel.clone(), tracker.clone()));
+        if let (Some(socket), Some(cfg)) = (stun_socket, config.stun.clone()) {
+            tracker.spawn(stun::serve(socket, cfg, shared.clone(), shared.conns_cancel.clone()));
+        }
+        if let Some(l) = admin_listener {
+            tracker.spawn(admin_loop(l, prometheus, shared.clone(), tracker.clone()));
+        }
+        info!(
+            key = %public,
+            listen = %http_addr,
+            tls = match &config.tls { TlsMode::Manual { .. } => "manual", TlsMode::Dev => "dev", TlsMode::Plain => "plain" },
+            stun = ?stun_addr,
+            admin = ?admin_addr,
+            "relay listening"
+        );
+        if let Some(ca) = &dev_ca_cert {
+            info!(ca = %ca.display(), "dev TLS: clients must trust this CA certificate");
+        }
+        Ok(Server { shared, http_addr, stun_addr, admin_addr, dev_ca_cert, accept_cancel, tracker })
+    }
+
+    /// Address of the DERP/HTTP(S) listener.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Address of the STUN socket, if enabled.
+    pub fn stun_addr(&self) -> Option<SocketAddr> {
+        self.stun_addr
+    }
+
+    /// Address of the admin listener, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The relay's public key.
+    pub fn public_key(&self) -> PublicKey {
+        self.shared.public
+    }
+
+    /// The dev CA certificate file, in dev TLS mode.
+    pub fn dev_ca_cert(&self) -> Option<&std::path::Path> {
+        self.dev_ca_cert.as_deref()
+    }
+
+    /// Number of logged-in clients.
+    pub fn client_count(&self) -> usize {
+        self.shared.clients.len()
+    }
+
+    /// Drains and stops: see the module docs. Returns when every task has ended.
+    pub async fn shutdown(self) {
+        let grace = self.shared.config.grace_period;
+        self.shared.draining.store(true, Ordering::Relaxed);
+        self.accept_cancel.cancel();
+        let restarting = Control::Restarting {
+            reconnect_in_ms: millis_u32(self.shared.config.restart_reconnect_in),
+            try_for_ms: millis_u32(self.shared.config.restart_try_for),
+        };
+        let clients = self.shared.clients.len();
+        info!(clients, grace = ?grace, "draining: sent Restarting to every client");
+        self.shared.clients.broadcast(&restarting);
+        let deadline = tokio::time::Instant::now() + grace;
+        while self.shared.clients.len() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.shared.clients.len();
+        self.shared.conns_cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await.is_err() {
+            warn!("some connections did not close within 5s of the drain deadline");
+        }
+        info!(closed_at_deadline = left, "relay stopped");
+    }
+}
+
+fn millis_u32(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<Shared>, cancel: CancellationToken, tracker: TaskTracker) {
+    loop {
+        let (tcp, remote) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    // Typically EMFILE: back off briefly instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        tracker.spawn(handle_tcp(shared.clone(), tls.clone(), tcp, remote));
+    }
+}
+
+async fn handle_tcp(shared: Arc<Shared>, tls: Option<TlsAcceptor>, tcp: TcpStream, remote: SocketAddr) {
+    let Some(acceptor) = tls else {
+        return serve_stream(shared, tcp, remote).await;
+    };
+    match tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => serve_stream(shared, stream, remote).await,
+        Ok(Err(_)) => shared.metrics.handshake_failed(HandshakeFailure::Tls),
+        Err(_) => shared.metrics.handshake_failed(HandshakeFailure::Timeout),
+    }
+}
+
+async fn serve_stream<S>(shared: Arc<Shared>, mut io: S, remote: SocketAddr)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut buf = BytesMut::with_capacity(1024);
+    let head = match tokio::time::timeout(shared.config.handshake_timeout, web::read_head(&mut io, &mut buf)).await {
+        Ok(Ok(head)) => head,
+        Ok(Err(e)) => {
+            shared.metrics.handshake_failed(HandshakeFailure::BadRequest);
+            let msg = match e {
+                HeadError::Closed => return,
+                HeadError::TooLarge => web::error_response(::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request header too large"),
+                HeadError::Malformed => web::error_response(::http::StatusCode::BAD_REQUEST, "malformed request"),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(msg.as_bytes())).await;
+            return;
+        }
+        Err(_) => return shared.metrics.handshake_failed(HandshakeFailure::Timeout),
+    };
+    let transport = match web::route(&head) {
+        Route::Http => return serve_hyper(shared, web::Prefixed::new(buf.freeze(), io)).await,
+        Route::Reject(status, msg) => {
+            shared.metrics.handshake_failed(HandshakeFailure::BadRequest);
+            let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(web::error_response(status, msg).as_bytes())).await;
+            return;
+        }
+        Route::Derp { fast_start } => {
+            if !fast_start && io.write_all(web::derp_switching_response(&shared.public.to_hex()).as_bytes()).await.is_err() {
+                return shared.metrics.handshake_failed(HandshakeFailure::Io);
+            }
+            Transport::Derp
+        }
+        Route::WebSocket { response } => {
+            if io.write_all(response.as_bytes()).await.is_err() {
+                return shared.metrics.handshake_failed(HandshakeFailure::Io);
+            }
+            Transport::WebSocket
+        }
+    };
+    let mut framer = Framer::new(Role::Server, transport, FrameDecoder::default());
+    framer.push_rx(&buf);
+    conn::run(shared, io, framer, remote, transport).await;
+}
+
+async fn serve_hyper<S>(shared: Arc<Shared>, io: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let cancel = shared.conns_cancel.clone();
+    let svc = service_fn(move |req| std::future::ready(web::serve_http(shared.clone(), req)));
+    let conn = hyper::server::conn::http1::Builder::new()
+        .header_read_timeout(Duration::from_secs(10))
+        .timer(hyper_util::rt::TokioTimer::new())
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = cancel.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+        }
+    }
+}
+
+async fn admin_loop(listener: TcpListener, prometheus: Option<PrometheusHandle>, shared: Arc<Shared>, tracker: TaskTracker) {
+    let cancel = shared.conns_cancel.clone();
+    if let Some(p) = prometheus.clone() {
+        // Histograms need periodic upkeep when the exporter's own HTTP listener is not used.
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => p.run_upkeep(),
+                }
+            }
+        });
+    }
+    loop {
+        let tcp = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok((tcp, _)) => tcp,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let prometheus = prometheus.clone();
+        let shared = shared.clone();
+        tracker.spawn(async move {
+            let svc = service_fn(move |req| std::future::ready(crate::admin::serve(prometheus.clone(), shared.clone(), req)));
+            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+        });
+    }
+}

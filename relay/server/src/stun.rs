@@ -1,0 +1,107 @@
+//! The STUN listener: answers Binding requests, rate-limited per source IP.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+use warren_relay_proto::stun::{binding_response, StunError};
+
+use crate::config::StunConfig;
+use crate::metrics::StunResult;
+use crate::server::Shared;
+
+/// Source IPs tracked before idle entries are swept.
+const MAX_TRACKED_SOURCES: usize = 100_000;
+
+/// Per-source-IP token buckets.
+#[derive(Debug)]
+pub(crate) struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: HashMap<IpAddr, (f64, Instant)>,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(rate_per_second: f64, burst: f64) -> Self {
+        RateLimiter { rate: rate_per_second, burst, buckets: HashMap::new() }
+    }
+
+    pub(crate) fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
+        if self.buckets.len() >= MAX_TRACKED_SOURCES && !self.buckets.contains_key(&ip) {
+            self.sweep(now);
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        let (tokens, last) = self.buckets.entry(ip).or_insert((burst, now));
+        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(burst);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return true;
+        }
+        false
+    }
+
+    /// Forgets sources whose bucket has refilled (they are indistinguishable from new ones).
+    fn sweep(&mut self, now: Instant) {
+        let (rate, burst) = (self.rate, self.burst);
+        self.buckets.retain(|_, (tokens, last)| *tokens + now.saturating_duration_since(*last).as_secs_f64() * rate < burst);
+        if self.buckets.len() >= MAX_TRACKED_SOURCES {
+            // Still full of active sources: start over rather than grow without bound.
+            self.buckets.clear();
+        }
+    }
+}
+
+/// Serves STUN on `socket` until `cancel` fires.
+pub(crate) async fn serve(socket: UdpSocket, cfg: StunConfig, shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut limiter = RateLimiter::new(f64::from(cfg.rate_per_second.get()), f64::from(cfg.burst.get()));
+    let mut buf = vec![0u8; 2048];
+    loop {
+        let (n, from) = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = socket.recv_from(&mut buf) => match r {
+                Ok(v) => v,
+                // ICMP-induced errors on UDP sockets are per-datagram; keep serving.
+                Err(_) => continue,
+            },
+        };
+        if !limiter.allow(from.ip(), Instant::now()) {
+            shared.metrics.stun(StunResult::RateLimited);
+            continue;
+        }
+        match binding_response(&buf[..n], from) {
+            Ok(resp) => {
+                shared.metrics.stun(StunResult::Ok);
+                if let Err(e) = socket.send_to(&resp, from).await {
+                    warn!(error = %e, "STUN reply failed");
+                }
+            }
+            Err(StunError::NotBindingRequest) => shared.metrics.stun(StunResult::NotBinding),
+            Err(_) => shared.metrics.stun(StunResult::Malformed),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn bucket_allows_burst_then_rate() {
+        let mut l = RateLimiter::new(10.0, 3.0);
+        let ip: IpAddr = "192.0.2.1".parse().expect("ip");
+        let other: IpAddr = "192.0.2.2".parse().expect("ip");
+        let t0 = Instant::now();
+        assert!((0..3).all(|_| l.allow(ip, t0)));
+        assert!(!l.allow(ip, t0));
+        assert!(l.allow(other, t0), "limits are per source");
+        assert!(l.allow(ip, t0 + Duration::from_millis(100)), "refills at the rate");
+        assert!(!l.allow(ip, t0 + Duration::from_millis(100)));
+    }
+}
