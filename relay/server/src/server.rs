@@ -262,8 +262,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut buf = BytesMut::with_capacity(1024);
-    let head = match tokio::time::timeout(shared.config.handshake_timeout, web::read_head(&mut io, &mut buf)).await {
-        Ok(Ok(head)) => head,
+    let (head, head_len) = match tokio::time::timeout(shared.config.handshake_timeout, web::read_head(&mut io, &mut buf)).await {
+        Ok(Ok(parsed)) => parsed,
         Ok(Err(e)) => {
             shared.metrics.handshake_failed(HandshakeFailure::BadRequest);
             let msg = match e {
@@ -297,7 +297,7 @@ where
         }
     };
     let mut framer = Framer::new(Role::Server, transport, FrameDecoder::default());
-    framer.push_rx(&buf);
+    framer.push_rx(&buf[head_len..]);
     conn::run(shared, io, framer, remote, transport).await;
 }
 

@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -65,13 +65,12 @@ pub(crate) enum HeadError {
     Malformed,
 }
 
-/// Reads one request head into `buf` and parses it; on success `buf` keeps only the bytes
-/// after the head.
-pub(crate) async fn read_head<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> Result<RequestHead, HeadError> {
+/// Reads one request head into `buf` and parses it. Returns the head and its length in
+/// `buf`; `buf` keeps every byte read (hyper needs the head again for plain requests).
+pub(crate) async fn read_head<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> Result<(RequestHead, usize), HeadError> {
     loop {
-        if let Some((head, len)) = parse_head(buf)? {
-            buf.advance(len);
-            return Ok(head);
+        if let Some(parsed) = parse_head(buf)? {
+            return Ok(parsed);
         }
         if buf.len() >= MAX_HEAD {
             return Err(HeadError::TooLarge);
