@@ -1,0 +1,95 @@
+//! Garbage on every port never takes the relay down, and clients keep their traffic.
+
+mod common;
+
+use std::time::Duration;
+
+use common::start_relay;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
+use warren_relay_proto::Transport;
+
+fn noise(seed: &mut u64, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed as u8
+        })
+        .collect()
+}
+
+async fn tls_connect(relay: &common::Relay) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(relay.server.http_addr()).await.expect("connect");
+    let connector = tokio_rustls::TlsConnector::from(warren::derp::tls_config(Some(&relay.ca())).expect("tls"));
+    connector.connect(rustls_pki_types::ServerName::try_from("localhost").expect("name"), tcp).await.expect("handshake")
+}
+
+/// Writes `bytes` and waits (bounded) for the relay to close or answer.
+async fn poke<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, bytes: &[u8]) {
+    let _ = s.write_all(bytes).await;
+    let _ = s.flush().await;
+    let mut sink = vec![0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(3), async {
+        while let Ok(n) = s.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_every_port_never_crashes_the_relay() {
+    let relay = start_relay(|f| f.limits.handshake_timeout = Some("500ms".into())).await;
+    let mut a = relay.client(Transport::Derp).await;
+    let mut b = relay.client(Transport::WebSocket).await;
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let upgrade = b"GET /derp HTTP/1.1\r\nHost: localhost\r\nUpgrade: DERP\r\nDerp-Fast-Start: 1\r\n\r\n".to_vec();
+    let ws_upgrade = b"GET /derp HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: x\r\nSec-WebSocket-Protocol: derp\r\n\r\n".to_vec();
+    for round in 0..12 {
+        // Not TLS at all.
+        poke(TcpStream::connect(relay.server.http_addr()).await.expect("tcp"), &noise(&mut seed, 700)).await;
+        // TLS, then not HTTP.
+        poke(tls_connect(&relay).await, &noise(&mut seed, 3000)).await;
+        // A valid upgrade, then random frames / oversized length / truncated ClientInfo.
+        let mut bytes = upgrade.clone();
+        match round % 4 {
+            0 => bytes.extend(noise(&mut seed, 5000)),
+            1 => bytes.extend([0x04, 0xff, 0xff, 0xff, 0xff]),
+            2 => bytes.extend([0x02, 0x00, 0x00, 0x00, 0x60, 1, 2, 3]),
+            _ => bytes.extend([0x02, 0x00, 0x00, 0x00, 0x00]),
+        }
+        poke(tls_connect(&relay).await, &bytes).await;
+        // WebSocket upgrade, then unmasked / random frames.
+        let mut bytes = ws_upgrade.clone();
+        bytes.extend(noise(&mut seed, 2000));
+        poke(tls_connect(&relay).await, &bytes).await;
+        // An HTTP head that never ends.
+        let mut endless = b"GET / HTTP/1.1\r\n".to_vec();
+        endless.extend(std::iter::repeat_n(b'a', 20_000));
+        poke(tls_connect(&relay).await, &endless).await;
+    }
+    // Half-open: TLS up, nothing sent; the handshake deadline closes it.
+    let mut idle = tls_connect(&relay).await;
+    let mut buf = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf)).await.expect("closed by the relay");
+    assert!(matches!(closed, Ok(0) | Err(_)));
+    // STUN garbage.
+    let udp = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+    for _ in 0..50 {
+        let _ = udp.send_to(&noise(&mut seed, 100), relay.server.stun_addr().expect("stun")).await;
+    }
+
+    // The clients that were logged in all along still have their traffic.
+    a.send_packet(b.public_key(), b"still here").await.expect("send");
+    let (_, got) = tokio::time::timeout(Duration::from_secs(5), b.recv_packet()).await.expect("delivered").expect("recv");
+    assert_eq!(&got[..], b"still here");
+    assert_eq!(relay.server.client_count(), 2);
+    assert!(relay.metric("relay_handshake_failures_total{reason=\"bad_frame\"}").await >= 1.0);
+    assert!(relay.metric("relay_handshake_failures_total{reason=\"bad_request\"}").await >= 1.0);
+    assert!(relay.metric("relay_handshake_failures_total{reason=\"timeout\"}").await >= 1.0);
+    relay.server.shutdown().await;
+}
