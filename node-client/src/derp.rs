@@ -120,7 +120,10 @@ pub struct DerpClient {
 
 impl std::fmt::Debug for DerpClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DerpClient").field("key", &self.key).field("server_key", &self.server_key).finish_non_exhaustive()
+        f.debug_struct("DerpClient")
+            .field("key", &self.key)
+            .field("server_key", &self.server_key)
+            .finish_non_exhaustive()
     }
 }
 
@@ -131,7 +134,9 @@ impl DerpClient {
     /// [`ClientError`] for any failure on the way; [`ClientError::Timeout`] past `opts.timeout`.
     pub async fn connect(url: &str, secret: &SecretKey, opts: &ConnectOptions) -> Result<Self, ClientError> {
         let url = RelayUrl::parse(url)?;
-        tokio::time::timeout(opts.timeout, Self::connect_inner(&url, secret, opts)).await.map_err(|_| ClientError::Timeout)?
+        tokio::time::timeout(opts.timeout, Self::connect_inner(&url, secret, opts))
+            .await
+            .map_err(|_| ClientError::Timeout)?
     }
 
     async fn connect_inner(url: &RelayUrl, secret: &SecretKey, opts: &ConnectOptions) -> Result<Self, ClientError> {
@@ -147,7 +152,12 @@ impl DerpClient {
         Self::login(io, url, secret, opts).await
     }
 
-    async fn login(mut io: Box<dyn Io>, url: &RelayUrl, secret: &SecretKey, opts: &ConnectOptions) -> Result<Self, ClientError> {
+    async fn login(
+        mut io: Box<dyn Io>,
+        url: &RelayUrl,
+        secret: &SecretKey,
+        opts: &ConnectOptions,
+    ) -> Result<Self, ClientError> {
         let ws_key = base64::engine::general_purpose::STANDARD.encode({
             let mut k = [0u8; 16];
             OsRng.fill_bytes(&mut k);
@@ -157,7 +167,8 @@ impl DerpClient {
         io.write_all(upgrade_request(url, opts.transport, fast_start, &ws_key).as_bytes()).await?;
         io.flush().await?;
         let mut buf = BytesMut::with_capacity(1024);
-        let announced = if fast_start { None } else { read_switching(&mut io, &mut buf, opts.transport, &ws_key).await? };
+        let announced =
+            if fast_start { None } else { read_switching(&mut io, &mut buf, opts.transport, &ws_key).await? };
         let mut framer = Framer::new(Role::Client, opts.transport, FrameDecoder::default());
         framer.push_rx(&buf);
         let mut client = DerpClient {
@@ -288,7 +299,12 @@ impl DerpClient {
 }
 
 fn upgrade_request(url: &RelayUrl, transport: Transport, fast_start: bool, ws_key: &str) -> String {
-    let mut req = format!("GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: warren/{}\r\nConnection: Upgrade\r\n", url.path, url.authority(), env!("CARGO_PKG_VERSION"));
+    let mut req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: warren/{}\r\nConnection: Upgrade\r\n",
+        url.path,
+        url.authority(),
+        env!("CARGO_PKG_VERSION")
+    );
     match transport {
         Transport::Derp => {
             req.push_str("Upgrade: DERP\r\n");
@@ -306,7 +322,12 @@ fn upgrade_request(url: &RelayUrl, transport: Transport, fast_start: bool, ws_ke
 
 /// Reads the 101 response; returns the key from `Derp-Public-Key`, if sent. Bytes after the
 /// head stay in `buf`.
-async fn read_switching(io: &mut Box<dyn Io>, buf: &mut BytesMut, transport: Transport, ws_key: &str) -> Result<Option<PublicKey>, ClientError> {
+async fn read_switching(
+    io: &mut Box<dyn Io>,
+    buf: &mut BytesMut,
+    transport: Transport,
+    ws_key: &str,
+) -> Result<Option<PublicKey>, ClientError> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut resp = httparse::Response::new(&mut headers);
@@ -316,7 +337,12 @@ async fn read_switching(io: &mut Box<dyn Io>, buf: &mut BytesMut, transport: Tra
             if code != 101 {
                 return Err(ClientError::Upgrade(format!("HTTP {code} {}", resp.reason.unwrap_or(""))));
             }
-            let get = |name: &str| resp.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| String::from_utf8_lossy(h.value).trim().to_owned());
+            let get = |name: &str| {
+                resp.headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| String::from_utf8_lossy(h.value).trim().to_owned())
+            };
             if transport == Transport::WebSocket && get("Sec-WebSocket-Accept") != Some(ws::accept_key(ws_key)) {
                 return Err(ClientError::Upgrade("bad Sec-WebSocket-Accept".into()));
             }

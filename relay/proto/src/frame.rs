@@ -260,9 +260,7 @@ impl Frame {
             Frame::ServerKey { .. } => MAGIC.len() + KEY_LEN,
             Frame::ClientInfo { sealed, .. } => KEY_LEN + sealed.len(),
             Frame::ServerInfo { sealed } => sealed.len(),
-            Frame::SendPacket { packet, .. } | Frame::RecvPacket { packet, .. } => {
-                KEY_LEN + packet.len()
-            }
+            Frame::SendPacket { packet, .. } | Frame::RecvPacket { packet, .. } => KEY_LEN + packet.len(),
             Frame::KeepAlive | Frame::WatchConns => 0,
             Frame::NotePreferred { .. } => 1,
             Frame::PeerGone { .. } => KEY_LEN + 1,

@@ -91,10 +91,20 @@ pub struct ServerInfo {
     #[serde(rename = "version", alias = "Version", default)]
     pub version: u32,
     /// Advertised receive rate limit in bytes per second; 0 means none.
-    #[serde(rename = "TokenBucketBytesPerSecond", alias = "tokenBucketBytesPerSecond", default, skip_serializing_if = "is_zero")]
+    #[serde(
+        rename = "TokenBucketBytesPerSecond",
+        alias = "tokenBucketBytesPerSecond",
+        default,
+        skip_serializing_if = "is_zero"
+    )]
     pub token_bucket_bytes_per_second: u64,
     /// Advertised burst in bytes; 0 means none.
-    #[serde(rename = "TokenBucketBytesBurst", alias = "tokenBucketBytesBurst", default, skip_serializing_if = "is_zero")]
+    #[serde(
+        rename = "TokenBucketBytesBurst",
+        alias = "tokenBucketBytesBurst",
+        default,
+        skip_serializing_if = "is_zero"
+    )]
     pub token_bucket_bytes_burst: u64,
 }
 
@@ -147,9 +157,8 @@ pub fn open(ours: &SecretKey, theirs: &PublicKey, sealed: &[u8]) -> Result<Vec<u
     if sealed.len() > MAX_SEALED_INFO_LEN {
         return Err(DecodeError::ProtocolViolation("sealed info too long"));
     }
-    let (nonce, ct) = sealed
-        .split_at_checked(NONCE_LEN)
-        .ok_or(DecodeError::malformed("sealed box", "shorter than a nonce"))?;
+    let (nonce, ct) =
+        sealed.split_at_checked(NONCE_LEN).ok_or(DecodeError::malformed("sealed box", "shorter than a nonce"))?;
     let b = SalsaBox::new(&crypto_box::PublicKey::from_bytes(*theirs.as_bytes()), ours.inner());
     b.decrypt(nonce.into(), ct).map_err(|_| DecodeError::BadSeal)
 }
@@ -197,7 +206,10 @@ mod tests {
         assert!(!format!("{info:?}").contains("abc"), "mesh key must be redacted in Debug");
         let s: ServerInfo = serde_json::from_slice(br#"{"version":2,"TokenBucketBytesPerSecond":10}"#).expect("parses");
         assert_eq!(s.token_bucket_bytes_per_second, 10);
-        assert_eq!(serde_json::to_string(&ServerInfo { version: 2, ..Default::default() }).ok().as_deref(), Some(r#"{"version":2}"#));
+        assert_eq!(
+            serde_json::to_string(&ServerInfo { version: 2, ..Default::default() }).ok().as_deref(),
+            Some(r#"{"version":2}"#)
+        );
     }
 
     #[test]

@@ -47,8 +47,7 @@ impl PublicKey {
         let s = s.trim();
         let s = s.strip_prefix("nodekey:").or_else(|| s.strip_prefix("mkey:")).unwrap_or(s);
         let mut raw = [0u8; KEY_LEN];
-        hex::decode_to_slice(s, &mut raw)
-            .map_err(|_| DecodeError::malformed("public key", "not 64 hex digits"))?;
+        hex::decode_to_slice(s, &mut raw).map_err(|_| DecodeError::malformed("public key", "not 64 hex digits"))?;
         Ok(PublicKey(raw))
     }
 

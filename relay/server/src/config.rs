@@ -260,24 +260,38 @@ impl TryFrom<FileConfig> for Config {
     fn try_from(f: FileConfig) -> Result<Self, ConfigError> {
         let tls = match f.tls.mode.as_deref().unwrap_or("dev") {
             "manual" => TlsMode::Manual {
-                cert_file: f.tls.cert_file.ok_or_else(|| ConfigError::invalid("tls.cert_file", "required when tls.mode = \"manual\""))?,
-                key_file: f.tls.key_file.ok_or_else(|| ConfigError::invalid("tls.key_file", "required when tls.mode = \"manual\""))?,
+                cert_file: f
+                    .tls
+                    .cert_file
+                    .ok_or_else(|| ConfigError::invalid("tls.cert_file", "required when tls.mode = \"manual\""))?,
+                key_file: f
+                    .tls
+                    .key_file
+                    .ok_or_else(|| ConfigError::invalid("tls.key_file", "required when tls.mode = \"manual\""))?,
             },
             "dev" => TlsMode::Dev,
             "plain" => TlsMode::Plain,
-            other => return Err(ConfigError::invalid("tls.mode", format!("{other:?} is not one of manual, dev, plain"))),
+            other => {
+                return Err(ConfigError::invalid("tls.mode", format!("{other:?} is not one of manual, dev, plain")))
+            }
         };
         let default_listen = if tls == TlsMode::Plain { defaults::DEV_LISTEN } else { defaults::LISTEN };
         let listen = parse_addr("listen", f.listen.as_deref().unwrap_or(default_listen))?;
         if tls == TlsMode::Plain && !listen.ip().is_loopback() {
-            return Err(ConfigError::invalid("listen", format!("{listen} is not loopback; tls.mode = \"plain\" only binds loopback")));
+            return Err(ConfigError::invalid(
+                "listen",
+                format!("{listen} is not loopback; tls.mode = \"plain\" only binds loopback"),
+            ));
         }
         let state_dir = f.state_dir.unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR));
         let key_file = f.key_file.unwrap_or_else(|| state_dir.join("relay.key"));
         let stun = if f.stun.enabled.unwrap_or(true) {
             Some(StunConfig {
                 listen: parse_addr("stun.listen", f.stun.listen.as_deref().unwrap_or(defaults::STUN_LISTEN))?,
-                rate_per_second: nonzero_u32("stun.rate_per_second", f.stun.rate_per_second.unwrap_or(defaults::STUN_RATE))?,
+                rate_per_second: nonzero_u32(
+                    "stun.rate_per_second",
+                    f.stun.rate_per_second.unwrap_or(defaults::STUN_RATE),
+                )?,
                 burst: nonzero_u32("stun.burst", f.stun.burst.unwrap_or(defaults::STUN_BURST))?,
             })
         } else {
@@ -301,11 +315,23 @@ impl TryFrom<FileConfig> for Config {
             stun,
             admin_listen,
             send_queue_depth,
-            handshake_timeout: dur("limits.handshake_timeout", f.limits.handshake_timeout, defaults::HANDSHAKE_TIMEOUT)?,
+            handshake_timeout: dur(
+                "limits.handshake_timeout",
+                f.limits.handshake_timeout,
+                defaults::HANDSHAKE_TIMEOUT,
+            )?,
             write_timeout: dur("limits.write_timeout", f.limits.write_timeout, defaults::WRITE_TIMEOUT)?,
-            keepalive_interval: dur("limits.keepalive_interval", f.limits.keepalive_interval, defaults::KEEPALIVE_INTERVAL)?,
+            keepalive_interval: dur(
+                "limits.keepalive_interval",
+                f.limits.keepalive_interval,
+                defaults::KEEPALIVE_INTERVAL,
+            )?,
             grace_period: dur("shutdown.grace_period", f.shutdown.grace_period, defaults::GRACE_PERIOD)?,
-            restart_reconnect_in: dur("shutdown.reconnect_in", f.shutdown.reconnect_in, defaults::RESTART_RECONNECT_IN)?,
+            restart_reconnect_in: dur(
+                "shutdown.reconnect_in",
+                f.shutdown.reconnect_in,
+                defaults::RESTART_RECONNECT_IN,
+            )?,
             restart_try_for: dur("shutdown.try_for", f.shutdown.try_for, defaults::RESTART_TRY_FOR)?,
         })
     }
@@ -322,7 +348,9 @@ fn nonzero_u32(field: &'static str, v: u32) -> Result<NonZeroU32, ConfigError> {
 fn dur(field: &'static str, v: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
     match v {
         None => Ok(default),
-        Some(s) => parse_duration(&s).ok_or_else(|| ConfigError::invalid(field, format!("{s:?} is not a duration like \"500ms\", \"10s\" or \"2m\""))),
+        Some(s) => parse_duration(&s).ok_or_else(|| {
+            ConfigError::invalid(field, format!("{s:?} is not a duration like \"500ms\", \"10s\" or \"2m\""))
+        }),
     }
 }
 
@@ -362,7 +390,10 @@ mod tests {
         let bad = |t: &str| Config::try_from(FileConfig::parse(t).expect("parses"));
         assert!(matches!(bad("listen = \"nope\""), Err(ConfigError::Invalid { field: "listen", .. })));
         assert!(bad("[tls]\nmode = \"plain\"\n").is_ok());
-        assert!(matches!(bad("listen = \"0.0.0.0:80\"\n[tls]\nmode = \"plain\""), Err(ConfigError::Invalid { field: "listen", .. })));
+        assert!(matches!(
+            bad("listen = \"0.0.0.0:80\"\n[tls]\nmode = \"plain\""),
+            Err(ConfigError::Invalid { field: "listen", .. })
+        ));
         assert!(matches!(bad("[tls]\nmode = \"manual\""), Err(ConfigError::Invalid { field: "tls.cert_file", .. })));
         assert!(matches!(bad("[limits]\nsend_queue_depth = 0"), Err(ConfigError::Invalid { .. })));
         assert!(matches!(bad("[limits]\nhandshake_timeout = \"10 parsecs\""), Err(ConfigError::Invalid { .. })));

@@ -99,7 +99,11 @@ where
     info!(client = %key.short(), %remote, reason = why, "client disconnected");
 }
 
-async fn handshake<S>(shared: &Shared, io: &mut S, framer: &mut Framer) -> Result<(PublicKey, ClientInfo), HandshakeFailure>
+async fn handshake<S>(
+    shared: &Shared,
+    io: &mut S,
+    framer: &mut Framer,
+) -> Result<(PublicKey, ClientInfo), HandshakeFailure>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -138,6 +142,8 @@ async fn read_frame<S: AsyncRead + Unpin>(io: &mut S, framer: &mut Framer) -> Re
         match io.read_buf(buf).await {
             Ok(0) => return Err(ReadError::Closed),
             Ok(_) => {}
+            // A TLS peer that closed TCP without close_notify: an ordinary disconnect.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ReadError::Closed),
             Err(_) => return Err(ReadError::Io),
         }
     }
@@ -245,7 +251,8 @@ impl Actor {
                 self.framer.queue(&Frame::Restarting { reconnect_in_ms, try_for_ms });
             }
             Control::Replaced => {
-                self.framer.queue(&Frame::Health { problem: "replaced by a newer connection with the same key".into() });
+                self.framer
+                    .queue(&Frame::Health { problem: "replaced by a newer connection with the same key".into() });
                 return Next::Close("replaced by a newer connection");
             }
         }

@@ -51,7 +51,8 @@ pub fn load_or_create(path: &Path) -> Result<SecretKey, KeyFileError> {
             if mode & 0o077 != 0 {
                 return Err(KeyFileError::Permissions { path: path.display().to_string(), mode });
             }
-            parse(&fs::read_to_string(path).map_err(io)?).ok_or(KeyFileError::Format { path: path.display().to_string() })
+            parse(&fs::read_to_string(path).map_err(io)?)
+                .ok_or(KeyFileError::Format { path: path.display().to_string() })
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

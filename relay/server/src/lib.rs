@@ -13,12 +13,12 @@ mod admin;
 mod clients;
 pub mod config;
 mod conn;
-mod web;
 pub mod keyfile;
 pub mod metrics;
 pub mod server;
 mod stun;
 pub mod tls;
+mod web;
 
 pub use config::Config;
 pub use server::{Server, ServerError};

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-use tracing::{error, info};
+use tracing::info;
 use warren_relay::config::{Config, FileConfig};
 use warren_relay::Server;
 
@@ -112,7 +112,6 @@ fn main() -> ExitCode {
     let config = match file.and_then(|f| Config::try_from(cli.apply(f))) {
         Ok(c) => c,
         Err(e) => {
-            error!("{e}");
             eprintln!("warren-relay: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
@@ -124,7 +123,6 @@ fn main() -> ExitCode {
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            error!("{e:#}");
             eprintln!("warren-relay: {e:#}");
             ExitCode::FAILURE
         }
@@ -168,7 +166,10 @@ async fn wait_for_signal() {
 
 fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if format == "json" {
         builder.json().init();
     } else {

@@ -18,7 +18,8 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    const ALL: [DropReason; 4] = [DropReason::QueueFull, DropReason::UnknownDest, DropReason::Gone, DropReason::NotMesh];
+    const ALL: [DropReason; 4] =
+        [DropReason::QueueFull, DropReason::UnknownDest, DropReason::Gone, DropReason::NotMesh];
 
     fn label(self) -> &'static str {
         match self {
@@ -84,7 +85,8 @@ pub enum StunResult {
 }
 
 impl StunResult {
-    const ALL: [StunResult; 4] = [StunResult::Ok, StunResult::Malformed, StunResult::NotBinding, StunResult::RateLimited];
+    const ALL: [StunResult; 4] =
+        [StunResult::Ok, StunResult::Malformed, StunResult::NotBinding, StunResult::RateLimited];
 
     fn label(self) -> &'static str {
         match self {
@@ -148,7 +150,8 @@ impl RelayMetrics {
             protocol_errors: metrics::counter!("relay_protocol_errors_total"),
             http_requests: metrics::counter!("relay_http_requests_total"),
             dropped: DropReason::ALL.map(|r| metrics::counter!("relay_packets_dropped_total", "reason" => r.label())),
-            handshake: HandshakeFailure::ALL.map(|r| metrics::counter!("relay_handshake_failures_total", "reason" => r.label())),
+            handshake: HandshakeFailure::ALL
+                .map(|r| metrics::counter!("relay_handshake_failures_total", "reason" => r.label())),
             stun: StunResult::ALL.map(|r| metrics::counter!("relay_stun_requests_total", "result" => r.label())),
         }
     }

@@ -26,8 +26,8 @@ use warren_relay_proto::{FrameDecoder, Framer, PublicKey, SecretKey, Transport};
 
 use crate::clients::{Clients, Control};
 use crate::config::{Config, TlsMode};
-use crate::web::{self, HeadError, Route};
 use crate::metrics::{HandshakeFailure, RelayMetrics};
+use crate::web::{self, HeadError, Route};
 use crate::{conn, keyfile, stun, tls};
 
 /// Why the server could not start.
@@ -110,7 +110,9 @@ impl Server {
     pub async fn spawn(config: Config, prometheus: Option<PrometheusHandle>) -> Result<Server, ServerError> {
         let secret = keyfile::load_or_create(&config.key_file)?;
         let (acceptor, dev_ca_cert) = match &config.tls {
-            TlsMode::Manual { cert_file, key_file } => (Some(TlsAcceptor::from(tls::load_manual(cert_file, key_file)?)), None),
+            TlsMode::Manual { cert_file, key_file } => {
+                (Some(TlsAcceptor::from(tls::load_manual(cert_file, key_file)?)), None)
+            }
             TlsMode::Dev => {
                 let ca = tls::DevCa::open_or_create(&config.state_dir)?;
                 let mut names = vec![config.hostname.clone(), "localhost".into(), "127.0.0.1".into(), "::1".into()];
@@ -227,7 +229,13 @@ fn millis_u32(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
-async fn accept_loop(listener: TcpListener, tls: Option<TlsAcceptor>, shared: Arc<Shared>, cancel: CancellationToken, tracker: TaskTracker) {
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
     loop {
         let (tcp, remote) = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -262,29 +270,37 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut buf = BytesMut::with_capacity(1024);
-    let (head, head_len) = match tokio::time::timeout(shared.config.handshake_timeout, web::read_head(&mut io, &mut buf)).await {
-        Ok(Ok(parsed)) => parsed,
-        Ok(Err(e)) => {
-            shared.metrics.handshake_failed(HandshakeFailure::BadRequest);
-            let msg = match e {
-                HeadError::Closed => return,
-                HeadError::TooLarge => web::error_response(::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request header too large"),
-                HeadError::Malformed => web::error_response(::http::StatusCode::BAD_REQUEST, "malformed request"),
-            };
-            let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(msg.as_bytes())).await;
-            return;
-        }
-        Err(_) => return shared.metrics.handshake_failed(HandshakeFailure::Timeout),
-    };
+    let (head, head_len) =
+        match tokio::time::timeout(shared.config.handshake_timeout, web::read_head(&mut io, &mut buf)).await {
+            Ok(Ok(parsed)) => parsed,
+            Ok(Err(e)) => {
+                shared.metrics.handshake_failed(HandshakeFailure::BadRequest);
+                let msg = match e {
+                    HeadError::Closed => return,
+                    HeadError::TooLarge => web::error_response(
+                        ::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                        "request header too large",
+                    ),
+                    HeadError::Malformed => web::error_response(::http::StatusCode::BAD_REQUEST, "malformed request"),
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(msg.as_bytes())).await;
+                return;
+            }
+            Err(_) => return shared.metrics.handshake_failed(HandshakeFailure::Timeout),
+        };
     let transport = match web::route(&head) {
         Route::Http => return serve_hyper(shared, web::Prefixed::new(buf.freeze(), io)).await,
         Route::Reject(status, msg) => {
             shared.metrics.handshake_failed(HandshakeFailure::BadRequest);
-            let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(web::error_response(status, msg).as_bytes())).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(2), io.write_all(web::error_response(status, msg).as_bytes()))
+                    .await;
             return;
         }
         Route::Derp { fast_start } => {
-            if !fast_start && io.write_all(web::derp_switching_response(&shared.public.to_hex()).as_bytes()).await.is_err() {
+            if !fast_start
+                && io.write_all(web::derp_switching_response(&shared.public.to_hex()).as_bytes()).await.is_err()
+            {
                 return shared.metrics.handshake_failed(HandshakeFailure::Io);
             }
             Transport::Derp
@@ -321,7 +337,12 @@ where
     }
 }
 
-async fn admin_loop(listener: TcpListener, prometheus: Option<PrometheusHandle>, shared: Arc<Shared>, tracker: TaskTracker) {
+async fn admin_loop(
+    listener: TcpListener,
+    prometheus: Option<PrometheusHandle>,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+) {
     let cancel = shared.conns_cancel.clone();
     if let Some(p) = prometheus.clone() {
         // Histograms need periodic upkeep when the exporter's own HTTP listener is not used.
@@ -349,7 +370,8 @@ async fn admin_loop(listener: TcpListener, prometheus: Option<PrometheusHandle>,
         let prometheus = prometheus.clone();
         let shared = shared.clone();
         tracker.spawn(async move {
-            let svc = service_fn(move |req| std::future::ready(crate::admin::serve(prometheus.clone(), shared.clone(), req)));
+            let svc =
+                service_fn(move |req| std::future::ready(crate::admin::serve(prometheus.clone(), shared.clone(), req)));
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
         });
     }

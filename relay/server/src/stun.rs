@@ -48,7 +48,8 @@ impl RateLimiter {
     /// Forgets sources whose bucket has refilled (they are indistinguishable from new ones).
     fn sweep(&mut self, now: Instant) {
         let (rate, burst) = (self.rate, self.burst);
-        self.buckets.retain(|_, (tokens, last)| *tokens + now.saturating_duration_since(*last).as_secs_f64() * rate < burst);
+        self.buckets
+            .retain(|_, (tokens, last)| *tokens + now.saturating_duration_since(*last).as_secs_f64() * rate < burst);
         if self.buckets.len() >= MAX_TRACKED_SOURCES {
             // Still full of active sources: start over rather than grow without bound.
             self.buckets.clear();

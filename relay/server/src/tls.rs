@@ -51,7 +51,10 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 ///
 /// # Errors
 /// [`TlsError::Rustls`] if the key does not match the certificate or is unsupported.
-pub fn server_config(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
@@ -72,7 +75,8 @@ pub fn load_manual(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig
     if chain.is_empty() {
         return Err(TlsError::Pem { path: cert_file.into(), what: "no certificate found" });
     }
-    let key = PrivateKeyDer::from_pem_file(key_file).map_err(|_| TlsError::Pem { path: key_file.into(), what: "no usable private key found" })?;
+    let key = PrivateKeyDer::from_pem_file(key_file)
+        .map_err(|_| TlsError::Pem { path: key_file.into(), what: "no usable private key found" })?;
     server_config(chain, key)
 }
 
@@ -137,7 +141,8 @@ impl DevCa {
         let leaf_key = KeyPair::generate()?;
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&leaf_key, &issuer)?;
-        let key = PrivateKeyDer::try_from(leaf_key.serialize_der()).map_err(|_| TlsError::Pem { path: PathBuf::new(), what: "generated key" })?;
+        let key = PrivateKeyDer::try_from(leaf_key.serialize_der())
+            .map_err(|_| TlsError::Pem { path: PathBuf::new(), what: "generated key" })?;
         Ok((vec![cert.der().clone()], key))
     }
 }

@@ -67,7 +67,10 @@ pub(crate) enum HeadError {
 
 /// Reads one request head into `buf` and parses it. Returns the head and its length in
 /// `buf`; `buf` keeps every byte read (hyper needs the head again for plain requests).
-pub(crate) async fn read_head<S: AsyncRead + Unpin>(io: &mut S, buf: &mut BytesMut) -> Result<(RequestHead, usize), HeadError> {
+pub(crate) async fn read_head<S: AsyncRead + Unpin>(
+    io: &mut S,
+    buf: &mut BytesMut,
+) -> Result<(RequestHead, usize), HeadError> {
     loop {
         if let Some(parsed) = parse_head(buf)? {
             return Ok(parsed);
@@ -174,7 +177,10 @@ fn text(status: StatusCode, body: &'static str) -> Response<Body> {
 const LANDING: &str = "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Warren relay</title></head>\n<body><h1>Warren relay</h1>\n<p>This is a Warren relay. It forwards end-to-end encrypted packets between mesh nodes\n(DERP v2 at <code>/derp</code>) and answers STUN. There is nothing to see here in a browser.</p>\n</body></html>\n";
 
 /// The plain HTTP endpoints of the DERP port.
-pub(crate) fn serve_http(shared: Arc<Shared>, req: Request<hyper::body::Incoming>) -> Result<Response<Body>, Infallible> {
+pub(crate) fn serve_http(
+    shared: Arc<Shared>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Body>, Infallible> {
     shared.metrics.http_requests.increment(1);
     let get_or_head = matches!(*req.method(), Method::GET | Method::HEAD);
     let resp = match req.uri().path() {
@@ -192,10 +198,14 @@ pub(crate) fn serve_http(shared: Arc<Shared>, req: Request<hyper::body::Incoming
         "/generate_204" => {
             let mut r = text(StatusCode::NO_CONTENT, "");
             let challenge = req.headers().get("X-Tailscale-Challenge").and_then(|v| v.to_str().ok());
-            if let Some(v) = challenge.and_then(challenge_response).and_then(|v| header::HeaderValue::from_str(&v).ok()) {
+            if let Some(v) = challenge.and_then(challenge_response).and_then(|v| header::HeaderValue::from_str(&v).ok())
+            {
                 r.headers_mut().insert("X-Tailscale-Response", v);
             }
-            r.headers_mut().insert(header::CACHE_CONTROL, header::HeaderValue::from_static("no-cache, no-store, must-revalidate, no-transform, max-age=0"));
+            r.headers_mut().insert(
+                header::CACHE_CONTROL,
+                header::HeaderValue::from_static("no-cache, no-store, must-revalidate, no-transform, max-age=0"),
+            );
             r
         }
         "/healthz" if shared.is_draining() => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
@@ -244,7 +254,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
 
@@ -269,10 +283,14 @@ mod tests {
         assert!(matches!(route(&fast), Route::Derp { fast_start: true }));
         let ws = head("GET /derp HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: chat, derp\r\n\r\n");
         match route(&ws) {
-            Route::WebSocket { response } => assert!(response.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n")),
+            Route::WebSocket { response } => {
+                assert!(response.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"))
+            }
             other => panic!("expected websocket, got {other:?}"),
         }
-        let no_proto = head("GET /derp HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: a\r\n\r\n");
+        let no_proto = head(
+            "GET /derp HTTP/1.1\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: a\r\n\r\n",
+        );
         assert!(matches!(route(&no_proto), Route::Reject(StatusCode::BAD_REQUEST, _)));
         assert!(matches!(route(&head("GET /derp/probe HTTP/1.1\r\n\r\n")), Route::Http));
         assert!(matches!(route(&head("GET /derp HTTP/1.1\r\n\r\n")), Route::Http));

@@ -85,7 +85,8 @@ async fn garbage_on_every_port_never_crashes_the_relay() {
 
     // The clients that were logged in all along still have their traffic.
     a.send_packet(b.public_key(), b"still here").await.expect("send");
-    let (_, got) = tokio::time::timeout(Duration::from_secs(5), b.recv_packet()).await.expect("delivered").expect("recv");
+    let (_, got) =
+        tokio::time::timeout(Duration::from_secs(5), b.recv_packet()).await.expect("delivered").expect("recv");
     assert_eq!(&got[..], b"still here");
     assert_eq!(relay.server.client_count(), 2);
     assert!(relay.metric("relay_handshake_failures_total{reason=\"bad_frame\"}").await >= 1.0);

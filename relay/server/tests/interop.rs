@@ -34,7 +34,11 @@ async fn independent_python_client_interoperates() {
         .expect("join")
         .expect("python3 runs");
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success() && stdout.starts_with("OK"), "{mode:?}: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success() && stdout.starts_with("OK"),
+            "{mode:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     relay.server.shutdown().await;
 }

@@ -99,14 +99,20 @@ async fn slow_reader_drops_are_counted_and_block_nobody() {
     for i in 0..2000u32 {
         a.queue(&Frame::SendPacket { dst: sleeper.public_key(), packet: packet.clone() }).expect("queue");
         if i % 16 == 15 {
-            tokio::time::timeout(Duration::from_secs(5), a.flush()).await.expect("sender is never blocked").expect("flush");
+            tokio::time::timeout(Duration::from_secs(5), a.flush())
+                .await
+                .expect("sender is never blocked")
+                .expect("flush");
         }
     }
     a.flush().await.expect("flush");
     // Meanwhile A -> B keeps flowing.
     for i in 0..50u32 {
         a.send_packet(b.public_key(), &i.to_be_bytes()).await.expect("send");
-        let (_, got) = tokio::time::timeout(Duration::from_secs(5), b.recv_packet()).await.expect("B is not starved").expect("recv");
+        let (_, got) = tokio::time::timeout(Duration::from_secs(5), b.recv_packet())
+            .await
+            .expect("B is not starved")
+            .expect("recv");
         assert_eq!(&got[..], &i.to_be_bytes());
     }
     assert!(relay.metric("relay_packets_dropped_total{reason=\"queue_full\"}").await > 0.0);
@@ -152,7 +158,10 @@ async fn http_endpoints() {
     assert!(r.starts_with("HTTP/1.1 204") && !r.to_ascii_lowercase().contains("x-tailscale-response"), "{r}");
     for path in ["/derp/probe", "/derp/latency-check"] {
         let r = relay.get(path, "").await;
-        assert!(r.starts_with("HTTP/1.1 200") && r.to_ascii_lowercase().contains("access-control-allow-origin: *"), "{r}");
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.to_ascii_lowercase().contains("access-control-allow-origin: *"),
+            "{r}"
+        );
     }
     assert!(relay.get("/healthz", "").await.starts_with("HTTP/1.1 200"));
     assert!(relay.get("/", "").await.contains("Warren relay"));
@@ -165,8 +174,9 @@ async fn http_endpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_info_sealed_to_the_wrong_key_is_refused() {
-    let relay = start_relay(|_| {}).await;
-    let r = relay.https_raw(b"GET /derp HTTP/1.1\r\nHost: localhost\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n").await;
+    let relay = start_relay(|f| f.limits.handshake_timeout = Some("1s".into())).await;
+    let r =
+        relay.https_raw(b"GET /derp HTTP/1.1\r\nHost: localhost\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 101") && r.contains("Derp-Public-Key: "), "{r}");
     // A ClientInfo sealed for some other server: the relay must close without a ServerInfo.
     let me = SecretKey::generate(&mut OsRng);
@@ -196,7 +206,10 @@ async fn stun_binding_reports_the_source_address() {
     for i in 0..3u8 {
         let req = warren_relay_proto::stun::binding_request([i; 12]).expect("req");
         sock.send_to(&req, stun).await.expect("send");
-        let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf)).await.expect("answer").expect("recv");
+        let (n, _) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+            .await
+            .expect("answer")
+            .expect("recv");
         let (tx, mapped) = warren_relay_proto::stun::parse_binding_response(&buf[..n]).expect("valid response");
         assert_eq!((tx, mapped), ([i; 12], sock.local_addr().expect("addr")));
     }

@@ -124,9 +124,9 @@ fn arb_bytes(max: usize) -> impl Strategy<Value = Bytes> {
 }
 
 fn arb_frame() -> impl Strategy<Value = Frame> {
-    let ep = proptest::option::of(any::<std::net::SocketAddr>().prop_filter("not unspecified", |a| {
-        !(a.ip().is_unspecified() && a.port() == 0)
-    }));
+    let ep = proptest::option::of(
+        any::<std::net::SocketAddr>().prop_filter("not unspecified", |a| !(a.ip().is_unspecified() && a.port() == 0)),
+    );
     prop_oneof![
         arb_key().prop_map(|key| Frame::ServerKey { key }),
         (arb_key(), arb_bytes(200)).prop_map(|(key, b)| {
@@ -155,7 +155,11 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
             });
             Frame::PeerPresent { peer, endpoint, flags }
         }),
-        (arb_key(), arb_key(), arb_bytes(2000)).prop_map(|(src, dst, packet)| Frame::ForwardPacket { src, dst, packet }),
+        (arb_key(), arb_key(), arb_bytes(2000)).prop_map(|(src, dst, packet)| Frame::ForwardPacket {
+            src,
+            dst,
+            packet
+        }),
         Just(Frame::WatchConns),
         arb_key().prop_map(|peer| Frame::ClosePeer { peer }),
         any::<[u8; 8]>().prop_map(Frame::Ping),

@@ -98,7 +98,9 @@ impl Relay {
         let mut out = String::new();
         tcp.read_to_string(&mut out).await.expect("read");
         out.lines()
-            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')).and_then(|v| v.trim().parse().ok())
+            })
             .unwrap_or(0.0)
     }
 }
@@ -108,7 +110,10 @@ pub fn shared<T>(v: T) -> Arc<tokio::sync::Mutex<T>> {
 }
 
 /// Receives frames until `pred` matches one, within 5 s.
-pub async fn recv_until(c: &mut DerpClient, mut pred: impl FnMut(&warren_relay_proto::Frame) -> bool) -> warren_relay_proto::Frame {
+pub async fn recv_until(
+    c: &mut DerpClient,
+    mut pred: impl FnMut(&warren_relay_proto::Frame) -> bool,
+) -> warren_relay_proto::Frame {
     tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             let f = c.recv().await.expect("frame");

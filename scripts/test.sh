@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace, installing what the tests need first.
+# This is the command README.md names and .ci/run calls.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The handshake vector and the interop client are checked against PyNaCl (libsodium).
+if ! python3 -c 'import nacl.public' 2>/dev/null; then
+    echo "==> installing PyNaCl"
+    python3 -m pip install --quiet --disable-pip-version-check pynacl
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+    echo "==> installing cargo-nextest"
+    cargo install --locked cargo-nextest
+fi
+
+echo "==> the sans-IO protocol crate must not depend on tokio"
+if cargo tree -p warren-relay-proto -e normal --prefix none | grep -q '^tokio '; then
+    echo "warren-relay-proto depends on tokio" >&2
+    exit 1
+fi
+
+echo "==> formatting and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "==> tests"
+export WARREN_REQUIRE_PYNACL=1
+cargo test --workspace --locked --doc --quiet
+cargo nextest run --workspace --locked --no-fail-fast
