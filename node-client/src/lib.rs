@@ -5,6 +5,8 @@
 //! punching and the funnel agent grow on top of it.
 
 pub mod derp;
+pub mod disco;
+pub mod paths;
 pub mod url;
 
 pub use derp::{ClientError, ConnectOptions, DerpClient};
