@@ -91,6 +91,9 @@ pub struct ConnectOptions {
     pub info: ClientInfo,
     /// Deadline for TCP + TLS + login.
     pub timeout: Duration,
+    /// Dial this address instead of resolving the URL's host (which still names the TLS
+    /// certificate).
+    pub connect_addr: Option<std::net::SocketAddr>,
 }
 
 impl Default for ConnectOptions {
@@ -101,6 +104,7 @@ impl Default for ConnectOptions {
             ca_file: None,
             info: ClientInfo::node(),
             timeout: Duration::from_secs(10),
+            connect_addr: None,
         }
     }
 }
@@ -140,7 +144,10 @@ impl DerpClient {
     }
 
     async fn connect_inner(url: &RelayUrl, secret: &SecretKey, opts: &ConnectOptions) -> Result<Self, ClientError> {
-        let tcp = TcpStream::connect((url.host.as_str(), url.port)).await?;
+        let tcp = match opts.connect_addr {
+            Some(addr) => TcpStream::connect(addr).await?,
+            None => TcpStream::connect((url.host.as_str(), url.port)).await?,
+        };
         tcp.set_nodelay(true)?;
         let io: Box<dyn Io> = if url.tls {
             let connector = tokio_rustls::TlsConnector::from(tls_config(opts.ca_file.as_deref())?);

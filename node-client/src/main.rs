@@ -7,7 +7,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use rand_core::OsRng;
+use serde_json::json;
 use warren::derp::{ConnectOptions, DerpClient};
+use warren::node::{Node, NodeConfig};
+use warren::regionmap::RegionMap;
 use warren_relay_proto::{Frame, PeerGoneReason, SecretKey, Transport};
 
 /// Warren node client.
@@ -20,6 +23,43 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the node: pick a home relay, discover endpoints, keep direct paths to peers.
+    Up(UpArgs),
+    /// Show the running node's home relay, endpoints and each peer's path.
+    Status(ControlArgs),
+    /// Ping a peer over its current path.
+    Ping {
+        /// The peer's public key (64 hex digits).
+        peer: String,
+        /// How many pings.
+        #[arg(short, long, default_value_t = 3)]
+        count: u32,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Send a text packet to a peer.
+    Send {
+        /// The peer's public key (64 hex digits).
+        peer: String,
+        /// The text to send.
+        data: String,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Wait for the next packet from any peer and print it.
+    Recv {
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 5000)]
+        timeout_ms: u64,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Print this node's public key (creating the key file if needed).
+    Key {
+        /// Key file.
+        #[arg(long, default_value = DEFAULT_KEY_FILE)]
+        key_file: PathBuf,
+    },
     /// Check a relay end to end: two fresh keys log in, ping the relay, exchange packets
     /// through it, and measure round-trip time and one-way throughput.
     RelayCheck(RelayCheckArgs),
@@ -50,6 +90,37 @@ struct RelayCheckArgs {
     size: usize,
 }
 
+const DEFAULT_KEY_FILE: &str = ".warren/node.key";
+const DEFAULT_CONTROL: &str = ".warren/warren.sock";
+
+#[derive(Debug, clap::Args)]
+struct ControlArgs {
+    /// The running node's control socket.
+    #[arg(long, env = "WARREN_CONTROL", default_value = DEFAULT_CONTROL)]
+    control: PathBuf,
+}
+
+#[derive(Debug, clap::Args)]
+struct UpArgs {
+    /// Region map JSON file listing the relays.
+    #[arg(long)]
+    region_map: PathBuf,
+    /// PEM file of a CA to trust for relays (e.g. a relay's dev CA).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Node key file (created 0600 on first start).
+    #[arg(long, default_value = DEFAULT_KEY_FILE)]
+    key_file: PathBuf,
+    /// UDP address for direct paths and STUN.
+    #[arg(long, default_value = "0.0.0.0:0")]
+    udp: std::net::SocketAddr,
+    /// Seconds between STUN rounds.
+    #[arg(long, default_value_t = 20)]
+    stun_interval: u64,
+    #[command(flatten)]
+    control: ControlArgs,
+}
+
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into());
     tracing_subscriber::fmt()
@@ -68,6 +139,22 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::RelayCheck(args) => relay_check(args).await,
+            Command::Up(args) => up(args).await,
+            Command::Status(c) => control(&c, json!({"cmd": "status"})).await,
+            Command::Ping { peer, count, control: c } => {
+                control(&c, json!({"cmd": "ping", "peer": peer, "count": count})).await
+            }
+            Command::Send { peer, data, control: c } => {
+                control(&c, json!({"cmd": "send", "peer": peer, "data": data})).await
+            }
+            Command::Recv { timeout_ms, control: c } => {
+                control(&c, json!({"cmd": "recv", "timeout_ms": timeout_ms})).await
+            }
+            Command::Key { key_file } => {
+                let key = warren_keyfile::load_or_create(&key_file)?;
+                report(&key.public_key().to_hex());
+                Ok(())
+            }
         }
     });
     match result {
@@ -83,6 +170,48 @@ fn main() -> ExitCode {
 #[allow(clippy::print_stdout)] // stdout is the command's output
 fn report(line: &str) {
     println!("{line}");
+}
+
+async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let secret = warren_keyfile::load_or_create(&args.key_file)?;
+    let map = RegionMap::load(&args.region_map)?;
+    let mut cfg = NodeConfig::new(secret, map);
+    cfg.ca_file = args.ca;
+    cfg.udp_bind = args.udp;
+    cfg.stun_interval = Duration::from_secs(args.stun_interval.max(1));
+    let node = std::sync::Arc::new(Node::start(cfg).await?);
+    report(&format!("node {} up; control socket {}", node.public_key().to_hex(), args.control.control.display()));
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let ctl = tokio::spawn({
+        let (node, cancel, path) = (node.clone(), cancel.clone(), args.control.control.clone());
+        async move { warren::control::serve(node, &path, cancel).await }
+    });
+    wait_for_signal().await;
+    cancel.cancel();
+    node.stop();
+    ctl.await.context("control task")?.context("control socket")?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else { return std::future::pending().await };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Sends one control request and prints the answer (pretty JSON); fails on `"ok": false`.
+async fn control(args: &ControlArgs, req: serde_json::Value) -> anyhow::Result<()> {
+    let answer = warren::control::request(&args.control, &req)
+        .await
+        .with_context(|| format!("cannot reach the node at {} (is `warren up` running?)", args.control.display()))?;
+    report(&serde_json::to_string_pretty(&answer)?);
+    if answer.get("ok") != Some(&serde_json::Value::Bool(true)) {
+        bail!("{}", answer.get("error").and_then(|e| e.as_str()).unwrap_or("request failed"));
+    }
+    Ok(())
 }
 
 async fn relay_check(args: RelayCheckArgs) -> anyhow::Result<()> {

@@ -89,7 +89,8 @@ impl PeerPaths {
         }
         if self.candidates.len() >= MAX_CANDIDATES && !self.candidates.contains_key(&ep) {
             // Forget the candidate that never answered and was advertised first.
-            let stale = self.candidates.iter().find(|(a, c)| c.last_pong.is_none() && Some(**a) != self.best).map(|(a, _)| *a);
+            let stale =
+                self.candidates.iter().find(|(a, c)| c.last_pong.is_none() && Some(**a) != self.best).map(|(a, _)| *a);
             match stale {
                 Some(a) => {
                     self.candidates.remove(&a);
@@ -195,6 +196,23 @@ impl PeerPaths {
         }
         self.last_call_me_maybe = Some(now);
         true
+    }
+
+    /// A ping to send back to `from` right away (a Ping from the peer just arrived from it), unless
+    /// that address already carries a trusted path or was pinged within the last 250 ms.
+    pub fn ping_back(&mut self, from: SocketAddr, now: Instant, rng: &mut impl RngCore) -> Option<[u8; 12]> {
+        if self.current(now) == Path::Direct(from) {
+            return None;
+        }
+        let c = self.candidates.get_mut(&from)?;
+        if c.last_ping.is_some_and(|t| now.saturating_duration_since(t) < Duration::from_millis(250)) {
+            return None;
+        }
+        c.last_ping = Some(now);
+        let mut tx = [0u8; 12];
+        rng.fill_bytes(&mut tx);
+        self.pending.insert(tx, (from, now));
+        Some(tx)
     }
 
     /// Records a ping sent outside `poll_pings` (e.g. an explicit `warren ping`).

@@ -7,13 +7,12 @@
 //!
 //! Layout: [`config`] (file + CLI → typed config), [`server`] (listeners and shutdown),
 //! `conn` (one actor per client), `clients` (the key → connection table), `web` (routing
-//! of the DERP port), `stun`, [`tls`], [`keyfile`], [`metrics`].
+//! of the DERP port), `stun`, [`tls`], `keyfile` (re-exported `warren-keyfile`), [`metrics`].
 
 mod admin;
 mod clients;
 pub mod config;
 mod conn;
-pub mod keyfile;
 pub mod metrics;
 pub mod server;
 mod stun;
@@ -22,3 +21,4 @@ mod web;
 
 pub use config::Config;
 pub use server::{Server, ServerError};
+pub use warren_keyfile as keyfile;

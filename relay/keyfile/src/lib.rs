@@ -1,4 +1,4 @@
-//! The relay's long-term key pair, persisted in a file only its owner can read.
+//! Long-term key pairs of relays and nodes, persisted in files only their owner can read.
 //!
 //! Format: one line `privkey:<64 hex digits>`. Created on first start with mode 0600; a key
 //! file that group or others can read is refused.

@@ -1,0 +1,203 @@
+//! The region map: which relays exist, grouped by region, in the spirit of Tailscale's DERP map.
+//!
+//! ```json
+//! {"Regions": {"1": {"RegionID": 1, "RegionCode": "fra", "RegionName": "Frankfurt",
+//!   "Nodes": [{"Name": "1a", "HostName": "relay1.example.com", "IPv4": "192.0.2.10",
+//!              "DERPPort": 443, "STUNPort": 3478}]}}}
+//! ```
+//!
+//! `DERPPort` 0 or absent means 443; `STUNPort` 0 or absent means 3478, -1 disables STUN.
+//! `IPv4`/`IPv6`, when present, are dialled instead of resolving `HostName` (which still
+//! names the TLS certificate).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use serde::Deserialize;
+
+/// Largest region map file accepted.
+const MAX_MAP_BYTES: u64 = 1 << 20;
+
+/// Why a region map was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RegionMapError {
+    /// Unreadable file.
+    #[error("region map {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Not valid JSON for the schema.
+    #[error("region map: {0}")]
+    Json(#[from] serde_json::Error),
+    /// Valid JSON, unusable content.
+    #[error("region map: {0}")]
+    Invalid(String),
+}
+
+/// All regions.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RegionMap {
+    /// Regions by id (the JSON keys are decimal ids).
+    #[serde(rename = "Regions")]
+    pub regions: BTreeMap<String, Region>,
+}
+
+/// One region: relays that mesh with each other.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Region {
+    /// Numeric id.
+    #[serde(rename = "RegionID")]
+    pub region_id: u32,
+    /// Short code, e.g. "fra".
+    #[serde(rename = "RegionCode", default)]
+    pub region_code: String,
+    /// Human name.
+    #[serde(rename = "RegionName", default)]
+    pub region_name: String,
+    /// The region's relays, preferred first.
+    #[serde(rename = "Nodes")]
+    pub nodes: Vec<RelayNode>,
+}
+
+/// One relay.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RelayNode {
+    /// Unique name.
+    #[serde(rename = "Name", default)]
+    pub name: String,
+    /// DNS name (and TLS server name).
+    #[serde(rename = "HostName")]
+    pub host_name: String,
+    /// IPv4 address to dial instead of resolving the host name.
+    #[serde(rename = "IPv4", default)]
+    pub ipv4: Option<IpAddr>,
+    /// IPv6 address to dial instead of resolving the host name.
+    #[serde(rename = "IPv6", default)]
+    pub ipv6: Option<IpAddr>,
+    /// DERP (HTTPS) port; 0 means 443.
+    #[serde(rename = "DERPPort", default)]
+    pub derp_port: u16,
+    /// STUN port; 0 means 3478, -1 disables.
+    #[serde(rename = "STUNPort", default)]
+    pub stun_port: i32,
+}
+
+impl RelayNode {
+    /// The DERP URL.
+    pub fn url(&self) -> String {
+        let port = if self.derp_port == 0 { 443 } else { self.derp_port };
+        if self.host_name.contains(':') {
+            format!("https://[{}]:{port}", self.host_name)
+        } else {
+            format!("https://{}:{port}", self.host_name)
+        }
+    }
+
+    /// The address to dial for DERP, if given as an IP.
+    pub fn derp_addr(&self) -> Option<SocketAddr> {
+        let port = if self.derp_port == 0 { 443 } else { self.derp_port };
+        self.ipv4.or(self.ipv6).map(|ip| SocketAddr::new(ip, port))
+    }
+
+    /// The STUN port, if enabled.
+    pub fn stun_port(&self) -> Option<u16> {
+        match self.stun_port {
+            0 => Some(3478),
+            p => u16::try_from(p).ok(),
+        }
+    }
+}
+
+impl RegionMap {
+    /// Reads a map from a JSON file.
+    ///
+    /// # Errors
+    /// [`RegionMapError`] for unreadable, oversized or invalid files.
+    pub fn load(path: &Path) -> Result<Self, RegionMapError> {
+        let io = |source| RegionMapError::Io { path: path.display().to_string(), source };
+        let len = std::fs::metadata(path).map_err(io)?.len();
+        if len > MAX_MAP_BYTES {
+            return Err(RegionMapError::Invalid(format!("{} is larger than 1 MiB", path.display())));
+        }
+        Self::parse(&std::fs::read(path).map_err(io)?)
+    }
+
+    /// Parses and checks a map.
+    ///
+    /// # Errors
+    /// [`RegionMapError`] if it is not valid or has no usable relay.
+    pub fn parse(json: &[u8]) -> Result<Self, RegionMapError> {
+        let map: RegionMap = serde_json::from_slice(json)?;
+        if map.regions.is_empty() {
+            return Err(RegionMapError::Invalid("no regions".into()));
+        }
+        for (id, r) in &map.regions {
+            if id.parse::<u32>().ok() != Some(r.region_id) {
+                return Err(RegionMapError::Invalid(format!(
+                    "region key {id:?} differs from its RegionID {}",
+                    r.region_id
+                )));
+            }
+            if r.nodes.is_empty() {
+                return Err(RegionMapError::Invalid(format!("region {id} has no nodes")));
+            }
+            if let Some(n) = r.nodes.iter().find(|n| n.host_name.is_empty() || n.stun_port < -1 || n.stun_port > 65535)
+            {
+                return Err(RegionMapError::Invalid(format!(
+                    "region {id}: node {:?} needs a HostName and a valid STUNPort",
+                    n.name
+                )));
+            }
+        }
+        Ok(map)
+    }
+
+    /// Regions in id order.
+    pub fn regions(&self) -> impl Iterator<Item = &Region> {
+        self.regions.values()
+    }
+
+    /// The region with this id.
+    pub fn region(&self, id: u32) -> Option<&Region> {
+        self.regions.values().find(|r| r.region_id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let m = RegionMap::parse(
+            br#"{"Regions":{"1":{"RegionID":1,"RegionCode":"lab","Nodes":[
+            {"Name":"1a","HostName":"relay.lab","IPv4":"10.99.0.1","DERPPort":8443,"STUNPort":3478}]},
+            "2":{"RegionID":2,"Nodes":[{"HostName":"r2","STUNPort":-1}]}}}"#,
+        )
+        .expect("valid");
+        let r1 = m.region(1).expect("region 1");
+        assert_eq!(r1.nodes[0].url(), "https://relay.lab:8443");
+        assert_eq!(r1.nodes[0].derp_addr(), Some("10.99.0.1:8443".parse().expect("addr")));
+        assert_eq!(m.region(2).expect("r2").nodes[0].stun_port(), None);
+        assert_eq!(m.region(2).expect("r2").nodes[0].url(), "https://r2:443");
+    }
+
+    #[test]
+    fn refuses_unusable_maps() {
+        for bad in [
+            &br#"{"Regions":{}}"#[..],
+            br#"{"Regions":{"1":{"RegionID":2,"Nodes":[{"HostName":"x"}]}}}"#,
+            br#"{"Regions":{"1":{"RegionID":1,"Nodes":[]}}}"#,
+            br#"{"Regions":{"1":{"RegionID":1,"Nodes":[{"HostName":""}]}}}"#,
+            br#"{"Regions":{"1":{"RegionID":1,"Nodes":[{"HostName":"x","STUNPort":70000}]}}}"#,
+            b"not json",
+        ] {
+            assert!(RegionMap::parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}
