@@ -404,6 +404,9 @@ struct Peer {
     rx_relay: u64,
 }
 
+/// A `warren ping` waiting for its Pong: sent at, over which path, whom to tell.
+type ExplicitPing = (Instant, Path, oneshot::Sender<(Path, Duration)>);
+
 struct StunProbe {
     region_id: u32,
     server: SocketAddr,
@@ -432,7 +435,7 @@ struct Core {
     region_rtt: BTreeMap<u32, Duration>,
     bad_regions: HashMap<u32, Instant>,
     local_endpoint: Option<SocketAddr>,
-    explicit_pings: HashMap<[u8; 12], (Instant, Path, oneshot::Sender<(Path, Duration)>)>,
+    explicit_pings: HashMap<[u8; 12], ExplicitPing>,
     started: Instant,
     last_stun: Option<Instant>,
     last_rehome: Option<Instant>,
@@ -827,7 +830,7 @@ impl Core {
             home,
             relay_connected: self.relay_connected,
             endpoints: self.endpoints().iter().map(|a| a.to_string()).collect(),
-            mapping_varies_by_dest: (self.mapped.len() >= 2).then(|| distinct_ports.len() > 1),
+            mapping_varies_by_dest: (self.mapped.len() >= 2).then_some(distinct_ports.len() > 1),
             region_latency_ms: self.region_rtt.iter().map(|(k, v)| (*k, v.as_secs_f64() * 1e3)).collect(),
             peers,
         }
