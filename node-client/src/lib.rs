@@ -7,6 +7,7 @@
 pub mod control;
 pub mod derp;
 pub mod disco;
+pub mod fetch;
 pub mod node;
 pub mod paths;
 pub mod regionmap;

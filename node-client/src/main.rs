@@ -102,9 +102,9 @@ struct ControlArgs {
 
 #[derive(Debug, clap::Args)]
 struct UpArgs {
-    /// Region map JSON file listing the relays.
+    /// Region map listing the relays: a JSON file or an http(s):// URL.
     #[arg(long)]
-    region_map: PathBuf,
+    region_map: String,
     /// PEM file of a CA to trust for relays (e.g. a relay's dev CA).
     #[arg(long)]
     ca: Option<PathBuf>,
@@ -174,7 +174,7 @@ fn report(line: &str) {
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
     let secret = warren_keyfile::load_or_create(&args.key_file)?;
-    let map = RegionMap::load(&args.region_map)?;
+    let map = RegionMap::load_from(&args.region_map, args.ca.as_deref()).await?;
     let mut cfg = NodeConfig::new(secret, map);
     cfg.ca_file = args.ca;
     cfg.udp_bind = args.udp;

@@ -776,7 +776,13 @@ impl Core {
         self.bad_regions.retain(|_, t| now.saturating_duration_since(*t) < BAD_REGION_FOR);
         let current = self.home_tx.borrow().as_ref().map(|h| h.region_id);
         let rtt = |id: u32| self.region_rtt.get(&id).copied().unwrap_or(Duration::from_secs(3600));
-        let mut regions: Vec<u32> = self.config.region_map.regions().map(|r| r.region_id).collect();
+        let mut regions: Vec<u32> = self
+            .config
+            .region_map
+            .regions()
+            .filter(|r| RegionMap::derp_node(r).is_some())
+            .map(|r| r.region_id)
+            .collect();
         regions.sort_by_key(|id| (self.bad_regions.contains_key(id), rtt(*id), *id));
         let Some(&best) = regions.first() else { return };
         if let Some(cur) = current.filter(|_| !force) {
@@ -790,7 +796,7 @@ impl Core {
         // When every region failed recently, `best` is the least recently failed one's peer in
         // id order, possibly the current home again: the relay task keeps retrying it.
         let Some(region) = self.config.region_map.region(best) else { return };
-        let Some(node) = region.nodes.first() else { return };
+        let Some(node) = RegionMap::derp_node(region) else { return };
         let target = target_for(best, node);
         if self.home_tx.borrow().as_ref() != Some(&target) {
             info!(region = best, code = %region.region_code, latency = ?self.region_rtt.get(&best), "home region chosen");

@@ -7,6 +7,8 @@
 //! ```
 //!
 //! `DERPPort` 0 or absent means 443; `STUNPort` 0 or absent means 3478, -1 disables STUN.
+//! `"STUNOnly": true` marks a node that only answers STUN: it helps endpoint discovery (a second
+//! STUN server tells whether the NAT's mapping varies by destination) but is never a home.
 //! `IPv4`/`IPv6`, when present, are dialled instead of resolving `HostName` (which still
 //! names the TLS certificate).
 
@@ -85,6 +87,9 @@ pub struct RelayNode {
     /// STUN port; 0 means 3478, -1 disables.
     #[serde(rename = "STUNPort", default)]
     pub stun_port: i32,
+    /// Only a STUN server (no DERP): used for endpoint discovery, never as home relay.
+    #[serde(rename = "STUNOnly", default)]
+    pub stun_only: bool,
 }
 
 impl RelayNode {
@@ -127,6 +132,20 @@ impl RegionMap {
         Self::parse(&std::fs::read(path).map_err(io)?)
     }
 
+    /// Reads a map from a file path or an `http(s)://` URL (`ca_file` adds a CA to trust).
+    ///
+    /// # Errors
+    /// [`RegionMapError`] for unreachable, oversized or invalid maps.
+    pub async fn load_from(source: &str, ca_file: Option<&Path>) -> Result<Self, RegionMapError> {
+        if source.starts_with("https://") || source.starts_with("http://") {
+            let body = crate::fetch::get(source, ca_file, MAX_MAP_BYTES as usize)
+                .await
+                .map_err(|e| RegionMapError::Invalid(format!("fetching {source}: {e}")))?;
+            return Self::parse(&body);
+        }
+        Self::load(Path::new(source))
+    }
+
     /// Parses and checks a map.
     ///
     /// # Errors
@@ -162,6 +181,11 @@ impl RegionMap {
         self.regions.values()
     }
 
+    /// The first node of a region that serves DERP, if any.
+    pub fn derp_node(region: &Region) -> Option<&RelayNode> {
+        region.nodes.iter().find(|n| !n.stun_only)
+    }
+
     /// The region with this id.
     pub fn region(&self, id: u32) -> Option<&Region> {
         self.regions.values().find(|r| r.region_id == id)
@@ -177,7 +201,8 @@ mod tests {
         let m = RegionMap::parse(
             br#"{"Regions":{"1":{"RegionID":1,"RegionCode":"lab","Nodes":[
             {"Name":"1a","HostName":"relay.lab","IPv4":"10.99.0.1","DERPPort":8443,"STUNPort":3478}]},
-            "2":{"RegionID":2,"Nodes":[{"HostName":"r2","STUNPort":-1}]}}}"#,
+            "2":{"RegionID":2,"Nodes":[{"HostName":"r2","STUNPort":-1}]},
+            "3":{"RegionID":3,"Nodes":[{"HostName":"s3","STUNOnly":true}]}}}"#,
         )
         .expect("valid");
         let r1 = m.region(1).expect("region 1");
@@ -185,6 +210,8 @@ mod tests {
         assert_eq!(r1.nodes[0].derp_addr(), Some("10.99.0.1:8443".parse().expect("addr")));
         assert_eq!(m.region(2).expect("r2").nodes[0].stun_port(), None);
         assert_eq!(m.region(2).expect("r2").nodes[0].url(), "https://r2:443");
+        assert!(RegionMap::derp_node(m.region(3).expect("r3")).is_none());
+        assert_eq!(m.region(3).expect("r3").nodes[0].stun_port(), Some(3478));
     }
 
     #[test]
