@@ -151,7 +151,7 @@ fn main() -> ExitCode {
                 control(&c, json!({"cmd": "recv", "timeout_ms": timeout_ms})).await
             }
             Command::Key { key_file } => {
-                let key = warren_keyfile::load_or_create(&key_file)?;
+                let key = warren_common::keyfile::load_or_create(&key_file)?;
                 report(&key.public_key().to_hex());
                 Ok(())
             }
@@ -173,7 +173,7 @@ fn report(line: &str) {
 }
 
 async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let secret = warren_keyfile::load_or_create(&args.key_file)?;
+    let secret = warren_common::keyfile::load_or_create(&args.key_file)?;
     let map = RegionMap::load_from(&args.region_map, args.ca.as_deref()).await?;
     let mut cfg = NodeConfig::new(secret, map);
     cfg.ca_file = args.ca;

@@ -7,7 +7,7 @@
 //!
 //! Layout: [`config`] (file + CLI → typed config), [`server`] (listeners and shutdown),
 //! `conn` (one actor per client), `clients` (the key → connection table), `web` (routing
-//! of the DERP port), `stun`, [`tls`], `keyfile` (re-exported `warren-keyfile`), [`metrics`].
+//! of the DERP port), `stun`, `tls` and `keyfile` (re-exported from `warren-common`), [`metrics`].
 
 mod admin;
 mod clients;
@@ -16,9 +16,8 @@ mod conn;
 pub mod metrics;
 pub mod server;
 mod stun;
-pub mod tls;
 mod web;
 
 pub use config::Config;
 pub use server::{Server, ServerError};
-pub use warren_keyfile as keyfile;
+pub use warren_common::{keyfile, tls};

@@ -28,8 +28,8 @@ use crate::clients::{Clients, Control};
 use crate::config::{Config, TlsMode};
 use crate::metrics::{HandshakeFailure, RelayMetrics};
 use crate::web::{self, HeadError, Route};
-use crate::{conn, stun, tls};
-use warren_keyfile as keyfile;
+use crate::{conn, stun};
+use warren_common::{keyfile, tls};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]

@@ -1,4 +1,5 @@
-//! TLS for the DERP listener: certificates from files, or a development CA made with rcgen.
+//! TLS setup shared by the relay and the edge: certificates from files, or a development CA
+//! made with rcgen.
 //!
 //! Every rustls config in Warren uses the aws-lc-rs provider, passed explicitly, so no process
 //! wide default has to be installed.
