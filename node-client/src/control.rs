@@ -5,6 +5,9 @@
 //! {"cmd":"ping","peer":"<hex>","count":3}            -> {"ok":true,"pings":[{"path":"direct 1.2.3.4:5","rtt_ms":0.4},..]}
 //! {"cmd":"send","peer":"<hex>","data":"text"}        -> {"ok":true}
 //! {"cmd":"recv","timeout_ms":5000}                   -> {"ok":true,"from":"<hex>","data":"text","path":"relay"}
+//! {"cmd":"funnel","target":"8080","port":443}       -> {"ok":true,"urls":["https://<name>.<domain>/"]}
+//! {"cmd":"funnel_status"}                           -> {"ok":true,"funnel":{...}|null}
+//! {"cmd":"funnel_off"}                              -> {"ok":true}
 //! ```
 //! Errors answer `{"ok":false,"error":"..."}`. The socket is created 0600.
 
@@ -22,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use warren_relay_proto::PublicKey;
 
+use crate::funnel::{parse_target, Funnel, FunnelConfig};
 use crate::node::{Node, NodeError};
 use crate::paths::Path;
 
@@ -32,16 +36,49 @@ const MAX_LINE: u64 = 128 << 10;
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 enum Request {
     Status,
-    Ping { peer: String, count: Option<u32> },
-    Send { peer: String, data: String },
-    Recv { timeout_ms: Option<u64> },
+    Ping {
+        peer: String,
+        count: Option<u32>,
+    },
+    Send {
+        peer: String,
+        data: String,
+    },
+    Recv {
+        timeout_ms: Option<u64>,
+    },
+    Funnel {
+        target: String,
+        port: Option<u16>,
+    },
+    #[serde(rename = "funnel_status")]
+    FunnelStatus,
+    #[serde(rename = "funnel_off")]
+    FunnelOff,
+}
+
+/// What the control socket controls: the node and, when an edge is configured, its funnel.
+#[derive(Debug)]
+pub struct Daemon {
+    /// The running node.
+    pub node: Arc<Node>,
+    /// Edge, token and name for `funnel`; `None` when no edge was configured.
+    pub funnel_settings: Option<FunnelConfig>,
+    funnel: tokio::sync::Mutex<Option<Funnel>>,
+}
+
+impl Daemon {
+    /// A daemon for `node`, able to publish through the edge of `funnel_settings`.
+    pub fn new(node: Arc<Node>, funnel_settings: Option<FunnelConfig>) -> Self {
+        Daemon { node, funnel_settings, funnel: tokio::sync::Mutex::new(None) }
+    }
 }
 
 /// Serves the control socket at `path` until `cancel` fires.
 ///
 /// # Errors
 /// I/O errors binding the socket.
-pub async fn serve(node: Arc<Node>, path: &FsPath, cancel: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(daemon: Arc<Daemon>, path: &FsPath, cancel: CancellationToken) -> std::io::Result<()> {
     let _ = std::fs::remove_file(path);
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
@@ -59,19 +96,19 @@ pub async fn serve(node: Arc<Node>, path: &FsPath, cancel: CancellationToken) ->
                 }
             },
         };
-        let node = node.clone();
-        tokio::spawn(async move { handle(node, stream).await });
+        let daemon = daemon.clone();
+        tokio::spawn(async move { handle(daemon, stream).await });
     }
     let _ = std::fs::remove_file(path);
     Ok(())
 }
 
-async fn handle(node: Arc<Node>, stream: UnixStream) {
+async fn handle(daemon: Arc<Daemon>, stream: UnixStream) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_LINE)).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let answer = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => answer(&node, req).await,
+            Ok(req) => answer(&daemon, req).await,
             Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
         };
         let mut out = answer.to_string();
@@ -93,7 +130,8 @@ fn err(e: impl std::fmt::Display) -> Value {
     json!({"ok": false, "error": e.to_string()})
 }
 
-async fn answer(node: &Node, req: Request) -> Value {
+async fn answer(daemon: &Daemon, req: Request) -> Value {
+    let node = &daemon.node;
     match req {
         Request::Status => match node.status().await {
             Ok(s) => json!({"ok": true, "status": s}),
@@ -131,6 +169,35 @@ async fn answer(node: &Node, req: Request) -> Value {
                 Ok(Err(e)) => err(e),
                 Err(_) => err("timeout"),
             }
+        }
+        Request::Funnel { target, port } => {
+            let Some(settings) = &daemon.funnel_settings else {
+                return err("no edge configured: start `warren up` with --edge and --funnel-token");
+            };
+            let target = match parse_target(&target) {
+                Ok(t) => t,
+                Err(e) => return err(e),
+            };
+            let cfg = FunnelConfig { target, ports: vec![port.unwrap_or(443)], ..settings.clone() };
+            let mut slot = daemon.funnel.lock().await;
+            *slot = None; // stops the previous funnel first
+            let funnel = Funnel::start(cfg);
+            let result = funnel.wait_registered(Duration::from_secs(15)).await;
+            *slot = Some(funnel);
+            match result {
+                Ok(urls) => json!({"ok": true, "urls": urls}),
+                Err(e) => {
+                    err(format!("funnel not registered yet: {e} (it keeps retrying; see `warren funnel status`)"))
+                }
+            }
+        }
+        Request::FunnelStatus => {
+            let slot = daemon.funnel.lock().await;
+            json!({"ok": true, "funnel": slot.as_ref().map(Funnel::status)})
+        }
+        Request::FunnelOff => {
+            *daemon.funnel.lock().await = None;
+            json!({"ok": true})
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod control;
 pub mod derp;
 pub mod disco;
 pub mod fetch;
+pub mod funnel;
 pub mod node;
 pub mod paths;
 pub mod regionmap;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use rand_core::OsRng;
 use serde_json::json;
 use warren::derp::{ConnectOptions, DerpClient};
+use warren::funnel::FunnelConfig;
 use warren::node::{Node, NodeConfig};
 use warren::regionmap::RegionMap;
 use warren_relay_proto::{Frame, PeerGoneReason, SecretKey, Transport};
@@ -51,6 +52,17 @@ enum Command {
         /// Give up after this many milliseconds.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Publish a local service through the edge: `warren funnel 8080`, `warren funnel
+    /// http://127.0.0.1:3000`, `warren funnel status`, `warren funnel off`.
+    Funnel {
+        /// A local port or http:// URL to publish, or `status`, or `off`.
+        target: String,
+        /// Public HTTPS port: 443, 8443 or 10000.
+        #[arg(long, default_value_t = 443)]
+        https_port: u16,
         #[command(flatten)]
         control: ControlArgs,
     },
@@ -117,6 +129,21 @@ struct UpArgs {
     /// Seconds between STUN rounds.
     #[arg(long, default_value_t = 20)]
     stun_interval: u64,
+    /// Edge tunnel address (host:port, UDP) for `warren funnel`.
+    #[arg(long)]
+    edge: Option<String>,
+    /// PEM file of a CA to trust for the edge (default: --ca).
+    #[arg(long)]
+    edge_ca: Option<PathBuf>,
+    /// TLS name of the edge, if it differs from the host in --edge.
+    #[arg(long)]
+    edge_name: Option<String>,
+    /// Token the edge's operator issued for this node's name.
+    #[arg(long, env = "WARREN_FUNNEL_TOKEN", hide_env_values = true)]
+    funnel_token: Option<String>,
+    /// Node name for funnel URLs (`<name>.<funnel domain>`); default: the host name.
+    #[arg(long)]
+    name: Option<String>,
     #[command(flatten)]
     control: ControlArgs,
 }
@@ -150,6 +177,11 @@ fn main() -> ExitCode {
             Command::Recv { timeout_ms, control: c } => {
                 control(&c, json!({"cmd": "recv", "timeout_ms": timeout_ms})).await
             }
+            Command::Funnel { target, https_port, control: c } => match target.as_str() {
+                "status" => control(&c, json!({"cmd": "funnel_status"})).await,
+                "off" => control(&c, json!({"cmd": "funnel_off"})).await,
+                _ => control(&c, json!({"cmd": "funnel", "target": target, "port": https_port})).await,
+            },
             Command::Key { key_file } => {
                 let key = warren_common::keyfile::load_or_create(&key_file)?;
                 report(&key.public_key().to_hex());
@@ -179,18 +211,53 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     cfg.ca_file = args.ca;
     cfg.udp_bind = args.udp;
     cfg.stun_interval = Duration::from_secs(args.stun_interval.max(1));
+    let funnel_settings = match (args.edge, args.funnel_token) {
+        (Some(edge), Some(token)) => Some(FunnelConfig {
+            edge,
+            edge_name: args.edge_name,
+            ca_file: args.edge_ca.or_else(|| cfg.ca_file.clone()),
+            token,
+            name: args.name.unwrap_or_else(default_name),
+            target: String::new(),
+            ports: vec![443],
+        }),
+        (Some(_), None) => bail!("--edge needs --funnel-token (or WARREN_FUNNEL_TOKEN)"),
+        _ => None,
+    };
     let node = std::sync::Arc::new(Node::start(cfg).await?);
     report(&format!("node {} up; control socket {}", node.public_key().to_hex(), args.control.control.display()));
     let cancel = tokio_util::sync::CancellationToken::new();
     let ctl = tokio::spawn({
-        let (node, cancel, path) = (node.clone(), cancel.clone(), args.control.control.clone());
-        async move { warren::control::serve(node, &path, cancel).await }
+        let daemon = std::sync::Arc::new(warren::control::Daemon::new(node.clone(), funnel_settings));
+        let (cancel, path) = (cancel.clone(), args.control.control.clone());
+        async move { warren::control::serve(daemon, &path, cancel).await }
     });
     wait_for_signal().await;
     cancel.cancel();
     node.stop();
     ctl.await.context("control task")?.context("control socket")?;
     Ok(())
+}
+
+/// The machine's host name as a DNS label, or "node".
+fn default_name() -> String {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let label: String = raw
+        .trim()
+        .split('.')
+        .next()
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .take(63)
+        .collect();
+    let label = label.trim_matches('-').to_owned();
+    if label.is_empty() {
+        "node".into()
+    } else {
+        label
+    }
 }
 
 async fn wait_for_signal() {

@@ -313,7 +313,10 @@ mod tests {
             Message::Request(RequestHead {
                 method: "POST".into(),
                 uri: "/upload?x=1".into(),
-                headers: vec![("content-type".into(), b"text/plain".to_vec()), ("x-forwarded-for".into(), b"192.0.2.1".to_vec())],
+                headers: vec![
+                    ("content-type".into(), b"text/plain".to_vec()),
+                    ("x-forwarded-for".into(), b"192.0.2.1".to_vec()),
+                ],
                 visitor: "192.0.2.1:5555".into(),
                 port: 443,
                 sni: "node1.funnel.example".into(),
@@ -327,7 +330,9 @@ mod tests {
     #[test]
     fn hex_snapshot_of_hello() {
         let mut b = BytesMut::new();
-        Message::Hello { version: 1, name: "n".into(), token: "t".into(), ports: vec![443] }.encode(&mut b).expect("encodes");
+        Message::Hello { version: 1, name: "n".into(), token: "t".into(), ports: vec![443] }
+            .encode(&mut b)
+            .expect("encodes");
         assert_eq!(hex(&b), "0000000d01000100016e000174000101bb");
     }
 
@@ -354,7 +359,8 @@ mod tests {
 
     #[test]
     fn limits_are_enforced_both_ways() {
-        let too_many = Message::Response(ResponseHead { status: 200, headers: vec![("a".into(), vec![]); MAX_HEADERS + 1] });
+        let too_many =
+            Message::Response(ResponseHead { status: 200, headers: vec![("a".into(), vec![]); MAX_HEADERS + 1] });
         let mut b = BytesMut::from(&b"keep"[..]);
         assert!(too_many.encode(&mut b).is_err());
         assert_eq!(&b[..], b"keep", "a refused message leaves the buffer untouched");

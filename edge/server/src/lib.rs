@@ -1,1 +1,17 @@
-//! placeholder
+//! `warren-edge`: Funnel. Publishes nodes' local services on public HTTPS URLs.
+//!
+//! A node opens one QUIC connection to the edge and registers `<name>` with an operator-issued
+//! token ([`tunnel`]); visitors of `https://<name>.<funnel domain>` reach the edge's public
+//! listeners, where TLS is terminated with a certificate chosen by SNI ([`certs`]) and each
+//! request becomes one bidirectional QUIC stream to the node ([`proxy`]).
+
+mod admin;
+pub mod certs;
+pub mod config;
+pub mod metrics;
+mod proxy;
+pub mod server;
+mod tunnel;
+
+pub use config::Config;
+pub use server::{Edge, EdgeError};

@@ -1,5 +1,6 @@
-//! Pieces shared by Warren's binaries: key files and TLS (the one crypto provider, PEM loading,
-//! the development CA).
+//! Pieces shared by Warren's binaries: key files, TLS (the one crypto provider, PEM loading,
+//! the development CA) and the async side of the node-edge tunnel.
 
 pub mod keyfile;
 pub mod tls;
+pub mod tunnel_io;

@@ -64,11 +64,14 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-/// Loads a PEM chain and key from files.
+/// Reads a PEM chain and key from files.
 ///
 /// # Errors
-/// [`TlsError`] if a file is unreadable, empty of certificates/keys, or mismatched.
-pub fn load_manual(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+/// [`TlsError`] if a file is unreadable or holds no certificate or key.
+pub fn load_pem(
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let chain: Vec<_> = CertificateDer::pem_file_iter(cert_file)
         .map_err(|_| TlsError::Pem { path: cert_file.into(), what: "cannot read PEM certificates" })?
         .collect::<Result<_, _>>()
@@ -78,6 +81,15 @@ pub fn load_manual(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig
     }
     let key = PrivateKeyDer::from_pem_file(key_file)
         .map_err(|_| TlsError::Pem { path: key_file.into(), what: "no usable private key found" })?;
+    Ok((chain, key))
+}
+
+/// Loads a PEM chain and key from files.
+///
+/// # Errors
+/// [`TlsError`] if a file is unreadable, empty of certificates/keys, or mismatched.
+pub fn load_manual(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let (chain, key) = load_pem(cert_file, key_file)?;
     server_config(chain, key)
 }
 

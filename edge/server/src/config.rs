@@ -1,0 +1,382 @@
+//! Edge configuration: TOML file schema, CLI overrides, and the checked runtime [`Config`].
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Defaults, in one place.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Public HTTPS ports, as Funnel offers them.
+    pub const PUBLIC_LISTEN: [&str; 3] = ["0.0.0.0:443", "0.0.0.0:8443", "0.0.0.0:10000"];
+    /// QUIC tunnel listener (UDP).
+    pub const TUNNEL_LISTEN: &str = "0.0.0.0:7443";
+    /// Admin listener: metrics and health.
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:9190";
+    /// Certificates and keys.
+    pub const STATE_DIR: &str = "/var/lib/warren-edge";
+    /// Public names are `<node>.<funnel domain>`.
+    pub const FUNNEL_DOMAIN: &str = "funnel.localhost";
+    /// Time for the node to answer a request with its response head.
+    pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Time to open a stream to a node.
+    pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Requests in flight per tunnel.
+    pub const MAX_STREAMS_PER_TUNNEL: u32 = 1024;
+    /// Drain time on shutdown.
+    pub const GRACE_PERIOD: Duration = Duration::from_secs(10);
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// Unreadable file.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Invalid TOML for the schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        source: Box<toml::de::Error>,
+    },
+    /// A bad value.
+    #[error("invalid config: {field}: {reason}")]
+    Invalid {
+        /// The key.
+        field: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, reason: reason.into() }
+}
+
+/// The TOML file. Every key is optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Public names are `<node>.<funnel_domain>`.
+    pub funnel_domain: Option<String>,
+    /// Directory for certificates and the dev CA.
+    pub state_dir: Option<PathBuf>,
+    /// The edge's own host name (the tunnel's TLS name).
+    pub hostname: Option<String>,
+    /// Public HTTPS listeners.
+    pub public_listen: Option<Vec<String>>,
+    /// QUIC tunnel listener (UDP).
+    pub tunnel_listen: Option<String>,
+    /// TLS.
+    #[serde(default)]
+    pub tls: TlsFile,
+    /// Tokens nodes authenticate with.
+    #[serde(default)]
+    pub tokens: Vec<TokenFile>,
+    /// Admin listener.
+    #[serde(default)]
+    pub admin: AdminFile,
+    /// Limits.
+    #[serde(default)]
+    pub limits: LimitsFile,
+    /// Shutdown.
+    #[serde(default)]
+    pub shutdown: ShutdownFile,
+}
+
+/// `[tls]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// `dev` (local CA) or `manual` (a wildcard certificate from files).
+    pub mode: Option<String>,
+    /// PEM chain for `manual` (should cover `*.<funnel_domain>` and `hostname`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM key for `manual`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[[tokens]]`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenFile {
+    /// The secret a node presents.
+    pub token: String,
+    /// Node names it may register; `"*"` allows any.
+    pub names: Vec<String>,
+}
+
+impl fmt::Debug for TokenFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenFile").field("token", &"<redacted>").field("names", &self.names).finish()
+    }
+}
+
+/// `[admin]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// Serve /metrics and /healthz (default true).
+    pub enabled: Option<bool>,
+    /// Address.
+    pub listen: Option<String>,
+}
+
+/// `[limits]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// e.g. "60s".
+    pub response_timeout: Option<String>,
+    /// Requests in flight per tunnel.
+    pub max_streams_per_tunnel: Option<u32>,
+}
+
+/// `[shutdown]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownFile {
+    /// e.g. "10s".
+    pub grace_period: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads and parses a file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), source: Box::new(e) })
+    }
+
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`].
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), source: Box::new(e) })
+    }
+}
+
+/// TLS mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsMode {
+    /// A local CA issues a wildcard certificate; its certificate is `<state_dir>/dev-ca.pem`.
+    Dev,
+    /// Certificate and key from files.
+    Manual {
+        /// PEM chain.
+        cert_file: PathBuf,
+        /// PEM key.
+        key_file: PathBuf,
+    },
+}
+
+/// A token and the names it allows.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Token {
+    secret: String,
+    /// Allowed node names; `"*"` for any.
+    pub names: Vec<String>,
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token").field("secret", &"<redacted>").field("names", &self.names).finish()
+    }
+}
+
+impl Token {
+    /// Whether `presented` is this token (compared in constant time) and allows `name`.
+    pub fn allows(&self, presented: &str, name: &str) -> bool {
+        let a = self.secret.as_bytes();
+        let b = presented.as_bytes();
+        let same = a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0;
+        same && self.names.iter().any(|n| n == "*" || n == name)
+    }
+}
+
+/// The checked configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// Lower-case funnel domain.
+    pub funnel_domain: String,
+    /// State directory.
+    pub state_dir: PathBuf,
+    /// Tunnel TLS name.
+    pub hostname: String,
+    /// Public listeners.
+    pub public_listen: Vec<SocketAddr>,
+    /// Tunnel listener.
+    pub tunnel_listen: SocketAddr,
+    /// TLS.
+    pub tls: TlsMode,
+    /// Node tokens.
+    pub tokens: Vec<Token>,
+    /// Admin listener.
+    pub admin_listen: Option<SocketAddr>,
+    /// Response head deadline.
+    pub response_timeout: Duration,
+    /// Requests in flight per tunnel.
+    pub max_streams_per_tunnel: u32,
+    /// Drain time.
+    pub grace_period: Duration,
+}
+
+/// Whether `name` is a valid DNS label (a node name).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl TryFrom<FileConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(f: FileConfig) -> Result<Self, ConfigError> {
+        let funnel_domain = f
+            .funnel_domain
+            .unwrap_or_else(|| defaults::FUNNEL_DOMAIN.into())
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        if funnel_domain.is_empty() || !funnel_domain.split('.').all(valid_name) {
+            return Err(invalid("funnel_domain", format!("{funnel_domain:?} is not a domain name")));
+        }
+        let public_listen = match f.public_listen {
+            Some(v) => v.iter().map(|s| addr("public_listen", s)).collect::<Result<Vec<_>, _>>()?,
+            None => defaults::PUBLIC_LISTEN.iter().map(|s| addr("public_listen", s)).collect::<Result<Vec<_>, _>>()?,
+        };
+        if public_listen.is_empty() {
+            return Err(invalid("public_listen", "needs at least one address"));
+        }
+        let tls = match f.tls.mode.as_deref().unwrap_or("dev") {
+            "dev" => TlsMode::Dev,
+            "manual" => TlsMode::Manual {
+                cert_file: f
+                    .tls
+                    .cert_file
+                    .ok_or_else(|| invalid("tls.cert_file", "required when tls.mode = \"manual\""))?,
+                key_file: f
+                    .tls
+                    .key_file
+                    .ok_or_else(|| invalid("tls.key_file", "required when tls.mode = \"manual\""))?,
+            },
+            other => return Err(invalid("tls.mode", format!("{other:?} is not one of dev, manual"))),
+        };
+        let mut tokens = Vec::new();
+        for t in f.tokens {
+            if t.token.len() < 8 && t.token != "dev" {
+                return Err(invalid("tokens.token", "tokens must have at least 8 characters"));
+            }
+            if let Some(bad) = t.names.iter().find(|n| *n != "*" && !valid_name(n)) {
+                return Err(invalid("tokens.names", format!("{bad:?} is not a valid node name")));
+            }
+            tokens.push(Token { secret: t.token, names: t.names });
+        }
+        let admin_listen = match f.admin.enabled.unwrap_or(true) {
+            true => Some(addr("admin.listen", f.admin.listen.as_deref().unwrap_or(defaults::ADMIN_LISTEN))?),
+            false => None,
+        };
+        Ok(Config {
+            hostname: f.hostname.unwrap_or_else(|| "localhost".into()),
+            funnel_domain,
+            state_dir: f.state_dir.unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR)),
+            public_listen,
+            tunnel_listen: addr("tunnel_listen", f.tunnel_listen.as_deref().unwrap_or(defaults::TUNNEL_LISTEN))?,
+            tls,
+            tokens,
+            admin_listen,
+            response_timeout: dur("limits.response_timeout", f.limits.response_timeout, defaults::RESPONSE_TIMEOUT)?,
+            max_streams_per_tunnel: f
+                .limits
+                .max_streams_per_tunnel
+                .unwrap_or(defaults::MAX_STREAMS_PER_TUNNEL)
+                .clamp(1, 1 << 20),
+            grace_period: dur("shutdown.grace_period", f.shutdown.grace_period, defaults::GRACE_PERIOD)?,
+        })
+    }
+}
+
+impl Config {
+    /// The public URL of `name` on `port`.
+    pub fn public_url(&self, name: &str, port: u16) -> String {
+        match port {
+            443 => format!("https://{name}.{}/", self.funnel_domain),
+            p => format!("https://{name}.{}:{p}/", self.funnel_domain),
+        }
+    }
+}
+
+fn addr(field: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|_| invalid(field, format!("{s:?} is not an ip:port address")))
+}
+
+fn dur(field: &'static str, v: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    let Some(s) = v else { return Ok(default) };
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| invalid(field, format!("{s:?} has no unit")))?;
+    let n: u64 = s[..split].parse().map_err(|_| invalid(field, format!("{s:?} is not a duration")))?;
+    match &s[split..] {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(invalid(field, format!("{s:?}: use ms, s or m"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_validation() {
+        let c = Config::try_from(FileConfig::parse("").expect("parses")).expect("valid");
+        assert_eq!(c.public_listen.len(), 3);
+        assert_eq!(c.public_url("node1", 443), "https://node1.funnel.localhost/");
+        assert_eq!(c.public_url("node1", 8443), "https://node1.funnel.localhost:8443/");
+        let bad = |t: &str| Config::try_from(FileConfig::parse(t).expect("parses"));
+        assert!(bad("funnel_domain = \"bad domain\"").is_err());
+        assert!(bad("[[tokens]]\ntoken = \"short\"\nnames = [\"*\"]").is_err());
+        assert!(bad("[[tokens]]\ntoken = \"longenough\"\nnames = [\"Bad_Name\"]").is_err());
+        assert!(bad("[tls]\nmode = \"manual\"").is_err());
+        assert!(FileConfig::parse("nope = 1").is_err());
+    }
+
+    #[test]
+    fn tokens_check_secret_and_name_and_never_print() {
+        let c = Config::try_from(
+            FileConfig::parse("[[tokens]]\ntoken = \"s3cret-token\"\nnames = [\"web\"]").expect("parses"),
+        )
+        .expect("valid");
+        let t = &c.tokens[0];
+        assert!(t.allows("s3cret-token", "web"));
+        assert!(!t.allows("s3cret-token", "other"));
+        assert!(!t.allows("s3cret-toke", "web"));
+        assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["a", "node-1", "x9"] {
+            assert!(valid_name(ok));
+        }
+        for bad in ["", "-a", "a-", "A", "a.b", "a_b", &"a".repeat(64)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

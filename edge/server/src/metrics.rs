@@ -1,0 +1,81 @@
+//! Edge metrics, described once; labels only from closed sets.
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
+
+/// Why a node's registration was refused (or that it succeeded).
+#[derive(Debug, Clone, Copy)]
+pub enum Registration {
+    /// Registered.
+    Ok,
+    /// Token unknown or not allowed for the name.
+    Unauthorized,
+    /// Malformed hello, bad name or version.
+    BadHello,
+    /// None of the requested ports is served.
+    NoPorts,
+}
+
+impl Registration {
+    const ALL: [Registration; 4] =
+        [Registration::Ok, Registration::Unauthorized, Registration::BadHello, Registration::NoPorts];
+
+    fn label(self) -> &'static str {
+        match self {
+            Registration::Ok => "ok",
+            Registration::Unauthorized => "unauthorized",
+            Registration::BadHello => "bad_hello",
+            Registration::NoPorts => "no_ports",
+        }
+    }
+}
+
+/// Describes every metric.
+pub fn describe() {
+    describe_counter!("edge_requests_total", "Visitor requests answered, by status class");
+    describe_histogram!("edge_request_duration_seconds", Unit::Seconds, "Time from request to response head");
+    describe_gauge!("edge_tunnels", "Node tunnels connected");
+    describe_counter!("edge_tunnel_registrations_total", "Node registrations, by result");
+    describe_counter!("edge_tls_handshake_failures_total", "Visitor TLS handshakes that failed");
+}
+
+/// Metric handles of one edge.
+#[derive(Debug)]
+pub struct EdgeMetrics {
+    requests: [Counter; 5],
+    pub(crate) duration: Histogram,
+    pub(crate) tunnels: Gauge,
+    pub(crate) tls_failures: Counter,
+    registrations: [Counter; 4],
+}
+
+impl EdgeMetrics {
+    /// Resolves all handles against the installed recorder.
+    pub fn new() -> Self {
+        EdgeMetrics {
+            requests: ["1xx", "2xx", "3xx", "4xx", "5xx"]
+                .map(|c| metrics::counter!("edge_requests_total", "status_class" => c)),
+            duration: metrics::histogram!("edge_request_duration_seconds"),
+            tunnels: metrics::gauge!("edge_tunnels"),
+            tls_failures: metrics::counter!("edge_tls_handshake_failures_total"),
+            registrations: Registration::ALL
+                .map(|r| metrics::counter!("edge_tunnel_registrations_total", "result" => r.label())),
+        }
+    }
+
+    /// Counts an answered request.
+    pub fn request(&self, status: u16) {
+        let i = usize::from(status / 100).clamp(1, 5) - 1;
+        self.requests[i].increment(1);
+    }
+
+    /// Counts a registration outcome.
+    pub fn registration(&self, r: Registration) {
+        self.registrations[r as usize].increment(1);
+    }
+}
+
+impl Default for EdgeMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,242 @@
+//! The public side: a visitor's request becomes one QUIC stream to the node that holds the host.
+//!
+//! ```text
+//! visitor --TLS--> edge: Host <name>.<funnel domain> -> tunnel of <name>
+//!   open a bidirectional stream; write RequestHead; stream the request body; finish
+//!   read ResponseHead; answer the visitor; stream the response body as it arrives
+//!   101 Switching Protocols: bridge the upgraded visitor connection and the stream
+//! ```
+//! Bodies are never buffered whole. Every wait on the node has a deadline, so a visitor gets a
+//! clear error page rather than a hang.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+use warren_common::tunnel_io::{is_hop_by_hop, read_message, send_body, write_message, QuicBody};
+use warren_tunnel_proto::{Message, RequestHead};
+
+use crate::config::{defaults, valid_name};
+use crate::server::Shared;
+
+/// Response bodies: streamed from a node, or a short page.
+pub(crate) type Body = BoxBody<Bytes, std::io::Error>;
+
+/// What the edge knows about a visitor's connection.
+#[derive(Debug)]
+pub(crate) struct ConnInfo {
+    pub(crate) visitor: SocketAddr,
+    pub(crate) port: u16,
+    pub(crate) sni: String,
+    pub(crate) tls_version: String,
+}
+
+/// Why a request could not be proxied, with the status it earns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ProxyError {
+    /// Not a host under the funnel domain.
+    UnknownHost,
+    /// A funnel name with no connected node.
+    Offline,
+    /// The node does not publish this port.
+    PortNotServed,
+    /// Too many requests in flight on the tunnel.
+    Busy,
+    /// The stream to the node failed.
+    NodeUnreachable,
+    /// The node did not answer in time.
+    NodeTimeout,
+    /// The node answered with something invalid.
+    BadNodeResponse,
+}
+
+impl ProxyError {
+    fn status(self) -> StatusCode {
+        match self {
+            ProxyError::UnknownHost | ProxyError::PortNotServed => StatusCode::NOT_FOUND,
+            ProxyError::Offline | ProxyError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NodeUnreachable | ProxyError::BadNodeResponse => StatusCode::BAD_GATEWAY,
+            ProxyError::NodeTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            ProxyError::UnknownHost => "There is no funnel at this address.",
+            ProxyError::Offline => "This funnel is offline: its node is not connected.",
+            ProxyError::PortNotServed => "This funnel is not published on this port.",
+            ProxyError::Busy => "This funnel is busy; try again shortly.",
+            ProxyError::NodeUnreachable => "The funnel's node could not be reached.",
+            ProxyError::NodeTimeout => "The funnel's node did not answer in time.",
+            ProxyError::BadNodeResponse => "The funnel's node sent an invalid response.",
+        }
+    }
+}
+
+/// A short HTML error page.
+pub(crate) fn page(status: StatusCode, message: &str) -> Response<Body> {
+    let reason = status.canonical_reason().unwrap_or("");
+    let html = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{code} {reason}</title></head>\n<body><h1>{code} {reason}</h1>\n<p>{message}</p>\n</body></html>\n",
+        code = status.as_u16()
+    );
+    let mut r = Response::new(Full::new(Bytes::from(html)).map_err(|never: Infallible| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// Serves one visitor request.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    info: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let resp = match proxy(&shared, &info, req).await {
+        Ok(r) => r,
+        Err(e) => {
+            debug!(visitor = %info.visitor, error = ?e, "request not proxied");
+            page(e.status(), e.message())
+        }
+    };
+    shared.metrics.request(resp.status().as_u16());
+    shared.metrics.duration.record(start.elapsed().as_secs_f64());
+    Ok(resp)
+}
+
+fn host_of(req: &Request<Incoming>) -> Option<String> {
+    let raw = req.uri().authority().map(|a| a.host().to_owned()).or_else(|| {
+        let h = req.headers().get(header::HOST)?.to_str().ok()?;
+        // Strip a port (IPv6 literals are never funnel names, so a plain rsplit is enough).
+        Some(h.rsplit_once(':').map_or(h, |(host, _)| host).to_owned())
+    })?;
+    Some(raw.trim_end_matches('.').to_ascii_lowercase())
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+fn request_head(req: &Request<Incoming>, info: &ConnInfo, host: &str, upgrade: bool) -> RequestHead {
+    let mut headers: Vec<(String, Vec<u8>)> = Vec::with_capacity(req.headers().len() + 5);
+    let mut xff = None;
+    for (n, v) in req.headers() {
+        let name = n.as_str();
+        if is_hop_by_hop(name, upgrade) || name.eq_ignore_ascii_case("forwarded") || name.starts_with("x-forwarded-") {
+            if name == "x-forwarded-for" {
+                xff = Some(String::from_utf8_lossy(v.as_bytes()).into_owned());
+            }
+            continue;
+        }
+        headers.push((name.to_owned(), v.as_bytes().to_vec()));
+    }
+    if !req.headers().contains_key(header::HOST) {
+        headers.push(("host".into(), host.as_bytes().to_vec()));
+    }
+    let ip = info.visitor.ip().to_string();
+    let chain = match xff {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip.clone(),
+    };
+    let for_ip = if info.visitor.is_ipv6() { format!("\"[{ip}]\"") } else { ip };
+    headers.push(("x-forwarded-for".into(), chain.into_bytes()));
+    headers.push(("x-forwarded-proto".into(), b"https".to_vec()));
+    headers.push(("x-forwarded-host".into(), host.as_bytes().to_vec()));
+    headers.push(("forwarded".into(), format!("for={for_ip};proto=https;host={host}").into_bytes()));
+    RequestHead {
+        method: req.method().as_str().to_owned(),
+        uri: req.uri().path_and_query().map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned()),
+        headers,
+        visitor: info.visitor.to_string(),
+        port: info.port,
+        sni: info.sni.clone(),
+        tls_version: info.tls_version.clone(),
+        upgrade,
+    }
+}
+
+async fn proxy(
+    shared: &Arc<Shared>,
+    info: &ConnInfo,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    let host = host_of(&req).ok_or(ProxyError::UnknownHost)?;
+    let name = host
+        .strip_suffix(&shared.config.funnel_domain)
+        .and_then(|n| n.strip_suffix('.'))
+        .filter(|n| valid_name(n))
+        .ok_or(ProxyError::UnknownHost)?;
+    let tunnel = shared.routes.get(name).ok_or(ProxyError::Offline)?;
+    if !tunnel.ports.contains(&info.port) {
+        return Err(ProxyError::PortNotServed);
+    }
+    let permit = tunnel.streams.clone().try_acquire_owned().map_err(|_| ProxyError::Busy)?;
+    let upgrade = is_upgrade(&req);
+    let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (mut send, mut recv) = tokio::time::timeout(defaults::OPEN_TIMEOUT, tunnel.conn.open_bi())
+        .await
+        .map_err(|_| ProxyError::NodeTimeout)?
+        .map_err(|_| ProxyError::NodeUnreachable)?;
+    let head = request_head(&req, info, &host, upgrade);
+    write_message(&mut send, &Message::Request(head)).await.map_err(|_| ProxyError::NodeUnreachable)?;
+    let body = req.into_body();
+    let send = if upgrade {
+        Some(send)
+    } else {
+        tokio::spawn(async move {
+            if let Err(e) = send_body(body, &mut send).await {
+                debug!(error = %e, "request body not fully sent");
+            }
+        });
+        None
+    };
+    let answer = tokio::time::timeout(shared.config.response_timeout, read_message(&mut recv))
+        .await
+        .map_err(|_| ProxyError::NodeTimeout)?
+        .map_err(|_| ProxyError::BadNodeResponse)?;
+    let Message::Response(head) = answer else {
+        return Err(ProxyError::BadNodeResponse);
+    };
+    let status = StatusCode::from_u16(head.status).map_err(|_| ProxyError::BadNodeResponse)?;
+    let switching = status == StatusCode::SWITCHING_PROTOCOLS && upgrade;
+    let mut resp = Response::new(Empty::new().map_err(|never: Infallible| match never {}).boxed());
+    *resp.status_mut() = status;
+    for (n, v) in &head.headers {
+        if is_hop_by_hop(n, switching) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_bytes(v)) {
+            resp.headers_mut().append(n, v);
+        }
+    }
+    match (switching, on_upgrade, send) {
+        (true, Some(on_upgrade), Some(send)) => {
+            shared.tasks.spawn(async move {
+                let _permit = permit;
+                let Ok(upgraded) = on_upgrade.await else { return };
+                let mut visitor = TokioIo::new(upgraded);
+                let mut node = tokio::io::join(recv, send);
+                let _ = tokio::io::copy_bidirectional(&mut visitor, &mut node).await;
+            });
+        }
+        _ => *resp.body_mut() = QuicBody::with_guard(recv, permit).boxed(),
+    }
+    Ok(resp)
+}

@@ -1,0 +1,297 @@
+//! The running edge: public HTTPS listeners, the QUIC tunnel endpoint, admin, and drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use metrics_exporter_prometheus::PrometheusHandle;
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+use warren_common::tls::{self as ctls, DevCa};
+
+use crate::certs::CertStore;
+use crate::config::{Config, TlsMode};
+use crate::metrics::EdgeMetrics;
+use crate::proxy::{self, ConnInfo};
+use crate::tunnel::{self, Routes};
+
+/// Why the edge could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EdgeError {
+    /// A listener could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// Certificates could not be set up.
+    #[error(transparent)]
+    Tls(#[from] ctls::TlsError),
+    /// rustls refused the configuration.
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// quinn refused the TLS configuration.
+    #[error("QUIC TLS: {0}")]
+    Quic(String),
+}
+
+/// State shared by the edge's tasks.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) routes: Routes,
+    pub(crate) metrics: EdgeMetrics,
+    pub(crate) public_ports: Vec<u16>,
+    /// Upgraded (WebSocket) connections, waited for on drain.
+    pub(crate) tasks: TaskTracker,
+    draining: AtomicBool,
+}
+
+/// A running edge.
+#[derive(Debug)]
+pub struct Edge {
+    shared: Arc<Shared>,
+    public_addrs: Vec<SocketAddr>,
+    tunnel_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    dev_ca_cert: Option<PathBuf>,
+    endpoint: quinn::Endpoint,
+    stop_accepting: CancellationToken,
+    accept_loops: TaskTracker,
+}
+
+impl Edge {
+    /// Sets up certificates, binds every listener and starts serving.
+    ///
+    /// # Errors
+    /// [`EdgeError`] when certificates or listeners cannot be set up.
+    pub async fn spawn(config: Config, prometheus: Option<PrometheusHandle>) -> Result<Edge, EdgeError> {
+        let store = Arc::new(CertStore::default());
+        let dev_ca_cert = match &config.tls {
+            TlsMode::Dev => {
+                let ca = DevCa::open_or_create(&config.state_dir)?;
+                let d = &config.funnel_domain;
+                let names =
+                    vec![format!("*.{d}"), d.clone(), config.hostname.clone(), "localhost".into(), "127.0.0.1".into()];
+                let (chain, key) = ca.issue(&names)?;
+                store.insert(&names, chain, key)?;
+                Some(ca.ca_cert_path)
+            }
+            TlsMode::Manual { cert_file, key_file } => {
+                let (chain, key) = ctls::load_pem(cert_file, key_file)?;
+                store.insert(&[], chain, key)?;
+                None
+            }
+        };
+        let public_tls = {
+            let mut c = ServerConfig::builder_with_provider(ctls::provider())
+                .with_safe_default_protocol_versions()?
+                .with_no_client_auth()
+                .with_cert_resolver(store.clone());
+            c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            TlsAcceptor::from(Arc::new(c))
+        };
+        let endpoint = tunnel_endpoint(&config, store)?;
+        let tunnel_addr = endpoint.local_addr().map_err(|source| EdgeError::Bind {
+            what: "tunnel",
+            addr: config.tunnel_listen,
+            source,
+        })?;
+
+        let mut listeners = Vec::new();
+        for addr in &config.public_listen {
+            let l = TcpListener::bind(addr).await.map_err(|source| EdgeError::Bind {
+                what: "public HTTPS",
+                addr: *addr,
+                source,
+            })?;
+            listeners.push(l);
+        }
+        let public_addrs: Vec<SocketAddr> = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
+        let admin = match config.admin_listen {
+            Some(a) => {
+                Some(TcpListener::bind(a).await.map_err(|source| EdgeError::Bind { what: "admin", addr: a, source })?)
+            }
+            None => None,
+        };
+        let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+
+        let shared = Arc::new(Shared {
+            public_ports: public_addrs.iter().map(SocketAddr::port).collect(),
+            config,
+            routes: Routes::default(),
+            metrics: EdgeMetrics::new(),
+            tasks: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+        });
+        let stop_accepting = CancellationToken::new();
+        let accept_loops = TaskTracker::new();
+        for (l, public) in listeners.into_iter().zip(&public_addrs) {
+            accept_loops.spawn(public_loop(
+                l,
+                public.port(),
+                public_tls.clone(),
+                shared.clone(),
+                stop_accepting.clone(),
+            ));
+        }
+        accept_loops.spawn(tunnel_loop(endpoint.clone(), shared.clone(), stop_accepting.clone()));
+        if let Some(l) = admin {
+            accept_loops.spawn(crate::admin::serve(l, prometheus, shared.clone(), stop_accepting.clone()));
+        }
+        info!(public = ?public_addrs, tunnel = %tunnel_addr, admin = ?admin_addr, domain = %shared.config.funnel_domain, "edge listening");
+        if let Some(ca) = &dev_ca_cert {
+            info!(ca = %ca.display(), "dev TLS: visitors and nodes must trust this CA certificate");
+        }
+        Ok(Edge { shared, public_addrs, tunnel_addr, admin_addr, dev_ca_cert, endpoint, stop_accepting, accept_loops })
+    }
+
+    /// Public listener addresses, in configuration order.
+    pub fn public_addrs(&self) -> &[SocketAddr] {
+        &self.public_addrs
+    }
+
+    /// The QUIC tunnel address.
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.tunnel_addr
+    }
+
+    /// The admin address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The dev CA certificate, in dev TLS mode.
+    pub fn dev_ca_cert(&self) -> Option<&std::path::Path> {
+        self.dev_ca_cert.as_deref()
+    }
+
+    /// Number of node tunnels.
+    pub fn tunnel_count(&self) -> usize {
+        self.shared.routes.len()
+    }
+
+    /// Drains: stops accepting, lets in-flight requests and upgraded connections finish within
+    /// the grace period, then closes tunnels.
+    pub async fn shutdown(self) {
+        let grace = self.shared.config.grace_period;
+        self.shared.draining.store(true, Ordering::Relaxed);
+        info!(grace = ?grace, "draining: no new visitors; in-flight requests may finish");
+        self.stop_accepting.cancel();
+        self.accept_loops.close();
+        self.shared.tasks.close();
+        let drained = async {
+            self.accept_loops.wait().await;
+            self.shared.tasks.wait().await;
+        };
+        if tokio::time::timeout(grace, drained).await.is_err() {
+            warn!("grace period over with requests still in flight");
+        }
+        self.shared.routes.close_all();
+        self.endpoint.close(0u32.into(), b"edge shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        info!("edge stopped");
+    }
+}
+
+impl Shared {
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+}
+
+fn tunnel_endpoint(config: &Config, store: Arc<CertStore>) -> Result<quinn::Endpoint, EdgeError> {
+    let mut tls = ServerConfig::builder_with_provider(ctls::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_no_client_auth()
+        .with_cert_resolver(store);
+    tls.alpn_protocols = vec![warren_tunnel_proto::ALPN.to_vec()];
+    let crypto =
+        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).map_err(|e| EdgeError::Quic(e.to_string()))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(warren_common::tunnel_io::transport_config(4)));
+    quinn::Endpoint::server(server, config.tunnel_listen).map_err(|source| EdgeError::Bind {
+        what: "tunnel",
+        addr: config.tunnel_listen,
+        source,
+    })
+}
+
+async fn tunnel_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, stop: CancellationToken) {
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.cancelled() => return,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        // Tunnels live beyond the accept loop; they are closed by shutdown().
+        tokio::spawn(tunnel::serve(shared.clone(), incoming));
+    }
+}
+
+async fn public_loop(listener: TcpListener, port: u16, tls: TlsAcceptor, shared: Arc<Shared>, stop: CancellationToken) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (tcp, visitor) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        serve_visitor(tcp, visitor, port, tls.clone(), shared.clone(), &graceful);
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+fn serve_visitor(
+    tcp: TcpStream,
+    visitor: SocketAddr,
+    port: u16,
+    tls: TlsAcceptor,
+    shared: Arc<Shared>,
+    graceful: &GracefulShutdown,
+) {
+    let watcher = graceful.watcher();
+    tokio::spawn(async move {
+        let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+            Ok(Ok(s)) => s,
+            _ => return shared.metrics.tls_failures.increment(1),
+        };
+        let (_, conn) = stream.get_ref();
+        let info = Arc::new(ConnInfo {
+            visitor,
+            port,
+            sni: conn.server_name().unwrap_or_default().to_owned(),
+            tls_version: conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default(),
+        });
+        let svc = service_fn(move |req| proxy::handle(shared.clone(), info.clone(), req));
+        let conn = auto::Builder::new(TokioExecutor::new())
+            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+            .into_owned();
+        let _ = watcher.watch(conn).await;
+    });
+}

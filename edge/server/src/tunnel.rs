@@ -1,0 +1,139 @@
+//! The QUIC side: nodes connect, authenticate with a token, and register their name.
+//!
+//! A node's first bidirectional stream is its control stream: Hello in, Welcome or Refused
+//! out. A node that reconnects replaces its previous registration (the old connection is
+//! closed). The registration ends when the connection closes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tracing::{debug, info};
+use warren_common::tunnel_io::{read_message, write_message};
+use warren_tunnel_proto::{Message, VERSION};
+
+use crate::config::valid_name;
+use crate::metrics::Registration;
+use crate::server::Shared;
+
+/// Time a new connection has to send its Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A registered node.
+#[derive(Debug)]
+pub(crate) struct Tunnel {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) conn: quinn::Connection,
+    pub(crate) ports: Vec<u16>,
+    /// Requests in flight on this tunnel.
+    pub(crate) streams: Arc<Semaphore>,
+}
+
+/// Node name -> tunnel.
+#[derive(Debug, Default)]
+pub(crate) struct Routes {
+    map: RwLock<HashMap<String, Arc<Tunnel>>>,
+    next_id: AtomicU64,
+}
+
+impl Routes {
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<Tunnel>> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+
+    fn insert(&self, t: Arc<Tunnel>) -> Option<Arc<Tunnel>> {
+        self.map.write().unwrap_or_else(|e| e.into_inner()).insert(t.name.clone(), t)
+    }
+
+    fn remove(&self, name: &str, id: u64) -> bool {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if map.get(name).is_some_and(|t| t.id == id) {
+            map.remove(name);
+            return true;
+        }
+        false
+    }
+
+    /// Number of registered tunnels.
+    pub(crate) fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Closes every tunnel (shutdown).
+    pub(crate) fn close_all(&self) {
+        for t in self.map.read().unwrap_or_else(|e| e.into_inner()).values() {
+            t.conn.close(0u32.into(), b"edge shutting down");
+        }
+    }
+}
+
+/// Handles one incoming QUIC connection until it closes.
+pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
+    let remote = incoming.remote_address();
+    let conn = match tokio::time::timeout(HELLO_TIMEOUT, incoming).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return debug!(%remote, error = %e, "tunnel handshake failed"),
+        Err(_) => return debug!(%remote, "tunnel handshake timed out"),
+    };
+    let Ok(Some(tunnel)) = tokio::time::timeout(HELLO_TIMEOUT, register(&shared, &conn, remote)).await else {
+        conn.close(1u32.into(), b"no valid hello");
+        return;
+    };
+    let reason = conn.closed().await;
+    if shared.routes.remove(&tunnel.name, tunnel.id) {
+        shared.metrics.tunnels.decrement(1.0);
+    }
+    info!(name = %tunnel.name, %remote, %reason, "node tunnel closed");
+}
+
+async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr) -> Option<Arc<Tunnel>> {
+    let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+    let refuse = |r: Registration| shared.metrics.registration(r);
+    let Ok(Message::Hello { version, name, token, ports }) = read_message(&mut recv).await else {
+        refuse(Registration::BadHello);
+        return None;
+    };
+    let verdict = if version != VERSION || !valid_name(&name) {
+        Err((Registration::BadHello, "unsupported version or invalid name"))
+    } else if !shared.config.tokens.iter().any(|t| t.allows(&token, &name)) {
+        Err((Registration::Unauthorized, "token not valid for this name"))
+    } else {
+        let served: Vec<u16> = shared.public_ports.iter().copied().filter(|p| ports.contains(p)).collect();
+        if served.is_empty() {
+            Err((Registration::NoPorts, "none of the requested ports is served here"))
+        } else {
+            Ok(served)
+        }
+    };
+    let ports = match verdict {
+        Ok(p) => p,
+        Err((r, reason)) => {
+            refuse(r);
+            info!(%remote, %name, reason, "node registration refused");
+            let _ = write_message(&mut send, &Message::Refused { reason: reason.into() }).await;
+            let _ = send.finish();
+            // Give the Refused a moment to leave before the connection closes.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return None;
+        }
+    };
+    let id = shared.routes.next_id.fetch_add(1, Ordering::Relaxed);
+    let streams = Arc::new(Semaphore::new(shared.config.max_streams_per_tunnel as usize));
+    let tunnel = Arc::new(Tunnel { id, name: name.clone(), conn: conn.clone(), ports: ports.clone(), streams });
+    match shared.routes.insert(tunnel.clone()) {
+        Some(old) => {
+            old.conn.close(2u32.into(), b"replaced by a newer connection");
+            info!(%name, %remote, "node reconnected; previous tunnel replaced");
+        }
+        None => shared.metrics.tunnels.increment(1.0),
+    }
+    let urls: Vec<String> = ports.iter().map(|p| shared.config.public_url(&name, *p)).collect();
+    shared.metrics.registration(Registration::Ok);
+    info!(%name, %remote, urls = ?urls, "node registered");
+    write_message(&mut send, &Message::Welcome { urls }).await.ok()?;
+    Some(tunnel)
+}

@@ -1,0 +1,319 @@
+//! The funnel agent: publishes a local HTTP service through an edge.
+//!
+//! The agent keeps one QUIC connection to the edge, registers the node's name with a token,
+//! and serves every stream the edge opens as one request to the local target, through a pooled
+//! HTTP client. Bodies stream both ways; `101 Switching Protocols` (WebSocket) becomes a raw
+//! two-way copy. The connection is re-established with jittered backoff; the edge replaces the
+//! stale registration of a reconnecting node.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rand_core::{OsRng, RngCore};
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use warren_common::tunnel_io::{is_hop_by_hop, read_message, send_body, transport_config, write_message, QuicBody};
+use warren_tunnel_proto::{Message, ResponseHead, ALPN, VERSION};
+
+type Body = BoxBody<Bytes, std::io::Error>;
+type HttpClient = Client<HttpConnector, Body>;
+
+/// What to publish and where.
+#[derive(Debug, Clone)]
+pub struct FunnelConfig {
+    /// The edge's tunnel address, `host:port` (UDP).
+    pub edge: String,
+    /// TLS name of the edge (default: the host part of `edge`).
+    pub edge_name: Option<String>,
+    /// Extra CA to trust for the edge (e.g. its dev CA).
+    pub ca_file: Option<PathBuf>,
+    /// Operator-issued token.
+    pub token: String,
+    /// Node name: the public host is `<name>.<funnel domain>`.
+    pub name: String,
+    /// Local target, e.g. `http://127.0.0.1:8080`.
+    pub target: String,
+    /// Public ports to serve on.
+    pub ports: Vec<u16>,
+}
+
+/// The agent's state.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FunnelStatus {
+    /// Connected and registered.
+    pub connected: bool,
+    /// Public URLs, once registered.
+    pub urls: Vec<String>,
+    /// The local target.
+    pub target: String,
+    /// The last failure, if any.
+    pub last_error: Option<String>,
+    /// Requests served.
+    pub requests: u64,
+}
+
+/// Parses `8080`, `127.0.0.1:8080` or `http://host:port[/base]` into a target base URL.
+///
+/// # Errors
+/// A message for anything else (https targets are not supported yet).
+pub fn parse_target(s: &str) -> Result<String, String> {
+    if let Ok(port) = s.parse::<u16>() {
+        return Ok(format!("http://127.0.0.1:{port}"));
+    }
+    if s.parse::<SocketAddr>().is_ok() {
+        return Ok(format!("http://{s}"));
+    }
+    if s.starts_with("https://") {
+        return Err("https:// targets are not supported yet; use an http:// target".into());
+    }
+    let uri: Uri = s.parse().map_err(|_| format!("{s:?} is not a port or http:// URL"))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(format!("{s:?} is not a port or http:// URL"));
+    }
+    Ok(s.trim_end_matches('/').to_owned())
+}
+
+/// A running funnel agent; dropping it stops it.
+#[derive(Debug)]
+pub struct Funnel {
+    status: watch::Receiver<FunnelStatus>,
+    cancel: CancellationToken,
+}
+
+impl Drop for Funnel {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Funnel {
+    /// Starts publishing.
+    pub fn start(cfg: FunnelConfig) -> Funnel {
+        let (tx, status) = watch::channel(FunnelStatus { target: cfg.target.clone(), ..Default::default() });
+        let cancel = CancellationToken::new();
+        tokio::spawn(run(cfg, tx, cancel.clone()));
+        Funnel { status, cancel }
+    }
+
+    /// The current state.
+    pub fn status(&self) -> FunnelStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Waits until registered (returns the public URLs) or `limit` passes (returns the last
+    /// error).
+    ///
+    /// # Errors
+    /// The last error, or "timed out".
+    pub async fn wait_registered(&self, limit: Duration) -> Result<Vec<String>, String> {
+        let mut rx = self.status.clone();
+        let urls =
+            tokio::time::timeout(limit, async { rx.wait_for(|s| s.connected).await.map(|s| s.urls.clone()) }).await;
+        match urls {
+            Ok(Ok(urls)) => Ok(urls),
+            _ => Err(self.status.borrow().last_error.clone().unwrap_or_else(|| "timed out".into())),
+        }
+    }
+
+    /// Stops publishing.
+    pub fn stop(&self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn run(cfg: FunnelConfig, status: watch::Sender<FunnelStatus>, cancel: CancellationToken) {
+    let endpoint = match client_endpoint(&cfg) {
+        Ok(e) => e,
+        Err(e) => {
+            status.send_modify(|s| s.last_error = Some(e));
+            return;
+        }
+    };
+    let http: HttpClient =
+        Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build_http();
+    let requests = Arc::new(AtomicU64::new(0));
+    let mut failures = 0u32;
+    loop {
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => break,
+            r = session(&endpoint, &cfg, &http, &status, &requests) => r,
+        };
+        let err = outcome.err().unwrap_or_else(|| "connection to the edge closed".into());
+        warn!(edge = %cfg.edge, error = %err, "funnel disconnected");
+        status.send_modify(|s| {
+            s.connected = false;
+            s.last_error = Some(err);
+        });
+        failures += 1;
+        let base = Duration::from_millis(200).saturating_mul(1 << failures.min(7)).min(Duration::from_secs(30));
+        let delay = base.mul_f64(0.5 + f64::from(OsRng.next_u32() % 1000) / 1000.0);
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    endpoint.close(0u32.into(), b"funnel off");
+}
+
+fn client_endpoint(cfg: &FunnelConfig) -> Result<quinn::Endpoint, String> {
+    let mut tls = (*crate::derp::tls_config(cfg.ca_file.as_deref()).map_err(|e| e.to_string())?).clone();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+    // The edge opens one stream per request; the node opens only its control stream.
+    client.transport_config(Arc::new(transport_config(4096)));
+    let bind: SocketAddr = "[::]:0".parse().map_err(|_| "bad bind address".to_string())?;
+    let mut endpoint = quinn::Endpoint::client(bind)
+        .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))))
+        .map_err(|e| format!("cannot bind UDP: {e}"))?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}
+
+async fn session(
+    endpoint: &quinn::Endpoint,
+    cfg: &FunnelConfig,
+    http: &HttpClient,
+    status: &watch::Sender<FunnelStatus>,
+    requests: &Arc<AtomicU64>,
+) -> Result<(), String> {
+    let addr = tokio::net::lookup_host(&cfg.edge)
+        .await
+        .map_err(|e| format!("cannot resolve {}: {e}", cfg.edge))?
+        .next()
+        .ok_or_else(|| format!("{} has no address", cfg.edge))?;
+    let host = cfg.edge.rsplit_once(':').map_or(cfg.edge.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+    let server_name = cfg.edge_name.clone().unwrap_or_else(|| host.to_owned());
+    let connecting = endpoint.connect(addr, &server_name).map_err(|e| e.to_string())?;
+    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .map_err(|_| "edge did not answer within 10 s".to_string())?
+        .map_err(|e| format!("QUIC connection: {e}"))?;
+    let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let hello =
+        Message::Hello { version: VERSION, name: cfg.name.clone(), token: cfg.token.clone(), ports: cfg.ports.clone() };
+    write_message(&mut ctl_send, &hello).await.map_err(|e| e.to_string())?;
+    match read_message(&mut ctl_recv).await.map_err(|e| format!("no welcome: {e}"))? {
+        Message::Welcome { urls } => {
+            info!(urls = ?urls, target = %cfg.target, "funnel registered");
+            status.send_modify(|s| {
+                s.connected = true;
+                s.urls = urls;
+                s.last_error = None;
+            });
+        }
+        Message::Refused { reason } => return Err(format!("edge refused: {reason}")),
+        _ => return Err("unexpected answer from the edge".into()),
+    }
+    loop {
+        let (send, recv) = conn.accept_bi().await.map_err(|e| format!("tunnel closed: {e}"))?;
+        let (http, target, requests, status) = (http.clone(), cfg.target.clone(), requests.clone(), status.clone());
+        tokio::spawn(async move {
+            let n = requests.fetch_add(1, Ordering::Relaxed) + 1;
+            status.send_modify(|s| s.requests = n);
+            serve_stream(send, recv, &target, &http).await;
+        });
+    }
+}
+
+fn text_body(s: String) -> Body {
+    Full::new(Bytes::from(s)).map_err(|never: std::convert::Infallible| match never {}).boxed()
+}
+
+async fn respond_error(mut send: quinn::SendStream, status: StatusCode, msg: String) {
+    let head = ResponseHead {
+        status: status.as_u16(),
+        headers: vec![("content-type".into(), b"text/plain; charset=utf-8".to_vec())],
+    };
+    if write_message(&mut send, &Message::Response(head)).await.is_ok() {
+        let _ = send_body(text_body(msg), &mut send).await;
+    }
+}
+
+/// Serves one request stream from the edge.
+async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, target: &str, http: &HttpClient) {
+    let head = match read_message(&mut recv).await {
+        Ok(Message::Request(h)) => h,
+        Ok(_) | Err(_) => return respond_error(send, StatusCode::BAD_REQUEST, "bad tunnel request\n".into()).await,
+    };
+    let Ok(uri) = format!("{target}{}", head.uri).parse::<Uri>() else {
+        return respond_error(send, StatusCode::BAD_REQUEST, "bad request URI\n".into()).await;
+    };
+    let mut builder = Request::builder().method(head.method.as_str()).uri(uri);
+    for (n, v) in &head.headers {
+        if is_hop_by_hop(n, head.upgrade) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_bytes(v)) {
+            builder = builder.header(n, v);
+        }
+    }
+    let (body, recv) = if head.upgrade {
+        (Empty::new().map_err(|never: std::convert::Infallible| match never {}).boxed(), Some(recv))
+    } else {
+        (QuicBody::new(recv).boxed(), None)
+    };
+    let Ok(req) = builder.body(body) else {
+        return respond_error(send, StatusCode::BAD_REQUEST, "bad request head\n".into()).await;
+    };
+    let resp = match http.request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            debug!(%target, error = %e, "target unavailable");
+            let msg = format!("Bad gateway: the node could not reach its local service at {target}.\n");
+            return respond_error(send, StatusCode::BAD_GATEWAY, msg).await;
+        }
+    };
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS && head.upgrade;
+    let headers = resp
+        .headers()
+        .iter()
+        .filter(|(n, _)| !is_hop_by_hop(n.as_str(), switching))
+        .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+        .collect();
+    let out = ResponseHead { status: resp.status().as_u16(), headers };
+    if write_message(&mut send, &Message::Response(out)).await.is_err() {
+        return;
+    }
+    match (switching, recv) {
+        (true, Some(recv)) => {
+            let Ok(upgraded) = hyper::upgrade::on(resp).await else { return };
+            let mut origin = TokioIo::new(upgraded);
+            let mut edge = tokio::io::join(recv, send);
+            let _ = tokio::io::copy_bidirectional(&mut origin, &mut edge).await;
+        }
+        _ => {
+            let body = resp.into_body().map_err(std::io::Error::other);
+            if let Err(e) = send_body(body, &mut send).await {
+                debug!(error = %e, "response body not fully sent");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(parse_target("8080").as_deref(), Ok("http://127.0.0.1:8080"));
+        assert_eq!(parse_target("10.0.0.5:80").as_deref(), Ok("http://10.0.0.5:80"));
+        assert_eq!(parse_target("http://localhost:3000/").as_deref(), Ok("http://localhost:3000"));
+        assert!(parse_target("https://x").is_err());
+        assert!(parse_target("ftp://x").is_err());
+        assert!(parse_target("not a target").is_err());
+    }
+}

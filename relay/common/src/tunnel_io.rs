@@ -1,0 +1,165 @@
+//! Async glue between QUIC streams, tunnel messages and hyper bodies, used by both ends of the
+//! node-edge tunnel.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame};
+use quinn::{RecvStream, SendStream};
+use tokio::sync::mpsc;
+use warren_tunnel_proto::{Message, TunnelError, MAX_MESSAGE_LEN};
+
+/// Largest chunk read from a stream at once.
+const CHUNK: usize = 64 << 10;
+
+/// Why a tunnel message could not be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadMessageError {
+    /// The stream ended or failed.
+    #[error("stream: {0}")]
+    Stream(String),
+    /// The bytes were not a valid message.
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+}
+
+/// Writes one message.
+///
+/// # Errors
+/// The stream's write error, or an encoding limit.
+pub async fn write_message(send: &mut SendStream, msg: &Message) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    msg.encode(&mut buf).map_err(std::io::Error::other)?;
+    send.write_all(&buf).await.map_err(std::io::Error::other)
+}
+
+/// Reads exactly one message (no byte after it is consumed).
+///
+/// # Errors
+/// [`ReadMessageError`] when the stream ends early or the message is invalid or oversized.
+pub async fn read_message(recv: &mut RecvStream) -> Result<Message, ReadMessageError> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len).await.map_err(|e| ReadMessageError::Stream(e.to_string()))?;
+    let n = u32::from_be_bytes(len) as usize;
+    if n > MAX_MESSAGE_LEN {
+        return Err(TunnelError::ProtocolViolation("message length over the limit").into());
+    }
+    let mut buf = BytesMut::with_capacity(4 + n);
+    buf.extend_from_slice(&len);
+    buf.resize(4 + n, 0);
+    recv.read_exact(&mut buf[4..]).await.map_err(|e| ReadMessageError::Stream(e.to_string()))?;
+    Message::decode(&mut buf)?.ok_or(ReadMessageError::Tunnel(TunnelError::Malformed("incomplete message")))
+}
+
+/// A hyper body streaming the rest of a QUIC receive stream, chunk by chunk without copying.
+/// Back-pressure: at most a few chunks are read ahead of the consumer.
+#[derive(Debug)]
+pub struct QuicBody {
+    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+}
+
+impl QuicBody {
+    /// Starts streaming `recv`.
+    pub fn new(recv: RecvStream) -> Self {
+        Self::with_guard(recv, ())
+    }
+
+    /// Starts streaming `recv`, keeping `guard` alive until the stream is done (e.g. a permit
+    /// that counts the request as in flight).
+    pub fn with_guard<G: Send + 'static>(mut recv: RecvStream, guard: G) -> Self {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let _guard = guard;
+            loop {
+                let item = match recv.read_chunk(CHUNK, true).await {
+                    Ok(Some(chunk)) => Ok(chunk.bytes),
+                    Ok(None) => return,
+                    Err(e) => Err(std::io::Error::other(e)),
+                };
+                let failed = item.is_err();
+                // The consumer went away: stop reading (dropping `recv` tells the peer).
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        QuicBody { rx }
+    }
+}
+
+impl Body for QuicBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
+    }
+}
+
+/// Streams `body` into `send` and finishes the stream. Returns the bytes sent.
+///
+/// # Errors
+/// A body error or a stream write error (the stream is reset then).
+pub async fn send_body<B>(mut body: B, send: &mut SendStream) -> std::io::Result<u64>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut sent = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = send.reset(0u32.into());
+                return Err(std::io::Error::other(e.to_string()));
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            sent += data.len() as u64;
+            send.write_chunk(data).await.map_err(std::io::Error::other)?;
+        }
+    }
+    send.finish().map_err(std::io::Error::other)?;
+    Ok(sent)
+}
+
+/// QUIC transport settings of the tunnel, both ends: large flow-control windows so one stream
+/// is not capped at a few MB/s, keep-alives so NAT mappings stay open, and `peer_streams`
+/// bidirectional streams the peer may open.
+pub fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(peer_streams.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.stream_receive_window((16u32 << 20).into());
+    t.receive_window((64u32 << 20).into());
+    t.send_window(64 << 20);
+    t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
+    // 30 s fits in the idle-timeout VarInt; the conversion cannot fail.
+    t.max_idle_timeout(quinn::IdleTimeout::try_from(std::time::Duration::from_secs(30)).ok());
+    t
+}
+
+/// HTTP/1.1 hop-by-hop headers, which a proxy must not forward.
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authenticate",
+];
+
+/// Whether a header is hop-by-hop (kept only for upgrades, where `connection` and `upgrade`
+/// must pass).
+pub fn is_hop_by_hop(name: &str, upgrade: bool) -> bool {
+    let name = name.to_ascii_lowercase();
+    if upgrade && (name == "connection" || name == "upgrade") {
+        return false;
+    }
+    HOP_BY_HOP.contains(&name.as_str())
+}
