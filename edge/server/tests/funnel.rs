@@ -1,0 +1,368 @@
+//! Funnel end to end on loopback: a visitor over real TLS -> edge -> QUIC -> node agent ->
+//! a real local HTTP origin, and back.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use warren::funnel::{Funnel, FunnelConfig};
+use warren_edge::config::{Config, FileConfig};
+use warren_edge::Edge;
+use warren_relay_proto::ws::{self, Role, WsDecoder};
+
+const TOKEN: &str = "test-token-123";
+
+/// A body fed from a channel (for streamed uploads and server-sent events).
+struct ChanBody(mpsc::Receiver<Bytes>);
+
+impl Body for ChanBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+fn full(s: impl Into<Bytes>) -> OriginBody {
+    Full::new(s.into()).boxed()
+}
+
+async fn origin(mut req: Request<Incoming>) -> Result<Response<OriginBody>, Infallible> {
+    let path = req.uri().path().to_owned();
+    let resp = match path.as_str() {
+        "/hello" => Response::new(full("hello from origin")),
+        "/headers" => {
+            let mut out = String::new();
+            for n in ["host", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"] {
+                let v = req.headers().get(n).and_then(|v| v.to_str().ok()).unwrap_or("-");
+                out.push_str(&format!("{n}: {v}\n"));
+            }
+            Response::new(full(out))
+        }
+        "/count" => {
+            let mut body = req.into_body();
+            let mut n = 0u64;
+            while let Some(Ok(f)) = body.frame().await {
+                n += f.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            Response::new(full(n.to_string()))
+        }
+        "/sse" => {
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                for i in 0..3 {
+                    if tx.send(Bytes::from(format!("data: event {i}\n\n"))).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                }
+            });
+            let mut r = Response::new(ChanBody(rx).boxed());
+            r.headers_mut().insert("content-type", "text/event-stream".parse().expect("hv"));
+            r
+        }
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+            Response::new(full("slow but sure"))
+        }
+        "/ws" => {
+            let key = req.headers().get("sec-websocket-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+            let on = hyper::upgrade::on(&mut req);
+            tokio::spawn(async move {
+                let Ok(up) = on.await else { return };
+                let mut io = TokioIo::new(up);
+                let (mut dec, mut input, mut data) = (WsDecoder::new(Role::Server), BytesMut::new(), BytesMut::new());
+                loop {
+                    while let Ok(Some(_)) = dec.decode(&mut input, &mut data) {}
+                    if !data.is_empty() {
+                        let mut out = BytesMut::new();
+                        ws::encode_frame(&mut out, ws::opcode::TEXT, &data.split(), None);
+                        if io.write_all(&out).await.is_err() {
+                            return;
+                        }
+                    }
+                    input.reserve(4096);
+                    if !matches!(io.read_buf(&mut input).await, Ok(n) if n > 0) {
+                        return;
+                    }
+                }
+            });
+            let mut r = Response::new(full(""));
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let h = r.headers_mut();
+            h.insert("upgrade", "websocket".parse().expect("hv"));
+            h.insert("connection", "Upgrade".parse().expect("hv"));
+            h.insert("sec-websocket-accept", ws::accept_key(&key).parse().expect("hv"));
+            r
+        }
+        _ => {
+            let mut r = Response::new(full("no such page"));
+            *r.status_mut() = StatusCode::NOT_FOUND;
+            r
+        }
+    };
+    Ok(resp)
+}
+
+async fn start_origin() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), service_fn(origin))
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+struct Lab {
+    edge: Edge,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_edge(grace: &str) -> Lab {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        "funnel_domain = \"funnel.test\"\npublic_listen = [\"127.0.0.1:0\"]\ntunnel_listen = \"127.0.0.1:0\"\n[admin]\nenabled = false\n[shutdown]\ngrace_period = \"{grace}\"\n[[tokens]]\ntoken = \"{TOKEN}\"\nnames = [\"web\", \"other\", \"broken\"]\n"
+    );
+    let mut f = FileConfig::parse(&toml).expect("config");
+    f.state_dir = Some(dir.path().to_path_buf());
+    let edge = Edge::spawn(Config::try_from(f).expect("valid"), None).await.expect("edge starts");
+    Lab { edge, _dir: dir }
+}
+
+impl Lab {
+    fn port(&self) -> u16 {
+        self.edge.public_addrs()[0].port()
+    }
+
+    fn funnel(&self, name: &str, token: &str, target: String) -> Funnel {
+        Funnel::start(FunnelConfig {
+            edge: self.edge.tunnel_addr().to_string(),
+            edge_name: Some("localhost".into()),
+            ca_file: self.edge.dev_ca_cert().map(Into::into),
+            token: token.into(),
+            name: name.into(),
+            target,
+            ports: vec![self.port()],
+        })
+    }
+
+    /// Opens an HTTP/1.1 connection to the edge as a visitor of `host`.
+    async fn visitor(&self, host: &str) -> hyper::client::conn::http1::SendRequest<OriginBody> {
+        let tcp = TcpStream::connect(self.edge.public_addrs()[0]).await.expect("connect");
+        let cfg = warren::derp::tls_config(self.edge.dev_ca_cert()).expect("tls");
+        let name = rustls_pki_types::ServerName::try_from(host.to_owned()).expect("name");
+        let tls =
+            tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.expect("visitor TLS handshake validates");
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("http handshake");
+        tokio::spawn(conn.with_upgrades());
+        send
+    }
+
+    async fn get(&self, host: &str, path: &str) -> (StatusCode, String) {
+        self.get_via(host, host, path).await
+    }
+
+    /// GET with TLS server name `sni` and Host header `host`.
+    async fn get_via(&self, sni: &str, host: &str, path: &str) -> (StatusCode, String) {
+        let mut v = self.visitor(sni).await;
+        let req = Request::get(path).header("host", host).body(full("")).expect("req");
+        let resp = tokio::time::timeout(Duration::from_secs(10), v.send_request(req))
+            .await
+            .expect("never a hang")
+            .expect("response");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_headers_and_error_pages() {
+    let lab = start_edge("1s").await;
+    let origin = start_origin().await;
+    let f = lab.funnel("web", TOKEN, format!("http://{origin}"));
+    let urls = f.wait_registered(Duration::from_secs(10)).await.expect("registered");
+    assert_eq!(urls, vec![format!("https://web.funnel.test:{}/", lab.port())]);
+    assert_eq!(lab.get("web.funnel.test", "/hello").await, (StatusCode::OK, "hello from origin".into()));
+    let (_, headers) = lab.get("web.funnel.test", "/headers").await;
+    for want in [
+        "host: web.funnel.test",
+        "x-forwarded-for: 127.0.0.1",
+        "x-forwarded-proto: https",
+        "x-forwarded-host: web.funnel.test",
+        "forwarded: for=127.0.0.1;proto=https;host=web.funnel.test",
+    ] {
+        assert!(headers.contains(want), "{want:?} missing in:\n{headers}");
+    }
+    assert_eq!(lab.get("web.funnel.test", "/nope").await.0, StatusCode::NOT_FOUND, "origin's own 404 passes through");
+    let (status, page) = lab.get_via("web.funnel.test", "elsewhere.example", "/").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(page.contains("no funnel"), "{page}");
+    assert_eq!(
+        lab.get("other.funnel.test", "/").await.0,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "registered name, no tunnel"
+    );
+    // A node whose local service is down answers 502 with a clear message.
+    let dead = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
+    let broken = lab.funnel("broken", TOKEN, format!("http://{dead}"));
+    broken.wait_registered(Duration::from_secs(10)).await.expect("registered");
+    let (status, page) = lab.get("broken.funnel.test", "/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(page.contains("could not reach its local service"), "{page}");
+    lab.edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_a_valid_token_registers_nothing() {
+    let lab = start_edge("1s").await;
+    let origin = start_origin().await;
+    let f = lab.funnel("web", "wrong-token-000", format!("http://{origin}"));
+    let err = f.wait_registered(Duration::from_secs(2)).await.expect_err("refused");
+    assert!(err.contains("refused"), "{err}");
+    let g = lab.funnel("notallowed", TOKEN, format!("http://{origin}"));
+    assert!(g.wait_registered(Duration::from_secs(2)).await.is_err(), "token does not cover this name");
+    assert_eq!(lab.edge.tunnel_count(), 0);
+    assert_eq!(lab.get("web.funnel.test", "/hello").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    lab.edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_streams_sse_arrives_event_by_event_and_websocket_echoes() {
+    let lab = start_edge("1s").await;
+    let origin = start_origin().await;
+    let f = lab.funnel("web", TOKEN, format!("http://{origin}"));
+    f.wait_registered(Duration::from_secs(10)).await.expect("registered");
+
+    // 64 MiB upload generated on the fly: neither side can hold it whole in this test.
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        let chunk = Bytes::from(vec![7u8; 1 << 20]);
+        for _ in 0..64 {
+            if tx.send(chunk.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut v = lab.visitor("web.funnel.test").await;
+    let req = Request::post("/count").header("host", "web.funnel.test").body(ChanBody(rx).boxed()).expect("req");
+    let resp = v.send_request(req).await.expect("response");
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], (64u64 << 20).to_string().as_bytes());
+
+    // Server-sent events arrive one by one, not at the end.
+    let mut v = lab.visitor("web.funnel.test").await;
+    let resp = v
+        .send_request(Request::get("/sse").header("host", "web.funnel.test").body(full("")).expect("req"))
+        .await
+        .expect("resp");
+    let mut body = resp.into_body();
+    let mut arrivals = Vec::new();
+    while let Some(Ok(frame)) = body.frame().await {
+        if let Some(d) = frame.data_ref() {
+            arrivals.push((Instant::now(), String::from_utf8_lossy(d).into_owned()));
+        }
+    }
+    let text: String = arrivals.iter().map(|(_, s)| s.as_str()).collect();
+    assert_eq!(text, "data: event 0\n\ndata: event 1\n\ndata: event 2\n\n");
+    let spread = arrivals.last().expect("some").0 - arrivals[0].0;
+    assert!(
+        arrivals.len() >= 3 && spread >= Duration::from_millis(450),
+        "events were buffered: {} chunks over {spread:?}",
+        arrivals.len()
+    );
+
+    // WebSocket through the funnel.
+    let mut v = lab.visitor("web.funnel.test").await;
+    let req = Request::get("/ws")
+        .header("host", "web.funnel.test")
+        .header("upgrade", "websocket")
+        .header("connection", "Upgrade")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(full(""))
+        .expect("req");
+    let resp = v.send_request(req).await.expect("resp");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(
+        resp.headers().get("sec-websocket-accept").and_then(|v| v.to_str().ok()),
+        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    );
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await.expect("upgraded"));
+    for msg in ["ping-ws", "second message"] {
+        let mut out = BytesMut::new();
+        ws::encode_frame(&mut out, ws::opcode::TEXT, msg.as_bytes(), Some([1, 2, 3, 4]));
+        io.write_all(&out).await.expect("write");
+        let (mut dec, mut input, mut data) = (WsDecoder::new(Role::Client), BytesMut::new(), BytesMut::new());
+        while data.len() < msg.len() {
+            input.reserve(1024);
+            let n = tokio::time::timeout(Duration::from_secs(5), io.read_buf(&mut input))
+                .await
+                .expect("echo in time")
+                .expect("read");
+            assert!(n > 0, "closed");
+            while let Ok(Some(_)) = dec.decode(&mut input, &mut data) {}
+        }
+        assert_eq!(&data[..], msg.as_bytes());
+    }
+    lab.edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnecting_node_replaces_its_registration() {
+    let lab = start_edge("1s").await;
+    let origin = start_origin().await;
+    let first = lab.funnel("web", TOKEN, format!("http://{origin}"));
+    first.wait_registered(Duration::from_secs(10)).await.expect("registered");
+    let second = lab.funnel("web", TOKEN, format!("http://{origin}"));
+    second.wait_registered(Duration::from_secs(10)).await.expect("the newer registration wins");
+    assert_eq!(lab.edge.tunnel_count(), 1);
+    assert_eq!(lab.get("web.funnel.test", "/hello").await.0, StatusCode::OK);
+    drop(first);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(lab.get("web.funnel.test", "/hello").await.0, StatusCode::OK);
+    let _ = Arc::new(second);
+    lab.edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_lets_in_flight_requests_finish() {
+    let lab = start_edge("5s").await;
+    let origin = start_origin().await;
+    let f = lab.funnel("web", TOKEN, format!("http://{origin}"));
+    f.wait_registered(Duration::from_secs(10)).await.expect("registered");
+    let mut v = lab.visitor("web.funnel.test").await;
+    let pending = v.send_request(Request::get("/slow").header("host", "web.funnel.test").body(full("")).expect("req"));
+    let addr = lab.edge.public_addrs()[0];
+    let shutdown = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        lab.edge.shutdown().await;
+    };
+    let (resp, ()) = tokio::join!(pending, shutdown);
+    let resp = resp.expect("in-flight request finished during the drain");
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(&resp.into_body().collect().await.expect("body").to_bytes()[..], b"slow but sure");
+    assert!(TcpStream::connect(addr).await.is_err(), "no longer accepting");
+    let _ = Empty::<Bytes>::new();
+}
