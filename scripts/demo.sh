@@ -1,43 +1,62 @@
 #!/usr/bin/env bash
-# Local demo: a relay in dev mode (TLS from a throwaway local CA) and two nodes that log in,
-# ping the relay and exchange packets through it. Builds everything first.
-#
-# Ports (override with env): DERP/HTTPS 8443, STUN 3478, admin 9090, all on 127.0.0.1.
+# Local demo of Warren on embedded defaults, all on 127.0.0.1:
+#   a relay (DERP + STUN), an edge (Funnel), and a node that publishes a small local web page
+#   at https://demo.funnel.localhost:10000/ which curl then fetches through the edge;
+#   plus two fresh nodes exchanging packets through the relay.
+# Everything is built first. `scripts/demo.sh --serve` keeps it all running until Ctrl-C.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DERP_PORT=${DERP_PORT:-8443}
-STUN_PORT=${STUN_PORT:-3478}
-ADMIN_PORT=${ADMIN_PORT:-9090}
+SERVE=0
+[ "${1:-}" = "--serve" ] && SERVE=1
 
 echo "==> building (release)"
-cargo build --release --locked -p warren-relay -p warren
-
+cargo build --release --locked -p warren-relay -p warren-edge -p warren
+bin=./target/release
 state=$(mktemp -d)
-relay_log="$state/relay.log"
-./target/release/warren-relay --dev --state-dir "$state" \
-    --listen "127.0.0.1:$DERP_PORT" --stun-listen "127.0.0.1:$STUN_PORT" --admin-listen "127.0.0.1:$ADMIN_PORT" \
-    2>"$relay_log" &
-relay_pid=$!
+pids=()
 cleanup() {
-    kill -TERM "$relay_pid" 2>/dev/null || true
-    wait "$relay_pid" 2>/dev/null || true
-    echo "==> relay log"
-    sed 's/^/    /' "$relay_log"
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
     rm -rf "$state"
 }
 trap cleanup EXIT
+wait_log() { # file pattern
+    for _ in $(seq 100); do grep -q "$2" "$1" 2>/dev/null && return 0; sleep 0.1; done
+    echo "timed out waiting for '$2' in $1:"; cat "$1"; exit 1
+}
 
-for _ in $(seq 50); do
-    [ -f "$state/dev-ca.pem" ] && grep -q "relay listening" "$relay_log" && break
-    kill -0 "$relay_pid" 2>/dev/null || { echo "relay failed to start"; exit 1; }
-    sleep 0.1
-done
+echo "==> relay: DERP https://localhost:8443, STUN udp/3478, metrics http://127.0.0.1:9090/metrics"
+$bin/warren-relay --dev --state-dir "$state/relay" 2>"$state/relay.log" & pids+=($!)
+wait_log "$state/relay.log" "relay listening"
+echo "==> edge: public https://*.funnel.localhost:10000, tunnel udp/7443, metrics http://127.0.0.1:9190/metrics"
+$bin/warren-edge --dev --state-dir "$state/edge" 2>"$state/edge.log" & pids+=($!)
+wait_log "$state/edge.log" "edge listening"
 
-echo "==> relay up; dev CA at $state/dev-ca.pem"
-echo "==> two nodes over the DERP upgrade"
-./target/release/warren relay-check --relay "https://localhost:$DERP_PORT" --ca "$state/dev-ca.pem"
-echo "==> two nodes over WebSocket"
-./target/release/warren relay-check --relay "https://localhost:$DERP_PORT" --ca "$state/dev-ca.pem" --websocket --packets 5000
-echo "==> relay metrics (excerpt)"
-curl -fsS "http://127.0.0.1:$ADMIN_PORT/metrics" 2>/dev/null | grep -E '^relay_(packets_forwarded|bytes_forwarded|connections)_total' || true
-echo "==> stopping the relay with SIGTERM (drain)"
+echo "==> a small local web page on http://127.0.0.1:8780"
+mkdir -p "$state/www"
+echo "<!doctype html><title>Warren demo</title><h1>Hello from a Warren node</h1>" > "$state/www/index.html"
+(cd "$state/www" && exec python3 -m http.server 8780 --bind 127.0.0.1 >/dev/null 2>&1) & pids+=($!)
+
+cat > "$state/map.json" <<JSON
+{"Regions": {"1": {"RegionID": 1, "RegionCode": "local", "Nodes": [
+  {"Name": "1a", "HostName": "localhost", "IPv4": "127.0.0.1", "DERPPort": 8443, "STUNPort": 3478}]}}}
+JSON
+echo "==> node 'demo': home relay + tunnel to the edge"
+$bin/warren up --region-map "$state/map.json" --ca "$state/relay/dev-ca.pem" \
+    --edge 127.0.0.1:7443 --edge-name localhost --edge-ca "$state/edge/dev-ca.pem" --funnel-token dev --name demo \
+    --key-file "$state/node.key" --control "$state/node.sock" 2>"$state/node.log" & pids+=($!)
+wait_log "$state/node.log" "home relay connected"
+
+echo "==> warren funnel 8780 --https-port 10000"
+$bin/warren funnel 8780 --https-port 10000 --control "$state/node.sock"
+echo "==> curl https://demo.funnel.localhost:10000/ (trusting the edge's dev CA)"
+curl -sS --fail --cacert "$state/edge/dev-ca.pem" https://demo.funnel.localhost:10000/
+echo "==> two fresh nodes through the relay"
+$bin/warren relay-check --relay https://localhost:8443 --ca "$state/relay/dev-ca.pem" --packets 20000
+
+if [ "$SERVE" = 1 ]; then
+    echo
+    echo "Running. Open https://demo.funnel.localhost:10000/ (trust $state/edge/dev-ca.pem), Ctrl-C to stop."
+    wait "${pids[0]}"
+fi
+echo "==> stopping everything with SIGTERM (relay and edge drain)"
