@@ -7,10 +7,15 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
+/// ALPN of TLS-ALPN-01 validation connections (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
 /// Certificates by exact name and by wildcard, plus a default for clients without SNI.
 #[derive(Debug, Default)]
 pub struct CertStore {
     by_name: RwLock<HashMap<String, Arc<CertifiedKey>>>,
+    /// TLS-ALPN-01 challenge certificates, by name.
+    alpn_challenges: RwLock<HashMap<String, Arc<CertifiedKey>>>,
     default: RwLock<Option<Arc<CertifiedKey>>>,
 }
 
@@ -37,6 +42,27 @@ impl CertStore {
         Ok(())
     }
 
+    /// Installs the TLS-ALPN-01 challenge certificate of `name`.
+    ///
+    /// # Errors
+    /// The key is not supported.
+    pub fn insert_alpn_challenge(
+        &self,
+        name: &str,
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<(), rustls::Error> {
+        let signing = rustls::crypto::aws_lc_rs::sign::any_supported_type(&key)?;
+        let ck = Arc::new(CertifiedKey::new(chain, signing));
+        self.alpn_challenges.write().unwrap_or_else(|e| e.into_inner()).insert(name.to_ascii_lowercase(), ck);
+        Ok(())
+    }
+
+    /// Removes the TLS-ALPN-01 challenge certificate of `name`.
+    pub fn remove_alpn_challenge(&self, name: &str) {
+        self.alpn_challenges.write().unwrap_or_else(|e| e.into_inner()).remove(&name.to_ascii_lowercase());
+    }
+
     /// The certificate for a server name: exact match, then the parent's wildcard, then the
     /// default.
     pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
@@ -57,6 +83,11 @@ impl CertStore {
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let acme_validation = hello.alpn().is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+        if acme_validation {
+            let name = hello.server_name()?.to_ascii_lowercase();
+            return self.alpn_challenges.read().unwrap_or_else(|e| e.into_inner()).get(&name).cloned();
+        }
         self.lookup(hello.server_name())
     }
 }

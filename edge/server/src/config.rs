@@ -94,6 +94,32 @@ pub struct FileConfig {
     /// Shutdown.
     #[serde(default)]
     pub shutdown: ShutdownFile,
+    /// ACME, for `tls.mode = "acme"`.
+    #[serde(default)]
+    pub acme: AcmeFile,
+}
+
+/// `[acme]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeFile {
+    /// Directory URL of the CA.
+    pub directory: Option<String>,
+    /// Contact URIs, e.g. "mailto:ops@example.com".
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// Extra root CA (PEM) to trust for the ACME server's HTTPS.
+    pub ca_file: Option<PathBuf>,
+    /// "http-01" (default), "tls-alpn-01" or "dns-01".
+    pub challenge: Option<String>,
+    /// Where HTTP-01 answers are served (default 0.0.0.0:80).
+    pub http01_listen: Option<String>,
+    /// Program publishing DNS-01 TXT records: `HOOK set|clear <fqdn> <value>`.
+    pub dns01_hook: Option<PathBuf>,
+    /// With dns-01: one `*.<funnel_domain>` certificate instead of one per node.
+    pub wildcard: Option<bool>,
+    /// How often certificates are checked for renewal, e.g. "1h".
+    pub renew_check_interval: Option<String>,
 }
 
 /// `[tls]`
@@ -171,9 +197,43 @@ impl FileConfig {
     }
 }
 
+/// ACME challenge type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Challenge {
+    /// HTTP-01 on the HTTP listener.
+    Http01,
+    /// TLS-ALPN-01 on the public TLS listeners.
+    TlsAlpn01,
+    /// DNS-01 through the hook.
+    Dns01,
+}
+
+/// Checked ACME settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeSettings {
+    /// Directory URL.
+    pub directory: String,
+    /// Contacts.
+    pub contact: Vec<String>,
+    /// Extra root for the ACME server.
+    pub ca_file: Option<PathBuf>,
+    /// Challenge type.
+    pub challenge: Challenge,
+    /// HTTP-01 listener.
+    pub http01_listen: SocketAddr,
+    /// DNS-01 hook.
+    pub dns01_hook: Option<PathBuf>,
+    /// One wildcard certificate.
+    pub wildcard: bool,
+    /// Renewal check interval.
+    pub renew_check_interval: Duration,
+}
+
 /// TLS mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TlsMode {
+    /// Certificates from an ACME CA.
+    Acme(AcmeSettings),
     /// A local CA issues a wildcard certificate; its certificate is `<state_dir>/dev-ca.pem`.
     Dev,
     /// Certificate and key from files.
@@ -276,7 +336,8 @@ impl TryFrom<FileConfig> for Config {
                     .key_file
                     .ok_or_else(|| invalid("tls.key_file", "required when tls.mode = \"manual\""))?,
             },
-            other => return Err(invalid("tls.mode", format!("{other:?} is not one of dev, manual"))),
+            "acme" => TlsMode::Acme(acme_settings(f.acme)?),
+            other => return Err(invalid("tls.mode", format!("{other:?} is not one of dev, manual, acme"))),
         };
         let mut tokens = Vec::new();
         for t in f.tokens {
@@ -322,6 +383,38 @@ impl Config {
     }
 }
 
+fn acme_settings(a: AcmeFile) -> Result<AcmeSettings, ConfigError> {
+    let directory = a.directory.ok_or_else(|| invalid("acme.directory", "required when tls.mode = \"acme\""))?;
+    if !directory.starts_with("https://") {
+        return Err(invalid("acme.directory", "must be an https:// URL"));
+    }
+    let challenge = match a.challenge.as_deref().unwrap_or("http-01") {
+        "http-01" => Challenge::Http01,
+        "tls-alpn-01" => Challenge::TlsAlpn01,
+        "dns-01" => Challenge::Dns01,
+        other => {
+            return Err(invalid("acme.challenge", format!("{other:?} is not one of http-01, tls-alpn-01, dns-01")))
+        }
+    };
+    let wildcard = a.wildcard.unwrap_or(false);
+    if challenge == Challenge::Dns01 && a.dns01_hook.is_none() {
+        return Err(invalid("acme.dns01_hook", "required for dns-01"));
+    }
+    if wildcard && challenge != Challenge::Dns01 {
+        return Err(invalid("acme.wildcard", "wildcard certificates need the dns-01 challenge"));
+    }
+    Ok(AcmeSettings {
+        directory,
+        contact: a.contact,
+        ca_file: a.ca_file,
+        challenge,
+        http01_listen: addr("acme.http01_listen", a.http01_listen.as_deref().unwrap_or("0.0.0.0:80"))?,
+        dns01_hook: a.dns01_hook,
+        wildcard,
+        renew_check_interval: dur("acme.renew_check_interval", a.renew_check_interval, Duration::from_secs(3600))?,
+    })
+}
+
 fn addr(field: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
     s.parse().map_err(|_| invalid(field, format!("{s:?} is not an ip:port address")))
 }
@@ -354,6 +447,15 @@ mod tests {
         assert!(bad("[[tokens]]\ntoken = \"short\"\nnames = [\"*\"]").is_err());
         assert!(bad("[[tokens]]\ntoken = \"longenough\"\nnames = [\"Bad_Name\"]").is_err());
         assert!(bad("[tls]\nmode = \"manual\"").is_err());
+        assert!(bad("[tls]\nmode = \"acme\"").is_err(), "directory required");
+        assert!(
+            bad("[tls]\nmode = \"acme\"\n[acme]\ndirectory = \"https://ca/dir\"\nchallenge = \"dns-01\"").is_err(),
+            "hook required"
+        );
+        assert!(bad("[tls]\nmode = \"acme\"\n[acme]\ndirectory = \"https://ca/dir\"\nwildcard = true").is_err());
+        assert!(
+            bad("[tls]\nmode = \"acme\"\n[acme]\ndirectory = \"https://ca/dir\"\nchallenge = \"tls-alpn-01\"").is_ok()
+        );
         assert!(FileConfig::parse("nope = 1").is_err());
     }
 

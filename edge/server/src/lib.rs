@@ -5,12 +5,15 @@
 //! listeners, where TLS is terminated with a certificate chosen by SNI ([`certs`]) and each
 //! request becomes one bidirectional QUIC stream to the node ([`proxy`]).
 
+pub mod acme;
 mod admin;
 pub mod certs;
 pub mod config;
+pub mod der;
 pub mod metrics;
 mod proxy;
 pub mod server;
+pub mod store;
 mod tunnel;
 
 pub use config::Config;

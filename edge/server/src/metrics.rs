@@ -36,6 +36,8 @@ pub fn describe() {
     describe_gauge!("edge_tunnels", "Node tunnels connected");
     describe_counter!("edge_tunnel_registrations_total", "Node registrations, by result");
     describe_counter!("edge_tls_handshake_failures_total", "Visitor TLS handshakes that failed");
+    describe_counter!("edge_acme_orders_total", "ACME certificate orders, by result");
+    describe_gauge!("edge_cert_expiry_seconds", Unit::Seconds, "Seconds until the soonest certificate expiry");
 }
 
 /// Metric handles of one edge.

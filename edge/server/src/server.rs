@@ -19,10 +19,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use warren_common::tls::{self as ctls, DevCa};
 
-use crate::certs::CertStore;
-use crate::config::{Config, TlsMode};
+use crate::acme::Acme;
+use crate::certs::{CertStore, ACME_TLS_ALPN};
+use crate::config::{Challenge, Config, TlsMode};
 use crate::metrics::EdgeMetrics;
 use crate::proxy::{self, ConnInfo};
+use crate::store::{FileStore, Store};
 use crate::tunnel::{self, Routes};
 
 /// Why the edge could not start.
@@ -59,6 +61,8 @@ pub(crate) struct Shared {
     pub(crate) public_ports: Vec<u16>,
     /// Upgraded (WebSocket) connections, waited for on drain.
     pub(crate) tasks: TaskTracker,
+    /// Certificates per name from ACME, when configured (not with a wildcard).
+    pub(crate) acme: Option<Arc<Acme>>,
     draining: AtomicBool,
 }
 
@@ -97,13 +101,30 @@ impl Edge {
                 store.insert(&[], chain, key)?;
                 None
             }
+            TlsMode::Acme(_) => None,
         };
+        let acme = match &config.tls {
+            TlsMode::Acme(settings) => {
+                let dir = config.state_dir.join("certs");
+                let files: Arc<dyn Store> = Arc::new(FileStore::new(&dir).map_err(|source| EdgeError::Bind {
+                    what: "certificate store",
+                    addr: config.tunnel_listen,
+                    source,
+                })?);
+                Some(Acme::new(settings.clone(), files, store.clone(), config.state_dir.clone()))
+            }
+            _ => None,
+        };
+        let alpn_challenge = matches!(&config.tls, TlsMode::Acme(s) if s.challenge == Challenge::TlsAlpn01);
         let public_tls = {
             let mut c = ServerConfig::builder_with_provider(ctls::provider())
                 .with_safe_default_protocol_versions()?
                 .with_no_client_auth()
                 .with_cert_resolver(store.clone());
             c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            if alpn_challenge {
+                c.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+            }
             TlsAcceptor::from(Arc::new(c))
         };
         let endpoint = tunnel_endpoint(&config, store)?;
@@ -130,6 +151,17 @@ impl Edge {
             None => None,
         };
         let admin_addr = admin.as_ref().and_then(|l| l.local_addr().ok());
+        let http01 = match &config.tls {
+            TlsMode::Acme(s) if s.challenge == Challenge::Http01 => {
+                Some(TcpListener::bind(s.http01_listen).await.map_err(|source| EdgeError::Bind {
+                    what: "ACME HTTP-01",
+                    addr: s.http01_listen,
+                    source,
+                })?)
+            }
+            _ => None,
+        };
+        let wildcard = matches!(&config.tls, TlsMode::Acme(s) if s.wildcard);
 
         let shared = Arc::new(Shared {
             public_ports: public_addrs.iter().map(SocketAddr::port).collect(),
@@ -137,6 +169,7 @@ impl Edge {
             routes: Routes::default(),
             metrics: EdgeMetrics::new(),
             tasks: TaskTracker::new(),
+            acme: acme.clone().filter(|_| !wildcard),
             draining: AtomicBool::new(false),
         });
         let stop_accepting = CancellationToken::new();
@@ -151,6 +184,22 @@ impl Edge {
             ));
         }
         accept_loops.spawn(tunnel_loop(endpoint.clone(), shared.clone(), stop_accepting.clone()));
+        if let Some(acme) = acme {
+            if let Some(l) = http01 {
+                accept_loops.spawn(acme.clone().serve_http01(l, stop_accepting.clone()));
+            }
+            accept_loops.spawn(acme.clone().renew_loop(stop_accepting.clone()));
+            // The tunnel's own name, and the wildcard when configured, are ordered at start.
+            let mut names = vec![shared.config.hostname.clone()];
+            if wildcard {
+                names.push(format!("*.{}", shared.config.funnel_domain));
+            }
+            tokio::spawn(async move {
+                for n in names {
+                    let _ = acme.ensure(&n).await;
+                }
+            });
+        }
         if let Some(l) = admin {
             accept_loops.spawn(crate::admin::serve(l, prometheus, shared.clone(), stop_accepting.clone()));
         }

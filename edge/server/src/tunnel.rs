@@ -134,6 +134,10 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
     let urls: Vec<String> = ports.iter().map(|p| shared.config.public_url(&name, *p)).collect();
     shared.metrics.registration(Registration::Ok);
     info!(%name, %remote, urls = ?urls, "node registered");
+    if let Some(acme) = shared.acme.clone() {
+        let host = format!("{name}.{}", shared.config.funnel_domain);
+        tokio::spawn(async move { acme.ensure(&host).await });
+    }
     write_message(&mut send, &Message::Welcome { urls }).await.ok()?;
     Some(tunnel)
 }

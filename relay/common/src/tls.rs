@@ -143,6 +143,19 @@ impl DevCa {
         server_config(chain, key)
     }
 
+    /// Issues a leaf certificate and key for `names`, as PEM text (certificate, key).
+    ///
+    /// # Errors
+    /// [`TlsError`] if generation fails.
+    pub fn issue_pem(&self, names: &[String]) -> Result<(String, String), TlsError> {
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+        let leaf_key = KeyPair::generate()?;
+        let cert = params.signed_by(&leaf_key, &Issuer::from_params(&self.params, &self.key))?;
+        Ok((cert.pem(), leaf_key.serialize_pem()))
+    }
+
     /// Issues a leaf certificate and key for `names`.
     ///
     /// # Errors

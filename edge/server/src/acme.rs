@@ -1,0 +1,359 @@
+//! Certificates from an ACME CA (RFC 8555) with instant-acme.
+//!
+//! Per public name the edge orders a certificate when a node registers it (or once, for
+//! `*.<funnel domain>` with DNS-01), proves control with the configured challenge, stores the
+//! result in the [`Store`] and installs it in the [`CertStore`] at once. Certificates are renewed
+//! at two thirds of their lifetime; an issuance lock in the store makes sure one order runs per
+//! name. Challenges:
+//!
+//! - `http-01`: the edge answers `/.well-known/acme-challenge/<token>` on its HTTP listener;
+//! - `tls-alpn-01`: the public TLS listener answers ALPN `acme-tls/1` with the challenge
+//!   certificate for the name;
+//! - `dns-01`: a hook program publishes the TXT record: `HOOK set|clear <fqdn> <value>`.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{header, Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use instant_acme::{
+    Account, AuthorizationStatus, ChallengeType, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+};
+use metrics::{Counter, Gauge};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::OnceCell;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::certs::CertStore;
+use crate::config::{AcmeSettings, Challenge};
+use crate::der;
+use crate::store::{Store, StoredCert};
+
+/// How long an issuance lock is held at most.
+const LOCK_TTL: Duration = Duration::from_secs(300);
+
+/// Why an order failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AcmeError {
+    /// The ACME server or client library failed.
+    #[error("acme: {0}")]
+    Acme(#[from] instant_acme::Error),
+    /// The order ended in an unexpected state.
+    #[error("order ended {0}")]
+    Order(String),
+    /// Storage failed.
+    #[error("store: {0}")]
+    Store(#[from] std::io::Error),
+    /// The issued certificate or key is unusable, or a challenge could not be set up.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The ACME manager of one edge.
+pub struct Acme {
+    settings: AcmeSettings,
+    account: OnceCell<Account>,
+    store: Arc<dyn Store>,
+    certs: Arc<CertStore>,
+    http01: RwLock<HashMap<String, String>>,
+    not_after: RwLock<HashMap<String, (i64, i64)>>,
+    orders_ok: Counter,
+    orders_failed: Counter,
+    expiry: Gauge,
+    state_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Acme {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acme").field("settings", &self.settings).field("store", &self.store).finish_non_exhaustive()
+    }
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Acme {
+    /// A manager storing certificates in `store` and installing them in `certs`. Certificates
+    /// already in the store are installed now.
+    pub fn new(settings: AcmeSettings, store: Arc<dyn Store>, certs: Arc<CertStore>, state_dir: PathBuf) -> Arc<Self> {
+        let acme = Arc::new(Acme {
+            settings,
+            account: OnceCell::new(),
+            store,
+            certs,
+            http01: RwLock::new(HashMap::new()),
+            not_after: RwLock::new(HashMap::new()),
+            orders_ok: metrics::counter!("edge_acme_orders_total", "result" => "ok"),
+            orders_failed: metrics::counter!("edge_acme_orders_total", "result" => "error"),
+            expiry: metrics::gauge!("edge_cert_expiry_seconds"),
+            state_dir,
+        });
+        acme.reload();
+        acme
+    }
+
+    /// Installs every certificate in the store (also picks up ones another edge issued).
+    pub fn reload(&self) {
+        let Ok(all) = self.store.load_all() else { return };
+        for c in all {
+            if let Err(e) = self.install(&c) {
+                warn!(name = %c.name, error = %e, "stored certificate unusable");
+            }
+        }
+    }
+
+    fn install(&self, c: &StoredCert) -> Result<(), AcmeError> {
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(c.chain_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|_| AcmeError::Other("invalid PEM chain".into()))?;
+        let leaf = chain.first().ok_or_else(|| AcmeError::Other("empty chain".into()))?;
+        let validity = der::validity(leaf).ok_or_else(|| AcmeError::Other("unreadable validity".into()))?;
+        let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes())
+            .map_err(|_| AcmeError::Other("invalid PEM key".into()))?;
+        self.certs.insert(std::slice::from_ref(&c.name), chain, key).map_err(|e| AcmeError::Other(e.to_string()))?;
+        let mut na = self.not_after.write().unwrap_or_else(|e| e.into_inner());
+        na.insert(c.name.clone(), validity);
+        let soonest = na.values().map(|(_, after)| *after).min().unwrap_or(0);
+        self.expiry.set((soonest - now_unix()) as f64);
+        Ok(())
+    }
+
+    /// Whether `name` has a certificate that does not need renewing yet.
+    pub fn is_fresh(&self, name: &str) -> bool {
+        let na = self.not_after.read().unwrap_or_else(|e| e.into_inner());
+        na.get(name).is_some_and(|(before, after)| now_unix() < before + (after - before) * 2 / 3)
+    }
+
+    /// The HTTP-01 key authorization for `token`, if a challenge is pending.
+    pub fn http01_answer(&self, token: &str) -> Option<String> {
+        self.http01.read().unwrap_or_else(|e| e.into_inner()).get(token).cloned()
+    }
+
+    /// Makes sure `name` has a fresh certificate, ordering one if needed.
+    ///
+    /// # Errors
+    /// [`AcmeError`] if the order fails (counted in `edge_acme_orders_total{result="error"}`).
+    pub async fn ensure(&self, name: &str) -> Result<(), AcmeError> {
+        if self.is_fresh(name) {
+            return Ok(());
+        }
+        if !self.store.try_lock(name, LOCK_TTL) {
+            info!(%name, "another order for this name is in progress");
+            return Ok(());
+        }
+        let result = self.order(name).await;
+        self.store.unlock(name);
+        match &result {
+            Ok(()) => {
+                self.orders_ok.increment(1);
+                info!(%name, "certificate issued");
+            }
+            Err(e) => {
+                self.orders_failed.increment(1);
+                warn!(%name, error = %e, "certificate order failed");
+            }
+        }
+        result
+    }
+
+    async fn account(&self) -> Result<&Account, AcmeError> {
+        self.account
+            .get_or_try_init(|| async {
+                let path = self.state_dir.join("acme-account.json");
+                let builder = match &self.settings.ca_file {
+                    Some(ca) => Account::builder_with_root(ca)?,
+                    None => Account::builder()?,
+                };
+                if let Ok(saved) = std::fs::read(&path) {
+                    if let Ok(creds) = serde_json::from_slice(&saved) {
+                        return Ok(builder.from_credentials(creds).await?);
+                    }
+                }
+                let contact: Vec<&str> = self.settings.contact.iter().map(String::as_str).collect();
+                let new = NewAccount { contact: &contact, terms_of_service_agreed: true, only_return_existing: false };
+                let (account, creds) = builder.create(&new, self.settings.directory.clone(), None).await?;
+                if let Ok(json) = serde_json::to_vec(&creds) {
+                    self.store_private(&path, &json)?;
+                }
+                Ok(account)
+            })
+            .await
+    }
+
+    fn store_private(&self, path: &std::path::Path, data: &[u8]) -> Result<(), AcmeError> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+        f.write_all(data)?;
+        Ok(())
+    }
+
+    async fn order(&self, name: &str) -> Result<(), AcmeError> {
+        let account = self.account().await?;
+        let ids = [Identifier::Dns(name.to_owned())];
+        let mut order = account.new_order(&NewOrder::new(&ids)).await?;
+        let mut cleanup: Vec<Cleanup> = Vec::new();
+        let mut authorizations = order.authorizations();
+        while let Some(authz) = authorizations.next().await {
+            let mut authz = authz?;
+            if authz.status == AuthorizationStatus::Valid {
+                continue; // reused from an earlier order
+            }
+            let kind = match self.settings.challenge {
+                Challenge::Http01 => ChallengeType::Http01,
+                Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+                Challenge::Dns01 => ChallengeType::Dns01,
+            };
+            let missing = format!("the CA offers no {kind:?} challenge");
+            let mut challenge = authz.challenge(kind).ok_or(AcmeError::Other(missing))?;
+            let key_auth = challenge.key_authorization();
+            match self.settings.challenge {
+                Challenge::Http01 => {
+                    let token = challenge.token.clone();
+                    self.http01
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(token.clone(), key_auth.as_str().to_owned());
+                    cleanup.push(Cleanup::Http01(token));
+                }
+                Challenge::TlsAlpn01 => {
+                    let (chain, key) = alpn_challenge_cert(name, key_auth.digest().as_ref())?;
+                    self.certs.insert_alpn_challenge(name, chain, key).map_err(|e| AcmeError::Other(e.to_string()))?;
+                    cleanup.push(Cleanup::Alpn(name.to_owned()));
+                }
+                Challenge::Dns01 => {
+                    let fqdn = format!("_acme-challenge.{}", name.trim_start_matches("*."));
+                    let value = key_auth.dns_value();
+                    self.dns_hook("set", &fqdn, &value).await?;
+                    cleanup.push(Cleanup::Dns(fqdn, value));
+                }
+            }
+            challenge.set_ready().await?;
+        }
+        let retry = RetryPolicy::new().initial_delay(Duration::from_millis(250)).timeout(Duration::from_secs(90));
+        let status = order.poll_ready(&retry).await;
+        for c in cleanup {
+            match c {
+                Cleanup::Http01(t) => {
+                    self.http01.write().unwrap_or_else(|e| e.into_inner()).remove(&t);
+                }
+                Cleanup::Alpn(n) => self.certs.remove_alpn_challenge(&n),
+                Cleanup::Dns(fqdn, value) => {
+                    let _ = self.dns_hook("clear", &fqdn, &value).await;
+                }
+            }
+        }
+        let status = status?;
+        if status != OrderStatus::Ready {
+            return Err(AcmeError::Order(format!("{status:?}")));
+        }
+        let key_pem = order.finalize().await?;
+        let chain_pem = order.poll_certificate(&retry).await?;
+        let stored = StoredCert { name: name.to_owned(), chain_pem, key_pem };
+        self.store.save(&stored)?;
+        self.install(&stored)
+    }
+
+    async fn dns_hook(&self, action: &str, fqdn: &str, value: &str) -> Result<(), AcmeError> {
+        let hook =
+            self.settings.dns01_hook.as_ref().ok_or_else(|| AcmeError::Other("dns-01 needs acme.dns01_hook".into()))?;
+        let status = tokio::process::Command::new(hook)
+            .args([action, fqdn, value])
+            .status()
+            .await
+            .map_err(|e| AcmeError::Other(format!("dns01 hook {}: {e}", hook.display())))?;
+        if !status.success() {
+            return Err(AcmeError::Other(format!("dns01 hook {} {action} exited with {status}", hook.display())));
+        }
+        Ok(())
+    }
+
+    /// Re-checks every certificate now and then, renewing at two thirds of its lifetime.
+    pub async fn renew_loop(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.settings.renew_check_interval) => {}
+            }
+            self.reload();
+            let due: Vec<String> = {
+                let na = self.not_after.read().unwrap_or_else(|e| e.into_inner());
+                na.keys().filter(|n| !self.is_fresh(n)).cloned().collect()
+            };
+            for name in due {
+                let _ = self.ensure(&name).await;
+            }
+        }
+    }
+
+    /// Serves HTTP-01 answers (and redirects everything else to HTTPS) until `cancel`.
+    pub async fn serve_http01(self: Arc<Self>, listener: TcpListener, cancel: CancellationToken) {
+        loop {
+            let tcp = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok((t, _)) => t,
+                    Err(_) => continue,
+                },
+            };
+            let acme = self.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    std::future::ready(Ok::<_, std::convert::Infallible>(acme.http01_response(&req)))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+            });
+        }
+    }
+
+    fn http01_response(&self, req: &http::Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        if let Some(token) = req.uri().path().strip_prefix("/.well-known/acme-challenge/") {
+            match self.http01_answer(token) {
+                Some(answer) => *r.body_mut() = Full::new(Bytes::from(answer)),
+                None => *r.status_mut() = StatusCode::NOT_FOUND,
+            }
+            return r;
+        }
+        let host = req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
+        let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+        match http::HeaderValue::from_str(&format!("https://{host}{}", req.uri().path())) {
+            Ok(loc) if !host.is_empty() => {
+                *r.status_mut() = StatusCode::MOVED_PERMANENTLY;
+                r.headers_mut().insert(header::LOCATION, loc);
+            }
+            _ => *r.status_mut() = StatusCode::BAD_REQUEST,
+        }
+        r
+    }
+}
+
+enum Cleanup {
+    Http01(String),
+    Alpn(String),
+    Dns(String, String),
+}
+
+/// The self-signed certificate carrying the acmeIdentifier extension (RFC 8737).
+fn alpn_challenge_cert(
+    name: &str,
+    digest: &[u8],
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), AcmeError> {
+    let err = |e: rcgen::Error| AcmeError::Other(format!("challenge certificate: {e}"));
+    let mut params = rcgen::CertificateParams::new(vec![name.to_owned()]).map_err(err)?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let key = rcgen::KeyPair::generate().map_err(err)?;
+    let cert = params.self_signed(&key).map_err(err)?;
+    let key = PrivateKeyDer::try_from(key.serialize_der()).map_err(|e| AcmeError::Other(e.to_string()))?;
+    Ok((vec![cert.der().clone()], key))
+}
