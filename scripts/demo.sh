@@ -17,7 +17,7 @@ pids=()
 cleanup() {
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$state"
+    [ -n "${KEEP_STATE:-}" ] || rm -rf "$state"
 }
 trap cleanup EXIT
 wait_log() { # file pattern
@@ -36,6 +36,7 @@ echo "==> a small local web page on http://127.0.0.1:8780"
 mkdir -p "$state/www"
 echo "<!doctype html><title>Warren demo</title><h1>Hello from a Warren node</h1>" > "$state/www/index.html"
 (cd "$state/www" && exec python3 -m http.server 8780 --bind 127.0.0.1 >/dev/null 2>&1) & pids+=($!)
+for _ in $(seq 100); do curl -fsS -o /dev/null http://127.0.0.1:8780/ 2>/dev/null && break; sleep 0.1; done
 
 cat > "$state/map.json" <<JSON
 {"Regions": {"1": {"RegionID": 1, "RegionCode": "local", "Nodes": [
