@@ -12,6 +12,7 @@ use warren::derp::{ConnectOptions, DerpClient};
 use warren::funnel::FunnelConfig;
 use warren::node::{Node, NodeConfig};
 use warren::regionmap::RegionMap;
+use warren_common::runtime::{init_logging, wait_for_signal};
 use warren_relay_proto::{Frame, PeerGoneReason, SecretKey, Transport};
 
 /// Warren node client.
@@ -152,12 +153,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The daemon logs what it does; one-shot commands only warnings.
     let default_level = if matches!(cli.command, Command::Up(_)) { "info" } else { "warn" };
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_level.into());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    init_logging(false, default_level);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -259,15 +255,6 @@ fn default_name() -> String {
         "node".into()
     } else {
         label
-    }
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else { return std::future::pending().await };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+pub use warren_common::config::ConfigError;
+use warren_common::config::{duration, load_toml, parse_toml, socket_addr};
 
 /// Defaults, in one place.
 pub mod defaults {
@@ -29,40 +31,6 @@ pub mod defaults {
     pub const MAX_STREAMS_PER_TUNNEL: u32 = 1024;
     /// Drain time on shutdown.
     pub const GRACE_PERIOD: Duration = Duration::from_secs(10);
-}
-
-/// Why a configuration was refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// Unreadable file.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// Invalid TOML for the schema.
-    #[error("invalid config file {path}: {source}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message.
-        source: Box<toml::de::Error>,
-    },
-    /// A bad value.
-    #[error("invalid config: {field}: {reason}")]
-    Invalid {
-        /// The key.
-        field: &'static str,
-        /// What is wrong.
-        reason: String,
-    },
-}
-
-fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { field, reason: reason.into() }
 }
 
 /// The TOML file. Every key is optional.
@@ -184,8 +152,7 @@ impl FileConfig {
     /// # Errors
     /// [`ConfigError::Read`] or [`ConfigError::Parse`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), source: Box::new(e) })
+        load_toml(path)
     }
 
     /// Parses TOML text.
@@ -193,7 +160,7 @@ impl FileConfig {
     /// # Errors
     /// [`ConfigError::Parse`].
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), source: Box::new(e) })
+        parse_toml(text)
     }
 }
 
@@ -315,14 +282,17 @@ impl TryFrom<FileConfig> for Config {
             .trim_end_matches('.')
             .to_ascii_lowercase();
         if funnel_domain.is_empty() || !funnel_domain.split('.').all(valid_name) {
-            return Err(invalid("funnel_domain", format!("{funnel_domain:?} is not a domain name")));
+            return Err(ConfigError::invalid("funnel_domain", format!("{funnel_domain:?} is not a domain name")));
         }
         let public_listen = match f.public_listen {
-            Some(v) => v.iter().map(|s| addr("public_listen", s)).collect::<Result<Vec<_>, _>>()?,
-            None => defaults::PUBLIC_LISTEN.iter().map(|s| addr("public_listen", s)).collect::<Result<Vec<_>, _>>()?,
+            Some(v) => v.iter().map(|s| socket_addr("public_listen", s)).collect::<Result<Vec<_>, _>>()?,
+            None => defaults::PUBLIC_LISTEN
+                .iter()
+                .map(|s| socket_addr("public_listen", s))
+                .collect::<Result<Vec<_>, _>>()?,
         };
         if public_listen.is_empty() {
-            return Err(invalid("public_listen", "needs at least one address"));
+            return Err(ConfigError::invalid("public_listen", "needs at least one address"));
         }
         let tls = match f.tls.mode.as_deref().unwrap_or("dev") {
             "dev" => TlsMode::Dev,
@@ -330,27 +300,29 @@ impl TryFrom<FileConfig> for Config {
                 cert_file: f
                     .tls
                     .cert_file
-                    .ok_or_else(|| invalid("tls.cert_file", "required when tls.mode = \"manual\""))?,
+                    .ok_or_else(|| ConfigError::invalid("tls.cert_file", "required when tls.mode = \"manual\""))?,
                 key_file: f
                     .tls
                     .key_file
-                    .ok_or_else(|| invalid("tls.key_file", "required when tls.mode = \"manual\""))?,
+                    .ok_or_else(|| ConfigError::invalid("tls.key_file", "required when tls.mode = \"manual\""))?,
             },
             "acme" => TlsMode::Acme(acme_settings(f.acme)?),
-            other => return Err(invalid("tls.mode", format!("{other:?} is not one of dev, manual, acme"))),
+            other => {
+                return Err(ConfigError::invalid("tls.mode", format!("{other:?} is not one of dev, manual, acme")))
+            }
         };
         let mut tokens = Vec::new();
         for t in f.tokens {
             if t.token.len() < 8 && t.token != "dev" {
-                return Err(invalid("tokens.token", "tokens must have at least 8 characters"));
+                return Err(ConfigError::invalid("tokens.token", "tokens must have at least 8 characters"));
             }
             if let Some(bad) = t.names.iter().find(|n| *n != "*" && !valid_name(n)) {
-                return Err(invalid("tokens.names", format!("{bad:?} is not a valid node name")));
+                return Err(ConfigError::invalid("tokens.names", format!("{bad:?} is not a valid node name")));
             }
             tokens.push(Token { secret: t.token, names: t.names });
         }
         let admin_listen = match f.admin.enabled.unwrap_or(true) {
-            true => Some(addr("admin.listen", f.admin.listen.as_deref().unwrap_or(defaults::ADMIN_LISTEN))?),
+            true => Some(socket_addr("admin.listen", f.admin.listen.as_deref().unwrap_or(defaults::ADMIN_LISTEN))?),
             false => None,
         };
         Ok(Config {
@@ -358,17 +330,21 @@ impl TryFrom<FileConfig> for Config {
             funnel_domain,
             state_dir: f.state_dir.unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR)),
             public_listen,
-            tunnel_listen: addr("tunnel_listen", f.tunnel_listen.as_deref().unwrap_or(defaults::TUNNEL_LISTEN))?,
+            tunnel_listen: socket_addr("tunnel_listen", f.tunnel_listen.as_deref().unwrap_or(defaults::TUNNEL_LISTEN))?,
             tls,
             tokens,
             admin_listen,
-            response_timeout: dur("limits.response_timeout", f.limits.response_timeout, defaults::RESPONSE_TIMEOUT)?,
+            response_timeout: duration(
+                "limits.response_timeout",
+                f.limits.response_timeout,
+                defaults::RESPONSE_TIMEOUT,
+            )?,
             max_streams_per_tunnel: f
                 .limits
                 .max_streams_per_tunnel
                 .unwrap_or(defaults::MAX_STREAMS_PER_TUNNEL)
                 .clamp(1, 1 << 20),
-            grace_period: dur("shutdown.grace_period", f.shutdown.grace_period, defaults::GRACE_PERIOD)?,
+            grace_period: duration("shutdown.grace_period", f.shutdown.grace_period, defaults::GRACE_PERIOD)?,
         })
     }
 }
@@ -384,52 +360,39 @@ impl Config {
 }
 
 fn acme_settings(a: AcmeFile) -> Result<AcmeSettings, ConfigError> {
-    let directory = a.directory.ok_or_else(|| invalid("acme.directory", "required when tls.mode = \"acme\""))?;
+    let directory =
+        a.directory.ok_or_else(|| ConfigError::invalid("acme.directory", "required when tls.mode = \"acme\""))?;
     if !directory.starts_with("https://") {
-        return Err(invalid("acme.directory", "must be an https:// URL"));
+        return Err(ConfigError::invalid("acme.directory", "must be an https:// URL"));
     }
     let challenge = match a.challenge.as_deref().unwrap_or("http-01") {
         "http-01" => Challenge::Http01,
         "tls-alpn-01" => Challenge::TlsAlpn01,
         "dns-01" => Challenge::Dns01,
         other => {
-            return Err(invalid("acme.challenge", format!("{other:?} is not one of http-01, tls-alpn-01, dns-01")))
+            return Err(ConfigError::invalid(
+                "acme.challenge",
+                format!("{other:?} is not one of http-01, tls-alpn-01, dns-01"),
+            ))
         }
     };
     let wildcard = a.wildcard.unwrap_or(false);
     if challenge == Challenge::Dns01 && a.dns01_hook.is_none() {
-        return Err(invalid("acme.dns01_hook", "required for dns-01"));
+        return Err(ConfigError::invalid("acme.dns01_hook", "required for dns-01"));
     }
     if wildcard && challenge != Challenge::Dns01 {
-        return Err(invalid("acme.wildcard", "wildcard certificates need the dns-01 challenge"));
+        return Err(ConfigError::invalid("acme.wildcard", "wildcard certificates need the dns-01 challenge"));
     }
     Ok(AcmeSettings {
         directory,
         contact: a.contact,
         ca_file: a.ca_file,
         challenge,
-        http01_listen: addr("acme.http01_listen", a.http01_listen.as_deref().unwrap_or("0.0.0.0:80"))?,
+        http01_listen: socket_addr("acme.http01_listen", a.http01_listen.as_deref().unwrap_or("0.0.0.0:80"))?,
         dns01_hook: a.dns01_hook,
         wildcard,
-        renew_check_interval: dur("acme.renew_check_interval", a.renew_check_interval, Duration::from_secs(3600))?,
+        renew_check_interval: duration("acme.renew_check_interval", a.renew_check_interval, Duration::from_secs(3600))?,
     })
-}
-
-fn addr(field: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
-    s.parse().map_err(|_| invalid(field, format!("{s:?} is not an ip:port address")))
-}
-
-fn dur(field: &'static str, v: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
-    let Some(s) = v else { return Ok(default) };
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| invalid(field, format!("{s:?} has no unit")))?;
-    let n: u64 = s[..split].parse().map_err(|_| invalid(field, format!("{s:?} is not a duration")))?;
-    match &s[split..] {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
-        _ => Err(invalid(field, format!("{s:?}: use ms, s or m"))),
-    }
 }
 
 #[cfg(test)]

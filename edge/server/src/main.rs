@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing::info;
+use warren_common::runtime::{init_logging, wait_for_signal};
 use warren_edge::config::{Config, FileConfig, TokenFile};
 use warren_edge::Edge;
 
@@ -84,7 +85,7 @@ impl Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    init_logging(cli.log_format == "json", "info");
     let file = match &cli.config {
         Some(p) => FileConfig::load(p),
         None => Ok(FileConfig::default()),
@@ -133,26 +134,4 @@ fn run(config: Config) -> anyhow::Result<()> {
         }
         Ok(())
     })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else { return std::future::pending().await };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }

@@ -1,6 +1,8 @@
 //! Pieces shared by Warren's binaries: key files, TLS (the one crypto provider, PEM loading,
 //! the development CA) and the async side of the node-edge tunnel.
 
+pub mod config;
 pub mod keyfile;
+pub mod runtime;
 pub mod tls;
 pub mod tunnel_io;

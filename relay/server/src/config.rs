@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use warren_common::config::{duration, load_toml, parse_toml, socket_addr};
+pub use warren_common::config::{parse_duration, ConfigError};
 
 /// Defaults, in one place.
 pub mod defaults {
@@ -42,42 +44,6 @@ pub mod defaults {
     pub const STUN_RATE: u32 = 20;
     /// STUN burst per source IP.
     pub const STUN_BURST: u32 = 40;
-}
-
-/// Why a configuration was refused.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML for this schema.
-    #[error("invalid config file {path}: {source}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// The parser's message, with line and column.
-        source: Box<toml::de::Error>,
-    },
-    /// A value is out of range or inconsistent.
-    #[error("invalid config: {field}: {reason}")]
-    Invalid {
-        /// The offending key.
-        field: &'static str,
-        /// What is wrong with it.
-        reason: String,
-    },
-}
-
-impl ConfigError {
-    fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
-        ConfigError::Invalid { field, reason: reason.into() }
-    }
 }
 
 /// The TOML file as written by an operator. Every key is optional.
@@ -177,11 +143,7 @@ impl FileConfig {
     /// # Errors
     /// [`ConfigError::Read`] or [`ConfigError::Parse`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { source, .. } => ConfigError::Parse { path: path.into(), source },
-            other => other,
-        })
+        load_toml(path)
     }
 
     /// Parses TOML text.
@@ -189,7 +151,7 @@ impl FileConfig {
     /// # Errors
     /// [`ConfigError::Parse`].
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), source: Box::new(e) })
+        parse_toml(text)
     }
 }
 
@@ -276,7 +238,7 @@ impl TryFrom<FileConfig> for Config {
             }
         };
         let default_listen = if tls == TlsMode::Plain { defaults::DEV_LISTEN } else { defaults::LISTEN };
-        let listen = parse_addr("listen", f.listen.as_deref().unwrap_or(default_listen))?;
+        let listen = socket_addr("listen", f.listen.as_deref().unwrap_or(default_listen))?;
         if tls == TlsMode::Plain && !listen.ip().is_loopback() {
             return Err(ConfigError::invalid(
                 "listen",
@@ -287,7 +249,7 @@ impl TryFrom<FileConfig> for Config {
         let key_file = f.key_file.unwrap_or_else(|| state_dir.join("relay.key"));
         let stun = if f.stun.enabled.unwrap_or(true) {
             Some(StunConfig {
-                listen: parse_addr("stun.listen", f.stun.listen.as_deref().unwrap_or(defaults::STUN_LISTEN))?,
+                listen: socket_addr("stun.listen", f.stun.listen.as_deref().unwrap_or(defaults::STUN_LISTEN))?,
                 rate_per_second: nonzero_u32(
                     "stun.rate_per_second",
                     f.stun.rate_per_second.unwrap_or(defaults::STUN_RATE),
@@ -298,7 +260,7 @@ impl TryFrom<FileConfig> for Config {
             None
         };
         let admin_listen = if f.admin.enabled.unwrap_or(true) {
-            Some(parse_addr("admin.listen", f.admin.listen.as_deref().unwrap_or(defaults::ADMIN_LISTEN))?)
+            Some(socket_addr("admin.listen", f.admin.listen.as_deref().unwrap_or(defaults::ADMIN_LISTEN))?)
         } else {
             None
         };
@@ -315,58 +277,30 @@ impl TryFrom<FileConfig> for Config {
             stun,
             admin_listen,
             send_queue_depth,
-            handshake_timeout: dur(
+            handshake_timeout: duration(
                 "limits.handshake_timeout",
                 f.limits.handshake_timeout,
                 defaults::HANDSHAKE_TIMEOUT,
             )?,
-            write_timeout: dur("limits.write_timeout", f.limits.write_timeout, defaults::WRITE_TIMEOUT)?,
-            keepalive_interval: dur(
+            write_timeout: duration("limits.write_timeout", f.limits.write_timeout, defaults::WRITE_TIMEOUT)?,
+            keepalive_interval: duration(
                 "limits.keepalive_interval",
                 f.limits.keepalive_interval,
                 defaults::KEEPALIVE_INTERVAL,
             )?,
-            grace_period: dur("shutdown.grace_period", f.shutdown.grace_period, defaults::GRACE_PERIOD)?,
-            restart_reconnect_in: dur(
+            grace_period: duration("shutdown.grace_period", f.shutdown.grace_period, defaults::GRACE_PERIOD)?,
+            restart_reconnect_in: duration(
                 "shutdown.reconnect_in",
                 f.shutdown.reconnect_in,
                 defaults::RESTART_RECONNECT_IN,
             )?,
-            restart_try_for: dur("shutdown.try_for", f.shutdown.try_for, defaults::RESTART_TRY_FOR)?,
+            restart_try_for: duration("shutdown.try_for", f.shutdown.try_for, defaults::RESTART_TRY_FOR)?,
         })
     }
 }
 
-fn parse_addr(field: &'static str, s: &str) -> Result<SocketAddr, ConfigError> {
-    s.parse().map_err(|_| ConfigError::invalid(field, format!("{s:?} is not an ip:port address")))
-}
-
 fn nonzero_u32(field: &'static str, v: u32) -> Result<NonZeroU32, ConfigError> {
     NonZeroU32::new(v).ok_or_else(|| ConfigError::invalid(field, "must be at least 1"))
-}
-
-fn dur(field: &'static str, v: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
-    match v {
-        None => Ok(default),
-        Some(s) => parse_duration(&s).ok_or_else(|| {
-            ConfigError::invalid(field, format!("{s:?} is not a duration like \"500ms\", \"10s\" or \"2m\""))
-        }),
-    }
-}
-
-/// Parses `"250ms"`, `"10s"`, `"2m"`, `"1h"` (one number, one unit).
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit())?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => n.checked_mul(60).map(Duration::from_secs),
-        "h" => n.checked_mul(3600).map(Duration::from_secs),
-        _ => None,
-    }
 }
 
 #[cfg(test)]

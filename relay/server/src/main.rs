@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing::info;
+use warren_common::runtime::{init_logging, wait_for_signal};
 use warren_relay::config::{Config, FileConfig};
 use warren_relay::Server;
 
@@ -104,7 +105,7 @@ impl Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    init_logging(cli.log_format == "json", "info");
     let file = match &cli.config {
         Some(path) => FileConfig::load(path),
         None => Ok(FileConfig::default()),
@@ -150,29 +151,4 @@ fn run(config: Config) -> anyhow::Result<()> {
         }
         Ok(())
     })
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
