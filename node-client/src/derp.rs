@@ -94,6 +94,8 @@ pub struct ConnectOptions {
     /// Dial this address instead of resolving the URL's host (which still names the TLS
     /// certificate).
     pub connect_addr: Option<std::net::SocketAddr>,
+    /// Local address to connect from (e.g. one of many 127.0.0.x for load tests).
+    pub bind_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for ConnectOptions {
@@ -105,6 +107,7 @@ impl Default for ConnectOptions {
             info: ClientInfo::node(),
             timeout: Duration::from_secs(10),
             connect_addr: None,
+            bind_ip: None,
         }
     }
 }
@@ -144,9 +147,22 @@ impl DerpClient {
     }
 
     async fn connect_inner(url: &RelayUrl, secret: &SecretKey, opts: &ConnectOptions) -> Result<Self, ClientError> {
-        let tcp = match opts.connect_addr {
-            Some(addr) => TcpStream::connect(addr).await?,
-            None => TcpStream::connect((url.host.as_str(), url.port)).await?,
+        let tcp = match (opts.connect_addr, opts.bind_ip) {
+            (Some(addr), None) => TcpStream::connect(addr).await?,
+            (None, None) => TcpStream::connect((url.host.as_str(), url.port)).await?,
+            (addr, Some(ip)) => {
+                let addr = match addr {
+                    Some(a) => a,
+                    None => tokio::net::lookup_host((url.host.as_str(), url.port))
+                        .await?
+                        .find(|a| a.is_ipv4() == ip.is_ipv4())
+                        .ok_or_else(|| std::io::Error::other("no address of the bind address's family"))?,
+                };
+                let sock =
+                    if ip.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+                sock.bind(std::net::SocketAddr::new(ip, 0))?;
+                sock.connect(addr).await?
+            }
         };
         tcp.set_nodelay(true)?;
         let io: Box<dyn Io> = if url.tls {

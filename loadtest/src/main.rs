@@ -1,0 +1,172 @@
+//! `warren-loadtest`: command-line entry point.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use warren_loadtest::relay::{self, Mode, RelayScenario};
+use warren_loadtest::{idle, RelayReport};
+
+/// Load harness for Warren relays. Figures are counted at the clients; read them as ratios
+/// against a baseline measured in the same run.
+#[derive(Debug, Parser)]
+#[command(name = "warren-loadtest", version)]
+struct Cli {
+    /// Print the result as JSON on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Pairs of nodes sending through a relay: paced (--rate) or closed loop (--window), or a
+    /// sweep of paced rates until loss passes --max-loss.
+    Relay(RelayArgs),
+    /// Open N idle clients and report the relay's RSS per client (needs its pid).
+    Idle {
+        /// Relay URL.
+        #[arg(long)]
+        relay: String,
+        /// CA to trust.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// The relay's process id (RSS is read from /proc).
+        #[arg(long)]
+        pid: u32,
+        /// Idle clients to open.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Spread connections over 127.0.0.1 .. 127.0.0.N.
+        #[arg(long, default_value_t = 16)]
+        source_ips: u8,
+        /// WebSocket transport.
+        #[arg(long)]
+        websocket: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct RelayArgs {
+    /// Relay URL.
+    #[arg(long)]
+    relay: String,
+    /// CA to trust (e.g. the relay's dev CA).
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Sender/receiver pairs.
+    #[arg(long, default_value_t = 4)]
+    pairs: usize,
+    /// Packet size in bytes.
+    #[arg(long, default_value_t = 1200)]
+    size: usize,
+    /// Paced: packets/s per pair.
+    #[arg(long, conflicts_with = "window")]
+    rate: Option<f64>,
+    /// Closed loop: packets in flight per pair.
+    #[arg(long)]
+    window: Option<u64>,
+    /// Sweep: start at this rate per pair and double until loss passes --max-loss.
+    #[arg(long, conflicts_with_all = ["rate", "window"])]
+    sweep_from: Option<f64>,
+    /// Loss threshold of the sweep, in percent.
+    #[arg(long, default_value_t = 0.1)]
+    max_loss: f64,
+    /// Seconds of sending per run.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// WebSocket transport.
+    #[arg(long)]
+    websocket: bool,
+    /// Spread connections over 127.0.0.1 .. 127.0.0.N (0: default source address).
+    #[arg(long, default_value_t = 0)]
+    source_ips: u8,
+}
+
+#[allow(clippy::print_stdout)] // stdout is the command's output
+fn print(line: &str) {
+    println!("{line}");
+}
+
+fn main() -> ExitCode {
+    warren_common::runtime::init_logging(false, "warn");
+    let cli = Cli::parse();
+    // Each connection is a file descriptor: raise the soft limit as far as the hard one allows.
+    let _ = rlimit::increase_nofile_limit(1 << 20);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("warren-loadtest: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("warren-loadtest: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Relay(a) => relay_cmd(a, cli.json).await,
+        Command::Idle { relay, ca, pid, clients, source_ips, websocket } => {
+            let r = idle::run(&relay, ca, pid, clients, source_ips, websocket).await?;
+            if cli.json {
+                print(&serde_json::to_string_pretty(&r)?);
+            } else {
+                print(&format!(
+                    "idle clients {}: relay RSS {} KiB -> {} KiB = {:.1} KiB per client",
+                    r.clients, r.rss_before_kib, r.rss_after_kib, r.kib_per_client
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn relay_cmd(a: RelayArgs, json: bool) -> anyhow::Result<()> {
+    let base = RelayScenario {
+        url: a.relay,
+        ca: a.ca,
+        pairs: a.pairs,
+        size: a.size,
+        mode: Mode::Closed { window: 64 },
+        duration: Duration::from_secs_f64(a.seconds),
+        websocket: a.websocket,
+        source_ips: a.source_ips,
+        max_packets_per_pair: 0,
+    };
+    let mut reports: Vec<RelayReport> = Vec::new();
+    if let Some(mut rate) = a.sweep_from {
+        loop {
+            let r = relay::run(&RelayScenario { mode: Mode::Paced { rate }, ..base.clone() }).await?;
+            eprintln!("{r}\n");
+            let over = r.loss_pct > a.max_loss;
+            reports.push(r);
+            if over || rate > 1e7 {
+                break;
+            }
+            rate *= 2.0;
+        }
+    } else {
+        let mode = match (a.rate, a.window) {
+            (Some(rate), _) => Mode::Paced { rate },
+            (None, Some(window)) => Mode::Closed { window },
+            (None, None) => Mode::Closed { window: 64 },
+        };
+        reports.push(relay::run(&RelayScenario { mode, ..base }).await?);
+    }
+    if json {
+        print(&serde_json::to_string_pretty(&reports)?);
+    } else {
+        for r in &reports {
+            print(&format!("{r}\n"));
+        }
+    }
+    Ok(())
+}

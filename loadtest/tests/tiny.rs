@@ -1,0 +1,62 @@
+//! Tiny scenarios that prove the harness counts correctly (benchmarks run outside the tests).
+
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use warren_loadtest::relay::{run, Mode, RelayScenario};
+use warren_relay::config::{Config, FileConfig};
+use warren_relay::Server;
+
+async fn relay(depth: usize, prometheus: Option<PrometheusHandle>) -> (Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = format!("listen = \"127.0.0.1:0\"\n[tls]\nmode = \"dev\"\n[stun]\nenabled = false\n[admin]\nenabled = false\n[limits]\nsend_queue_depth = {depth}\n");
+    let mut f = FileConfig::parse(&toml).expect("config");
+    f.state_dir = Some(dir.path().to_path_buf());
+    (Server::spawn(Config::try_from(f).expect("valid"), prometheus).await.expect("relay"), dir)
+}
+
+fn scenario(s: &Server, mode: Mode, pairs: usize, max: u64) -> RelayScenario {
+    RelayScenario {
+        url: format!("https://localhost:{}", s.http_addr().port()),
+        ca: s.dev_ca_cert().map(Into::into),
+        pairs,
+        size: 1200,
+        mode,
+        duration: Duration::from_secs(10),
+        websocket: false,
+        source_ips: 4,
+        max_packets_per_pair: max,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_loop_delivers_everything_and_measures_latency() {
+    let (s, _dir) = relay(128, None).await;
+    let r = run(&scenario(&s, Mode::Closed { window: 16 }, 2, 200)).await.expect("runs");
+    assert_eq!((r.sent, r.received, r.lost), (400, 400, 0), "{r}");
+    assert_eq!(r.latency.count, 400);
+    assert!(r.latency.p50_us > 0.0 && r.latency.max_us >= r.latency.p99_us);
+    s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_relay_reports_exactly_the_loss_the_relay_counted() {
+    // One test process each under nextest, so this recorder is ours alone.
+    let Ok(prom) = PrometheusBuilder::new().install_recorder() else {
+        eprintln!("skipping: a metrics recorder is already installed in this process");
+        return;
+    };
+    // A 1-deep queue and an open-loop burst: the relay must drop, and count what it drops.
+    let (s, _dir) = relay(1, Some(prom.clone())).await;
+    let r = run(&scenario(&s, Mode::Paced { rate: 200_000.0 }, 2, 300)).await.expect("runs");
+    let dropped: f64 = prom
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("relay_packets_dropped_total{reason=\"queue_full\"}"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(r.sent, 600);
+    assert!(r.lost > 0, "expected loss with a 1-deep queue: {r}");
+    assert_eq!(r.lost as f64, dropped, "harness-counted loss equals relay-counted drops: {r}");
+    s.shutdown().await;
+}
