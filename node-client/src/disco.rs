@@ -188,6 +188,12 @@ fn take_tx(b: &mut &[u8]) -> Result<[u8; 12], DecodeError> {
     Ok(tx)
 }
 
+/// Decodes a message body as it is after opening the box (for fuzz targets).
+#[doc(hidden)]
+pub fn decode_plaintext(plain: &[u8]) -> Result<Message, DecodeError> {
+    decode_body(plain)
+}
+
 fn decode_body(plain: &[u8]) -> Result<Message, DecodeError> {
     let (&ty, mut b) = plain.split_first().ok_or(malformed("empty body"))?;
     let msg = match ty {

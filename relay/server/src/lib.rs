@@ -19,5 +19,17 @@ mod stun;
 mod web;
 
 pub use config::Config;
+
+/// Entry points for fuzz targets (not a stable API).
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Parses an HTTP request head and routes it, as the DERP port does with its first bytes.
+    pub fn http_head(data: &[u8]) {
+        if let Ok(Some((head, len))) = crate::web::parse_head_for_fuzzing(data) {
+            assert!(len <= data.len());
+            let _ = crate::web::route(&head);
+        }
+    }
+}
 pub use server::{Server, ServerError};
 pub use warren_common::{keyfile, tls};

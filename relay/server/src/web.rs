@@ -86,6 +86,10 @@ pub(crate) async fn read_head<S: AsyncRead + Unpin>(
     }
 }
 
+pub(crate) fn parse_head_for_fuzzing(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError> {
+    parse_head(buf)
+}
+
 fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HeadError> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);

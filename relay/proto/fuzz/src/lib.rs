@@ -1,0 +1,124 @@
+//! One fuzz body per decoder of bytes that arrive from the network or from operators.
+//!
+//! Each body must never panic, loop forever or allocate without bound on any input. The
+//! libFuzzer targets in `fuzz_targets/` call these; `tests/corpus.rs` replays the committed
+//! corpus through them as an ordinary test, so CI needs no nightly toolchain.
+
+use std::net::SocketAddr;
+
+use bytes::BytesMut;
+use warren_relay_proto::ws::Role;
+use warren_relay_proto::{FrameDecoder, Framer, PublicKey, SecretKey, Transport};
+
+/// A fuzz body.
+pub type Body = fn(&[u8]);
+
+/// Every body by target name (the corpus directory names).
+pub const TARGETS: &[(&str, Body)] = &[
+    ("derp_frames", derp_frames),
+    ("websocket", websocket),
+    ("client_info", client_info),
+    ("stun", stun),
+    ("tunnel_message", tunnel_message),
+    ("disco", disco),
+    ("der_validity", der_validity),
+    ("relay_config", relay_config),
+    ("edge_config", edge_config),
+    ("region_map", region_map),
+    ("http_head", http_head),
+];
+
+/// DERP frames, as the relay and client read them (any split of the stream).
+pub fn derp_frames(data: &[u8]) {
+    let dec = FrameDecoder::default();
+    let mut buf = BytesMut::from(data);
+    let mut frames = 0;
+    while let Ok(Some(f)) = dec.decode(&mut buf) {
+        assert!(f.encoded_len() >= 5);
+        frames += 1;
+        assert!(frames <= data.len(), "every frame consumes at least its header");
+    }
+}
+
+/// WebSocket-wrapped DERP as the server reads it (masked), and as a client reads it.
+pub fn websocket(data: &[u8]) {
+    for role in [Role::Server, Role::Client] {
+        let mut f = Framer::new(role, Transport::WebSocket, FrameDecoder::default());
+        f.push_rx(data);
+        let mut n = 0;
+        while let Ok(Some(_)) = f.poll_frame() {
+            n += 1;
+            assert!(n <= data.len());
+        }
+    }
+}
+
+/// The sealed ClientInfo a relay opens at login, and its JSON.
+pub fn client_info(data: &[u8]) {
+    let server = SecretKey::from_bytes([7; 32]);
+    let client = PublicKey::from_bytes([9; 32]);
+    let _ = warren_relay_proto::handshake::ClientInfo::open(&server, &client, data);
+    let _ = serde_json::from_slice::<warren_relay_proto::handshake::ClientInfo>(data);
+    let _ = serde_json::from_slice::<warren_relay_proto::handshake::ServerInfo>(data);
+}
+
+/// STUN datagrams, at the relay's responder and the node's response parser.
+pub fn stun(data: &[u8]) {
+    let from: SocketAddr = SocketAddr::from(([192, 0, 2, 1], 4242));
+    let _ = warren_relay_proto::stun::binding_response(data, from);
+    let _ = warren_relay_proto::stun::parse_binding_response(data);
+}
+
+/// Node-edge tunnel messages.
+pub fn tunnel_message(data: &[u8]) {
+    let mut buf = BytesMut::from(data);
+    let mut n = 0;
+    while let Ok(Some(_)) = warren_tunnel_proto::Message::decode(&mut buf) {
+        n += 1;
+        assert!(n <= data.len());
+    }
+}
+
+/// Peer-to-peer envelopes and their decrypted bodies.
+pub fn disco(data: &[u8]) {
+    let _ = warren::disco::sender(data);
+    let ours = SecretKey::from_bytes([1; 32]);
+    let theirs = SecretKey::from_bytes([2; 32]).public_key();
+    let _ = warren::disco::PeerBox::new(&ours, &theirs).open(data);
+    let _ = warren::disco::decode_plaintext(data);
+}
+
+/// Certificate validity, as read from ACME-issued or stored certificates.
+pub fn der_validity(data: &[u8]) {
+    if let Some((before, after)) = warren_edge::der::validity(data) {
+        let _ = after.checked_sub(before);
+    }
+}
+
+/// Relay configuration files.
+pub fn relay_config(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(f) = warren_relay::config::FileConfig::parse(text) {
+            let _ = warren_relay::Config::try_from(f);
+        }
+    }
+}
+
+/// Edge configuration files.
+pub fn edge_config(data: &[u8]) {
+    if let Ok(text) = std::str::from_utf8(data) {
+        if let Ok(f) = warren_edge::config::FileConfig::parse(text) {
+            let _ = warren_edge::Config::try_from(f);
+        }
+    }
+}
+
+/// Region maps (file or URL).
+pub fn region_map(data: &[u8]) {
+    let _ = warren::regionmap::RegionMap::parse(data);
+}
+
+/// The first HTTP request head on the relay's DERP port.
+pub fn http_head(data: &[u8]) {
+    warren_relay::fuzzing::http_head(data);
+}
