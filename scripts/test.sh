@@ -4,10 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# The handshake vector and the interop client are checked against PyNaCl (libsodium).
-if ! python3 -c 'import nacl.public' 2>/dev/null; then
-    echo "==> installing PyNaCl"
-    python3 -m pip install --quiet --disable-pip-version-check pynacl
+# The handshake vector and the interop client are checked against PyNaCl (libsodium); the
+# deploy manifests are parsed with PyYAML.
+if ! python3 -c 'import nacl.public, yaml' 2>/dev/null; then
+    echo "==> installing PyNaCl and PyYAML"
+    python3 -m pip install --quiet --disable-pip-version-check pynacl pyyaml
 fi
 # The NAT lab (node-client/tests/natlab.rs) builds network namespaces with iproute2 and iptables;
 # the ACME tests (edge/server/tests/acme.rs) run Debian's pebble test CA.

@@ -20,3 +20,13 @@ fn every_shipped_edge_config_is_valid() {
     }
     assert!(checked >= 1, "expected shipped edge configs in {}, found {checked}", dir.display());
 }
+
+#[test]
+fn the_kubernetes_edge_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/k8s/edge.yaml");
+    let toml = warren_common::testing::k8s_embedded(&path, "Secret", "warren-edge-config", "edge.toml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    let c =
+        Config::try_from(FileConfig::parse(&toml).unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.public_listen.len(), 3);
+}

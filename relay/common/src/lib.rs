@@ -4,5 +4,7 @@
 pub mod config;
 pub mod keyfile;
 pub mod runtime;
+#[doc(hidden)]
+pub mod testing;
 pub mod tls;
 pub mod tunnel_io;

@@ -20,3 +20,11 @@ fn every_shipped_relay_config_is_valid() {
     }
     assert!(checked >= 2, "expected the shipped relay configs in {}, found {checked}", dir.display());
 }
+
+#[test]
+fn the_kubernetes_relay_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/k8s/relay.yaml");
+    let toml = warren_common::testing::k8s_embedded(&path, "ConfigMap", "warren-relay", "relay.toml")
+        .unwrap_or_else(|e| panic!("{e}"));
+    Config::try_from(FileConfig::parse(&toml).unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}"));
+}

@@ -1,0 +1,53 @@
+//! Helpers for the project's own tests (not a stable API).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// Every file below `dir`, recursively, sorted.
+pub fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The YAML documents of a file as JSON values, parsed by PyYAML (`yaml.safe_load_all`).
+///
+/// # Errors
+/// A message when python3/PyYAML is missing or the YAML does not parse.
+pub fn yaml_documents(path: &Path) -> Result<Vec<serde_json::Value>, String> {
+    let script = "import json, sys, yaml\nprint(json.dumps([d for d in yaml.safe_load_all(open(sys.argv[1])) if d is not None]))";
+    let out = Command::new("python3").args(["-c", script]).arg(path).output().map_err(|e| format!("python3: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("{}: {}", path.display(), String::from_utf8_lossy(&out.stderr)));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+}
+
+/// The string `data.<key>` or `stringData.<key>` of the Kubernetes object `kind`/`name` in a
+/// manifest file.
+///
+/// # Errors
+/// A message when the object or key is missing.
+pub fn k8s_embedded(path: &Path, kind: &str, name: &str, key: &str) -> Result<String, String> {
+    let docs = yaml_documents(path)?;
+    let obj = docs
+        .iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+        .ok_or_else(|| format!("no {kind}/{name} in {}", path.display()))?;
+    obj["data"][key]
+        .as_str()
+        .or_else(|| obj["stringData"][key].as_str())
+        .map(str::to_owned)
+        .ok_or_else(|| format!("{kind}/{name} has no {key}"))
+}
