@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-pub use warren_common::config::ConfigError;
 use warren_common::config::{duration, load_toml, parse_toml, socket_addr};
+pub use warren_common::config::{AdminFile, ConfigError};
 
 /// Defaults, in one place.
 pub mod defaults {
@@ -116,16 +116,6 @@ impl fmt::Debug for TokenFile {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenFile").field("token", &"<redacted>").field("names", &self.names).finish()
     }
-}
-
-/// `[admin]`
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminFile {
-    /// Serve /metrics and /healthz (default true).
-    pub enabled: Option<bool>,
-    /// Address.
-    pub listen: Option<String>,
 }
 
 /// `[limits]`

@@ -44,6 +44,16 @@ impl ConfigError {
     }
 }
 
+/// `[admin]` of every server config: the listener for `/metrics`, `/healthz` and `/readyz`.
+#[derive(Debug, Default, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    /// Whether to serve the admin endpoints (default true).
+    pub enabled: Option<bool>,
+    /// TCP address.
+    pub listen: Option<String>,
+}
+
 /// Reads and parses a TOML file.
 ///
 /// # Errors

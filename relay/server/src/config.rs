@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use warren_common::config::{duration, load_toml, parse_toml, socket_addr};
-pub use warren_common::config::{parse_duration, ConfigError};
+pub use warren_common::config::{parse_duration, AdminFile, ConfigError};
 
 /// Defaults, in one place.
 pub mod defaults {
@@ -99,16 +99,6 @@ pub struct StunFile {
     pub rate_per_second: Option<u32>,
     /// Burst per source IP.
     pub burst: Option<u32>,
-}
-
-/// `[admin]`
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AdminFile {
-    /// Whether to serve /metrics and /healthz (default true).
-    pub enabled: Option<bool>,
-    /// TCP address.
-    pub listen: Option<String>,
 }
 
 /// `[limits]`
