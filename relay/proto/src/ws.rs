@@ -98,15 +98,11 @@ impl WsDecoder {
             if let Some(cur) = &mut self.current {
                 let n = usize::try_from(cur.remaining).unwrap_or(usize::MAX).min(input.len());
                 let chunk = input.split_to(n);
-                match cur.mask {
-                    Some(mask) => {
-                        data.reserve(n);
-                        for b in chunk.iter() {
-                            data.put_u8(b ^ mask[cur.mask_pos & 3]);
-                            cur.mask_pos += 1;
-                        }
-                    }
-                    None => data.extend_from_slice(&chunk),
+                let start = data.len();
+                data.extend_from_slice(&chunk);
+                if let Some(mask) = cur.mask {
+                    apply_mask(&mut data[start..], mask, cur.mask_pos);
+                    cur.mask_pos += n;
                 }
                 cur.remaining -= n as u64;
                 if cur.remaining > 0 {
@@ -133,9 +129,7 @@ impl WsDecoder {
                     input.advance(header.header_len);
                     let mut payload = input.split_to(len);
                     if let Some(mask) = header.mask {
-                        for (i, b) in payload.iter_mut().enumerate() {
-                            *b ^= mask[i & 3];
-                        }
+                        apply_mask(&mut payload, mask, 0);
                     }
                     let payload = payload.freeze();
                     return Ok(Some(match header.opcode {
@@ -226,9 +220,28 @@ pub fn encode_frame(out: &mut BytesMut, opcode: u8, payload: &[u8], mask: Option
     match mask {
         Some(m) => {
             out.put_slice(&m);
-            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ m[i & 3]));
+            let start = out.len();
+            out.put_slice(payload);
+            apply_mask(&mut out[start..], m, 0);
         }
         None => out.put_slice(payload),
+    }
+}
+
+/// XORs `buf` with the masking key, `offset` bytes into the masked stream (RFC 6455 §5.3).
+/// Works eight bytes at a time; the result equals the byte-by-byte definition.
+pub fn apply_mask(buf: &mut [u8], mask: [u8; 4], offset: usize) {
+    let m = [mask[offset & 3], mask[(offset + 1) & 3], mask[(offset + 2) & 3], mask[(offset + 3) & 3]];
+    let word = u64::from_ne_bytes([m[0], m[1], m[2], m[3], m[0], m[1], m[2], m[3]]);
+    let mut chunks = buf.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        c.copy_from_slice(&(u64::from_ne_bytes(w) ^ word).to_ne_bytes());
+    }
+    // Whole words keep the key's phase (8 is a multiple of 4), so the tail starts at m[0].
+    for (i, b) in chunks.into_remainder().iter_mut().enumerate() {
+        *b ^= m[i & 3];
     }
 }
 
@@ -253,6 +266,20 @@ mod tests {
             ctl.push(c);
         }
         Ok((data.to_vec(), ctl))
+    }
+
+    #[test]
+    fn word_masking_equals_the_bytewise_definition() {
+        let mask = [0x12, 0x34, 0x56, 0x78];
+        for len in 0..70 {
+            for offset in 0..9 {
+                let data: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+                let mut fast = data.clone();
+                apply_mask(&mut fast, mask, offset);
+                let slow: Vec<u8> = data.iter().enumerate().map(|(i, b)| b ^ mask[(offset + i) & 3]).collect();
+                assert_eq!(fast, slow, "len {len} offset {offset}");
+            }
+        }
     }
 
     #[test]
