@@ -1,17 +1,17 @@
 //! `warren`: the node client of the Warren mesh.
 //!
-//! For now it holds the DERP client ([`derp`]) that talks to a Warren relay (or any DERP v2
-//! server) over the HTTP upgrade or WebSocket, with or without TLS. Path selection, hole
-//! punching and the funnel agent grow on top of it.
+//! A node keeps a home relay connection through the DERP client ([`derp`], shared with the
+//! relays' mesh links), punches direct UDP paths to peers ([`node`], [`paths`], [`disco`]) and
+//! publishes local services through an edge ([`funnel`]).
 
 pub mod control;
-pub mod derp;
 pub mod disco;
 pub mod fetch;
 pub mod funnel;
 pub mod node;
 pub mod paths;
 pub mod regionmap;
-pub mod url;
 
-pub use derp::{ClientError, ConnectOptions, DerpClient};
+pub use warren_common::derp::{ClientError, ConnectOptions, DerpClient};
+/// The DERP client lives in `warren-common` (the relay's mesh links use it too).
+pub use warren_common::{derp, url};

@@ -44,6 +44,10 @@ pub mod defaults {
     pub const STUN_RATE: u32 = 20;
     /// STUN burst per source IP.
     pub const STUN_BURST: u32 = 40;
+    /// How often a mesh DNS name is resolved again.
+    pub const MESH_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+    /// Shortest mesh key accepted.
+    pub const MESH_KEY_MIN_LEN: usize = 16;
 }
 
 /// The TOML file as written by an operator. Every key is optional.
@@ -73,6 +77,33 @@ pub struct FileConfig {
     /// Shutdown behaviour.
     #[serde(default)]
     pub shutdown: ShutdownFile,
+    /// Region mesh.
+    #[serde(default)]
+    pub mesh: MeshFile,
+}
+
+/// `[mesh]`: the relays of one region forward to each other's clients.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshFile {
+    /// File holding the region's shared mesh key (one line).
+    pub key_file: Option<PathBuf>,
+    /// The mesh key itself; never read from the file, only from `WARREN_MESH_KEY` or a flag.
+    #[serde(skip)]
+    pub key: Option<String>,
+    /// Sibling relays, e.g. `["https://relay-b.example.net:443"]`. This relay may be listed too:
+    /// a link that reaches this relay's own key is dropped.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// A DNS name and port whose addresses are all siblings (a Kubernetes headless service),
+    /// e.g. `"warren-relay-peers.warren.svc.cluster.local:443"`; resolved periodically.
+    pub dns: Option<String>,
+    /// TLS name expected from siblings found through `dns` (default: `hostname`).
+    pub tls_name: Option<String>,
+    /// Extra CA certificate (PEM) to trust for siblings, e.g. a shared development CA.
+    pub ca_file: Option<PathBuf>,
+    /// How often `dns` is resolved again, e.g. "30s".
+    pub resolve_interval: Option<String>,
 }
 
 /// `[tls]`
@@ -173,6 +204,60 @@ pub struct StunConfig {
     pub burst: NonZeroU32,
 }
 
+/// The region's shared mesh key. Compared in constant time; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct MeshKey(String);
+
+impl MeshKey {
+    /// Checks a key: at least [`defaults::MESH_KEY_MIN_LEN`] visible ASCII characters.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `field`, without the key.
+    pub fn parse(field: &'static str, key: &str) -> Result<Self, ConfigError> {
+        let key = key.trim();
+        if key.len() < defaults::MESH_KEY_MIN_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::invalid(
+                field,
+                format!("a mesh key is at least {} visible ASCII characters", defaults::MESH_KEY_MIN_LEN),
+            ));
+        }
+        Ok(MeshKey(key.to_owned()))
+    }
+
+    /// Whether `offered` is this key, in time independent of where they differ.
+    pub fn matches(&self, offered: &str) -> bool {
+        aws_lc_rs::constant_time::verify_slices_are_equal(self.0.as_bytes(), offered.as_bytes()).is_ok()
+    }
+
+    /// The key, for the ClientInfo of this relay's own mesh links.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for MeshKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MeshKey(<redacted>)")
+    }
+}
+
+/// Where a relay finds its siblings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshConfig {
+    /// The shared key siblings present at login.
+    pub key: MeshKey,
+    /// Sibling URLs.
+    pub peers: Vec<String>,
+    /// A DNS name and port resolved to sibling addresses.
+    pub dns: Option<(String, u16)>,
+    /// TLS name of siblings found through `dns`.
+    pub tls_name: String,
+    /// Extra CA to trust for siblings.
+    pub ca_file: Option<PathBuf>,
+    /// Re-resolve period of `dns`.
+    pub resolve_interval: Duration,
+}
+
 /// The checked runtime configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -204,6 +289,8 @@ pub struct Config {
     pub restart_reconnect_in: Duration,
     /// Restarting: try for.
     pub restart_try_for: Duration,
+    /// Region mesh, when a mesh key is set.
+    pub mesh: Option<MeshConfig>,
 }
 
 impl TryFrom<FileConfig> for Config {
@@ -254,6 +341,8 @@ impl TryFrom<FileConfig> for Config {
         } else {
             None
         };
+        let hostname = f.hostname.unwrap_or_else(|| "localhost".into());
+        let mesh = mesh_config(f.mesh, &hostname)?;
         let depth = f.limits.send_queue_depth.unwrap_or(defaults::SEND_QUEUE_DEPTH);
         let send_queue_depth = NonZeroUsize::new(depth)
             .filter(|d| d.get() <= 1 << 16)
@@ -262,7 +351,7 @@ impl TryFrom<FileConfig> for Config {
             listen,
             state_dir,
             key_file,
-            hostname: f.hostname.unwrap_or_else(|| "localhost".into()),
+            hostname,
             tls,
             stun,
             admin_listen,
@@ -285,8 +374,52 @@ impl TryFrom<FileConfig> for Config {
                 defaults::RESTART_RECONNECT_IN,
             )?,
             restart_try_for: duration("shutdown.try_for", f.shutdown.try_for, defaults::RESTART_TRY_FOR)?,
+            mesh,
         })
     }
+}
+
+fn mesh_config(f: MeshFile, hostname: &str) -> Result<Option<MeshConfig>, ConfigError> {
+    let key = match (f.key, &f.key_file) {
+        (Some(k), _) => Some(MeshKey::parse("mesh.key", &k)?),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigError::invalid("mesh.key_file", format!("cannot read {}: {e}", path.display())))?;
+            Some(MeshKey::parse("mesh.key_file", &text)?)
+        }
+        (None, None) => None,
+    };
+    let Some(key) = key else {
+        if !f.peers.is_empty() || f.dns.is_some() {
+            return Err(ConfigError::invalid(
+                "mesh.key_file",
+                "mesh peers need a mesh key (key_file or WARREN_MESH_KEY)",
+            ));
+        }
+        return Ok(None);
+    };
+    for p in &f.peers {
+        warren_common::url::RelayUrl::parse(p).map_err(|e| ConfigError::invalid("mesh.peers", e.to_string()))?;
+    }
+    let dns = match f.dns.as_deref() {
+        None => None,
+        Some(d) => {
+            let (host, port) = d
+                .rsplit_once(':')
+                .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+                .filter(|(h, _)| !h.is_empty())
+                .ok_or_else(|| ConfigError::invalid("mesh.dns", format!("{d:?} is not host:port")))?;
+            Some((host.to_owned(), port))
+        }
+    };
+    Ok(Some(MeshConfig {
+        key,
+        peers: f.peers,
+        dns,
+        tls_name: f.tls_name.unwrap_or_else(|| hostname.to_owned()),
+        ca_file: f.ca_file,
+        resolve_interval: duration("mesh.resolve_interval", f.resolve_interval, defaults::MESH_RESOLVE_INTERVAL)?,
+    }))
 }
 
 fn nonzero_u32(field: &'static str, v: u32) -> Result<NonZeroU32, ConfigError> {
@@ -322,6 +455,36 @@ mod tests {
         assert!(matches!(bad("[limits]\nsend_queue_depth = 0"), Err(ConfigError::Invalid { .. })));
         assert!(matches!(bad("[limits]\nhandshake_timeout = \"10 parsecs\""), Err(ConfigError::Invalid { .. })));
         assert!(matches!(bad("[stun]\nburst = 0"), Err(ConfigError::Invalid { field: "stun.burst", .. })));
+    }
+
+    #[test]
+    fn mesh_needs_a_key_and_never_prints_it() {
+        let parse = |t: &str, key: Option<&str>| {
+            let mut f = FileConfig::parse(t).expect("parses");
+            f.mesh.key = key.map(str::to_owned);
+            Config::try_from(f)
+        };
+        assert!(parse("", None).expect("valid").mesh.is_none());
+        assert!(matches!(
+            parse("[mesh]\npeers = [\"https://b:443\"]", None),
+            Err(ConfigError::Invalid { field: "mesh.key_file", .. })
+        ));
+        assert!(matches!(parse("", Some("short")), Err(ConfigError::Invalid { field: "mesh.key", .. })));
+        let secret = "0123456789abcdef-region-key";
+        let c = parse("[mesh]\npeers = [\"https://b:443\"]\ndns = \"peers.svc:8443\"", Some(secret)).expect("valid");
+        let mesh = c.mesh.as_ref().expect("mesh on");
+        assert_eq!(mesh.dns, Some(("peers.svc".into(), 8443)));
+        assert_eq!(mesh.tls_name, "localhost");
+        assert!(mesh.key.matches(secret) && !mesh.key.matches("0123456789abcdef-region-kex"));
+        assert!(!format!("{c:?}").contains(secret), "Debug must not show the mesh key");
+        assert!(matches!(
+            parse("[mesh]\npeers = [\"ftp://b\"]", Some(secret)),
+            Err(ConfigError::Invalid { field: "mesh.peers", .. })
+        ));
+        assert!(matches!(
+            parse("[mesh]\ndns = \"nope\"", Some(secret)),
+            Err(ConfigError::Invalid { field: "mesh.dns", .. })
+        ));
     }
 
     #[test]

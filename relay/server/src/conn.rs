@@ -26,6 +26,7 @@ use warren_relay_proto::handshake::{ClientInfo, ServerInfo};
 use warren_relay_proto::{DecodeError, Frame, Framer, PeerGoneReason, PublicKey, Transport, PROTOCOL_VERSION};
 
 use crate::clients::{ClientHandle, Control, Delivery, Packet};
+use crate::mesh::Forwarded;
 use crate::metrics::{DropReason, HandshakeFailure};
 use crate::server::Shared;
 
@@ -42,7 +43,7 @@ pub(crate) const CONTROL_QUEUE: usize = 16;
 
 /// Why reading a frame ended.
 #[derive(Debug)]
-enum ReadError {
+pub(crate) enum ReadError {
     Closed,
     Io,
     Decode(DecodeError),
@@ -55,6 +56,9 @@ where
 {
     let login = tokio::time::timeout(shared.config.handshake_timeout, handshake(&shared, &mut io, &mut framer)).await;
     let (key, info) = match login {
+        Ok(Ok((key, info))) if !info.mesh_key.is_empty() => {
+            return crate::mesh_conn::run(shared, io, framer, remote, key, &info.mesh_key).await;
+        }
         Ok(Ok(v)) => v,
         Ok(Err(reason)) => {
             debug!(%remote, reason = reason.label(), "handshake failed");
@@ -70,7 +74,7 @@ where
     let conn_id = shared.next_conn_id();
     let (packets_tx, packets) = mpsc::channel(shared.config.send_queue_depth.get());
     let (control_tx, control) = mpsc::channel(CONTROL_QUEUE);
-    let handle = ClientHandle { conn_id, packets: packets_tx, control: control_tx };
+    let handle = ClientHandle { conn_id, remote, packets: packets_tx, control: control_tx };
     if let Some(old) = shared.clients.register(key, handle) {
         let _ = old.control.try_send(Control::Replaced);
         shared.metrics.replaced.increment(1);
@@ -127,7 +131,7 @@ where
 ///
 /// # Cancel safety
 /// Cancel safe: partial input stays in the framer; the only await is `read_buf`.
-async fn read_frame<S: AsyncRead + Unpin>(io: &mut S, framer: &mut Framer) -> Result<Frame, ReadError> {
+pub(crate) async fn read_frame<S: AsyncRead + Unpin>(io: &mut S, framer: &mut Framer) -> Result<Frame, ReadError> {
     loop {
         if let Some(frame) = framer.poll_frame().map_err(ReadError::Decode)? {
             return Ok(frame);
@@ -150,7 +154,11 @@ async fn read_frame<S: AsyncRead + Unpin>(io: &mut S, framer: &mut Framer) -> Re
 }
 
 /// Writes everything the framer has queued, in as few writes as it allows.
-async fn flush<S: AsyncWrite + Unpin>(io: &mut S, framer: &mut Framer, limit: Duration) -> std::io::Result<()> {
+pub(crate) async fn flush<S: AsyncWrite + Unpin>(
+    io: &mut S,
+    framer: &mut Framer,
+    limit: Duration,
+) -> std::io::Result<()> {
     while let Some(bytes) = framer.take_transmit(&mut OsRng) {
         let write = async {
             io.write_all(&bytes).await?;
@@ -255,6 +263,7 @@ impl Actor {
                     .queue(&Frame::Health { problem: "replaced by a newer connection with the same key".into() });
                 return Next::Close("replaced by a newer connection");
             }
+            Control::Close => return Next::Close("closed at a mesh sibling's request"),
         }
         Next::Continue
     }
@@ -309,12 +318,16 @@ impl Actor {
                 }
             }
             Delivery::QueueFull => self.shared.metrics.dropped(DropReason::QueueFull, 1),
-            Delivery::NotHere => {
-                self.shared.metrics.dropped(DropReason::UnknownDest, 1);
-                if self.peer_gone_budget.allow(now) {
-                    self.framer.queue(&Frame::PeerGone { peer: dst, reason: PeerGoneReason::NotHere });
+            Delivery::NotHere(packet) => match self.shared.mesh_remote.forward(self.key, dst, packet.data) {
+                Forwarded::Queued => {}
+                Forwarded::QueueFull => self.shared.metrics.dropped(DropReason::MeshQueueFull, 1),
+                Forwarded::Unknown => {
+                    self.shared.metrics.dropped(DropReason::UnknownDest, 1);
+                    if self.peer_gone_budget.allow(now) {
+                        self.framer.queue(&Frame::PeerGone { peer: dst, reason: PeerGoneReason::NotHere });
+                    }
                 }
-            }
+            },
         }
     }
 

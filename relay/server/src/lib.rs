@@ -13,6 +13,8 @@ mod admin;
 mod clients;
 pub mod config;
 mod conn;
+mod mesh;
+mod mesh_conn;
 pub mod metrics;
 pub mod server;
 mod stun;

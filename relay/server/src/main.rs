@@ -61,6 +61,16 @@ struct Cli {
     /// Admin (metrics, health) listen address.
     #[arg(long)]
     admin_listen: Option<String>,
+    /// The region's mesh key (prefer the environment variable to the flag: flags show in `ps`).
+    #[arg(long, env = "WARREN_MESH_KEY", hide_env_values = true)]
+    mesh_key: Option<String>,
+    /// File holding the region's mesh key.
+    #[arg(long)]
+    mesh_key_file: Option<PathBuf>,
+    /// A sibling relay of this region, e.g. https://relay-b.example.net:443 (repeatable; adds to
+    /// the file's `[mesh] peers`).
+    #[arg(long = "mesh-peer")]
+    mesh_peers: Vec<String>,
     /// Log format.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
@@ -99,6 +109,13 @@ impl Cli {
         if self.no_stun {
             f.stun.enabled = Some(false);
         }
+        if let Some(k) = &self.mesh_key {
+            f.mesh.key = Some(k.clone());
+        }
+        if let Some(k) = &self.mesh_key_file {
+            f.mesh.key_file = Some(k.clone());
+        }
+        f.mesh.peers.extend(self.mesh_peers.iter().cloned());
         f
     }
 }

@@ -15,11 +15,21 @@ pub enum DropReason {
     Gone,
     /// A mesh-only frame from a client without the mesh key.
     NotMesh,
+    /// The link to the sibling holding the destination was full (slow or stuck sibling).
+    MeshQueueFull,
+    /// The link to the sibling failed with the packet queued or in flight.
+    MeshLinkDown,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 4] =
-        [DropReason::QueueFull, DropReason::UnknownDest, DropReason::Gone, DropReason::NotMesh];
+    const ALL: [DropReason; 6] = [
+        DropReason::QueueFull,
+        DropReason::UnknownDest,
+        DropReason::Gone,
+        DropReason::NotMesh,
+        DropReason::MeshQueueFull,
+        DropReason::MeshLinkDown,
+    ];
 
     fn label(self) -> &'static str {
         match self {
@@ -27,6 +37,8 @@ impl DropReason {
             DropReason::UnknownDest => "unknown_dest",
             DropReason::Gone => "gone",
             DropReason::NotMesh => "not_mesh",
+            DropReason::MeshQueueFull => "mesh_queue_full",
+            DropReason::MeshLinkDown => "mesh_link_down",
         }
     }
 }
@@ -46,16 +58,19 @@ pub enum HandshakeFailure {
     BadClientInfo,
     /// The connection failed mid-handshake.
     Io,
+    /// The client offered a mesh key that is not this region's (or this relay has no mesh).
+    BadMeshKey,
 }
 
 impl HandshakeFailure {
-    const ALL: [HandshakeFailure; 6] = [
+    const ALL: [HandshakeFailure; 7] = [
         HandshakeFailure::Tls,
         HandshakeFailure::BadRequest,
         HandshakeFailure::Timeout,
         HandshakeFailure::BadFrame,
         HandshakeFailure::BadClientInfo,
         HandshakeFailure::Io,
+        HandshakeFailure::BadMeshKey,
     ];
 
     /// The metrics label.
@@ -67,6 +82,7 @@ impl HandshakeFailure {
             HandshakeFailure::BadFrame => "bad_frame",
             HandshakeFailure::BadClientInfo => "bad_client_info",
             HandshakeFailure::Io => "io",
+            HandshakeFailure::BadMeshKey => "bad_mesh_key",
         }
     }
 }
@@ -113,6 +129,9 @@ pub fn describe() {
     describe_counter!("relay_protocol_errors_total", "Connections closed for a protocol violation after login");
     describe_counter!("relay_stun_requests_total", "STUN datagrams received, by result");
     describe_counter!("relay_http_requests_total", "Plain HTTP requests served (probes, landing page)");
+    describe_gauge!("relay_mesh_peers", "Mesh links to sibling relays that are logged in and watching");
+    describe_gauge!("relay_mesh_remote_clients", "Client keys that sibling relays hold, as they told us");
+    describe_counter!("relay_mesh_forwarded_total", "Packets sent to (out) or received from (in) sibling relays");
 }
 
 /// Metric handles of one relay, resolved once so the hot path does no registry lookups.
@@ -129,8 +148,12 @@ pub struct RelayMetrics {
     pub(crate) unknown_frames: Counter,
     pub(crate) protocol_errors: Counter,
     pub(crate) http_requests: Counter,
-    dropped: [Counter; 4],
-    handshake: [Counter; 6],
+    pub(crate) mesh_peers: Gauge,
+    pub(crate) mesh_remote_clients: Gauge,
+    pub(crate) mesh_forwarded_out: Counter,
+    pub(crate) mesh_forwarded_in: Counter,
+    dropped: [Counter; 6],
+    handshake: [Counter; 7],
     stun: [Counter; 4],
 }
 
@@ -149,6 +172,10 @@ impl RelayMetrics {
             unknown_frames: metrics::counter!("relay_frames_unknown_total"),
             protocol_errors: metrics::counter!("relay_protocol_errors_total"),
             http_requests: metrics::counter!("relay_http_requests_total"),
+            mesh_peers: metrics::gauge!("relay_mesh_peers"),
+            mesh_remote_clients: metrics::gauge!("relay_mesh_remote_clients"),
+            mesh_forwarded_out: metrics::counter!("relay_mesh_forwarded_total", "direction" => "out"),
+            mesh_forwarded_in: metrics::counter!("relay_mesh_forwarded_total", "direction" => "in"),
             dropped: DropReason::ALL.map(|r| metrics::counter!("relay_packets_dropped_total", "reason" => r.label())),
             handshake: HandshakeFailure::ALL
                 .map(|r| metrics::counter!("relay_handshake_failures_total", "reason" => r.label())),

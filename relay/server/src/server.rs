@@ -26,9 +26,10 @@ use warren_relay_proto::{FrameDecoder, Framer, PublicKey, SecretKey, Transport};
 
 use crate::clients::{Clients, Control};
 use crate::config::{Config, TlsMode};
+use crate::mesh::Remote;
 use crate::metrics::{HandshakeFailure, RelayMetrics};
 use crate::web::{self, HeadError, Route};
-use crate::{conn, stun};
+use crate::{conn, mesh, stun};
 use warren_common::{keyfile, tls};
 
 /// Why the server could not start.
@@ -71,6 +72,10 @@ pub(crate) struct Shared {
     pub(crate) public: PublicKey,
     pub(crate) config: Config,
     pub(crate) clients: Clients,
+    /// Keys held by mesh siblings.
+    pub(crate) mesh_remote: Remote,
+    /// Mesh links up.
+    pub(crate) mesh_links: std::sync::atomic::AtomicUsize,
     pub(crate) metrics: RelayMetrics,
     /// Fires when connections must close (end of drain).
     pub(crate) conns_cancel: CancellationToken,
@@ -142,6 +147,8 @@ impl Server {
             public,
             config: config.clone(),
             clients: Clients::default(),
+            mesh_remote: Remote::default(),
+            mesh_links: std::sync::atomic::AtomicUsize::new(0),
             metrics: RelayMetrics::new(),
             conns_cancel: CancellationToken::new(),
             draining: AtomicBool::new(false),
@@ -155,6 +162,10 @@ impl Server {
         }
         if let Some(l) = admin_listener {
             tracker.spawn(admin_loop(l, prometheus, shared.clone(), tracker.clone()));
+        }
+        if let Some(m) = config.mesh.clone() {
+            info!(peers = m.peers.len(), dns = ?m.dns, "region mesh on");
+            mesh::spawn(shared.clone(), m, &tracker);
         }
         info!(
             key = %public,
@@ -198,6 +209,16 @@ impl Server {
     /// Number of logged-in clients.
     pub fn client_count(&self) -> usize {
         self.shared.clients.len()
+    }
+
+    /// Number of client keys that mesh siblings told this relay they hold.
+    pub fn mesh_remote_count(&self) -> usize {
+        self.shared.mesh_remote.len()
+    }
+
+    /// Number of mesh links to siblings that are logged in and watching.
+    pub fn mesh_link_count(&self) -> usize {
+        self.shared.mesh_links.load(Ordering::Relaxed)
     }
 
     /// Drains and stops: see the module docs. Returns when every task has ended.

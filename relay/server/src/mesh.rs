@@ -1,0 +1,359 @@
+//! The region mesh: relays of one region forward to each other's clients.
+//!
+//! ```text
+//!  relay A                                   relay B
+//!  link to B ── ClientInfo{meshKey} ──────▶  mesh connection (conn.rs)
+//!            ── WatchConns ───────────────▶  snapshot of B's clients, then every change
+//!            ◀── PeerPresent / PeerGone ───
+//!            ── ForwardPacket{src,dst} ───▶  RecvPacket{src} to dst, if dst is on B
+//! ```
+//!
+//! Every relay dials every sibling (from `[mesh] peers` and/or a DNS name) with the region's
+//! mesh key and learns which keys the sibling holds. A SendPacket for a key that is not local
+//! but held by a sibling goes to that sibling once, as ForwardPacket; the sibling delivers it
+//! only to its own clients (one hop, never onward). A link that drops forgets everything it
+//! taught and reconnects with jittered backoff; the sibling's snapshot resyncs it.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand_core::{OsRng, RngCore};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+use warren_common::derp::{ConnectOptions, DerpClient};
+use warren_relay_proto::handshake::ClientInfo;
+use warren_relay_proto::{Frame, PublicKey};
+
+use crate::config::MeshConfig;
+use crate::metrics::DropReason;
+use crate::server::Shared;
+
+/// Packets waiting for one sibling link.
+const LINK_QUEUE: usize = 8192;
+/// ForwardPacket frames written per batch.
+const LINK_BATCH: usize = 256;
+/// Deadline for dialling and logging in to a sibling.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest backoff between attempts to reach a sibling.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// A packet for a client held by a sibling.
+#[derive(Debug)]
+pub(crate) struct Forward {
+    pub(crate) src: PublicKey,
+    pub(crate) dst: PublicKey,
+    pub(crate) data: Bytes,
+}
+
+/// Outcome of [`Remote::forward`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Forwarded {
+    Queued,
+    QueueFull,
+    Unknown,
+}
+
+#[derive(Debug, Clone)]
+struct Link {
+    id: u64,
+    tx: mpsc::Sender<Forward>,
+}
+
+/// Which sibling holds which key, as the siblings told us.
+#[derive(Debug, Default)]
+pub(crate) struct Remote {
+    keys: RwLock<HashMap<PublicKey, Link>>,
+}
+
+impl Remote {
+    /// Queues a packet for the sibling that holds `dst`, without waiting.
+    pub(crate) fn forward(&self, src: PublicKey, dst: PublicKey, data: Bytes) -> Forwarded {
+        let keys = self.read();
+        let Some(link) = keys.get(&dst) else {
+            return Forwarded::Unknown;
+        };
+        match link.tx.try_send(Forward { src, dst, data }) {
+            Ok(()) => Forwarded::Queued,
+            Err(mpsc::error::TrySendError::Full(_)) => Forwarded::QueueFull,
+            Err(mpsc::error::TrySendError::Closed(_)) => Forwarded::Unknown,
+        }
+    }
+
+    /// Number of keys held by siblings.
+    pub(crate) fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    fn present(&self, key: PublicKey, link: &Link) {
+        self.write().insert(key, link.clone());
+    }
+
+    fn gone(&self, key: &PublicKey, link_id: u64) {
+        let mut keys = self.write();
+        // The key may have moved to another sibling meanwhile: only forget our own entry.
+        if keys.get(key).is_some_and(|l| l.id == link_id) {
+            keys.remove(key);
+        }
+    }
+
+    fn forget_link(&self, link_id: u64) {
+        self.write().retain(|_, l| l.id != link_id);
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<PublicKey, Link>> {
+        // Single inserts and removes cannot leave the map inconsistent: a poisoned lock is usable.
+        self.keys.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<PublicKey, Link>> {
+        self.keys.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// One sibling to dial.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Target {
+    url: String,
+    addr: Option<SocketAddr>,
+}
+
+/// Starts a link per configured sibling and, with `dns`, the resolver that adds and removes
+/// links as the name's addresses change. Everything stops when the relay's connections close.
+pub(crate) fn spawn(shared: Arc<Shared>, mesh: MeshConfig, tracker: &TaskTracker) {
+    let ids = Arc::new(AtomicU64::new(1));
+    for url in &mesh.peers {
+        let target = Target { url: url.clone(), addr: None };
+        tracker.spawn(run_link(shared.clone(), mesh.clone(), target, ids.clone(), shared.conns_cancel.clone()));
+    }
+    if mesh.dns.is_some() {
+        tracker.spawn(resolve_loop(shared, mesh, ids, tracker.clone()));
+    }
+}
+
+/// Keeps one link per address of the mesh DNS name.
+async fn resolve_loop(shared: Arc<Shared>, mesh: MeshConfig, ids: Arc<AtomicU64>, tracker: TaskTracker) {
+    let Some((name, port)) = mesh.dns.clone() else { return };
+    let cancel = shared.conns_cancel.clone();
+    let mut links: HashMap<SocketAddr, CancellationToken> = HashMap::new();
+    loop {
+        match tokio::net::lookup_host((name.as_str(), port)).await {
+            Ok(addrs) => {
+                let now: HashSet<SocketAddr> = addrs.collect();
+                links.retain(|addr, stop| {
+                    let keep = now.contains(addr);
+                    if !keep {
+                        info!(%addr, "mesh sibling left the DNS name");
+                        stop.cancel();
+                    }
+                    keep
+                });
+                for addr in now {
+                    if links.contains_key(&addr) {
+                        continue;
+                    }
+                    let stop = cancel.child_token();
+                    let target = Target { url: format!("https://{}:{port}", mesh.tls_name), addr: Some(addr) };
+                    tracker.spawn(run_link(shared.clone(), mesh.clone(), target, ids.clone(), stop.clone()));
+                    links.insert(addr, stop);
+                }
+            }
+            Err(e) => warn!(%name, error = %e, "cannot resolve the mesh DNS name; keeping current siblings"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(mesh.resolve_interval) => {}
+        }
+    }
+}
+
+/// Dials one sibling until the relay stops; returns early if the target is this relay.
+async fn run_link(
+    shared: Arc<Shared>,
+    mesh: MeshConfig,
+    target: Target,
+    ids: Arc<AtomicU64>,
+    cancel: CancellationToken,
+) {
+    let info = ClientInfo { mesh_key: mesh.key.expose().to_owned(), ..ClientInfo::node() };
+    let opts = ConnectOptions {
+        ca_file: mesh.ca_file.clone(),
+        connect_addr: target.addr,
+        info,
+        timeout: CONNECT_TIMEOUT,
+        ..Default::default()
+    };
+    let mut failures = 0u32;
+    let mut last_warning: Option<Instant> = None;
+    loop {
+        let connected = tokio::select! {
+            _ = cancel.cancelled() => return,
+            c = DerpClient::connect(&target.url, &shared.secret, &opts) => c,
+        };
+        match connected {
+            Ok(client) if client.server_key() == shared.public => {
+                debug!(url = %target.url, addr = ?target.addr, "mesh peer is this relay; not linking to it");
+                return;
+            }
+            Ok(client) => {
+                let id = ids.fetch_add(1, Ordering::Relaxed);
+                let started = Instant::now();
+                let why = serve_link(&shared, client, id, &cancel).await;
+                shared.mesh_remote.forget_link(id);
+                shared.metrics.mesh_remote_clients.set(shared.mesh_remote.len() as f64);
+                if cancel.is_cancelled() {
+                    return;
+                }
+                warn!(url = %target.url, addr = ?target.addr, reason = why, "mesh link lost; reconnecting");
+                failures = if started.elapsed() > Duration::from_secs(10) { 0 } else { failures + 1 };
+            }
+            Err(e) => {
+                failures += 1;
+                // One warning per sibling per minute while it stays unreachable.
+                if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                    warn!(url = %target.url, addr = ?target.addr, error = %e, kind = e.kind(), "cannot reach mesh sibling");
+                    last_warning = Some(Instant::now());
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff(failures)) => {}
+        }
+    }
+}
+
+/// Runs one logged-in link: watch the sibling's clients, forward packets to it.
+///
+/// Cancel safety of the loop: `recv` on the mpsc channel and [`DerpClient::recv`] lose nothing
+/// when dropped; the ticks are re-armed each round. Writes happen in branch bodies.
+async fn serve_link(shared: &Shared, mut client: DerpClient, id: u64, cancel: &CancellationToken) -> &'static str {
+    let (tx, mut rx) = mpsc::channel(LINK_QUEUE);
+    let link = Link { id, tx };
+    if client.send(&Frame::WatchConns).await.is_err() {
+        return "write failed";
+    }
+    let m = &shared.metrics;
+    m.mesh_peers.increment(1.0);
+    shared.mesh_links.fetch_add(1, Ordering::Relaxed);
+    info!(sibling = %client.server_key().short(), "mesh link up");
+    let write_timeout = shared.config.write_timeout;
+    let interval = shared.config.keepalive_interval;
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
+    let mut last_rx = Instant::now();
+    let why = loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break "relay shutting down",
+            Some(first) = rx.recv() => {
+                let mut n = 0u64;
+                let mut next = Some(first);
+                while let Some(f) = next.take() {
+                    if client.queue(&Frame::ForwardPacket { src: f.src, dst: f.dst, packet: f.data }).is_ok() {
+                        n += 1;
+                    }
+                    if n < LINK_BATCH as u64 {
+                        next = rx.try_recv().ok();
+                    }
+                }
+                m.mesh_forwarded_out.increment(n);
+                if tokio::time::timeout(write_timeout, client.flush()).await.map_or(true, |r| r.is_err()) {
+                    m.dropped(DropReason::MeshLinkDown, n);
+                    break "write failed or timed out";
+                }
+            }
+            frame = client.recv() => {
+                last_rx = Instant::now();
+                match frame {
+                    Ok(Frame::PeerPresent { peer, .. }) => shared.mesh_remote.present(peer, &link),
+                    Ok(Frame::PeerGone { peer, .. }) => shared.mesh_remote.gone(&peer, id),
+                    Ok(Frame::Ping(d)) => {
+                        if client.send(&Frame::Pong(d)).await.is_err() {
+                            break "write failed";
+                        }
+                    }
+                    Ok(Frame::Restarting { .. }) => info!(sibling = %client.server_key().short(), "mesh sibling is draining"),
+                    Ok(_) => {}
+                    Err(_) => break "connection closed",
+                }
+                m.mesh_remote_clients.set(shared.mesh_remote.len() as f64);
+            }
+            _ = ping.tick() => {
+                if last_rx.elapsed() > interval * 2 {
+                    break "sibling silent for two keep-alive intervals";
+                }
+                let mut data = [0u8; 8];
+                OsRng.fill_bytes(&mut data);
+                if client.send(&Frame::Ping(data)).await.is_err() {
+                    break "write failed";
+                }
+            }
+        }
+    };
+    m.mesh_peers.decrement(1.0);
+    shared.mesh_links.fetch_sub(1, Ordering::Relaxed);
+    rx.close();
+    let mut left = 0;
+    while rx.try_recv().is_ok() {
+        left += 1;
+    }
+    m.dropped(DropReason::MeshLinkDown, left);
+    why
+}
+
+/// Jittered exponential backoff: 100 ms doubling to [`MAX_BACKOFF`], then 50–150 %.
+fn backoff(failures: u32) -> Duration {
+    let base = Duration::from_millis(100).saturating_mul(1 << failures.min(7)).min(MAX_BACKOFF);
+    base.mul_f64(0.5 + f64::from(OsRng.next_u32() % 1000) / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> PublicKey {
+        PublicKey::from_bytes([b; 32])
+    }
+
+    #[test]
+    fn keys_follow_the_latest_sibling_and_links_forget_only_their_own() {
+        let remote = Remote::default();
+        let (tx_a, mut rx_a) = mpsc::channel(4);
+        let (tx_b, mut rx_b) = mpsc::channel(4);
+        let (a, b) = (Link { id: 1, tx: tx_a }, Link { id: 2, tx: tx_b });
+        remote.present(key(9), &a);
+        remote.present(key(9), &b); // the client moved from A's relay to B's
+        remote.gone(&key(9), 1); // A's late departure notice must not erase B's entry
+        assert_eq!(remote.forward(key(1), key(9), Bytes::from_static(b"p")), Forwarded::Queued);
+        assert!(rx_a.try_recv().is_err());
+        assert_eq!(rx_b.try_recv().map(|f| f.dst).ok(), Some(key(9)));
+        remote.present(key(8), &a);
+        remote.forget_link(2);
+        assert_eq!(remote.forward(key(1), key(9), Bytes::new()), Forwarded::Unknown);
+        assert_eq!(remote.forward(key(1), key(8), Bytes::new()), Forwarded::Queued);
+        assert_eq!(remote.len(), 1);
+    }
+
+    #[test]
+    fn a_full_link_queue_is_reported() {
+        let remote = Remote::default();
+        let (tx, _rx) = mpsc::channel(1);
+        remote.present(key(5), &Link { id: 1, tx });
+        assert_eq!(remote.forward(key(1), key(5), Bytes::new()), Forwarded::Queued);
+        assert_eq!(remote.forward(key(1), key(5), Bytes::new()), Forwarded::QueueFull);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        assert!(backoff(0) <= Duration::from_millis(150));
+        for f in 0..40 {
+            assert!(backoff(f) <= MAX_BACKOFF.mul_f64(1.5));
+        }
+        assert!(backoff(20) >= MAX_BACKOFF / 2);
+    }
+}
