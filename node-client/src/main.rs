@@ -130,6 +130,9 @@ struct UpArgs {
     /// Seconds between STUN rounds.
     #[arg(long, default_value_t = 20)]
     stun_interval: u64,
+    /// Never go direct: every packet to a peer goes through the home relay.
+    #[arg(long)]
+    relay_only: bool,
     /// Edge tunnel address (host:port, UDP) for `warren funnel`.
     #[arg(long)]
     edge: Option<String>,
@@ -209,6 +212,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     cfg.ca_file = args.ca;
     cfg.udp_bind = args.udp;
     cfg.stun_interval = Duration::from_secs(args.stun_interval.max(1));
+    cfg.relay_only = args.relay_only;
     let funnel_settings = match (args.edge, args.funnel_token) {
         (Some(edge), Some(token)) => Some(FunnelConfig {
             edge,

@@ -45,6 +45,9 @@ pub struct NodeConfig {
     pub stun_interval: Duration,
     /// How often to reconsider the home region.
     pub rehome_interval: Duration,
+    /// Never use direct paths: advertise no endpoints, send no direct pings, ignore direct
+    /// datagrams. Every packet goes through the relay.
+    pub relay_only: bool,
 }
 
 impl NodeConfig {
@@ -57,6 +60,7 @@ impl NodeConfig {
             udp_bind: SocketAddr::from(([0, 0, 0, 0], 0)),
             stun_interval: Duration::from_secs(20),
             rehome_interval: Duration::from_secs(30),
+            relay_only: false,
         }
     }
 }
@@ -263,7 +267,7 @@ impl Node {
 enum RelayEvent {
     Connected,
     /// The relay said it is restarting, or the connection failed.
-    Lost(u32),
+    Lost(u32, String),
     Packet(PublicKey, Bytes),
 }
 
@@ -320,11 +324,13 @@ impl RelayTask {
                     None
                 }
             };
-            let _ = self.events.send(RelayEvent::Lost(target.region_id)).await;
+            let _ = self.events.send(RelayEvent::Lost(target.region_id, target.url.clone())).await;
             let delay = wait.unwrap_or_else(|| backoff(failures));
+            // A new home (a sibling in the same region, or another region) is dialled at once.
             tokio::select! {
                 _ = self.cancel.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
+                _ = self.home.changed() => {}
             }
         }
     }
@@ -433,7 +439,8 @@ struct Core {
     stun_pending: HashMap<[u8; 12], StunProbe>,
     mapped: HashMap<SocketAddr, SocketAddr>,
     region_rtt: BTreeMap<u32, Duration>,
-    bad_regions: HashMap<u32, Instant>,
+    /// Relays (by URL) that failed or said they are restarting, and when.
+    bad_nodes: HashMap<String, Instant>,
     local_endpoint: Option<SocketAddr>,
     explicit_pings: HashMap<[u8; 12], ExplicitPing>,
     started: Instant,
@@ -464,7 +471,7 @@ impl Core {
             stun_pending: HashMap::new(),
             mapped: HashMap::new(),
             region_rtt: BTreeMap::new(),
-            bad_regions: HashMap::new(),
+            bad_nodes: HashMap::new(),
             local_endpoint: None,
             explicit_pings: HashMap::new(),
             started: Instant::now(),
@@ -608,6 +615,9 @@ impl Core {
 
     /// Pings due candidates and, without a direct path, tells the peer our endpoints.
     async fn probe_peer(&mut self, peer: PublicKey, now: Instant) {
+        if self.config.relay_only {
+            return;
+        }
         let endpoints = self.endpoints();
         let Some(p) = self.peers.get_mut(&peer) else { return };
         let pings = p.paths.poll_pings(now, &mut OsRng);
@@ -635,9 +645,9 @@ impl Core {
     async fn on_relay(&mut self, ev: RelayEvent) {
         match ev {
             RelayEvent::Connected => self.relay_connected = true,
-            RelayEvent::Lost(region) => {
+            RelayEvent::Lost(_region, url) => {
                 self.relay_connected = false;
-                self.bad_regions.insert(region, Instant::now());
+                self.bad_nodes.insert(url, Instant::now());
                 self.choose_home(true);
             }
             RelayEvent::Packet(src, data) => self.on_envelope(&data, src, None).await,
@@ -646,6 +656,9 @@ impl Core {
 
     async fn on_datagram(&mut self, data: &[u8], from: SocketAddr) {
         if disco::is_envelope(data) {
+            if self.config.relay_only {
+                return;
+            }
             if let Ok(sender) = disco::sender(data) {
                 self.on_envelope(data, sender, Some(from)).await;
             }
@@ -692,6 +705,7 @@ impl Core {
                     let _ = reply.send((path, now.saturating_duration_since(sent)));
                 }
             }
+            (Message::CallMeMaybe { .. }, _) if self.config.relay_only => {}
             (Message::CallMeMaybe { endpoints }, _) => {
                 let p = self.peers.entry(sender).or_default();
                 p.paths.add_candidates(&endpoints);
@@ -773,17 +787,24 @@ impl Core {
     /// Moves only on a clear improvement unless `force` (the current home failed).
     fn choose_home(&mut self, force: bool) {
         let now = Instant::now();
-        self.bad_regions.retain(|_, t| now.saturating_duration_since(*t) < BAD_REGION_FOR);
+        self.bad_nodes.retain(|_, t| now.saturating_duration_since(*t) < BAD_REGION_FOR);
         let current = self.home_tx.borrow().as_ref().map(|h| h.region_id);
         let rtt = |id: u32| self.region_rtt.get(&id).copied().unwrap_or(Duration::from_secs(3600));
+        // A region is failing when every relay in it is.
+        let failing = |id: u32| {
+            self.config
+                .region_map
+                .region(id)
+                .is_none_or(|r| RegionMap::derp_nodes(r).all(|n| self.bad_nodes.contains_key(&n.url())))
+        };
         let mut regions: Vec<u32> = self
             .config
             .region_map
             .regions()
-            .filter(|r| RegionMap::derp_node(r).is_some())
+            .filter(|r| RegionMap::derp_nodes(r).next().is_some())
             .map(|r| r.region_id)
             .collect();
-        regions.sort_by_key(|id| (self.bad_regions.contains_key(id), rtt(*id), *id));
+        regions.sort_by_key(|id| (failing(*id), rtt(*id), *id));
         let Some(&best) = regions.first() else { return };
         if let Some(cur) = current.filter(|_| !force) {
             let (b, c) = (rtt(best), rtt(cur));
@@ -796,7 +817,11 @@ impl Core {
         // When every region failed recently, `best` is the least recently failed one's peer in
         // id order, possibly the current home again: the relay task keeps retrying it.
         let Some(region) = self.config.region_map.region(best) else { return };
-        let Some(node) = RegionMap::derp_node(region) else { return };
+        // The first relay of the region that has not failed lately; when all have, the one that
+        // failed longest ago.
+        let Some(node) = RegionMap::derp_nodes(region).min_by_key(|n| self.bad_nodes.get(&n.url()).copied()) else {
+            return;
+        };
         let target = target_for(best, node);
         if self.home_tx.borrow().as_ref() != Some(&target) {
             info!(region = best, code = %region.region_code, latency = ?self.region_rtt.get(&best), "home region chosen");

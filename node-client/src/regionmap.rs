@@ -186,6 +186,11 @@ impl RegionMap {
         region.nodes.iter().find(|n| !n.stun_only)
     }
 
+    /// The nodes of a region that serve DERP, in map order (siblings of one meshed region).
+    pub fn derp_nodes(region: &Region) -> impl Iterator<Item = &RelayNode> {
+        region.nodes.iter().filter(|n| !n.stun_only)
+    }
+
     /// The region with this id.
     pub fn region(&self, id: u32) -> Option<&Region> {
         self.regions.values().find(|r| r.region_id == id)
