@@ -26,5 +26,13 @@ fn the_kubernetes_relay_config_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/k8s/relay.yaml");
     let toml = warren_common::testing::k8s_embedded(&path, "ConfigMap", "warren-relay", "relay.toml")
         .unwrap_or_else(|e| panic!("{e}"));
-    Config::try_from(FileConfig::parse(&toml).unwrap_or_else(|e| panic!("{e}"))).unwrap_or_else(|e| panic!("{e}"));
+    let mut file = FileConfig::parse(&toml).unwrap_or_else(|e| panic!("{e}"));
+    // The mesh key reaches the pods from the Secret, as WARREN_MESH_KEY.
+    file.mesh.key = Some(
+        warren_common::testing::k8s_embedded(&path, "Secret", "warren-relay-mesh", "mesh-key")
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    let config = Config::try_from(file).unwrap_or_else(|e| panic!("{e}"));
+    let mesh = config.mesh.expect("the region's relays mesh");
+    assert_eq!(mesh.dns, Some(("warren-relay-peers".into(), 443)));
 }
