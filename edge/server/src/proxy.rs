@@ -20,6 +20,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 use warren_common::tunnel_io::{is_hop_by_hop, read_message, send_body, write_message, QuicBody};
 use warren_tunnel_proto::{Message, RequestHead};
@@ -197,12 +198,23 @@ async fn proxy(
     let head = request_head(&req, info, &host, upgrade);
     write_message(&mut send, &Message::Request(head)).await.map_err(|_| ProxyError::NodeUnreachable)?;
     let body = req.into_body();
+    // Once the response has been streamed out in full (or the visitor left), the request is
+    // over: an upload the origin never read is abandoned, which resets the visitor's HTTP/2
+    // stream instead of leaving it blocked on flow control.
+    let response_done = CancellationToken::new();
     let send = if upgrade {
         Some(send)
     } else {
+        let done = response_done.clone();
         tokio::spawn(async move {
-            if let Err(e) = send_body(body, &mut send).await {
-                debug!(error = %e, "request body not fully sent");
+            tokio::select! {
+                r = send_body(body, &mut send) => if let Err(e) = r {
+                    debug!(error = %e, "request body not fully sent");
+                },
+                _ = done.cancelled() => {
+                    let _ = send.reset(0u32.into());
+                    debug!("response complete before the request body: upload abandoned");
+                }
             }
         });
         None
@@ -236,7 +248,7 @@ async fn proxy(
                 let _ = tokio::io::copy_bidirectional(&mut visitor, &mut node).await;
             });
         }
-        _ => *resp.body_mut() = QuicBody::with_guard(recv, permit).boxed(),
+        _ => *resp.body_mut() = QuicBody::with_guard(recv, (permit, response_done.drop_guard())).boxed(),
     }
     Ok(resp)
 }

@@ -75,6 +75,15 @@ async fn origin(mut req: Request<Incoming>) -> Result<Response<OriginBody>, Infa
             r.headers_mut().insert("content-type", "text/event-stream".parse().expect("hv"));
             r
         }
+        "/early" => {
+            // Answers at once and discards the upload in the background, as nginx does when it
+            // refuses a body (closing instead would race the answer against a TCP reset).
+            let mut body = req.into_body();
+            tokio::spawn(async move { while let Some(Ok(_)) = body.frame().await {} });
+            let mut r = Response::new(full("too large"));
+            *r.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+            r
+        }
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(700)).await;
             Response::new(full("slow but sure"))
@@ -176,6 +185,22 @@ impl Lab {
             tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.expect("visitor TLS handshake validates");
         let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.expect("http handshake");
         tokio::spawn(conn.with_upgrades());
+        send
+    }
+
+    /// Opens an HTTP/2 connection to the edge as a visitor of `host`.
+    async fn visitor_h2(&self, host: &str) -> hyper::client::conn::http2::SendRequest<OriginBody> {
+        let tcp = TcpStream::connect(self.edge.public_addrs()[0]).await.expect("connect");
+        let mut cfg = (*warren::derp::tls_config(self.edge.dev_ca_cert()).expect("tls")).clone();
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        let name = rustls_pki_types::ServerName::try_from(host.to_owned()).expect("name");
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.expect("TLS");
+        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]), "the edge speaks HTTP/2");
+        let (send, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
         send
     }
 
@@ -365,4 +390,40 @@ async fn drain_lets_in_flight_requests_finish() {
     assert_eq!(&resp.into_body().collect().await.expect("body").to_bytes()[..], b"slow but sure");
     assert!(TcpStream::connect(addr).await.is_err(), "no longer accepting");
     let _ = Empty::<Bytes>::new();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_ends_the_visitors_http2_upload() {
+    let lab = start_edge("1s").await;
+    let origin = start_origin().await;
+    let f = lab.funnel("web", TOKEN, format!("http://{origin}"));
+    f.wait_registered(Duration::from_secs(10)).await.expect("registered");
+    // Up to 1 GiB offered; the origin answers 413 without reading any of it.
+    let (tx, rx) = mpsc::channel(4);
+    let producer = tokio::spawn(async move {
+        let chunk = Bytes::from(vec![1u8; 1 << 20]);
+        let mut sent = 0u32;
+        while sent < 1024 && tx.send(chunk.clone()).await.is_ok() {
+            sent += 1;
+        }
+        sent
+    });
+    let mut v = lab.visitor_h2("web.funnel.test").await;
+    let req = Request::post("/early").header("host", "web.funnel.test").body(ChanBody(rx).boxed()).expect("req");
+    let resp = tokio::time::timeout(Duration::from_secs(10), v.send_request(req))
+        .await
+        .expect("the answer arrives")
+        .expect("response");
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(&body[..], b"too large");
+    // Once the answer is complete the edge resets the stream: the visitor stops uploading
+    // (without the reset, curl was seen stalled on a closed flow-control window, and here the
+    // whole GiB would be carried to an origin that throws it away).
+    let sent = tokio::time::timeout(Duration::from_secs(10), producer)
+        .await
+        .expect("the upload ends instead of stalling")
+        .expect("producer");
+    assert!(sent < 1024, "the upload was cut short, not carried whole ({sent} MiB)");
+    lab.edge.shutdown().await;
 }
