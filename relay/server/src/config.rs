@@ -48,6 +48,18 @@ pub mod defaults {
     pub const MESH_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
     /// Shortest mesh key accepted.
     pub const MESH_KEY_MIN_LEN: usize = 16;
+    /// New connections accepted per second (all sources together) ...
+    pub const ACCEPT_RATE: u32 = 10_000;
+    /// ... with this burst (a region's clients reconnecting after a restart).
+    pub const ACCEPT_BURST: u32 = 20_000;
+    /// Open connections per source IP (many nodes can share one NAT address).
+    pub const MAX_CONNS_PER_IP: u32 = 4096;
+    /// Smallest per-client burst when a client rate is set: room for the largest frame.
+    pub const MIN_CLIENT_BURST: u64 = 128 << 10;
+    /// Deadline of one admission callout.
+    pub const CALLOUT_TIMEOUT: Duration = Duration::from_secs(2);
+    /// How long a callout's answer is reused for the same key.
+    pub const CALLOUT_CACHE_TTL: Duration = Duration::from_secs(60);
 }
 
 /// The TOML file as written by an operator. Every key is optional.
@@ -80,6 +92,29 @@ pub struct FileConfig {
     /// Region mesh.
     #[serde(default)]
     pub mesh: MeshFile,
+    /// Who may log in.
+    #[serde(default)]
+    pub admission: AdmissionFile,
+}
+
+/// `[admission]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdmissionFile {
+    /// `open` (default), `allow_list` or `callout`.
+    pub mode: Option<String>,
+    /// For `allow_list`: one node key per line; re-read when it changes.
+    pub allow_list_file: Option<PathBuf>,
+    /// For `callout`: the URL POSTed `{"NodePublic", "Source"}`, answering `{"Allow": bool}`.
+    pub callout_url: Option<String>,
+    /// Extra CA (PEM) to trust for an https callout.
+    pub callout_ca_file: Option<PathBuf>,
+    /// Deadline of one callout, e.g. "2s".
+    pub callout_timeout: Option<String>,
+    /// How long an answer is reused for the same key, e.g. "60s".
+    pub cache_ttl: Option<String>,
+    /// Admit when the callout fails (default false: refuse).
+    pub fail_open: Option<bool>,
 }
 
 /// `[mesh]`: the relays of one region forward to each other's clients.
@@ -144,6 +179,17 @@ pub struct LimitsFile {
     pub write_timeout: Option<String>,
     /// e.g. "60s".
     pub keepalive_interval: Option<String>,
+    /// New connections per second, all sources together.
+    pub accept_rate: Option<u32>,
+    /// Burst of new connections.
+    pub accept_burst: Option<u32>,
+    /// Open connections per source IP.
+    pub max_conns_per_ip: Option<u32>,
+    /// Bytes per second each client may send (0 or absent: unlimited); told to clients in
+    /// ServerInfo and enforced by reading more slowly.
+    pub client_bytes_per_second: Option<u64>,
+    /// Burst of the per-client budget (default: one second's worth, at least 128 KiB).
+    pub client_burst_bytes: Option<u64>,
 }
 
 /// `[shutdown]`
@@ -258,6 +304,40 @@ pub struct MeshConfig {
     pub resolve_interval: Duration,
 }
 
+/// Who may log in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AdmissionConfig {
+    /// Everyone.
+    Open,
+    /// The keys listed in a file.
+    AllowList {
+        /// The file.
+        file: PathBuf,
+    },
+    /// Whatever an HTTP endpoint answers.
+    Callout {
+        /// The endpoint.
+        url: String,
+        /// Extra CA for https.
+        ca_file: Option<PathBuf>,
+        /// Deadline.
+        timeout: Duration,
+        /// Answer reuse.
+        cache_ttl: Duration,
+        /// Admit when the callout fails.
+        fail_open: bool,
+    },
+}
+
+/// A per-client send budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientRate {
+    /// Bytes per second.
+    pub bytes_per_second: u64,
+    /// Burst in bytes.
+    pub burst_bytes: u64,
+}
+
 /// The checked runtime configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
@@ -291,6 +371,16 @@ pub struct Config {
     pub restart_try_for: Duration,
     /// Region mesh, when a mesh key is set.
     pub mesh: Option<MeshConfig>,
+    /// Accepts per second.
+    pub accept_rate: NonZeroU32,
+    /// Accept burst.
+    pub accept_burst: NonZeroU32,
+    /// Open connections per source IP.
+    pub max_conns_per_ip: NonZeroU32,
+    /// Per-client send budget, if any.
+    pub client_rate: Option<ClientRate>,
+    /// Who may log in.
+    pub admission: AdmissionConfig,
 }
 
 impl TryFrom<FileConfig> for Config {
@@ -343,6 +433,14 @@ impl TryFrom<FileConfig> for Config {
         };
         let hostname = f.hostname.unwrap_or_else(|| "localhost".into());
         let mesh = mesh_config(f.mesh, &hostname)?;
+        let admission = admission_config(f.admission)?;
+        let client_rate = match f.limits.client_bytes_per_second.unwrap_or(0) {
+            0 => None,
+            rate => Some(ClientRate {
+                bytes_per_second: rate,
+                burst_bytes: f.limits.client_burst_bytes.unwrap_or(rate).max(defaults::MIN_CLIENT_BURST),
+            }),
+        };
         let depth = f.limits.send_queue_depth.unwrap_or(defaults::SEND_QUEUE_DEPTH);
         let send_queue_depth = NonZeroUsize::new(depth)
             .filter(|d| d.get() <= 1 << 16)
@@ -375,7 +473,43 @@ impl TryFrom<FileConfig> for Config {
             )?,
             restart_try_for: duration("shutdown.try_for", f.shutdown.try_for, defaults::RESTART_TRY_FOR)?,
             mesh,
+            accept_rate: nonzero_u32("limits.accept_rate", f.limits.accept_rate.unwrap_or(defaults::ACCEPT_RATE))?,
+            accept_burst: nonzero_u32("limits.accept_burst", f.limits.accept_burst.unwrap_or(defaults::ACCEPT_BURST))?,
+            max_conns_per_ip: nonzero_u32(
+                "limits.max_conns_per_ip",
+                f.limits.max_conns_per_ip.unwrap_or(defaults::MAX_CONNS_PER_IP),
+            )?,
+            client_rate,
+            admission,
         })
+    }
+}
+
+fn admission_config(f: AdmissionFile) -> Result<AdmissionConfig, ConfigError> {
+    match f.mode.as_deref().unwrap_or("open") {
+        "open" => Ok(AdmissionConfig::Open),
+        "allow_list" => Ok(AdmissionConfig::AllowList {
+            file: f.allow_list_file.ok_or_else(|| {
+                ConfigError::invalid("admission.allow_list_file", "required when admission.mode = \"allow_list\"")
+            })?,
+        }),
+        "callout" => {
+            let url = f.callout_url.ok_or_else(|| {
+                ConfigError::invalid("admission.callout_url", "required when admission.mode = \"callout\"")
+            })?;
+            warren_common::url::RelayUrl::parse(&url)
+                .map_err(|e| ConfigError::invalid("admission.callout_url", e.to_string()))?;
+            Ok(AdmissionConfig::Callout {
+                url,
+                ca_file: f.callout_ca_file,
+                timeout: duration("admission.callout_timeout", f.callout_timeout, defaults::CALLOUT_TIMEOUT)?,
+                cache_ttl: duration("admission.cache_ttl", f.cache_ttl, defaults::CALLOUT_CACHE_TTL)?,
+                fail_open: f.fail_open.unwrap_or(false),
+            })
+        }
+        other => {
+            Err(ConfigError::invalid("admission.mode", format!("{other:?} is not one of open, allow_list, callout")))
+        }
     }
 }
 

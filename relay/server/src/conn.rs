@@ -25,7 +25,9 @@ use tracing::{debug, info};
 use warren_relay_proto::handshake::{ClientInfo, ServerInfo};
 use warren_relay_proto::{DecodeError, Frame, Framer, PeerGoneReason, PublicKey, Transport, PROTOCOL_VERSION};
 
+use crate::admission::{AdmissionResult, Verdict};
 use crate::clients::{ClientHandle, Control, Delivery, Packet};
+use crate::limits::TokenBucket;
 use crate::mesh::Forwarded;
 use crate::metrics::{DropReason, HandshakeFailure};
 use crate::server::Shared;
@@ -50,11 +52,17 @@ pub(crate) enum ReadError {
 }
 
 /// Serves one upgraded connection until it closes or the relay stops.
-pub(crate) async fn run<S>(shared: Arc<Shared>, mut io: S, mut framer: Framer, remote: SocketAddr, transport: Transport)
-where
+pub(crate) async fn run<S>(
+    shared: Arc<Shared>,
+    mut io: S,
+    mut framer: Framer,
+    remote: SocketAddr,
+    transport: Transport,
+    deadline: tokio::time::Instant,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let login = tokio::time::timeout(shared.config.handshake_timeout, handshake(&shared, &mut io, &mut framer)).await;
+    let login = tokio::time::timeout_at(deadline, handshake(&shared, &mut io, &mut framer)).await;
     let (key, info) = match login {
         Ok(Ok((key, info))) if !info.mesh_key.is_empty() => {
             return crate::mesh_conn::run(shared, io, framer, remote, key, &info.mesh_key).await;
@@ -71,6 +79,17 @@ where
             return;
         }
     };
+    let admitted = tokio::time::timeout_at(deadline, shared.admission.check(&key, remote.ip())).await;
+    let (verdict, result) =
+        admitted.unwrap_or((Verdict::Deny("admission check timed out"), AdmissionResult::CalloutError));
+    shared.metrics.admission(result);
+    if let Verdict::Deny(why) = verdict {
+        debug!(client = %key.short(), %remote, reason = why, "login refused");
+        framer.queue(&Frame::Health { problem: format!("not admitted: {why}") });
+        let _ = flush(&mut io, &mut framer, shared.config.write_timeout).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+        return;
+    }
     let conn_id = shared.next_conn_id();
     let (packets_tx, packets) = mpsc::channel(shared.config.send_queue_depth.get());
     let (control_tx, control) = mpsc::channel(CONTROL_QUEUE);
@@ -95,6 +114,11 @@ where
         sent_to: HashSet::new(),
         preferred: false,
         peer_gone_budget: PeerGoneBudget::new(Instant::now()),
+        budget: shared
+            .config
+            .client_rate
+            .map(|r| TokenBucket::new(r.bytes_per_second as f64, r.burst_bytes as f64, Instant::now())),
+        resume_reading: None,
     };
     let why = actor.run(&mut io).await;
     actor.finish(conn_id);
@@ -121,7 +145,11 @@ where
         return Err(HandshakeFailure::BadFrame);
     };
     let info = ClientInfo::open(&shared.secret, &key, &sealed).map_err(|_| HandshakeFailure::BadClientInfo)?;
-    let server_info = ServerInfo { version: PROTOCOL_VERSION, ..Default::default() };
+    let mut server_info = ServerInfo { version: PROTOCOL_VERSION, ..Default::default() };
+    if let Some(rate) = shared.config.client_rate {
+        server_info.token_bucket_bytes_per_second = rate.bytes_per_second;
+        server_info.token_bucket_bytes_burst = rate.burst_bytes;
+    }
     framer.queue(&server_info.seal_frame(&shared.secret, &key, &mut OsRng));
     flush(io, framer, shared.config.write_timeout).await.map_err(|_| HandshakeFailure::Io)?;
     Ok((key, info))
@@ -205,6 +233,10 @@ struct Actor {
     sent_to: HashSet<PublicKey>,
     preferred: bool,
     peer_gone_budget: PeerGoneBudget,
+    /// The client's send budget, when the relay sets one.
+    budget: Option<TokenBucket>,
+    /// Over budget: no reading until then (TCP pushes back on the client).
+    resume_reading: Option<tokio::time::Instant>,
 }
 
 /// What the frame handler decided.
@@ -219,6 +251,8 @@ impl Actor {
         let interval = self.shared.config.keepalive_interval;
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         loop {
+            let throttled = self.resume_reading.is_some();
+            let resume_at = self.resume_reading.unwrap_or_else(tokio::time::Instant::now);
             let next = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => Next::Close("relay shutting down"),
@@ -227,7 +261,11 @@ impl Actor {
                     self.on_packets(pkt);
                     Next::Continue
                 }
-                frame = read_frame(io, &mut self.framer) => match frame {
+                _ = tokio::time::sleep_until(resume_at), if throttled => {
+                    self.resume_reading = None;
+                    Next::Continue
+                }
+                frame = read_frame(io, &mut self.framer), if !throttled => match frame {
                     Ok(frame) => self.on_frame(frame),
                     Err(ReadError::Closed) => Next::Close("closed by client"),
                     Err(ReadError::Io) => Next::Close("read error"),
@@ -291,6 +329,17 @@ impl Actor {
     }
 
     fn on_frame(&mut self, frame: Frame) -> Next {
+        if let Some(budget) = &mut self.budget {
+            let cost = match &frame {
+                Frame::SendPacket { packet, .. } => packet.len() + 32,
+                _ => 16,
+            };
+            let wait = budget.take(Instant::now(), cost as f64);
+            if !wait.is_zero() {
+                self.shared.metrics.throttled.increment(1);
+                self.resume_reading = Some(tokio::time::Instant::now() + wait);
+            }
+        }
         match frame {
             Frame::SendPacket { dst, packet } => self.deliver(dst, packet),
             Frame::Ping(data) => self.framer.queue(&Frame::Pong(data)),

@@ -10,9 +10,11 @@
 //! of the DERP port), `stun`, `tls` and `keyfile` (re-exported from `warren-common`), [`metrics`].
 
 mod admin;
+pub mod admission;
 mod clients;
 pub mod config;
 mod conn;
+pub mod limits;
 mod mesh;
 mod mesh_conn;
 pub mod metrics;

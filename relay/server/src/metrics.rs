@@ -2,6 +2,8 @@
 //!
 //! Labels come only from closed enums; keys and addresses never appear in metrics.
 
+use crate::admission::AdmissionResult;
+use crate::limits::Rejected;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
 
 /// Why a packet was not delivered.
@@ -129,6 +131,15 @@ pub fn describe() {
     describe_counter!("relay_protocol_errors_total", "Connections closed for a protocol violation after login");
     describe_counter!("relay_stun_requests_total", "STUN datagrams received, by result");
     describe_counter!("relay_http_requests_total", "Plain HTTP requests served (probes, landing page)");
+    describe_counter!(
+        "relay_connections_rejected_total",
+        "Connections closed at accept, by reason (accept_rate, per_ip)"
+    );
+    describe_counter!("relay_admission_total", "Login admission decisions, by result");
+    describe_counter!(
+        "relay_clients_throttled_total",
+        "Times a client exceeded its send budget and was read more slowly"
+    );
     describe_gauge!("relay_mesh_peers", "Mesh links to sibling relays that are logged in and watching");
     describe_gauge!("relay_mesh_remote_clients", "Client keys that sibling relays hold, as they told us");
     describe_counter!("relay_mesh_forwarded_total", "Packets sent to (out) or received from (in) sibling relays");
@@ -148,6 +159,9 @@ pub struct RelayMetrics {
     pub(crate) unknown_frames: Counter,
     pub(crate) protocol_errors: Counter,
     pub(crate) http_requests: Counter,
+    pub(crate) throttled: Counter,
+    rejected: [Counter; 2],
+    admission: [Counter; 3],
     pub(crate) mesh_peers: Gauge,
     pub(crate) mesh_remote_clients: Gauge,
     pub(crate) mesh_forwarded_out: Counter,
@@ -172,6 +186,11 @@ impl RelayMetrics {
             unknown_frames: metrics::counter!("relay_frames_unknown_total"),
             protocol_errors: metrics::counter!("relay_protocol_errors_total"),
             http_requests: metrics::counter!("relay_http_requests_total"),
+            throttled: metrics::counter!("relay_clients_throttled_total"),
+            rejected: [Rejected::AcceptRate, Rejected::PerIp]
+                .map(|r| metrics::counter!("relay_connections_rejected_total", "reason" => r.label())),
+            admission: [AdmissionResult::Allowed, AdmissionResult::Denied, AdmissionResult::CalloutError]
+                .map(|r| metrics::counter!("relay_admission_total", "result" => r.label())),
             mesh_peers: metrics::gauge!("relay_mesh_peers"),
             mesh_remote_clients: metrics::gauge!("relay_mesh_remote_clients"),
             mesh_forwarded_out: metrics::counter!("relay_mesh_forwarded_total", "direction" => "out"),
@@ -191,6 +210,16 @@ impl RelayMetrics {
     /// Counts a failed handshake.
     pub fn handshake_failed(&self, reason: HandshakeFailure) {
         self.handshake[reason as usize].increment(1);
+    }
+
+    /// Counts a connection turned away at accept.
+    pub fn rejected(&self, why: Rejected) {
+        self.rejected[why as usize].increment(1);
+    }
+
+    /// Counts an admission decision.
+    pub fn admission(&self, result: AdmissionResult) {
+        self.admission[result as usize].increment(1);
     }
 
     /// Counts a STUN datagram.

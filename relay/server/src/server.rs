@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use hyper::service::service_fn;
@@ -24,8 +24,10 @@ use tracing::{info, warn};
 use warren_relay_proto::ws::Role;
 use warren_relay_proto::{FrameDecoder, Framer, PublicKey, SecretKey, Transport};
 
+use crate::admission::{Admission, AllowListError};
 use crate::clients::{Clients, Control};
 use crate::config::{Config, TlsMode};
+use crate::limits::{AcceptGate, LogLimiter};
 use crate::mesh::Remote;
 use crate::metrics::{HandshakeFailure, RelayMetrics};
 use crate::web::{self, HeadError, Route};
@@ -52,6 +54,9 @@ pub enum ServerError {
     /// TLS could not be set up.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// The admission allow-list could not be read.
+    #[error(transparent)]
+    Admission(#[from] AllowListError),
 }
 
 impl ServerError {
@@ -61,6 +66,7 @@ impl ServerError {
             ServerError::Bind { .. } => "bind",
             ServerError::KeyFile(_) => "key_file",
             ServerError::Tls(_) => "tls",
+            ServerError::Admission(_) => "admission",
         }
     }
 }
@@ -77,6 +83,12 @@ pub(crate) struct Shared {
     /// Mesh links up.
     pub(crate) mesh_links: std::sync::atomic::AtomicUsize,
     pub(crate) metrics: RelayMetrics,
+    /// Who may log in.
+    pub(crate) admission: Admission,
+    /// Accept rate and connections per source address.
+    gate: AcceptGate,
+    /// Keeps "connection rejected" logs to one line per few seconds under a flood.
+    reject_log: LogLimiter,
     /// Fires when connections must close (end of drain).
     pub(crate) conns_cancel: CancellationToken,
     draining: AtomicBool,
@@ -115,6 +127,7 @@ impl Server {
     /// [`ServerError`] if the key, TLS material or a listener cannot be set up.
     pub async fn spawn(config: Config, prometheus: Option<PrometheusHandle>) -> Result<Server, ServerError> {
         let secret = keyfile::load_or_create(&config.key_file)?;
+        let admission = Admission::new(&config.admission)?;
         let (acceptor, dev_ca_cert) = match &config.tls {
             TlsMode::Manual { cert_file, key_file } => {
                 (Some(TlsAcceptor::from(tls::load_manual(cert_file, key_file)?)), None)
@@ -150,6 +163,14 @@ impl Server {
             mesh_remote: Remote::default(),
             mesh_links: std::sync::atomic::AtomicUsize::new(0),
             metrics: RelayMetrics::new(),
+            admission,
+            gate: AcceptGate::new(
+                config.accept_rate.get(),
+                config.accept_burst.get(),
+                config.max_conns_per_ip.get(),
+                Instant::now(),
+            ),
+            reject_log: LogLimiter::new(Duration::from_secs(10)),
             conns_cancel: CancellationToken::new(),
             draining: AtomicBool::new(false),
             next_conn_id: AtomicU64::new(1),
@@ -162,6 +183,10 @@ impl Server {
         }
         if let Some(l) = admin_listener {
             tracker.spawn(admin_loop(l, prometheus, shared.clone(), tracker.clone()));
+        }
+        {
+            let shared = shared.clone();
+            tracker.spawn(async move { shared.admission.watch(shared.conns_cancel.clone()).await });
         }
         if let Some(m) = config.mesh.clone() {
             info!(peers = m.peers.len(), dns = ?m.dns, "region mesh on");
@@ -271,45 +296,65 @@ async fn accept_loop(
                 }
             },
         };
+        let slot = match shared.gate.admit(remote.ip(), Instant::now()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                shared.metrics.rejected(why);
+                if let Some(held_back) = shared.reject_log.allow() {
+                    warn!(reason = why.label(), held_back, "connection rejected at accept (logged at most every 10 s)");
+                }
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
-        tracker.spawn(handle_tcp(shared.clone(), tls.clone(), tcp, remote));
+        // One deadline from accept to login covers TLS, the HTTP head and the DERP handshake.
+        let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+        let conn = handle_tcp(shared.clone(), tls.clone(), tcp, remote, deadline);
+        tracker.spawn(async move {
+            let _slot = slot;
+            conn.await;
+        });
     }
 }
 
-async fn handle_tcp(shared: Arc<Shared>, tls: Option<TlsAcceptor>, tcp: TcpStream, remote: SocketAddr) {
+async fn handle_tcp(
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    deadline: tokio::time::Instant,
+) {
     let Some(acceptor) = tls else {
-        return serve_stream(shared, tcp, remote).await;
+        return serve_stream(shared, tcp, remote, deadline).await;
     };
-    match tokio::time::timeout(shared.config.handshake_timeout, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => serve_stream(shared, stream, remote).await,
+    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => serve_stream(shared, stream, remote, deadline).await,
         Ok(Err(_)) => shared.metrics.handshake_failed(HandshakeFailure::Tls),
         Err(_) => shared.metrics.handshake_failed(HandshakeFailure::Timeout),
     }
 }
 
-async fn serve_stream<S>(shared: Arc<Shared>, mut io: S, remote: SocketAddr)
+async fn serve_stream<S>(shared: Arc<Shared>, mut io: S, remote: SocketAddr, deadline: tokio::time::Instant)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut buf = BytesMut::with_capacity(1024);
-    let (head, head_len) =
-        match tokio::time::timeout(shared.config.handshake_timeout, web::read_head(&mut io, &mut buf)).await {
-            Ok(Ok(parsed)) => parsed,
-            Ok(Err(e)) => {
-                shared.metrics.handshake_failed(HandshakeFailure::BadRequest);
-                let msg = match e {
-                    HeadError::Closed => return,
-                    HeadError::TooLarge => web::error_response(
-                        ::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                        "request header too large",
-                    ),
-                    HeadError::Malformed => web::error_response(::http::StatusCode::BAD_REQUEST, "malformed request"),
-                };
-                let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(msg.as_bytes())).await;
-                return;
-            }
-            Err(_) => return shared.metrics.handshake_failed(HandshakeFailure::Timeout),
-        };
+    let (head, head_len) = match tokio::time::timeout_at(deadline, web::read_head(&mut io, &mut buf)).await {
+        Ok(Ok(parsed)) => parsed,
+        Ok(Err(e)) => {
+            shared.metrics.handshake_failed(HandshakeFailure::BadRequest);
+            let msg = match e {
+                HeadError::Closed => return,
+                HeadError::TooLarge => {
+                    web::error_response(::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request header too large")
+                }
+                HeadError::Malformed => web::error_response(::http::StatusCode::BAD_REQUEST, "malformed request"),
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(msg.as_bytes())).await;
+            return;
+        }
+        Err(_) => return shared.metrics.handshake_failed(HandshakeFailure::Timeout),
+    };
     let transport = match web::route(&head) {
         Route::Http => return serve_hyper(shared, web::Prefixed::new(buf.freeze(), io)).await,
         Route::Reject(status, msg) => {
@@ -336,7 +381,7 @@ where
     };
     let mut framer = Framer::new(Role::Server, transport, FrameDecoder::default());
     framer.push_rx(&buf[head_len..]);
-    conn::run(shared, io, framer, remote, transport).await;
+    conn::run(shared, io, framer, remote, transport, deadline).await;
 }
 
 async fn serve_hyper<S>(shared: Arc<Shared>, io: S)
