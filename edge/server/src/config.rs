@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -31,6 +32,16 @@ pub mod defaults {
     pub const MAX_STREAMS_PER_TUNNEL: u32 = 1024;
     /// Drain time on shutdown.
     pub const GRACE_PERIOD: Duration = Duration::from_secs(10);
+    /// Visitor connections accepted per second, all sources together ...
+    pub const ACCEPT_RATE: u32 = 10_000;
+    /// ... with this burst.
+    pub const ACCEPT_BURST: u32 = 20_000;
+    /// Open visitor connections per source IP.
+    pub const MAX_CONNS_PER_IP: u32 = 512;
+    /// Node tunnel handshakes per second, all sources together ...
+    pub const TUNNEL_ACCEPT_RATE: u32 = 100;
+    /// ... with this burst.
+    pub const TUNNEL_ACCEPT_BURST: u32 = 200;
 }
 
 /// The TOML file. Every key is optional.
@@ -126,6 +137,20 @@ pub struct LimitsFile {
     pub response_timeout: Option<String>,
     /// Requests in flight per tunnel.
     pub max_streams_per_tunnel: Option<u32>,
+    /// Visitor requests per second per funnel name (0 or absent: unlimited); over it, 429.
+    pub requests_per_second_per_host: Option<u32>,
+    /// Burst of that rate (default: one second's worth).
+    pub burst_per_host: Option<u32>,
+    /// Visitor connections accepted per second, all sources together.
+    pub accept_rate: Option<u32>,
+    /// Burst of visitor connections.
+    pub accept_burst: Option<u32>,
+    /// Open visitor connections per source IP.
+    pub max_conns_per_ip: Option<u32>,
+    /// Node tunnel handshakes per second, all sources together.
+    pub tunnel_accept_rate: Option<u32>,
+    /// Burst of tunnel handshakes.
+    pub tunnel_accept_burst: Option<u32>,
 }
 
 /// `[shutdown]`
@@ -249,6 +274,14 @@ pub struct Config {
     pub response_timeout: Duration,
     /// Requests in flight per tunnel.
     pub max_streams_per_tunnel: u32,
+    /// Requests per second and burst per funnel name, if limited.
+    pub host_rate: Option<(NonZeroU32, NonZeroU32)>,
+    /// Visitor accepts per second and burst.
+    pub accept_rate: (NonZeroU32, NonZeroU32),
+    /// Open visitor connections per source IP.
+    pub max_conns_per_ip: NonZeroU32,
+    /// Tunnel handshakes per second and burst.
+    pub tunnel_accept_rate: (NonZeroU32, NonZeroU32),
     /// Drain time.
     pub grace_period: Duration,
 }
@@ -334,9 +367,35 @@ impl TryFrom<FileConfig> for Config {
                 .max_streams_per_tunnel
                 .unwrap_or(defaults::MAX_STREAMS_PER_TUNNEL)
                 .clamp(1, 1 << 20),
+            host_rate: match f.limits.requests_per_second_per_host.unwrap_or(0) {
+                0 => None,
+                r => Some((
+                    nz("limits.requests_per_second_per_host", r)?,
+                    nz("limits.burst_per_host", f.limits.burst_per_host.unwrap_or(r))?,
+                )),
+            },
+            accept_rate: (
+                nz("limits.accept_rate", f.limits.accept_rate.unwrap_or(defaults::ACCEPT_RATE))?,
+                nz("limits.accept_burst", f.limits.accept_burst.unwrap_or(defaults::ACCEPT_BURST))?,
+            ),
+            max_conns_per_ip: nz(
+                "limits.max_conns_per_ip",
+                f.limits.max_conns_per_ip.unwrap_or(defaults::MAX_CONNS_PER_IP),
+            )?,
+            tunnel_accept_rate: (
+                nz("limits.tunnel_accept_rate", f.limits.tunnel_accept_rate.unwrap_or(defaults::TUNNEL_ACCEPT_RATE))?,
+                nz(
+                    "limits.tunnel_accept_burst",
+                    f.limits.tunnel_accept_burst.unwrap_or(defaults::TUNNEL_ACCEPT_BURST),
+                )?,
+            ),
             grace_period: duration("shutdown.grace_period", f.shutdown.grace_period, defaults::GRACE_PERIOD)?,
         })
     }
+}
+
+fn nz(field: &'static str, v: u32) -> Result<NonZeroU32, ConfigError> {
+    NonZeroU32::new(v).ok_or_else(|| ConfigError::invalid(field, "must be at least 1"))
 }
 
 impl Config {

@@ -29,6 +29,33 @@ impl Registration {
     }
 }
 
+/// Why a visitor connection, tunnel handshake or request was turned away by a limit.
+#[derive(Debug, Clone, Copy)]
+pub enum Limited {
+    /// Visitor connections over `limits.accept_rate`.
+    AcceptRate,
+    /// Visitor connections over `limits.max_conns_per_ip`.
+    PerIp,
+    /// Tunnel handshakes over `limits.tunnel_accept_rate`.
+    TunnelRate,
+    /// Requests over `limits.requests_per_second_per_host` (answered 429).
+    HostRate,
+}
+
+impl Limited {
+    const ALL: [Limited; 4] = [Limited::AcceptRate, Limited::PerIp, Limited::TunnelRate, Limited::HostRate];
+
+    /// The metrics label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Limited::AcceptRate => "accept_rate",
+            Limited::PerIp => "per_ip",
+            Limited::TunnelRate => "tunnel_rate",
+            Limited::HostRate => "host_rate",
+        }
+    }
+}
+
 /// Describes every metric.
 pub fn describe() {
     describe_counter!("edge_requests_total", "Visitor requests answered, by status class");
@@ -37,6 +64,7 @@ pub fn describe() {
     describe_counter!("edge_tunnel_registrations_total", "Node registrations, by result");
     describe_counter!("edge_tls_handshake_failures_total", "Visitor TLS handshakes that failed");
     describe_counter!("edge_acme_orders_total", "ACME certificate orders, by result");
+    describe_counter!("edge_limited_total", "Connections, tunnel handshakes and requests turned away by a limit");
     describe_gauge!("edge_cert_expiry_seconds", Unit::Seconds, "Seconds until the soonest certificate expiry");
 }
 
@@ -48,6 +76,7 @@ pub struct EdgeMetrics {
     pub(crate) tunnels: Gauge,
     pub(crate) tls_failures: Counter,
     registrations: [Counter; 4],
+    limited: [Counter; 4],
 }
 
 impl EdgeMetrics {
@@ -61,6 +90,7 @@ impl EdgeMetrics {
             tls_failures: metrics::counter!("edge_tls_handshake_failures_total"),
             registrations: Registration::ALL
                 .map(|r| metrics::counter!("edge_tunnel_registrations_total", "result" => r.label())),
+            limited: Limited::ALL.map(|r| metrics::counter!("edge_limited_total", "reason" => r.label())),
         }
     }
 
@@ -68,6 +98,11 @@ impl EdgeMetrics {
     pub fn request(&self, status: u16) {
         let i = usize::from(status / 100).clamp(1, 5) - 1;
         self.requests[i].increment(1);
+    }
+
+    /// Counts something a limit turned away.
+    pub fn limited(&self, why: Limited) {
+        self.limited[why as usize].increment(1);
     }
 
     /// Counts a registration outcome.

@@ -26,6 +26,7 @@ use warren_common::tunnel_io::{is_hop_by_hop, read_message, send_body, write_mes
 use warren_tunnel_proto::{Message, RequestHead};
 
 use crate::config::{defaults, valid_name};
+use crate::metrics::Limited;
 use crate::server::Shared;
 
 /// Response bodies: streamed from a node, or a short page.
@@ -51,6 +52,8 @@ enum ProxyError {
     PortNotServed,
     /// Too many requests in flight on the tunnel.
     Busy,
+    /// Over the per-name request rate.
+    RateLimited,
     /// The stream to the node failed.
     NodeUnreachable,
     /// The node did not answer in time.
@@ -64,6 +67,7 @@ impl ProxyError {
         match self {
             ProxyError::UnknownHost | ProxyError::PortNotServed => StatusCode::NOT_FOUND,
             ProxyError::Offline | ProxyError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ProxyError::NodeUnreachable | ProxyError::BadNodeResponse => StatusCode::BAD_GATEWAY,
             ProxyError::NodeTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -75,6 +79,7 @@ impl ProxyError {
             ProxyError::Offline => "This funnel is offline: its node is not connected.",
             ProxyError::PortNotServed => "This funnel is not published on this port.",
             ProxyError::Busy => "This funnel is busy; try again shortly.",
+            ProxyError::RateLimited => "Too many requests for this funnel; try again shortly.",
             ProxyError::NodeUnreachable => "The funnel's node could not be reached.",
             ProxyError::NodeTimeout => "The funnel's node did not answer in time.",
             ProxyError::BadNodeResponse => "The funnel's node sent an invalid response.",
@@ -107,7 +112,12 @@ pub(crate) async fn handle(
         Ok(r) => r,
         Err(e) => {
             debug!(visitor = %info.visitor, error = ?e, "request not proxied");
-            page(e.status(), e.message())
+            let mut page = page(e.status(), e.message());
+            if e == ProxyError::RateLimited {
+                shared.metrics.limited(Limited::HostRate);
+                page.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            page
         }
     };
     shared.metrics.request(resp.status().as_u16());
@@ -187,6 +197,12 @@ async fn proxy(
     let tunnel = shared.routes.get(name).ok_or(ProxyError::Offline)?;
     if !tunnel.ports.contains(&info.port) {
         return Err(ProxyError::PortNotServed);
+    }
+    if let Some(rate) = &tunnel.rate {
+        let allowed = rate.lock().unwrap_or_else(|e| e.into_inner()).try_take(std::time::Instant::now(), 1.0);
+        if !allowed {
+            return Err(ProxyError::RateLimited);
+        }
     }
     let permit = tunnel.streams.clone().try_acquire_owned().map_err(|_| ProxyError::Busy)?;
     let upgrade = is_upgrade(&req);

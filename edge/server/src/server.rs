@@ -17,12 +17,13 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
+use warren_common::limits::{AcceptGate, ConnSlot, LogLimiter, Rejected, TokenBucket};
 use warren_common::tls::{self as ctls, DevCa};
 
 use crate::acme::Acme;
 use crate::certs::{CertStore, ACME_TLS_ALPN};
 use crate::config::{Challenge, Config, TlsMode};
-use crate::metrics::EdgeMetrics;
+use crate::metrics::{EdgeMetrics, Limited};
 use crate::proxy::{self, ConnInfo};
 use crate::store::{FileStore, Store};
 use crate::tunnel::{self, Routes};
@@ -63,6 +64,12 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     /// Certificates per name from ACME, when configured (not with a wildcard).
     pub(crate) acme: Option<Arc<Acme>>,
+    /// Visitor accept rate and connections per source address.
+    visitor_gate: AcceptGate,
+    /// Node tunnel handshakes per second.
+    tunnel_rate: std::sync::Mutex<TokenBucket>,
+    /// Keeps limit logs to one line per few seconds under a flood.
+    limit_log: LogLimiter,
     draining: AtomicBool,
 }
 
@@ -163,8 +170,17 @@ impl Edge {
         };
         let wildcard = matches!(&config.tls, TlsMode::Acme(s) if s.wildcard);
 
+        let now = std::time::Instant::now();
+        let (accept_rate, accept_burst) = config.accept_rate;
+        let visitor_gate = AcceptGate::new(accept_rate.get(), accept_burst.get(), config.max_conns_per_ip.get(), now);
+        let (t_rate, t_burst) = config.tunnel_accept_rate;
+        let tunnel_rate =
+            std::sync::Mutex::new(TokenBucket::new(f64::from(t_rate.get()), f64::from(t_burst.get()), now));
         let shared = Arc::new(Shared {
             public_ports: public_addrs.iter().map(SocketAddr::port).collect(),
+            visitor_gate,
+            tunnel_rate,
+            limit_log: LogLimiter::new(Duration::from_secs(10)),
             config,
             routes: Routes::default(),
             metrics: EdgeMetrics::new(),
@@ -259,6 +275,14 @@ impl Edge {
 }
 
 impl Shared {
+    /// Counts what a limit turned away; logs it at most every 10 s.
+    pub(crate) fn limited(&self, why: Limited) {
+        self.metrics.limited(why);
+        if let Some(held_back) = self.limit_log.allow() {
+            warn!(reason = why.label(), held_back, "turned away by a limit (logged at most every 10 s)");
+        }
+    }
+
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
@@ -290,6 +314,13 @@ async fn tunnel_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, stop: Cance
                 None => return,
             },
         };
+        let allowed =
+            shared.tunnel_rate.lock().unwrap_or_else(|e| e.into_inner()).try_take(std::time::Instant::now(), 1.0);
+        if !allowed {
+            shared.limited(Limited::TunnelRate);
+            incoming.refuse();
+            continue;
+        }
         // Tunnels live beyond the accept loop; they are closed by shutdown().
         tokio::spawn(tunnel::serve(shared.clone(), incoming));
     }
@@ -309,8 +340,18 @@ async fn public_loop(listener: TcpListener, port: u16, tls: TlsAcceptor, shared:
                 }
             },
         };
+        let slot = match shared.visitor_gate.admit(visitor.ip(), std::time::Instant::now()) {
+            Ok(slot) => slot,
+            Err(why) => {
+                shared.limited(match why {
+                    Rejected::AcceptRate => Limited::AcceptRate,
+                    Rejected::PerIp => Limited::PerIp,
+                });
+                continue;
+            }
+        };
         let _ = tcp.set_nodelay(true);
-        serve_visitor(tcp, visitor, port, tls.clone(), shared.clone(), &graceful);
+        serve_visitor(tcp, visitor, port, tls.clone(), shared.clone(), &graceful, slot);
     }
     drop(listener);
     graceful.shutdown().await;
@@ -323,9 +364,11 @@ fn serve_visitor(
     tls: TlsAcceptor,
     shared: Arc<Shared>,
     graceful: &GracefulShutdown,
+    slot: ConnSlot,
 ) {
     let watcher = graceful.watcher();
     tokio::spawn(async move {
+        let _slot = slot;
         let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
             Ok(Ok(s)) => s,
             _ => return shared.metrics.tls_failures.increment(1),

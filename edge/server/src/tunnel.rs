@@ -18,6 +18,7 @@ use warren_tunnel_proto::{Message, VERSION};
 use crate::config::valid_name;
 use crate::metrics::Registration;
 use crate::server::Shared;
+use warren_common::limits::TokenBucket;
 
 /// Time a new connection has to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -31,6 +32,8 @@ pub(crate) struct Tunnel {
     pub(crate) ports: Vec<u16>,
     /// Requests in flight on this tunnel.
     pub(crate) streams: Arc<Semaphore>,
+    /// Requests per second for this name, when limited.
+    pub(crate) rate: Option<std::sync::Mutex<TokenBucket>>,
 }
 
 /// Node name -> tunnel.
@@ -123,7 +126,10 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
     };
     let id = shared.routes.next_id.fetch_add(1, Ordering::Relaxed);
     let streams = Arc::new(Semaphore::new(shared.config.max_streams_per_tunnel as usize));
-    let tunnel = Arc::new(Tunnel { id, name: name.clone(), conn: conn.clone(), ports: ports.clone(), streams });
+    let rate = shared.config.host_rate.map(|(r, b)| {
+        std::sync::Mutex::new(TokenBucket::new(f64::from(r.get()), f64::from(b.get()), std::time::Instant::now()))
+    });
+    let tunnel = Arc::new(Tunnel { id, name: name.clone(), conn: conn.clone(), ports: ports.clone(), streams, rate });
     match shared.routes.insert(tunnel.clone()) {
         Some(old) => {
             old.conn.close(2u32.into(), b"replaced by a newer connection");

@@ -149,9 +149,14 @@ struct Lab {
 }
 
 async fn start_edge(grace: &str) -> Lab {
+    start_edge_with(grace, "").await
+}
+
+/// An edge with extra `[limits]` lines.
+async fn start_edge_with(grace: &str, limits: &str) -> Lab {
     let dir = tempfile::tempdir().expect("tempdir");
     let toml = format!(
-        "funnel_domain = \"funnel.test\"\npublic_listen = [\"127.0.0.1:0\"]\ntunnel_listen = \"127.0.0.1:0\"\n[admin]\nenabled = false\n[shutdown]\ngrace_period = \"{grace}\"\n[[tokens]]\ntoken = \"{TOKEN}\"\nnames = [\"web\", \"other\", \"broken\"]\n"
+        "funnel_domain = \"funnel.test\"\npublic_listen = [\"127.0.0.1:0\"]\ntunnel_listen = \"127.0.0.1:0\"\n[admin]\nenabled = false\n[shutdown]\ngrace_period = \"{grace}\"\n[limits]\n{limits}\n[[tokens]]\ntoken = \"{TOKEN}\"\nnames = [\"web\", \"other\", \"broken\"]\n"
     );
     let mut f = FileConfig::parse(&toml).expect("config");
     f.state_dir = Some(dir.path().to_path_buf());
@@ -425,5 +430,45 @@ async fn an_early_answer_ends_the_visitors_http2_upload() {
         .expect("the upload ends instead of stalling")
         .expect("producer");
     assert!(sent < 1024, "the upload was cut short, not carried whole ({sent} MiB)");
+    lab.edge.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_name_request_rate_and_visitor_connections_per_address_are_limited() {
+    let lab = start_edge_with("1s", "requests_per_second_per_host = 1\nburst_per_host = 2\nmax_conns_per_ip = 3").await;
+    let origin = start_origin().await;
+    let f = lab.funnel("web", TOKEN, format!("http://{origin}"));
+    f.wait_registered(Duration::from_secs(10)).await.expect("registered");
+    let mut v = lab.visitor("web.funnel.test").await;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for _ in 0..4 {
+        let req = Request::get("/hello").header("host", "web.funnel.test").body(full("")).expect("req");
+        v.ready().await.expect("connection ready for the next request");
+        let resp = v.send_request(req).await.expect("response");
+        if resp.status() == StatusCode::TOO_MANY_REQUESTS {
+            retry_after = resp.headers().get("retry-after").cloned();
+        }
+        statuses.push(resp.status().as_u16());
+        let _ = resp.into_body().collect().await;
+    }
+    assert_eq!(&statuses[..2], &[200, 200], "the burst passes");
+    assert!(statuses[2..].contains(&429), "then 429: {statuses:?}");
+    assert_eq!(retry_after.as_ref().and_then(|v| v.to_str().ok()), Some("1"));
+
+    // Three visitor connections from one address at most: v and two more; a fourth is closed.
+    let second = lab.visitor("web.funnel.test").await;
+    let third = lab.visitor("web.funnel.test").await;
+    let tcp = TcpStream::connect(lab.edge.public_addrs()[0]).await.expect("connect");
+    let cfg = warren::derp::tls_config(lab.edge.dev_ca_cert()).expect("tls");
+    let name = rustls_pki_types::ServerName::try_from("web.funnel.test").expect("name");
+    let handshake =
+        tokio::time::timeout(Duration::from_secs(5), tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
+            .await
+            .expect("closed promptly");
+    assert!(handshake.is_err(), "a fourth connection from the same address is refused");
+    drop((v, second, third));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(lab.get("web.funnel.test", "/hello").await.0, StatusCode::OK, "slots freed, budget refilled");
     lab.edge.shutdown().await;
 }

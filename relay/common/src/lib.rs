@@ -5,6 +5,7 @@
 pub mod config;
 pub mod derp;
 pub mod keyfile;
+pub mod limits;
 pub mod runtime;
 #[doc(hidden)]
 pub mod testing;

@@ -27,10 +27,10 @@ use warren_relay_proto::{DecodeError, Frame, Framer, PeerGoneReason, PublicKey, 
 
 use crate::admission::{AdmissionResult, Verdict};
 use crate::clients::{ClientHandle, Control, Delivery, Packet};
-use crate::limits::TokenBucket;
 use crate::mesh::Forwarded;
 use crate::metrics::{DropReason, HandshakeFailure};
 use crate::server::Shared;
+use warren_common::limits::TokenBucket;
 
 /// Packets written per batch before reading from the socket again.
 const MAX_BATCH: usize = 256;

@@ -14,7 +14,6 @@ pub mod admission;
 mod clients;
 pub mod config;
 mod conn;
-pub mod limits;
 mod mesh;
 mod mesh_conn;
 pub mod metrics;
@@ -36,4 +35,4 @@ pub mod fuzzing {
     }
 }
 pub use server::{Server, ServerError};
-pub use warren_common::{keyfile, tls};
+pub use warren_common::{keyfile, limits, tls};

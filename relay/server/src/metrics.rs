@@ -3,8 +3,8 @@
 //! Labels come only from closed enums; keys and addresses never appear in metrics.
 
 use crate::admission::AdmissionResult;
-use crate::limits::Rejected;
 use metrics::{describe_counter, describe_gauge, describe_histogram, Counter, Gauge, Histogram, Unit};
+use warren_common::limits::Rejected;
 
 /// Why a packet was not delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -27,11 +27,11 @@ use warren_relay_proto::{FrameDecoder, Framer, PublicKey, SecretKey, Transport};
 use crate::admission::{Admission, AllowListError};
 use crate::clients::{Clients, Control};
 use crate::config::{Config, TlsMode};
-use crate::limits::{AcceptGate, LogLimiter};
 use crate::mesh::Remote;
 use crate::metrics::{HandshakeFailure, RelayMetrics};
 use crate::web::{self, HeadError, Route};
 use crate::{conn, mesh, stun};
+use warren_common::limits::{AcceptGate, LogLimiter};
 use warren_common::{keyfile, tls};
 
 /// Why the server could not start.

@@ -1,5 +1,5 @@
-//! Abuse limits: token buckets, the accept gate (global accept rate and connections per source
-//! IP), and a log limiter so that a flood cannot fill the disk.
+//! Abuse limits shared by the relay and the edge: token buckets, the accept gate (global accept
+//! rate and connections per source IP), and a log limiter so that a flood cannot fill the disk.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 /// A token bucket: `rate` tokens per second, holding at most `burst`.
 #[derive(Debug, Clone)]
-pub(crate) struct TokenBucket {
+pub struct TokenBucket {
     rate: f64,
     burst: f64,
     tokens: f64,
@@ -18,7 +18,7 @@ pub(crate) struct TokenBucket {
 
 impl TokenBucket {
     /// A full bucket.
-    pub(crate) fn new(rate: f64, burst: f64, now: Instant) -> Self {
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
         TokenBucket { rate, burst, tokens: burst, last: now }
     }
 
@@ -29,7 +29,7 @@ impl TokenBucket {
     }
 
     /// Takes `n` tokens if the bucket holds them.
-    pub(crate) fn try_take(&mut self, now: Instant, n: f64) -> bool {
+    pub fn try_take(&mut self, now: Instant, n: f64) -> bool {
         self.refill(now);
         if self.tokens >= n {
             self.tokens -= n;
@@ -40,7 +40,7 @@ impl TokenBucket {
 
     /// Takes `n` tokens, going into debt if needed; returns how long until the debt is repaid
     /// (zero when there was none). The caller waits that long before taking more.
-    pub(crate) fn take(&mut self, now: Instant, n: f64) -> Duration {
+    pub fn take(&mut self, now: Instant, n: f64) -> Duration {
         self.refill(now);
         self.tokens -= n;
         if self.tokens >= 0.0 {
@@ -71,7 +71,7 @@ impl Rejected {
 
 /// Admits new connections: a global accept-rate bucket and a cap per source address.
 #[derive(Debug)]
-pub(crate) struct AcceptGate {
+pub struct AcceptGate {
     rate: Mutex<TokenBucket>,
     per_ip: Arc<Mutex<HashMap<IpAddr, u32>>>,
     max_per_ip: u32,
@@ -79,7 +79,7 @@ pub(crate) struct AcceptGate {
 
 /// Holds one connection's place in the per-address count until dropped.
 #[derive(Debug)]
-pub(crate) struct ConnSlot {
+pub struct ConnSlot {
     ip: IpAddr,
     per_ip: Arc<Mutex<HashMap<IpAddr, u32>>>,
 }
@@ -103,7 +103,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl AcceptGate {
     /// `rate` accepts per second with `burst`, at most `max_per_ip` open per address.
-    pub(crate) fn new(rate: u32, burst: u32, max_per_ip: u32, now: Instant) -> Self {
+    pub fn new(rate: u32, burst: u32, max_per_ip: u32, now: Instant) -> Self {
         AcceptGate {
             rate: Mutex::new(TokenBucket::new(f64::from(rate), f64::from(burst), now)),
             per_ip: Arc::default(),
@@ -112,7 +112,7 @@ impl AcceptGate {
     }
 
     /// Admits a connection from `ip`, or says why not.
-    pub(crate) fn admit(&self, ip: IpAddr, now: Instant) -> Result<ConnSlot, Rejected> {
+    pub fn admit(&self, ip: IpAddr, now: Instant) -> Result<ConnSlot, Rejected> {
         let mut map = lock(&self.per_ip);
         let n = map.entry(ip).or_insert(0);
         if *n >= self.max_per_ip {
@@ -131,7 +131,7 @@ impl AcceptGate {
 
 /// Lets one log line through per `every`, counting what it held back.
 #[derive(Debug)]
-pub(crate) struct LogLimiter {
+pub struct LogLimiter {
     every_ms: u64,
     start: Instant,
     next_ms: AtomicU64,
@@ -139,7 +139,8 @@ pub(crate) struct LogLimiter {
 }
 
 impl LogLimiter {
-    pub(crate) fn new(every: Duration) -> Self {
+    /// At most one line per `every`.
+    pub fn new(every: Duration) -> Self {
         LogLimiter {
             every_ms: every.as_millis().try_into().unwrap_or(u64::MAX),
             start: Instant::now(),
@@ -150,7 +151,7 @@ impl LogLimiter {
 
     /// `Some(n)` when a line may be logged now, `n` being how many were held back since the
     /// last one; `None` to stay quiet.
-    pub(crate) fn allow(&self) -> Option<u64> {
+    pub fn allow(&self) -> Option<u64> {
         let now = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
         let next = self.next_ms.load(Ordering::Relaxed);
         if now >= next
