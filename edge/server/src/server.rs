@@ -53,6 +53,11 @@ pub enum EdgeError {
     Quic(String),
 }
 
+/// Time a visitor has to send a complete request head.
+const VISITOR_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest visitor request head.
+const VISITOR_MAX_HEAD: usize = 64 << 10;
+
 /// State shared by the edge's tasks.
 #[derive(Debug)]
 pub(crate) struct Shared {
@@ -381,9 +386,15 @@ fn serve_visitor(
             tls_version: conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default(),
         });
         let svc = service_fn(move |req| proxy::handle(shared.clone(), info.clone(), req));
-        let conn = auto::Builder::new(TokioExecutor::new())
-            .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-            .into_owned();
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // A visitor gets 10 s to send a request head of at most 64 KiB (slowloris, header floods).
+        builder
+            .http1()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(VISITOR_HEAD_TIMEOUT)
+            .max_buf_size(VISITOR_MAX_HEAD);
+        builder.http2().timer(hyper_util::rt::TokioTimer::new()).max_header_list_size(VISITOR_MAX_HEAD as u32);
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
         let _ = watcher.watch(conn).await;
     });
 }

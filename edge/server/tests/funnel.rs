@@ -472,3 +472,66 @@ async fn per_name_request_rate_and_visitor_connections_per_address_are_limited()
     assert_eq!(lab.get("web.funnel.test", "/hello").await.0, StatusCode::OK, "slots freed, budget refilled");
     lab.edge.shutdown().await;
 }
+
+fn noise(seed: &mut u64, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed as u8
+        })
+        .collect()
+}
+
+/// Writes `bytes` to `s` and reads (bounded) until the edge answers or closes.
+async fn poke<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, bytes: &[u8]) -> Vec<u8> {
+    let _ = s.write_all(bytes).await;
+    let _ = s.flush().await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut out)).await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_visitors_and_tunnel_garbage_leave_the_funnel_serving() {
+    let lab = start_edge("1s").await;
+    let origin = start_origin().await;
+    let f = lab.funnel("web", TOKEN, format!("http://{origin}"));
+    f.wait_registered(Duration::from_secs(10)).await.expect("registered");
+    let public = lab.edge.public_addrs()[0];
+    let tls = || async {
+        let tcp = TcpStream::connect(public).await.expect("connect");
+        let cfg = warren::derp::tls_config(lab.edge.dev_ca_cert()).expect("tls");
+        let name = rustls_pki_types::ServerName::try_from("web.funnel.test").expect("name");
+        tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.expect("TLS")
+    };
+    let mut seed = 0x1234_5678_9abc_def1_u64;
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+    for round in 0..4 {
+        // Not TLS.
+        poke(TcpStream::connect(public).await.expect("tcp"), &noise(&mut seed, 1500)).await;
+        // TLS, then not HTTP.
+        let answer = poke(tls().await, &noise(&mut seed, 3000)).await;
+        assert!(answer.is_empty() || answer.starts_with(b"HTTP/1.1 4"), "round {round}: {answer:?}");
+        // A header line that never ends.
+        let mut endless = b"GET /hello HTTP/1.1\r\nHost: web.funnel.test\r\nX-Junk: ".to_vec();
+        endless.extend(std::iter::repeat_n(b'a', 200_000));
+        let answer = poke(tls().await, &endless).await;
+        assert!(answer.starts_with(b"HTTP/1.1 431"), "round {round}: an oversized head is refused at once");
+        // A broken chunked body.
+        let answer = poke(
+            tls().await,
+            b"POST /count HTTP/1.1\r\nHost: web.funnel.test\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nnot hex\r\n",
+        )
+        .await;
+        assert!(!String::from_utf8_lossy(&answer).contains("200 OK"), "round {round}: a broken body is not a success");
+        // Garbage datagrams on the QUIC tunnel port.
+        for _ in 0..20 {
+            let _ = udp.send_to(&noise(&mut seed, 1200), lab.edge.tunnel_addr()).await;
+        }
+    }
+    assert_eq!(lab.edge.tunnel_count(), 1, "the node's tunnel survived");
+    assert_eq!(lab.get("web.funnel.test", "/hello").await, (StatusCode::OK, "hello from origin".into()));
+    lab.edge.shutdown().await;
+}
