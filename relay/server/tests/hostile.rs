@@ -94,3 +94,49 @@ async fn garbage_on_every_port_never_crashes_the_relay() {
     assert!(relay.metric("relay_handshake_failures_total{reason=\"timeout\"}").await >= 1.0);
     relay.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_flood_does_not_stop_logged_in_clients() {
+    let relay = start_relay(|f| f.limits.handshake_timeout = Some("1s".into())).await;
+    let mut a = relay.client(Transport::Derp).await;
+    let mut b = relay.client(Transport::Derp).await;
+    let addr = relay.server.http_addr();
+    // 400 connections that stall: half never start TLS, half finish TLS and send half a head.
+    let mut flood = Vec::new();
+    for i in 0..400 {
+        if i % 2 == 0 {
+            flood.push(tokio::spawn(async move {
+                let mut tcp = TcpStream::connect(addr).await.expect("connect");
+                let mut buf = [0u8; 64];
+                let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf)).await;
+            }));
+        } else {
+            let ca = relay.ca();
+            flood.push(tokio::spawn(async move {
+                let tcp = TcpStream::connect(addr).await.expect("connect");
+                let connector = tokio_rustls::TlsConnector::from(warren::derp::tls_config(Some(&ca)).expect("tls"));
+                let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+                let Ok(mut tls) = connector.connect(name, tcp).await else { return };
+                let _ = tls.write_all(b"GET /derp HTTP/1.1\r\nHost: loc").await;
+                let mut buf = [0u8; 64];
+                let _ = tokio::time::timeout(Duration::from_secs(5), tls.read(&mut buf)).await;
+            }));
+        }
+    }
+    // Meanwhile the logged-in pair keeps its traffic.
+    let start = std::time::Instant::now();
+    for i in 0u32..100 {
+        a.send_packet(b.public_key(), &i.to_be_bytes()).await.expect("send");
+        let (_, got) =
+            tokio::time::timeout(Duration::from_secs(2), b.recv_packet()).await.expect("delivered").expect("recv");
+        assert_eq!(&got[..], &i.to_be_bytes());
+    }
+    eprintln!("100 round trips during a 400-connection handshake flood took {:?}", start.elapsed());
+    // Every stalled connection is closed by the one accept-to-login deadline.
+    for f in flood {
+        tokio::time::timeout(Duration::from_secs(8), f).await.expect("flood connection closed").expect("join");
+    }
+    assert!(relay.metric("relay_handshake_failures_total{reason=\"timeout\"}").await >= 390.0);
+    assert_eq!(relay.server.client_count(), 2);
+    relay.server.shutdown().await;
+}
