@@ -5,10 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use warren_loadtest::edge::{self, EdgeReport, EdgeScenario};
 use warren_loadtest::relay::{self, Mode, RelayScenario};
 use warren_loadtest::{idle, RelayReport};
 
-/// Load harness for Warren relays. Figures are counted at the clients; read them as ratios
+/// Load harness for Warren relays and edges. Figures are counted at the clients; read them as ratios
 /// against a baseline measured in the same run.
 #[derive(Debug, Parser)]
 #[command(name = "warren-loadtest", version)]
@@ -25,6 +26,10 @@ enum Command {
     /// Pairs of nodes sending through a relay: paced (--rate) or closed loop (--window), or a
     /// sweep of paced rates until loss passes --max-loss.
     Relay(RelayArgs),
+    /// Visitors hitting a URL over HTTPS (HTTP/1.1 keep-alive or HTTP/2), closed loop or paced,
+    /// GET or streamed POST bodies; --baseline URLs run the same load in the same invocation and
+    /// the results are printed as ratios.
+    Edge(EdgeArgs),
     /// Open N idle clients and report the relay's RSS per client (needs its pid).
     Idle {
         /// Relay URL.
@@ -85,6 +90,41 @@ struct RelayArgs {
     source_ips: u8,
 }
 
+#[derive(Debug, clap::Args)]
+struct EdgeArgs {
+    /// The URL to load, e.g. https://web.funnel.example.com/ (an edge's funnel).
+    #[arg(long)]
+    url: String,
+    /// The same load against these URLs too (the origin directly, another proxy), one after the
+    /// other, for ratios measured in one run.
+    #[arg(long)]
+    baseline: Vec<String>,
+    /// Dial ADDR for HOST:PORT instead of resolving it, as curl's --resolve (repeatable).
+    #[arg(long, value_name = "HOST:PORT:ADDR")]
+    resolve: Vec<String>,
+    /// CA to trust (e.g. the edge's dev CA); baselines use the same.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// TLS connections.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// HTTP/2 (ALPN h2) instead of HTTP/1.1.
+    #[arg(long)]
+    http2: bool,
+    /// Requests in flight per HTTP/2 connection.
+    #[arg(long, default_value_t = 1)]
+    streams: usize,
+    /// Paced: requests/s over all connections (default: closed loop, as fast as answered).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// POST a body of this many bytes (streamed); 0 sends GETs.
+    #[arg(long, default_value_t = 0)]
+    body_size: usize,
+    /// Seconds per URL.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+}
+
 #[allow(clippy::print_stdout)] // stdout is the command's output
 fn print(line: &str) {
     println!("{line}");
@@ -114,6 +154,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Relay(a) => relay_cmd(a, cli.json).await,
+        Command::Edge(a) => edge_cmd(a, cli.json).await,
         Command::Idle { relay, ca, pid, clients, source_ips, websocket } => {
             let r = idle::run(&relay, ca, pid, clients, source_ips, websocket).await?;
             if cli.json {
@@ -166,6 +207,61 @@ async fn relay_cmd(a: RelayArgs, json: bool) -> anyhow::Result<()> {
     } else {
         for r in &reports {
             print(&format!("{r}\n"));
+        }
+    }
+    Ok(())
+}
+
+/// The `--resolve` address for `url`, if one matches its host and port.
+fn resolved(url: &str, resolve: &[String]) -> anyhow::Result<Option<std::net::SocketAddr>> {
+    let u = warren_common::url::RelayUrl::parse(url)?;
+    for r in resolve {
+        let mut parts = r.splitn(3, ':');
+        let (Some(host), Some(port), Some(addr)) = (parts.next(), parts.next(), parts.next()) else {
+            anyhow::bail!("--resolve {r:?}: expected HOST:PORT:ADDR");
+        };
+        if host == u.host && port.parse::<u16>().ok() == Some(u.port) {
+            let ip: std::net::IpAddr = addr.trim_matches(['[', ']']).parse()?;
+            return Ok(Some(std::net::SocketAddr::new(ip, u.port)));
+        }
+    }
+    Ok(None)
+}
+
+async fn edge_cmd(a: EdgeArgs, json: bool) -> anyhow::Result<()> {
+    let mut reports: Vec<EdgeReport> = Vec::new();
+    for url in std::iter::once(&a.url).chain(&a.baseline) {
+        let scenario = EdgeScenario {
+            url: url.clone(),
+            connect_addr: resolved(url, &a.resolve)?,
+            ca: a.ca.clone(),
+            connections: a.connections,
+            streams: a.streams,
+            http2: a.http2,
+            rate: a.rate,
+            body_size: a.body_size,
+            duration: Duration::from_secs_f64(a.seconds),
+            max_requests_per_worker: 0,
+        };
+        let r = edge::run(&scenario).await?;
+        if !json {
+            print(&format!("{r}\n"));
+        }
+        reports.push(r);
+    }
+    if json {
+        print(&serde_json::to_string_pretty(&reports)?);
+        return Ok(());
+    }
+    if let Some((target, baselines)) = reports.split_first() {
+        for b in baselines {
+            print(&format!(
+                "{} vs {}: req/s x{:.2}, p50 latency {:+.0} us",
+                target.url,
+                b.url,
+                target.requests_per_second / b.requests_per_second.max(1e-9),
+                target.latency.p50_us - b.latency.p50_us
+            ));
         }
     }
     Ok(())

@@ -1,0 +1,87 @@
+//! The edge scenario run tiny against a real edge, funnel agent and origin on loopback: it must
+//! count every answer, and count failures by kind.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use warren::funnel::{Funnel, FunnelConfig};
+use warren_edge::config::{Config, FileConfig};
+use warren_edge::Edge;
+use warren_loadtest::edge::{run, EdgeScenario};
+
+/// An origin that reads the whole body and answers with its length.
+async fn origin() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                    let n = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(n.to_string()))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+fn scenario(edge: &Edge, name: &str, http2: bool, body_size: usize, max: u64) -> EdgeScenario {
+    let port = edge.public_addrs()[0].port();
+    EdgeScenario {
+        url: format!("https://{name}.funnel.test:{port}/"),
+        connect_addr: Some(edge.public_addrs()[0]),
+        ca: edge.dev_ca_cert().map(Into::into),
+        connections: 2,
+        streams: if http2 { 4 } else { 1 },
+        http2,
+        rate: None,
+        body_size,
+        duration: Duration::from_secs(20),
+        max_requests_per_worker: max,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_scenario_counts_answers_and_failures() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let toml = "funnel_domain = \"funnel.test\"\npublic_listen = [\"127.0.0.1:0\"]\ntunnel_listen = \"127.0.0.1:0\"\n[admin]\nenabled = false\n[[tokens]]\ntoken = \"t0ken-for-the-test\"\nnames = [\"web\", \"gone\"]\n";
+    let mut f = FileConfig::parse(toml).expect("config");
+    f.state_dir = Some(dir.path().to_path_buf());
+    let edge = Edge::spawn(Config::try_from(f).expect("valid"), None).await.expect("edge");
+    let target = origin().await;
+    let funnel = Funnel::start(FunnelConfig {
+        edge: edge.tunnel_addr().to_string(),
+        edge_name: Some("localhost".into()),
+        ca_file: edge.dev_ca_cert().map(Into::into),
+        token: "t0ken-for-the-test".into(),
+        name: "web".into(),
+        target: format!("http://{target}"),
+        ports: vec![edge.public_addrs()[0].port()],
+    });
+    funnel.wait_registered(Duration::from_secs(10)).await.expect("registered");
+
+    let r = run(&scenario(&edge, "web", false, 0, 100)).await.expect("h1 runs");
+    assert_eq!((r.ok, r.errors.len()), (200, 0), "{r}");
+    assert_eq!(r.latency.count, 200);
+    let r = run(&scenario(&edge, "web", true, 256 << 10, 10)).await.expect("h2 runs");
+    assert_eq!((r.ok, r.errors.len(), r.workers), (80, 0, 8), "8 HTTP/2 workers x 10 POSTs of 256 KiB: {r}");
+    // A name no node holds: every answer is a 503, counted as such.
+    let r = run(&scenario(&edge, "gone", false, 0, 25)).await.expect("runs");
+    assert_eq!(r.ok, 0);
+    assert_eq!(r.errors.get("status_503"), Some(&50), "{r}");
+    // Nothing listens: connection failures are counted, not fatal.
+    let dead = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
+    let mut s = scenario(&edge, "web", false, 0, 5);
+    s.connect_addr = Some(dead);
+    let r = run(&s).await.expect("runs");
+    assert_eq!(r.errors.get("connect"), Some(&2), "{r}");
+    edge.shutdown().await;
+}
