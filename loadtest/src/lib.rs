@@ -9,5 +9,6 @@ pub mod edge;
 pub mod idle;
 pub mod relay;
 pub mod report;
+pub mod tcp;
 
 pub use report::{Latency, RelayReport};

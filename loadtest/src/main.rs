@@ -30,6 +30,23 @@ enum Command {
     /// GET or streamed POST bodies; --baseline URLs run the same load in the same invocation and
     /// the results are printed as ratios.
     Edge(EdgeArgs),
+    /// The bulk ceiling for relay comparisons: push bytes through a plain TCP forwarder started
+    /// between --via and this harness's sink, e.g.
+    /// `socat TCP-LISTEN:9998,fork,reuseaddr TCP:127.0.0.1:9999`.
+    Tcp {
+        /// The forwarder's listening address.
+        #[arg(long)]
+        via: std::net::SocketAddr,
+        /// Port of the sink the forwarder connects to (on 127.0.0.1).
+        #[arg(long)]
+        sink_port: u16,
+        /// Connections pushing at once.
+        #[arg(long, default_value_t = 4)]
+        pairs: usize,
+        /// Seconds of pushing.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
     /// Open N idle clients and report the relay's RSS per client (needs its pid).
     Idle {
         /// Relay URL.
@@ -155,6 +172,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Relay(a) => relay_cmd(a, cli.json).await,
         Command::Edge(a) => edge_cmd(a, cli.json).await,
+        Command::Tcp { via, sink_port, pairs, seconds } => {
+            let r = warren_loadtest::tcp::run(via, sink_port, pairs, Duration::from_secs_f64(seconds)).await?;
+            print(&if cli.json { serde_json::to_string_pretty(&r)? } else { r.to_string() });
+            Ok(())
+        }
         Command::Idle { relay, ca, pid, clients, source_ips, websocket } => {
             let r = idle::run(&relay, ca, pid, clients, source_ips, websocket).await?;
             if cli.json {

@@ -85,3 +85,21 @@ async fn edge_scenario_counts_answers_and_failures() {
     assert_eq!(r.errors.get("connect"), Some(&2), "{r}");
     edge.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_scenario_counts_bytes_through_a_forwarder() {
+    // A forwarder made here: accept on `via`, copy both ways to the harness's sink port.
+    let sink_port = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
+    let via = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let via_addr = via.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut a, _)) = via.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut b) = tokio::net::TcpStream::connect(("127.0.0.1", sink_port)).await else { return };
+                let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+            });
+        }
+    });
+    let r = warren_loadtest::tcp::run(via_addr, sink_port, 2, Duration::from_millis(300)).await.expect("runs");
+    assert!(r.received_bytes >= 64 << 10 && r.mbps > 0.0, "{r}");
+}
