@@ -1,7 +1,7 @@
 //! The table of logged-in clients, keyed by public key.
 //!
-//! Each client has a bounded packet queue and a small control queue, both drained by its own
-//! connection actor. Senders only ever `try_send`: a full queue drops the packet (and the
+//! Each client has an [`Inbox`]: a bounded packet queue and a small control queue, both drained
+//! by its own connection actor. Senders only ever `try_send`: a full queue drops the packet (and the
 //! caller counts it), so a slow reader never blocks anyone else.
 //!
 //! Mesh siblings *watch* the table: [`Clients::watch`] returns a snapshot of the keys and, under
@@ -11,12 +11,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use warren_relay_proto::{PeerGoneReason, PublicKey};
+
+use crate::inbox::{Inbox, PushError};
 
 /// A packet waiting to be written to its destination.
 #[derive(Debug)]
@@ -56,8 +58,7 @@ pub(crate) const WATCH_QUEUE: usize = 1 << 16;
 pub(crate) struct ClientHandle {
     pub(crate) conn_id: u64,
     pub(crate) remote: SocketAddr,
-    pub(crate) packets: mpsc::Sender<Packet>,
-    pub(crate) control: mpsc::Sender<Control>,
+    pub(crate) inbox: Arc<Inbox>,
 }
 
 /// Outcome of handing a packet to the table.
@@ -128,23 +129,23 @@ impl Clients {
         let Some(h) = inner.map.get(dst) else {
             return Delivery::NotHere(packet);
         };
-        match h.packets.try_send(packet) {
+        match h.inbox.push_packet(packet) {
             Ok(()) => Delivery::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => Delivery::QueueFull,
+            Err(PushError::Full) => Delivery::QueueFull,
             // The actor is exiting and has not unregistered yet.
-            Err(mpsc::error::TrySendError::Closed(p)) => Delivery::NotHere(p),
+            Err(PushError::Closed(p)) => Delivery::NotHere(p),
         }
     }
 
     /// Queues a control message for `dst` without waiting; false if absent or its queue is full.
     pub(crate) fn send_control(&self, dst: &PublicKey, msg: Control) -> bool {
-        self.read().map.get(dst).is_some_and(|h| h.control.try_send(msg).is_ok())
+        self.read().map.get(dst).is_some_and(|h| h.inbox.push_control(msg))
     }
 
     /// Queues a control message for every client.
     pub(crate) fn broadcast(&self, msg: &Control) {
         for h in self.read().map.values() {
-            let _ = h.control.try_send(msg.clone());
+            h.inbox.push_control(msg.clone());
         }
     }
 
@@ -168,11 +169,10 @@ impl Clients {
 mod tests {
     use super::*;
 
-    fn handle(conn_id: u64) -> (ClientHandle, mpsc::Receiver<Packet>) {
-        let (packets, rx) = mpsc::channel(1);
-        let (control, _) = mpsc::channel(1);
+    fn handle(conn_id: u64) -> (ClientHandle, Arc<Inbox>) {
+        let inbox = Arc::new(Inbox::new(1));
         let remote = SocketAddr::from(([127, 0, 0, 1], 1000 + conn_id as u16));
-        (ClientHandle { conn_id, remote, packets, control }, rx)
+        (ClientHandle { conn_id, remote, inbox: inbox.clone() }, inbox)
     }
 
     fn key(b: u8) -> PublicKey {

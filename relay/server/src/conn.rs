@@ -8,8 +8,8 @@
 //! 4. frames read from the client,
 //! 5. the keep-alive timer.
 //!
-//! Cancel safety: every branch of the `select!` is cancel safe. `recv` on tokio mpsc channels
-//! loses nothing when dropped; `read_frame` keeps all partial input inside the framer and only
+//! Cancel safety: every branch of the `select!` is cancel safe. [`Inbox::next`] removes an item
+//! only when it returns it; `read_frame` keeps all partial input inside the framer and only
 //! awaits `read_buf`, which is cancel safe; `sleep`-based ticks are re-armed each round.
 //! Writes happen in branch bodies, outside the select, bounded by the write timeout.
 
@@ -20,13 +20,13 @@ use std::time::{Duration, Instant};
 
 use rand_core::OsRng;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tracing::{debug, info};
 use warren_relay_proto::handshake::{ClientInfo, ServerInfo};
 use warren_relay_proto::{DecodeError, Frame, Framer, PeerGoneReason, PublicKey, Transport, PROTOCOL_VERSION};
 
 use crate::admission::{AdmissionResult, Verdict};
 use crate::clients::{ClientHandle, Control, Delivery, Packet};
+use crate::inbox::{Inbox, Item};
 use crate::mesh::Forwarded;
 use crate::metrics::{DropReason, HandshakeFailure};
 use crate::server::Shared;
@@ -36,12 +36,33 @@ use warren_common::limits::TokenBucket;
 const MAX_BATCH: usize = 256;
 /// Bytes queued per batch before flushing.
 const MAX_BATCH_BYTES: usize = 256 << 10;
-/// Read buffer growth step.
-const READ_CHUNK: usize = 4096;
+/// Read buffer of a quiet connection: what an idle client costs.
+const READ_MIN: usize = 512;
+/// Read buffer a busy connection grows to.
+const READ_MAX: usize = 64 << 10;
 /// Peers remembered per client for PeerGone notices on disconnect.
 const MAX_SENT_TO: usize = 4096;
-/// Control messages a client can have pending.
-pub(crate) const CONTROL_QUEUE: usize = 16;
+
+/// How much a connection reads at once: doubles while reads fill the buffer, halves while they
+/// use little of it, so busy clients read in large chunks and idle ones hold little memory.
+#[derive(Debug)]
+pub(crate) struct ReadSize(usize);
+
+impl Default for ReadSize {
+    fn default() -> Self {
+        ReadSize(READ_MIN)
+    }
+}
+
+impl ReadSize {
+    fn adapt(&mut self, read: usize, free: usize) {
+        if read >= free {
+            self.0 = (self.0 * 2).min(READ_MAX);
+        } else if read < self.0 / 4 {
+            self.0 = (self.0 / 2).max(READ_MIN);
+        }
+    }
+}
 
 /// Why reading a frame ended.
 #[derive(Debug)]
@@ -91,11 +112,10 @@ pub(crate) async fn run<S>(
         return;
     }
     let conn_id = shared.next_conn_id();
-    let (packets_tx, packets) = mpsc::channel(shared.config.send_queue_depth.get());
-    let (control_tx, control) = mpsc::channel(CONTROL_QUEUE);
-    let handle = ClientHandle { conn_id, remote, packets: packets_tx, control: control_tx };
+    let inbox = Arc::new(Inbox::new(shared.config.send_queue_depth.get()));
+    let handle = ClientHandle { conn_id, remote, inbox: inbox.clone() };
     if let Some(old) = shared.clients.register(key, handle) {
-        let _ = old.control.try_send(Control::Replaced);
+        old.inbox.push_control(Control::Replaced);
         shared.metrics.replaced.increment(1);
     }
     match transport {
@@ -109,8 +129,9 @@ pub(crate) async fn run<S>(
         shared: shared.clone(),
         key,
         framer,
-        packets,
-        control,
+        inbox,
+        batch: Vec::new(),
+        read_size: ReadSize::default(),
         sent_to: HashSet::new(),
         preferred: false,
         peer_gone_budget: PeerGoneBudget::new(Instant::now()),
@@ -137,7 +158,7 @@ where
 {
     framer.queue(&Frame::ServerKey { key: shared.public });
     flush(io, framer, shared.config.write_timeout).await.map_err(|_| HandshakeFailure::Io)?;
-    let frame = read_frame(io, framer).await.map_err(|e| match e {
+    let frame = read_frame(io, framer, &mut ReadSize::default()).await.map_err(|e| match e {
         ReadError::Decode(_) => HandshakeFailure::BadFrame,
         ReadError::Closed | ReadError::Io => HandshakeFailure::Io,
     })?;
@@ -159,7 +180,11 @@ where
 ///
 /// # Cancel safety
 /// Cancel safe: partial input stays in the framer; the only await is `read_buf`.
-pub(crate) async fn read_frame<S: AsyncRead + Unpin>(io: &mut S, framer: &mut Framer) -> Result<Frame, ReadError> {
+pub(crate) async fn read_frame<S: AsyncRead + Unpin>(
+    io: &mut S,
+    framer: &mut Framer,
+    size: &mut ReadSize,
+) -> Result<Frame, ReadError> {
     loop {
         if let Some(frame) = framer.poll_frame().map_err(ReadError::Decode)? {
             return Ok(frame);
@@ -167,13 +192,19 @@ pub(crate) async fn read_frame<S: AsyncRead + Unpin>(io: &mut S, framer: &mut Fr
         if framer.peer_closed() {
             return Err(ReadError::Closed);
         }
+        let want = size.0;
         let buf = framer.rx_buf();
-        if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-            buf.reserve(READ_CHUNK);
+        if buf.is_empty() && buf.capacity() > 2 * want {
+            // The client went quiet: give the large buffer back while it idles.
+            *buf = bytes::BytesMut::new();
         }
+        if buf.capacity() - buf.len() < want / 2 {
+            buf.reserve(want);
+        }
+        let free = buf.capacity() - buf.len();
         match io.read_buf(buf).await {
             Ok(0) => return Err(ReadError::Closed),
-            Ok(_) => {}
+            Ok(n) => size.adapt(n, free),
             // A TLS peer that closed TCP without close_notify: an ordinary disconnect.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ReadError::Closed),
             Err(_) => return Err(ReadError::Io),
@@ -227,8 +258,10 @@ struct Actor {
     shared: Arc<Shared>,
     key: PublicKey,
     framer: Framer,
-    packets: mpsc::Receiver<Packet>,
-    control: mpsc::Receiver<Control>,
+    inbox: Arc<Inbox>,
+    /// Reused for draining the inbox.
+    batch: Vec<Packet>,
+    read_size: ReadSize,
     /// Peers this client sent to: told PeerGone(Disconnected) when it leaves.
     sent_to: HashSet<PublicKey>,
     preferred: bool,
@@ -256,16 +289,18 @@ impl Actor {
             let next = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => Next::Close("relay shutting down"),
-                Some(ctl) = self.control.recv() => self.on_control(ctl),
-                Some(pkt) = self.packets.recv() => {
-                    self.on_packets(pkt);
-                    Next::Continue
-                }
+                item = self.inbox.next() => match item {
+                    Item::Control(ctl) => self.on_control(ctl),
+                    Item::Packet(pkt) => {
+                        self.on_packets(pkt);
+                        Next::Continue
+                    }
+                },
                 _ = tokio::time::sleep_until(resume_at), if throttled => {
                     self.resume_reading = None;
                     Next::Continue
                 }
-                frame = read_frame(io, &mut self.framer), if !throttled => match frame {
+                frame = read_frame(io, &mut self.framer, &mut self.read_size), if !throttled => match frame {
                     Ok(frame) => self.on_frame(frame),
                     Err(ReadError::Closed) => Next::Close("closed by client"),
                     Err(ReadError::Io) => Next::Close("read error"),
@@ -309,15 +344,20 @@ impl Actor {
     fn on_packets(&mut self, first: Packet) {
         let now = Instant::now();
         self.write_packet(first, now);
-        for _ in 1..MAX_BATCH {
-            if self.framer.queued_len() >= MAX_BATCH_BYTES {
+        let mut written = 1;
+        let mut batch = std::mem::take(&mut self.batch);
+        while written < MAX_BATCH && self.framer.queued_len() < MAX_BATCH_BYTES {
+            // A few at a time under the inbox lock, so the byte budget is not overshot by much.
+            self.inbox.take_packets(16.min(MAX_BATCH - written), &mut batch);
+            if batch.is_empty() {
                 break;
             }
-            match self.packets.try_recv() {
-                Ok(p) => self.write_packet(p, now),
-                Err(_) => break,
+            written += batch.len();
+            for p in batch.drain(..) {
+                self.write_packet(p, now);
             }
         }
+        self.batch = batch;
     }
 
     fn write_packet(&mut self, p: Packet, now: Instant) {
@@ -398,13 +438,9 @@ impl Actor {
                 self.shared.clients.send_control(&peer, Control::PeerGone(self.key, PeerGoneReason::Disconnected));
             }
         }
-        self.packets.close();
-        let mut left = 0;
-        while self.packets.try_recv().is_ok() {
-            left += 1;
-        }
+        let left = self.inbox.close();
         if left > 0 {
-            m.dropped(DropReason::Gone, left);
+            m.dropped(DropReason::Gone, left as u64);
         }
     }
 }

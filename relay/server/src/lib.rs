@@ -14,6 +14,7 @@ pub mod admission;
 mod clients;
 pub mod config;
 mod conn;
+mod inbox;
 mod mesh;
 mod mesh_conn;
 pub mod metrics;

@@ -24,7 +24,7 @@ use warren_relay_proto::frame::peer_present_flags;
 use warren_relay_proto::{Frame, Framer, PeerGoneReason, PublicKey};
 
 use crate::clients::{Clients, Control, Delivery, Packet, Presence, WATCH_QUEUE};
-use crate::conn::{flush, read_frame, ReadError};
+use crate::conn::{flush, read_frame, ReadError, ReadSize};
 use crate::metrics::{DropReason, HandshakeFailure};
 use crate::server::Shared;
 
@@ -48,7 +48,13 @@ pub(crate) async fn run<S>(
         return;
     }
     info!(sibling = %key.short(), %remote, "mesh sibling connected");
-    let mut sibling = Sibling { shared: shared.clone(), framer, watch_id: shared.next_conn_id(), watching: None };
+    let mut sibling = Sibling {
+        shared: shared.clone(),
+        framer,
+        watch_id: shared.next_conn_id(),
+        watching: None,
+        read_size: ReadSize::default(),
+    };
     let why = sibling.serve(&mut io).await;
     shared.clients.unwatch(sibling.watch_id);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), io.shutdown()).await;
@@ -61,6 +67,7 @@ struct Sibling {
     watch_id: u64,
     /// Presence changes, once the sibling sent WatchConns.
     watching: Option<mpsc::Receiver<Presence>>,
+    read_size: ReadSize,
 }
 
 impl Sibling {
@@ -77,7 +84,7 @@ impl Sibling {
                     Some(change) => self.queue_presence(change),
                     None => return "presence queue overflowed; the sibling resyncs on reconnect",
                 },
-                frame = read_frame(io, &mut self.framer) => match frame {
+                frame = read_frame(io, &mut self.framer, &mut self.read_size) => match frame {
                     Ok(frame) => self.on_frame(frame),
                     Err(ReadError::Decode(_)) => {
                         self.shared.metrics.protocol_errors.increment(1);

@@ -381,6 +381,8 @@ where
     };
     let mut framer = Framer::new(Role::Server, transport, FrameDecoder::default());
     framer.push_rx(&buf[head_len..]);
+    // The head buffer would otherwise live as long as the connection.
+    drop(buf);
     conn::run(shared, io, framer, remote, transport, deadline).await;
 }
 
