@@ -12,6 +12,7 @@ use bytes::Bytes;
 use rand_core::OsRng;
 use warren::node::{Node, NodeConfig};
 use warren::regionmap::RegionMap;
+use warren_common::testing::free_tcp_port;
 use warren_relay_proto::{PublicKey, SecretKey};
 
 const MESH_KEY: &str = "region-test-mesh-key-abcdef0123";
@@ -21,11 +22,6 @@ fn bin(name: &str) -> PathBuf {
     let path = PathBuf::from(env!("CARGO_BIN_EXE_warren")).with_file_name(name);
     assert!(path.exists(), "{} not built: run `cargo build --workspace --bins` first", path.display());
     path
-}
-
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
 }
 
 struct RelayProc {
@@ -52,7 +48,7 @@ impl Drop for Region {
 impl Region {
     fn start(n: usize) -> Region {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_tcp_port(), free_tcp_port())).collect();
         let peers: Vec<String> = ports.iter().map(|(d, _)| format!("\"https://localhost:{d}\"")).collect();
         let mut region = Region { relays: Vec::new(), dir };
         for (i, (derp, admin)) in ports.into_iter().enumerate() {

@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use warren::funnel::{Funnel, FunnelConfig};
+use warren_common::testing::noise;
 use warren_edge::config::{Config, FileConfig};
 use warren_edge::Edge;
 use warren_relay_proto::ws::{self, Role, WsDecoder};
@@ -471,17 +472,6 @@ async fn per_name_request_rate_and_visitor_connections_per_address_are_limited()
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(lab.get("web.funnel.test", "/hello").await.0, StatusCode::OK, "slots freed, budget refilled");
     lab.edge.shutdown().await;
-}
-
-fn noise(seed: &mut u64, n: usize) -> Vec<u8> {
-    (0..n)
-        .map(|_| {
-            *seed ^= *seed << 13;
-            *seed ^= *seed >> 7;
-            *seed ^= *seed << 17;
-            *seed as u8
-        })
-        .collect()
 }
 
 /// Writes `bytes` to `s` and reads (bounded) until the edge answers or closes.

@@ -6,17 +6,10 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use warren::funnel::{Funnel, FunnelConfig};
+use warren_common::testing::{free_tcp_port, free_udp_port};
 
 const TOKEN: &str = "edge-token-that-must-not-leak-7f3a";
 const WRONG: &str = "stranger-token-that-must-not-leak-91c2";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
 
 fn admin_get(port: u16, path: &str) -> Option<String> {
     let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -30,7 +23,7 @@ fn admin_get(port: u16, path: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_never_reach_logs_or_metrics() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let (public, tunnel, admin) = (free_port(), free_udp_port(), free_port());
+    let (public, tunnel, admin) = (free_tcp_port(), free_udp_port(), free_tcp_port());
     let config = dir.path().join("edge.toml");
     std::fs::write(
         &config,

@@ -51,3 +51,35 @@ pub fn k8s_embedded(path: &Path, kind: &str, name: &str, key: &str) -> Result<St
         .map(str::to_owned)
         .ok_or_else(|| format!("{kind}/{name} has no {key}"))
 }
+
+/// A loopback TCP port that was free a moment ago (for servers that must know each other's
+/// ports before they start).
+///
+/// # Panics
+/// If no port can be bound.
+pub fn free_tcp_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    l.local_addr().expect("local address").port()
+}
+
+/// As [`free_tcp_port`], for UDP.
+///
+/// # Panics
+/// If no port can be bound.
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a loopback port");
+    s.local_addr().expect("local address").port()
+}
+
+/// `n` pseudo-random bytes from a xorshift generator seeded (and advanced) by `seed`: the same
+/// hostile input on every run.
+pub fn noise(seed: &mut u64, n: usize) -> Vec<u8> {
+    (0..n)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed as u8
+        })
+        .collect()
+}

@@ -7,18 +7,8 @@ use std::time::Duration;
 use common::start_relay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
+use warren_common::testing::noise;
 use warren_relay_proto::Transport;
-
-fn noise(seed: &mut u64, n: usize) -> Vec<u8> {
-    (0..n)
-        .map(|_| {
-            *seed ^= *seed << 13;
-            *seed ^= *seed >> 7;
-            *seed ^= *seed << 17;
-            *seed as u8
-        })
-        .collect()
-}
 
 async fn tls_connect(relay: &common::Relay) -> tokio_rustls::client::TlsStream<TcpStream> {
     let tcp = TcpStream::connect(relay.server.http_addr()).await.expect("connect");

@@ -9,21 +9,16 @@ use std::time::{Duration, Instant};
 use common::{recv_until, start_relay, Relay};
 use rand_core::OsRng;
 use warren::derp::{ConnectOptions, DerpClient};
+use warren_common::testing::free_tcp_port;
 use warren_relay_proto::handshake::ClientInfo;
 use warren_relay_proto::{Frame, PeerGoneReason, PublicKey, SecretKey, Transport};
 
 const MESH_KEY: &str = "test-region-mesh-key-0123456789";
 
-/// A port that was free a moment ago (the relays must know each other's ports up front).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 /// Starts `n` relays sharing one dev CA (state dir) and mesh key, each listing all of them,
 /// itself included, as peers.
 async fn region(n: usize, state: &Path) -> Vec<Relay> {
-    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let ports: Vec<u16> = (0..n).map(|_| free_tcp_port()).collect();
     let peers: Vec<String> = ports.iter().map(|p| format!("https://localhost:{p}")).collect();
     let mut relays = Vec::new();
     for (i, port) in ports.iter().enumerate() {

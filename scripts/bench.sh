@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Benchmarks with their baselines in one run, all on 127.0.0.1 (release build):
+#   relay: closed loop, a paced sweep up to 0.1 % loss, p99 at half that load, bulk vs a plain
+#          TCP forwarder (socat), idle RSS per client;
+#   edge:  funnel vs the origin directly vs Caddy as a TLS reverse proxy (HTTP/1.1 and HTTP/2).
+# Figures are for reading as ratios within one run; the machine is shared and noisy.
+# Usage: scripts/bench.sh [--quick] [--idle N]     (needs nginx, caddy, socat; installs them as root)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SECONDS_PER=5
+IDLE=10000
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) SECONDS_PER=2; IDLE=2000 ;;
+        --idle) IDLE="$2"; shift ;;
+        *) echo "unknown option $1" >&2; exit 64 ;;
+    esac
+    shift
+done
+for tool in nginx caddy socat; do
+    if ! command -v "$tool" >/dev/null; then
+        [ "$(id -u)" = 0 ] || { echo "$tool is needed (apt-get install nginx-light caddy socat)" >&2; exit 1; }
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light caddy socat >/dev/null
+    fi
+done
+cargo build --release --locked -p warren-relay -p warren-edge -p warren -p warren-loadtest
+bin=$PWD/target/release
+L=$bin/warren-loadtest
+state=$(mktemp -d)
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$state"
+}
+trap cleanup EXIT
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
+
+echo "=== relay (DERP over TLS, 1200-byte packets unless noted)"
+$bin/warren-relay --dev --state-dir "$state/relay" --listen 127.0.0.1:18443 --stun-listen 127.0.0.1:13478 \
+    --admin-listen 127.0.0.1:19090 2>"$state/relay.log" & pids+=($!)
+relay_pid=$!
+wait_port 18443
+R=(--relay https://localhost:18443 --ca "$state/relay/dev-ca.pem")
+$L relay "${R[@]}" --pairs 4 --window 64 --seconds "$SECONDS_PER" --source-ips 8
+$L relay "${R[@]}" --pairs 4 --sweep-from 25000 --max-loss 0.1 --seconds "$SECONDS_PER" --source-ips 8
+echo "--- bulk: 64 000-byte packets through the relay vs the same bytes through socat"
+socat TCP-LISTEN:19998,fork,reuseaddr TCP:127.0.0.1:19999 & pids+=($!)
+wait_port 19998
+$L tcp --via 127.0.0.1:19998 --sink-port 19999 --pairs 4 --seconds "$SECONDS_PER"
+$L relay "${R[@]}" --pairs 4 --window 16 --size 64000 --seconds "$SECONDS_PER"
+echo "--- idle clients"
+$L idle "${R[@]}" --pid "$relay_pid" --clients "$IDLE" --source-ips 16
+
+echo "=== edge (funnel) vs origin directly vs Caddy"
+mkdir -p "$state/www" "$state/nginx"
+head -c 1024 /dev/urandom | base64 -w0 > "$state/www/index.html"
+cat > "$state/nginx.conf" <<EOF
+worker_processes 1;
+pid $state/nginx.pid;
+error_log $state/nginx.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $state/nginx; proxy_temp_path $state/nginx; fastcgi_temp_path $state/nginx;
+  uwsgi_temp_path $state/nginx; scgi_temp_path $state/nginx;
+  server { listen 127.0.0.1:18781; root $state/www; }
+}
+EOF
+nginx -c "$state/nginx.conf"
+cat > "$state/Caddyfile" <<EOF
+{
+	admin off
+	skip_install_trust
+	auto_https disable_redirects
+}
+https://demo.funnel.localhost:19443 {
+	tls internal
+	reverse_proxy 127.0.0.1:18781
+}
+EOF
+XDG_DATA_HOME="$state/caddy" XDG_CONFIG_HOME="$state/caddy" caddy run --config "$state/Caddyfile" --adapter caddyfile \
+    >"$state/caddy.log" 2>&1 & pids+=($!)
+$bin/warren-edge --dev --state-dir "$state/edge" --public-listen 127.0.0.1:10443 --tunnel-listen 127.0.0.1:17443 \
+    --admin-listen 127.0.0.1:19190 2>"$state/edge.log" & pids+=($!)
+wait_port 10443
+cat > "$state/map.json" <<JSON
+{"Regions": {"1": {"RegionID": 1, "RegionCode": "bench", "Nodes": [
+  {"Name": "1a", "HostName": "localhost", "IPv4": "127.0.0.1", "DERPPort": 18443, "STUNPort": 13478}]}}}
+JSON
+$bin/warren up --region-map "$state/map.json" --ca "$state/relay/dev-ca.pem" --edge 127.0.0.1:17443 \
+    --edge-name localhost --edge-ca "$state/edge/dev-ca.pem" --funnel-token dev --name demo \
+    --key-file "$state/node.key" --control "$state/node.sock" 2>"$state/node.log" & pids+=($!)
+for _ in $(seq 100); do [ -S "$state/node.sock" ] && break; sleep 0.1; done
+$bin/warren funnel 18781 --https-port 10443 --control "$state/node.sock" >/dev/null
+wait_port 19443
+caddy_root="$state/caddy/caddy/pki/authorities/local/root.crt"
+for _ in $(seq 100); do [ -s "$caddy_root" ] && break; sleep 0.1; done
+# One bundle trusting both the edge's dev CA and Caddy's internal CA.
+cat "$state/edge/dev-ca.pem" "$caddy_root" > "$state/cas.pem"
+E=(--url https://demo.funnel.localhost:10443/index.html --ca "$state/cas.pem"
+   --resolve demo.funnel.localhost:10443:127.0.0.1 --resolve demo.funnel.localhost:19443:127.0.0.1
+   --baseline https://demo.funnel.localhost:19443/index.html --baseline http://127.0.0.1:18781/index.html
+   --seconds "$SECONDS_PER")
+echo "--- HTTP/1.1 keep-alive, 16 connections, closed loop"
+$L edge "${E[@]}" --connections 16
+echo "--- HTTP/2, 4 connections x 8 streams, closed loop"
+$L edge "${E[@]}" --connections 4 --http2 --streams 8
+echo "--- one connection, one request at a time (added latency)"
+$L edge "${E[@]}" --connections 1
+nginx -c "$state/nginx.conf" -s stop 2>/dev/null || true
