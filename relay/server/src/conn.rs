@@ -83,10 +83,12 @@ pub(crate) async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let login = tokio::time::timeout_at(deadline, handshake(&shared, &mut io, &mut framer)).await;
+    // The login-phase futures are boxed so that their state does not stay part of every
+    // connection's future for its whole life (an idle client costs what its actor holds).
+    let login = tokio::time::timeout_at(deadline, Box::pin(handshake(&shared, &mut io, &mut framer))).await;
     let (key, info) = match login {
         Ok(Ok((key, info))) if !info.mesh_key.is_empty() => {
-            return crate::mesh_conn::run(shared, io, framer, remote, key, &info.mesh_key).await;
+            return Box::pin(crate::mesh_conn::run(shared, io, framer, remote, key, &info.mesh_key)).await;
         }
         Ok(Ok(v)) => v,
         Ok(Err(reason)) => {
@@ -100,7 +102,7 @@ pub(crate) async fn run<S>(
             return;
         }
     };
-    let admitted = tokio::time::timeout_at(deadline, shared.admission.check(&key, remote.ip())).await;
+    let admitted = tokio::time::timeout_at(deadline, Box::pin(shared.admission.check(&key, remote.ip()))).await;
     let (verdict, result) =
         admitted.unwrap_or((Verdict::Deny("admission check timed out"), AdmissionResult::CalloutError));
     shared.metrics.admission(result);

@@ -325,10 +325,11 @@ async fn handle_tcp(
     deadline: tokio::time::Instant,
 ) {
     let Some(acceptor) = tls else {
-        return serve_stream(shared, tcp, remote, deadline).await;
+        return Box::pin(serve_stream(shared, tcp, remote, deadline)).await;
     };
     match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-        Ok(Ok(stream)) => serve_stream(shared, stream, remote, deadline).await,
+        // Boxed: the TLS handshake's state is not kept for the connection's life.
+        Ok(Ok(stream)) => Box::pin(serve_stream(shared, stream, remote, deadline)).await,
         Ok(Err(_)) => shared.metrics.handshake_failed(HandshakeFailure::Tls),
         Err(_) => shared.metrics.handshake_failed(HandshakeFailure::Timeout),
     }
@@ -356,7 +357,8 @@ where
         Err(_) => return shared.metrics.handshake_failed(HandshakeFailure::Timeout),
     };
     let transport = match web::route(&head) {
-        Route::Http => return serve_hyper(shared, web::Prefixed::new(buf.freeze(), io)).await,
+        // Boxed: an HTTP/1 server connection is large, and most connections are DERP.
+        Route::Http => return Box::pin(serve_hyper(shared, web::Prefixed::new(buf.freeze(), io))).await,
         Route::Reject(status, msg) => {
             shared.metrics.handshake_failed(HandshakeFailure::BadRequest);
             let _ =
@@ -383,7 +385,7 @@ where
     framer.push_rx(&buf[head_len..]);
     // The head buffer would otherwise live as long as the connection.
     drop(buf);
-    conn::run(shared, io, framer, remote, transport, deadline).await;
+    Box::pin(conn::run(shared, io, framer, remote, transport, deadline)).await;
 }
 
 async fn serve_hyper<S>(shared: Arc<Shared>, io: S)
