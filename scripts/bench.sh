@@ -54,6 +54,7 @@ $L idle "${R[@]}" --pid "$relay_pid" --clients "$IDLE" --source-ips 16
 
 echo "=== edge (funnel) vs origin directly vs Caddy"
 mkdir -p "$state/www" "$state/nginx"
+chmod 755 "$state" "$state/www"   # nginx workers run unprivileged
 head -c 1024 /dev/urandom | base64 -w0 > "$state/www/index.html"
 cat > "$state/nginx.conf" <<EOF
 worker_processes 1;
@@ -62,6 +63,7 @@ error_log $state/nginx.err;
 events { worker_connections 4096; }
 http {
   access_log off;
+  keepalive_requests 10000000;
   client_body_temp_path $state/nginx; proxy_temp_path $state/nginx; fastcgi_temp_path $state/nginx;
   uwsgi_temp_path $state/nginx; scgi_temp_path $state/nginx;
   server { listen 127.0.0.1:18781; root $state/www; }

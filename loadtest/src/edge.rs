@@ -127,6 +127,8 @@ enum Sender {
 /// A bad URL or CA file; failures during the run are counted, not returned.
 pub async fn run(s: &EdgeScenario) -> anyhow::Result<EdgeReport> {
     let url = RelayUrl::parse(&s.url)?;
+    // HTTP/2 is negotiated with ALPN; a plain http:// URL (a direct baseline) speaks HTTP/1.1.
+    let s = &EdgeScenario { http2: s.http2 && url.tls, ..s.clone() };
     let tls = if url.tls {
         let mut cfg = (*warren_common::derp::tls_config(s.ca.as_deref())?).clone();
         cfg.alpn_protocols = vec![if s.http2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
@@ -153,6 +155,8 @@ pub async fn run(s: &EdgeScenario) -> anyhow::Result<EdgeReport> {
         let sender = Arc::new(tokio::sync::Mutex::new(sender));
         for k in 0..streams {
             let w = Worker {
+                scenario: s.clone(),
+                tls: tls.clone(),
                 sender: sender.clone(),
                 url: url.clone(),
                 body_size: s.body_size,
@@ -228,6 +232,8 @@ where
 }
 
 struct Worker {
+    scenario: EdgeScenario,
+    tls: Option<tokio_rustls::TlsConnector>,
     sender: Arc<tokio::sync::Mutex<Sender>>,
     url: RelayUrl,
     body_size: usize,
@@ -268,8 +274,15 @@ impl Worker {
                 }
                 Err(kind) => {
                     lock(&self.tally).error(kind);
-                    // A broken HTTP/1.1 connection stays broken: this worker is done.
-                    return;
+                    // The connection broke (or the server closed it): dial a new one, as a
+                    // browser would, and go on.
+                    match connect(&self.scenario, &self.url, self.tls.as_ref()).await {
+                        Ok(fresh) => *self.sender.lock().await = fresh,
+                        Err(kind) => {
+                            lock(&self.tally).error(kind);
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                        }
+                    }
                 }
             }
         }

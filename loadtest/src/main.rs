@@ -208,7 +208,6 @@ async fn relay_cmd(a: RelayArgs, json: bool) -> anyhow::Result<()> {
     if let Some(mut rate) = a.sweep_from {
         loop {
             let r = relay::run(&RelayScenario { mode: Mode::Paced { rate }, ..base.clone() }).await?;
-            eprintln!("{r}\n");
             let over = r.loss_pct > a.max_loss;
             reports.push(r);
             if over || rate > 1e7 {
@@ -277,11 +276,15 @@ async fn edge_cmd(a: EdgeArgs, json: bool) -> anyhow::Result<()> {
     }
     if let Some((target, baselines)) = reports.split_first() {
         for b in baselines {
+            if b.requests_per_second <= 0.0 || target.requests_per_second <= 0.0 {
+                print(&format!("{} vs {}: no ratio (a run answered nothing)", target.url, b.url));
+                continue;
+            }
             print(&format!(
                 "{} vs {}: req/s x{:.2}, p50 latency {:+.0} us",
                 target.url,
                 b.url,
-                target.requests_per_second / b.requests_per_second.max(1e-9),
+                target.requests_per_second / b.requests_per_second,
                 target.latency.p50_us - b.latency.p50_us
             ));
         }
