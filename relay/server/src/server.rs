@@ -325,17 +325,30 @@ async fn handle_tcp(
     deadline: tokio::time::Instant,
 ) {
     let Some(acceptor) = tls else {
-        return Box::pin(serve_stream(shared, tcp, remote, deadline)).await;
+        return serve_stream(shared, tcp, remote, deadline).await;
     };
-    match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
-        // Boxed: the TLS handshake's state is not kept for the connection's life.
-        Ok(Ok(stream)) => Box::pin(serve_stream(shared, stream, remote, deadline)).await,
+    // Boxed: the TLS handshake's state is freed once it is done instead of staying part of the
+    // connection's task for its whole life.
+    match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(tcp))).await {
+        Ok(Ok(stream)) => serve_stream(shared, stream, remote, deadline).await,
         Ok(Err(_)) => shared.metrics.handshake_failed(HandshakeFailure::Tls),
         Err(_) => shared.metrics.handshake_failed(HandshakeFailure::Timeout),
     }
 }
 
-async fn serve_stream<S>(shared: Arc<Shared>, mut io: S, remote: SocketAddr, deadline: tokio::time::Instant)
+/// Reads the HTTP head, then serves plain HTTP or runs the upgraded DERP connection. Each phase
+/// is boxed on its own so that an idle client's task holds only its connection actor.
+async fn serve_stream<S>(shared: Arc<Shared>, io: S, remote: SocketAddr, deadline: tokio::time::Instant)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some((io, framer, transport)) = Box::pin(upgrade(&shared, io, deadline)).await else { return };
+    Box::pin(conn::run(shared, io, framer, remote, transport, deadline)).await;
+}
+
+/// Handles the HTTP part of a connection: answers plain requests itself (returning `None`) or
+/// completes a DERP/WebSocket upgrade and returns the stream with its framer.
+async fn upgrade<S>(shared: &Arc<Shared>, mut io: S, deadline: tokio::time::Instant) -> Option<(S, Framer, Transport)>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -345,47 +358,53 @@ where
         Ok(Err(e)) => {
             shared.metrics.handshake_failed(HandshakeFailure::BadRequest);
             let msg = match e {
-                HeadError::Closed => return,
+                HeadError::Closed => return None,
                 HeadError::TooLarge => {
                     web::error_response(::http::StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request header too large")
                 }
                 HeadError::Malformed => web::error_response(::http::StatusCode::BAD_REQUEST, "malformed request"),
             };
             let _ = tokio::time::timeout(Duration::from_secs(2), io.write_all(msg.as_bytes())).await;
-            return;
+            return None;
         }
-        Err(_) => return shared.metrics.handshake_failed(HandshakeFailure::Timeout),
+        Err(_) => {
+            shared.metrics.handshake_failed(HandshakeFailure::Timeout);
+            return None;
+        }
     };
     let transport = match web::route(&head) {
         // Boxed: an HTTP/1 server connection is large, and most connections are DERP.
-        Route::Http => return Box::pin(serve_hyper(shared, web::Prefixed::new(buf.freeze(), io))).await,
+        Route::Http => {
+            Box::pin(serve_hyper(shared.clone(), web::Prefixed::new(buf.freeze(), io))).await;
+            return None;
+        }
         Route::Reject(status, msg) => {
             shared.metrics.handshake_failed(HandshakeFailure::BadRequest);
             let _ =
                 tokio::time::timeout(Duration::from_secs(2), io.write_all(web::error_response(status, msg).as_bytes()))
                     .await;
-            return;
+            return None;
         }
         Route::Derp { fast_start } => {
             if !fast_start
                 && io.write_all(web::derp_switching_response(&shared.public.to_hex()).as_bytes()).await.is_err()
             {
-                return shared.metrics.handshake_failed(HandshakeFailure::Io);
+                shared.metrics.handshake_failed(HandshakeFailure::Io);
+                return None;
             }
             Transport::Derp
         }
         Route::WebSocket { response } => {
             if io.write_all(response.as_bytes()).await.is_err() {
-                return shared.metrics.handshake_failed(HandshakeFailure::Io);
+                shared.metrics.handshake_failed(HandshakeFailure::Io);
+                return None;
             }
             Transport::WebSocket
         }
     };
     let mut framer = Framer::new(Role::Server, transport, FrameDecoder::default());
     framer.push_rx(&buf[head_len..]);
-    // The head buffer would otherwise live as long as the connection.
-    drop(buf);
-    Box::pin(conn::run(shared, io, framer, remote, transport, deadline)).await;
+    Some((io, framer, transport))
 }
 
 async fn serve_hyper<S>(shared: Arc<Shared>, io: S)
