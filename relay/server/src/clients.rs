@@ -170,7 +170,7 @@ mod tests {
     use super::*;
 
     fn handle(conn_id: u64) -> (ClientHandle, Arc<Inbox>) {
-        let inbox = Arc::new(Inbox::new(1));
+        let inbox = Arc::new(Inbox::new(1, 1 << 20));
         let remote = SocketAddr::from(([127, 0, 0, 1], 1000 + conn_id as u16));
         (ClientHandle { conn_id, remote, inbox: inbox.clone() }, inbox)
     }

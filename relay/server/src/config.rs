@@ -26,8 +26,10 @@ pub mod defaults {
     pub const ADMIN_LISTEN: &str = "127.0.0.1:9090";
     /// Where the server key and dev CA live.
     pub const STATE_DIR: &str = "/var/lib/warren-relay";
-    /// Per-client queue of packets awaiting write.
-    pub const SEND_QUEUE_DEPTH: usize = 128;
+    /// Per-client queue of packets awaiting write (it allocates only while in use) ...
+    pub const SEND_QUEUE_DEPTH: usize = 512;
+    /// ... and of their bytes, so that large packets cannot pin much memory per slow reader.
+    pub const SEND_QUEUE_BYTES: usize = 1 << 20;
     /// Time from TCP accept to a completed DERP login.
     pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
     /// Time one batched write to a client may take before it is considered stuck.
@@ -173,6 +175,8 @@ pub struct StunFile {
 pub struct LimitsFile {
     /// Packets queued per client before drops.
     pub send_queue_depth: Option<usize>,
+    /// Payload bytes queued per client before drops.
+    pub send_queue_bytes: Option<usize>,
     /// e.g. "10s".
     pub handshake_timeout: Option<String>,
     /// e.g. "5s".
@@ -357,6 +361,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// Per-client packet queue depth.
     pub send_queue_depth: NonZeroUsize,
+    /// Per-client queued payload bytes.
+    pub send_queue_bytes: NonZeroUsize,
     /// Accept-to-login deadline.
     pub handshake_timeout: Duration,
     /// Deadline of one batched write.
@@ -454,6 +460,9 @@ impl TryFrom<FileConfig> for Config {
             stun,
             admin_listen,
             send_queue_depth,
+            send_queue_bytes: NonZeroUsize::new(f.limits.send_queue_bytes.unwrap_or(defaults::SEND_QUEUE_BYTES))
+                .filter(|b| b.get() >= 64 << 10)
+                .ok_or_else(|| ConfigError::invalid("limits.send_queue_bytes", "must be at least 65536"))?,
             handshake_timeout: duration(
                 "limits.handshake_timeout",
                 f.limits.handshake_timeout,

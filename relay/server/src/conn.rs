@@ -114,7 +114,7 @@ pub(crate) async fn run<S>(
         return;
     }
     let conn_id = shared.next_conn_id();
-    let inbox = Arc::new(Inbox::new(shared.config.send_queue_depth.get()));
+    let inbox = Arc::new(Inbox::new(shared.config.send_queue_depth.get(), shared.config.send_queue_bytes.get()));
     let handle = ClientHandle { conn_id, remote, inbox: inbox.clone() };
     if let Some(old) = shared.clients.register(key, handle) {
         old.inbox.push_control(Control::Replaced);

@@ -36,6 +36,8 @@ pub(crate) enum Item {
 #[derive(Debug, Default)]
 struct Queues {
     packets: VecDeque<Packet>,
+    /// Payload bytes in `packets`.
+    bytes: usize,
     control: VecDeque<Control>,
     closed: bool,
 }
@@ -46,12 +48,14 @@ pub(crate) struct Inbox {
     queues: Mutex<Queues>,
     notify: Notify,
     depth: usize,
+    max_bytes: usize,
 }
 
 impl Inbox {
-    /// An empty inbox holding at most `depth` packets.
-    pub(crate) fn new(depth: usize) -> Self {
-        Inbox { queues: Mutex::default(), notify: Notify::new(), depth }
+    /// An empty inbox holding at most `depth` packets and `max_bytes` of payload (one packet
+    /// is always accepted into an empty queue, whatever its size).
+    pub(crate) fn new(depth: usize, max_bytes: usize) -> Self {
+        Inbox { queues: Mutex::default(), notify: Notify::new(), depth, max_bytes }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queues> {
@@ -65,9 +69,11 @@ impl Inbox {
         if q.closed {
             return Err(PushError::Closed(p));
         }
-        if q.packets.len() >= self.depth {
+        let over_bytes = !q.packets.is_empty() && q.bytes + p.data.len() > self.max_bytes;
+        if q.packets.len() >= self.depth || over_bytes {
             return Err(PushError::Full);
         }
+        q.bytes += p.data.len();
         q.packets.push_back(p);
         drop(q);
         self.notify.notify_one();
@@ -99,6 +105,7 @@ impl Inbox {
                     return Item::Control(c);
                 }
                 if let Some(p) = q.packets.pop_front() {
+                    q.bytes -= p.data.len();
                     return Item::Packet(p);
                 }
             }
@@ -112,7 +119,9 @@ impl Inbox {
     pub(crate) fn take_packets(&self, max: usize, out: &mut Vec<Packet>) {
         let mut q = self.lock();
         let n = max.min(q.packets.len());
+        let start = out.len();
         out.extend(q.packets.drain(..n));
+        q.bytes -= out[start..].iter().map(|p| p.data.len()).sum::<usize>();
         if q.packets.is_empty() && q.packets.capacity() > KEEP_CAPACITY {
             q.packets = VecDeque::new();
         }
@@ -125,6 +134,7 @@ impl Inbox {
         q.control.clear();
         let left = q.packets.len();
         q.packets = VecDeque::new();
+        q.bytes = 0;
         left
     }
 }
@@ -144,7 +154,7 @@ mod tests {
 
     #[tokio::test]
     async fn control_first_then_packets_in_order_and_bounded() {
-        let inbox = Inbox::new(2);
+        let inbox = Inbox::new(2, 1 << 20);
         inbox.push_packet(packet(1)).expect("room");
         inbox.push_packet(packet(2)).expect("room");
         assert!(matches!(inbox.push_packet(packet(3)), Err(PushError::Full)));
@@ -163,7 +173,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_receiver_wakes_and_a_closed_inbox_refuses() {
-        let inbox = std::sync::Arc::new(Inbox::new(8));
+        let inbox = std::sync::Arc::new(Inbox::new(8, 1 << 20));
         let rx = inbox.clone();
         let waiter = tokio::spawn(async move { matches!(rx.next().await, Item::Packet(_)) });
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -177,16 +187,35 @@ mod tests {
 
     #[tokio::test]
     async fn a_cancelled_wait_loses_nothing() {
-        let inbox = Inbox::new(8);
+        let inbox = Inbox::new(8, 1 << 20);
         assert!(tokio::time::timeout(Duration::from_millis(10), inbox.next()).await.is_err());
         inbox.push_packet(packet(5)).expect("room");
         let Item::Packet(p) = inbox.next().await else { panic!("a packet") };
         assert_eq!(&p.data[..], &[5]);
     }
 
+    #[tokio::test]
+    async fn the_byte_bound_holds_but_one_packet_always_fits() {
+        let big = |n: usize| Packet {
+            src: PublicKey::from_bytes([0; 32]),
+            data: Bytes::from(vec![0; n]),
+            enqueued: Instant::now(),
+        };
+        let inbox = Inbox::new(100, 1000);
+        inbox.push_packet(big(5000)).expect("an empty queue takes any one packet");
+        assert!(matches!(inbox.push_packet(big(1)), Err(PushError::Full)));
+        let Item::Packet(_) = inbox.next().await else { panic!("a packet") };
+        inbox.push_packet(big(600)).expect("room again");
+        inbox.push_packet(big(400)).expect("exactly the bound");
+        assert!(matches!(inbox.push_packet(big(1)), Err(PushError::Full)));
+        let mut out = Vec::new();
+        inbox.take_packets(10, &mut out);
+        assert_eq!(inbox.lock().bytes, 0, "bytes follow what leaves the queue");
+    }
+
     #[test]
     fn a_drained_queue_gives_its_memory_back() {
-        let inbox = Inbox::new(1024);
+        let inbox = Inbox::new(1024, 1 << 20);
         for i in 0..200 {
             inbox.push_packet(packet(i as u8)).expect("room");
         }
