@@ -10,5 +10,6 @@ pub mod idle;
 pub mod relay;
 pub mod report;
 pub mod tcp;
+pub mod ws;
 
 pub use report::{Latency, RelayReport};

@@ -47,6 +47,28 @@ enum Command {
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
     },
+    /// WebSocket echo sessions through an edge: each upgrades one HTTPS connection and times
+    /// the echo of each message.
+    Ws {
+        /// URL of a WebSocket echo endpoint, e.g. https://echo.funnel.example.com/ws.
+        #[arg(long)]
+        url: String,
+        /// Dial ADDR for HOST:PORT instead of resolving it (repeatable).
+        #[arg(long, value_name = "HOST:PORT:ADDR")]
+        resolve: Vec<String>,
+        /// CA to trust.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Concurrent sessions.
+        #[arg(long, default_value_t = 16)]
+        sessions: usize,
+        /// Messages per session.
+        #[arg(long, default_value_t = 1000)]
+        messages: u64,
+        /// Message size in bytes.
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+    },
     /// Open N idle clients and report the relay's RSS per client (needs its pid).
     Idle {
         /// Relay URL.
@@ -172,6 +194,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Relay(a) => relay_cmd(a, cli.json).await,
         Command::Edge(a) => edge_cmd(a, cli.json).await,
+        Command::Ws { url, resolve, ca, sessions, messages, size } => {
+            let scenario = warren_loadtest::ws::WsScenario {
+                connect_addr: resolved(&url, &resolve)?,
+                url,
+                ca,
+                sessions,
+                messages,
+                size,
+                timeout: Duration::from_secs(300),
+            };
+            let r = warren_loadtest::ws::run(&scenario).await?;
+            print(&if cli.json { serde_json::to_string_pretty(&r)? } else { r.to_string() });
+            Ok(())
+        }
         Command::Tcp { via, sink_port, pairs, seconds } => {
             let r = warren_loadtest::tcp::run(via, sink_port, pairs, Duration::from_secs_f64(seconds)).await?;
             print(&if cli.json { serde_json::to_string_pretty(&r)? } else { r.to_string() });

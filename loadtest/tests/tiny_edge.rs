@@ -15,6 +15,58 @@ use warren_edge::config::{Config, FileConfig};
 use warren_edge::Edge;
 use warren_loadtest::edge::{run, EdgeScenario};
 
+/// A WebSocket echo origin (upgrade on any path, echo every text message).
+async fn ws_origin() -> SocketAddr {
+    use bytes::BytesMut;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use warren_relay_proto::ws::{self, Role, WsDecoder};
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|mut req: hyper::Request<hyper::body::Incoming>| async move {
+                    let key =
+                        req.headers().get("sec-websocket-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(up) = on.await else { return };
+                        let mut io = TokioIo::new(up);
+                        let (mut dec, mut input, mut data) =
+                            (WsDecoder::new(Role::Server), BytesMut::new(), BytesMut::new());
+                        loop {
+                            while let Ok(Some(_)) = dec.decode(&mut input, &mut data) {}
+                            if !data.is_empty() {
+                                let mut out = BytesMut::new();
+                                ws::encode_frame(&mut out, ws::opcode::TEXT, &data.split(), None);
+                                if io.write_all(&out).await.is_err() {
+                                    return;
+                                }
+                            }
+                            input.reserve(4096);
+                            if !matches!(io.read_buf(&mut input).await, Ok(n) if n > 0) {
+                                return;
+                            }
+                        }
+                    });
+                    let mut r = hyper::Response::new(Full::new(Bytes::new()));
+                    *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+                    let h = r.headers_mut();
+                    h.insert("upgrade", "websocket".parse().expect("hv"));
+                    h.insert("connection", "Upgrade".parse().expect("hv"));
+                    h.insert("sec-websocket-accept", ws::accept_key(&key).parse().expect("hv"));
+                    Ok::<_, Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
 /// An origin that reads the whole body and answers with its length.
 async fn origin() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -83,6 +135,40 @@ async fn edge_scenario_counts_answers_and_failures() {
     s.connect_addr = Some(dead);
     let r = run(&s).await.expect("runs");
     assert_eq!(r.errors.get("connect"), Some(&2), "{r}");
+
+    // WebSocket echo sessions through the same edge, to a node publishing an echo origin.
+    let echo = ws_origin().await;
+    let ws_funnel = Funnel::start(FunnelConfig {
+        edge: edge.tunnel_addr().to_string(),
+        edge_name: Some("localhost".into()),
+        ca_file: edge.dev_ca_cert().map(Into::into),
+        token: "t0ken-for-the-test".into(),
+        name: "gone".into(),
+        target: format!("http://{echo}"),
+        ports: vec![edge.public_addrs()[0].port()],
+    });
+    ws_funnel.wait_registered(Duration::from_secs(10)).await.expect("registered");
+    let port = edge.public_addrs()[0].port();
+    let scenario = warren_loadtest::ws::WsScenario {
+        url: format!("https://gone.funnel.test:{port}/ws"),
+        connect_addr: Some(edge.public_addrs()[0]),
+        ca: edge.dev_ca_cert().map(Into::into),
+        sessions: 3,
+        messages: 40,
+        size: 300,
+        timeout: Duration::from_secs(20),
+    };
+    let r = warren_loadtest::ws::run(&scenario).await.expect("ws runs");
+    assert_eq!((r.sessions_ok, r.echoed, r.errors.len()), (3, 120, 0), "{r}");
+    assert_eq!(r.latency.count, 120);
+    // Not a WebSocket endpoint: the sessions fail as such, counted.
+    let r = warren_loadtest::ws::run(&warren_loadtest::ws::WsScenario {
+        url: format!("https://web.funnel.test:{port}/"),
+        ..scenario
+    })
+    .await
+    .expect("runs");
+    assert_eq!((r.sessions_ok, r.errors.get("not_upgraded")), (0, Some(&3)), "{r}");
     edge.shutdown().await;
 }
 
