@@ -25,6 +25,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use warren_common::url::RelayUrl;
 
+use crate::dial::dial;
 use crate::report::{histogram, Latency};
 
 /// Largest chunk a POST body is written in.
@@ -200,20 +201,8 @@ async fn connect(
     url: &RelayUrl,
     tls: Option<&tokio_rustls::TlsConnector>,
 ) -> Result<Sender, &'static str> {
-    let tcp = match s.connect_addr {
-        Some(a) => tokio::net::TcpStream::connect(a).await,
-        None => tokio::net::TcpStream::connect((url.host.as_str(), url.port)).await,
-    }
-    .map_err(|_| "connect")?;
-    let _ = tcp.set_nodelay(true);
-    match tls {
-        Some(tls) => {
-            let name = rustls_pki_types::ServerName::try_from(url.host.clone()).map_err(|_| "tls")?;
-            let stream = tls.connect(name, tcp).await.map_err(|_| "tls")?;
-            handshake(TokioIo::new(stream), s.http2).await
-        }
-        None => handshake(TokioIo::new(tcp), s.http2).await,
-    }
+    let io = dial(url, s.connect_addr, tls).await?;
+    handshake(TokioIo::new(io), s.http2).await
 }
 
 async fn handshake<I>(io: I, h2: bool) -> Result<Sender, &'static str>

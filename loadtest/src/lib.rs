@@ -5,6 +5,7 @@
 //! the payload (both in this process, one clock). Results are meant to be read as ratios against
 //! a baseline measured in the same run on the same machine.
 
+mod dial;
 pub mod edge;
 pub mod idle;
 pub mod relay;

@@ -11,10 +11,11 @@ use base64::Engine as _;
 use bytes::BytesMut;
 use rand_core::{OsRng, RngCore};
 use serde::Serialize;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use warren_common::url::RelayUrl;
 use warren_relay_proto::ws::{self, Role, WsDecoder};
 
+use crate::dial::{dial, Io};
 use crate::report::{histogram, Latency};
 
 /// Largest upgrade response head read.
@@ -124,28 +125,13 @@ fn lock(t: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
     t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
 async fn session(
     s: &WsScenario,
     url: &RelayUrl,
     tls: Option<&tokio_rustls::TlsConnector>,
     tally: &Mutex<Tally>,
 ) -> Result<(), &'static str> {
-    let tcp = match s.connect_addr {
-        Some(a) => tokio::net::TcpStream::connect(a).await,
-        None => tokio::net::TcpStream::connect((url.host.as_str(), url.port)).await,
-    }
-    .map_err(|_| "connect")?;
-    let _ = tcp.set_nodelay(true);
-    let mut io: Box<dyn Io> = match tls {
-        Some(tls) => {
-            let name = rustls_pki_types::ServerName::try_from(url.host.clone()).map_err(|_| "tls")?;
-            Box::new(tls.connect(name, tcp).await.map_err(|_| "tls")?)
-        }
-        None => Box::new(tcp),
-    };
+    let mut io = dial(url, s.connect_addr, tls).await?;
     let mut key = [0u8; 16];
     OsRng.fill_bytes(&mut key);
     let key = base64::engine::general_purpose::STANDARD.encode(key);

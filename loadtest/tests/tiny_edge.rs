@@ -17,45 +17,14 @@ use warren_loadtest::edge::{run, EdgeScenario};
 
 /// A WebSocket echo origin (upgrade on any path, echo every text message).
 async fn ws_origin() -> SocketAddr {
-    use bytes::BytesMut;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use warren_relay_proto::ws::{self, Role, WsDecoder};
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     tokio::spawn(async move {
         while let Ok((tcp, _)) = l.accept().await {
             tokio::spawn(async move {
                 let svc = service_fn(|mut req: hyper::Request<hyper::body::Incoming>| async move {
-                    let key =
-                        req.headers().get("sec-websocket-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-                    let on = hyper::upgrade::on(&mut req);
-                    tokio::spawn(async move {
-                        let Ok(up) = on.await else { return };
-                        let mut io = TokioIo::new(up);
-                        let (mut dec, mut input, mut data) =
-                            (WsDecoder::new(Role::Server), BytesMut::new(), BytesMut::new());
-                        loop {
-                            while let Ok(Some(_)) = dec.decode(&mut input, &mut data) {}
-                            if !data.is_empty() {
-                                let mut out = BytesMut::new();
-                                ws::encode_frame(&mut out, ws::opcode::TEXT, &data.split(), None);
-                                if io.write_all(&out).await.is_err() {
-                                    return;
-                                }
-                            }
-                            input.reserve(4096);
-                            if !matches!(io.read_buf(&mut input).await, Ok(n) if n > 0) {
-                                return;
-                            }
-                        }
-                    });
-                    let mut r = hyper::Response::new(Full::new(Bytes::new()));
-                    *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
-                    let h = r.headers_mut();
-                    h.insert("upgrade", "websocket".parse().expect("hv"));
-                    h.insert("connection", "Upgrade".parse().expect("hv"));
-                    h.insert("sec-websocket-accept", ws::accept_key(&key).parse().expect("hv"));
-                    Ok::<_, Infallible>(r)
+                    let r = warren_common::testing::ws_echo_upgrade(&mut req);
+                    Ok::<_, Infallible>(r.map(|()| Full::new(Bytes::new())))
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)

@@ -89,36 +89,7 @@ async fn origin(mut req: Request<Incoming>) -> Result<Response<OriginBody>, Infa
             tokio::time::sleep(Duration::from_millis(700)).await;
             Response::new(full("slow but sure"))
         }
-        "/ws" => {
-            let key = req.headers().get("sec-websocket-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
-            let on = hyper::upgrade::on(&mut req);
-            tokio::spawn(async move {
-                let Ok(up) = on.await else { return };
-                let mut io = TokioIo::new(up);
-                let (mut dec, mut input, mut data) = (WsDecoder::new(Role::Server), BytesMut::new(), BytesMut::new());
-                loop {
-                    while let Ok(Some(_)) = dec.decode(&mut input, &mut data) {}
-                    if !data.is_empty() {
-                        let mut out = BytesMut::new();
-                        ws::encode_frame(&mut out, ws::opcode::TEXT, &data.split(), None);
-                        if io.write_all(&out).await.is_err() {
-                            return;
-                        }
-                    }
-                    input.reserve(4096);
-                    if !matches!(io.read_buf(&mut input).await, Ok(n) if n > 0) {
-                        return;
-                    }
-                }
-            });
-            let mut r = Response::new(full(""));
-            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            let h = r.headers_mut();
-            h.insert("upgrade", "websocket".parse().expect("hv"));
-            h.insert("connection", "Upgrade".parse().expect("hv"));
-            h.insert("sec-websocket-accept", ws::accept_key(&key).parse().expect("hv"));
-            r
-        }
+        "/ws" => warren_common::testing::ws_echo_upgrade(&mut req).map(|()| full("")),
         _ => {
             let mut r = Response::new(full("no such page"));
             *r.status_mut() = StatusCode::NOT_FOUND;
