@@ -13,6 +13,12 @@
 //!   after a 101 response both directions carry the upgraded connection's raw bytes
 //! ```
 //!
+//! peer link (one edge forwarding visitors to a sibling edge that holds the node's tunnel)
+//!   edge A -> edge B  PeerHello { version, key } on A's first bidirectional stream
+//!   edge B -> edge A  Welcome { urls: [] } | Refused { reason }
+//!   then A opens one request stream per forwarded visitor request, carrying exactly what a
+//!   request stream to a node carries; B splices it onto a stream to its node (one hop only)
+//!
 //! Every message is `length u32 BE | type u8 | fields`, length counting type and fields, at
 //! most [`MAX_MESSAGE_LEN`]. Strings are `len u16 BE | UTF-8`, byte strings `len u16 BE |
 //! bytes`, lists `count u16 BE | items`.
@@ -84,6 +90,13 @@ pub enum Message {
     Request(RequestHead),
     /// `0x05` node -> edge: `status u16 | headers`.
     Response(ResponseHead),
+    /// `0x06` edge -> sibling edge: `version u16 | key str`, the cluster's shared key.
+    PeerHello {
+        /// Protocol version.
+        version: u16,
+        /// The cluster key.
+        key: String,
+    },
 }
 
 /// A visitor's request as the edge received it.
@@ -124,6 +137,7 @@ impl Message {
             Message::Refused { .. } => 0x03,
             Message::Request(_) => 0x04,
             Message::Response(_) => 0x05,
+            Message::PeerHello { .. } => 0x06,
         }
     }
 
@@ -176,6 +190,10 @@ impl Message {
                 out.put_u16(h.status);
                 put_headers(out, &h.headers)?;
             }
+            Message::PeerHello { version, key } => {
+                out.put_u16(*version);
+                put_str(out, key)?;
+            }
         }
         Ok(())
     }
@@ -227,6 +245,7 @@ impl Message {
                 upgrade: get_u8(&mut r)? != 0,
             }),
             0x05 => Message::Response(ResponseHead { status: get_u16(&mut r)?, headers: get_headers(&mut r)? }),
+            0x06 => Message::PeerHello { version: get_u16(&mut r)?, key: get_str(&mut r)? },
             _ => return Err(TunnelError::Malformed("unknown message type")),
         };
         if !r.is_empty() {
@@ -324,6 +343,7 @@ mod tests {
                 upgrade: false,
             }),
             Message::Response(ResponseHead { status: 101, headers: vec![("upgrade".into(), b"websocket".to_vec())] }),
+            Message::PeerHello { version: 1, key: "cluster-key-0123456789".into() },
         ]
     }
 
@@ -334,6 +354,9 @@ mod tests {
             .encode(&mut b)
             .expect("encodes");
         assert_eq!(hex(&b), "0000000d01000100016e000174000101bb");
+        let mut b = BytesMut::new();
+        Message::PeerHello { version: 1, key: "k".into() }.encode(&mut b).expect("encodes");
+        assert_eq!(hex(&b), "0000000606000100016b");
     }
 
     fn hex(b: &[u8]) -> String {
@@ -380,7 +403,7 @@ mod tests {
         }
 
         #[test]
-        fn perturbed_messages_never_panic(i in 0usize..5, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
+        fn perturbed_messages_never_panic(i in 0usize..6, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
             let mut wire = BytesMut::new();
             sample()[i].encode(&mut wire).expect("encodes");
             for (pos, x) in flips {
