@@ -11,11 +11,13 @@ if ! python3 -c 'import nacl.public, yaml' 2>/dev/null; then
     python3 -m pip install --quiet --disable-pip-version-check pynacl pyyaml
 fi
 # The NAT lab (node-client/tests/natlab.rs) builds network namespaces with iproute2 and iptables;
-# the ACME tests (edge/server/tests/acme.rs) run Debian's pebble test CA.
-if [ "$(id -u)" = 0 ] && { ! command -v iptables >/dev/null || ! command -v ip >/dev/null || ! command -v pebble >/dev/null; }; then
-    echo "==> installing iproute2, iptables and pebble"
+# the ACME tests (edge/server/tests/acme.rs) run Debian's pebble test CA; the edge cluster tests
+# (edge/server/tests/cluster.rs) start their own Debian redis-server on a free loopback port.
+if [ "$(id -u)" = 0 ] && { ! command -v iptables >/dev/null || ! command -v ip >/dev/null \
+    || ! command -v pebble >/dev/null || ! command -v redis-server >/dev/null; }; then
+    echo "==> installing iproute2, iptables, pebble and redis-server"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables pebble >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables pebble redis-server >/dev/null
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "==> installing cargo-nextest"
@@ -35,7 +37,7 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> tests"
 export WARREN_REQUIRE_PYNACL=1
 # As root (CI), the NAT lab must run; elsewhere it skips with a message.
-if [ "$(id -u)" = 0 ]; then export WARREN_REQUIRE_NETNS=1 WARREN_REQUIRE_PEBBLE=1; fi
+if [ "$(id -u)" = 0 ]; then export WARREN_REQUIRE_NETNS=1 WARREN_REQUIRE_PEBBLE=1 WARREN_REQUIRE_REDIS=1; fi
 # The NAT lab runs the relay and node binaries in namespaces.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked --doc --quiet

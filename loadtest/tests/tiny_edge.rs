@@ -79,7 +79,7 @@ async fn edge_scenario_counts_answers_and_failures() {
     let edge = Edge::spawn(Config::try_from(f).expect("valid"), None).await.expect("edge");
     let target = origin().await;
     let funnel = Funnel::start(FunnelConfig {
-        edge: edge.tunnel_addr().to_string(),
+        edges: vec![edge.tunnel_addr().to_string()],
         edge_name: Some("localhost".into()),
         ca_file: edge.dev_ca_cert().map(Into::into),
         token: "t0ken-for-the-test".into(),
@@ -108,7 +108,7 @@ async fn edge_scenario_counts_answers_and_failures() {
     // WebSocket echo sessions through the same edge, to a node publishing an echo origin.
     let echo = ws_origin().await;
     let ws_funnel = Funnel::start(FunnelConfig {
-        edge: edge.tunnel_addr().to_string(),
+        edges: vec![edge.tunnel_addr().to_string()],
         edge_name: Some("localhost".into()),
         ca_file: edge.dev_ca_cert().map(Into::into),
         token: "t0ken-for-the-test".into(),

@@ -1,8 +1,9 @@
 //! The funnel agent: publishes a local HTTP service through an edge.
 //!
-//! The agent keeps one QUIC connection to the edge, registers the node's name with a token,
-//! and serves every stream the edge opens as one request to the local target, through a pooled
-//! HTTP client. Bodies stream both ways; `101 Switching Protocols` (WebSocket) becomes a raw
+//! The agent keeps one QUIC connection to each configured edge (several edges of a cluster
+//! behind one DNS name: any of them can then answer for the node, and losing one loses
+//! nothing), registers the node's name with a token on each, and serves every stream an edge
+//! opens as one request to the local target, through one pooled HTTP client. Bodies stream both ways; `101 Switching Protocols` (WebSocket) becomes a raw
 //! two-way copy. The connection is re-established with jittered backoff; the edge replaces the
 //! stale registration of a reconnecting node.
 
@@ -24,8 +25,8 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use warren_common::tunnel_io::{is_hop_by_hop, read_message, send_body, transport_config, write_message, QuicBody};
-use warren_tunnel_proto::{Message, ResponseHead, ALPN, VERSION};
+use warren_common::tunnel_io::{is_hop_by_hop, quic_client_config, read_message, send_body, write_message, QuicBody};
+use warren_tunnel_proto::{Message, ResponseHead, VERSION};
 
 type Body = BoxBody<Bytes, std::io::Error>;
 type HttpClient = Client<HttpConnector, Body>;
@@ -33,9 +34,9 @@ type HttpClient = Client<HttpConnector, Body>;
 /// What to publish and where.
 #[derive(Debug, Clone)]
 pub struct FunnelConfig {
-    /// The edge's tunnel address, `host:port` (UDP).
-    pub edge: String,
-    /// TLS name of the edge (default: the host part of `edge`).
+    /// The edges' tunnel addresses, `host:port` (UDP); the node keeps a tunnel to each.
+    pub edges: Vec<String>,
+    /// TLS name of the edges (default: the host part of each address).
     pub edge_name: Option<String>,
     /// Extra CA to trust for the edge (e.g. its dev CA).
     pub ca_file: Option<PathBuf>,
@@ -49,11 +50,24 @@ pub struct FunnelConfig {
     pub ports: Vec<u16>,
 }
 
+/// One edge's tunnel.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EdgeLink {
+    /// The edge's tunnel address.
+    pub edge: String,
+    /// Registered there now.
+    pub connected: bool,
+    /// The last failure on this edge, if any.
+    pub last_error: Option<String>,
+}
+
 /// The agent's state.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct FunnelStatus {
-    /// Connected and registered.
+    /// Registered on at least one edge.
     pub connected: bool,
+    /// Each edge's tunnel.
+    pub edges: Vec<EdgeLink>,
     /// Public URLs, once registered.
     pub urls: Vec<String>,
     /// The local target.
@@ -101,7 +115,8 @@ impl Drop for Funnel {
 impl Funnel {
     /// Starts publishing.
     pub fn start(cfg: FunnelConfig) -> Funnel {
-        let (tx, status) = watch::channel(FunnelStatus { target: cfg.target.clone(), ..Default::default() });
+        let edges = cfg.edges.iter().map(|e| EdgeLink { edge: e.clone(), ..Default::default() }).collect();
+        let (tx, status) = watch::channel(FunnelStatus { target: cfg.target.clone(), edges, ..Default::default() });
         let cancel = CancellationToken::new();
         tokio::spawn(run(cfg, tx, cancel.clone()));
         Funnel { status, cancel }
@@ -134,6 +149,10 @@ impl Funnel {
 }
 
 async fn run(cfg: FunnelConfig, status: watch::Sender<FunnelStatus>, cancel: CancellationToken) {
+    if cfg.edges.is_empty() {
+        status.send_modify(|s| s.last_error = Some("no edge configured".into()));
+        return;
+    }
     let endpoint = match client_endpoint(&cfg) {
         Ok(e) => e,
         Err(e) => {
@@ -144,36 +163,112 @@ async fn run(cfg: FunnelConfig, status: watch::Sender<FunnelStatus>, cancel: Can
     let http: HttpClient =
         Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build_http();
     let requests = Arc::new(AtomicU64::new(0));
-    let mut failures = 0u32;
-    loop {
-        let outcome = tokio::select! {
-            _ = cancel.cancelled() => break,
-            r = session(&endpoint, &cfg, &http, &status, &requests) => r,
-        };
-        let err = outcome.err().unwrap_or_else(|| "connection to the edge closed".into());
-        warn!(edge = %cfg.edge, error = %err, "funnel disconnected");
-        status.send_modify(|s| {
-            s.connected = false;
-            s.last_error = Some(err);
-        });
-        failures += 1;
-        let base = Duration::from_millis(200).saturating_mul(1 << failures.min(7)).min(Duration::from_secs(30));
-        let delay = base.mul_f64(0.5 + f64::from(OsRng.next_u32() % 1000) / 1000.0);
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(delay) => {}
-        }
+    let cfg = Arc::new(cfg);
+    let links = tokio_util::task::TaskTracker::new();
+    for i in 0..cfg.edges.len() {
+        let link = Link { index: i, endpoint: endpoint.clone(), cfg: cfg.clone(), http: http.clone() };
+        links.spawn(link.run(status.clone(), requests.clone(), cancel.clone()));
     }
+    links.close();
+    links.wait().await;
     endpoint.close(0u32.into(), b"funnel off");
 }
 
+/// The tunnel to one edge, re-established with jittered backoff.
+struct Link {
+    index: usize,
+    endpoint: quinn::Endpoint,
+    cfg: Arc<FunnelConfig>,
+    http: HttpClient,
+}
+
+impl Link {
+    fn update(&self, status: &watch::Sender<FunnelStatus>, f: impl FnOnce(&mut FunnelStatus, &mut EdgeLink)) {
+        status.send_modify(|s| {
+            let mut link = std::mem::take(&mut s.edges[self.index]);
+            f(s, &mut link);
+            s.edges[self.index] = link;
+            s.connected = s.edges.iter().any(|e| e.connected);
+        });
+    }
+
+    async fn run(self, status: watch::Sender<FunnelStatus>, requests: Arc<AtomicU64>, cancel: CancellationToken) {
+        let edge = &self.cfg.edges[self.index];
+        let mut failures = 0u32;
+        loop {
+            let outcome = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = self.session(&status, &requests) => r,
+            };
+            let err = outcome.err().unwrap_or_else(|| "connection to the edge closed".into());
+            warn!(%edge, error = %err, "funnel disconnected from an edge");
+            self.update(&status, |s, link| {
+                link.connected = false;
+                link.last_error = Some(err.clone());
+                s.last_error = Some(err);
+            });
+            failures += 1;
+            let base = Duration::from_millis(200).saturating_mul(1 << failures.min(7)).min(Duration::from_secs(30));
+            let delay = base.mul_f64(0.5 + f64::from(OsRng.next_u32() % 1000) / 1000.0);
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    async fn session(&self, status: &watch::Sender<FunnelStatus>, requests: &Arc<AtomicU64>) -> Result<(), String> {
+        let cfg = &self.cfg;
+        let edge = &cfg.edges[self.index];
+        let addr = tokio::net::lookup_host(edge)
+            .await
+            .map_err(|e| format!("cannot resolve {edge}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{edge} has no address"))?;
+        let host = edge.rsplit_once(':').map_or(edge.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+        let server_name = cfg.edge_name.clone().unwrap_or_else(|| host.to_owned());
+        let connecting = self.endpoint.connect(addr, &server_name).map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+            .await
+            .map_err(|_| "edge did not answer within 10 s".to_string())?
+            .map_err(|e| format!("QUIC connection: {e}"))?;
+        let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let hello = Message::Hello {
+            version: VERSION,
+            name: cfg.name.clone(),
+            token: cfg.token.clone(),
+            ports: cfg.ports.clone(),
+        };
+        write_message(&mut ctl_send, &hello).await.map_err(|e| e.to_string())?;
+        match read_message(&mut ctl_recv).await.map_err(|e| format!("no welcome: {e}"))? {
+            Message::Welcome { urls } => {
+                info!(%edge, urls = ?urls, target = %cfg.target, "funnel registered");
+                self.update(status, |s, link| {
+                    link.connected = true;
+                    link.last_error = None;
+                    s.urls = urls;
+                    s.last_error = None;
+                });
+            }
+            Message::Refused { reason } => return Err(format!("edge refused: {reason}")),
+            _ => return Err("unexpected answer from the edge".into()),
+        }
+        loop {
+            let (send, recv) = conn.accept_bi().await.map_err(|e| format!("tunnel closed: {e}"))?;
+            let (http, requests, status) = (self.http.clone(), requests.clone(), status.clone());
+            let cfg = self.cfg.clone();
+            tokio::spawn(async move {
+                let n = requests.fetch_add(1, Ordering::Relaxed) + 1;
+                status.send_modify(|s| s.requests = n);
+                serve_stream(send, recv, &cfg.target, &http).await;
+            });
+        }
+    }
+}
+
 fn client_endpoint(cfg: &FunnelConfig) -> Result<quinn::Endpoint, String> {
-    let mut tls = (*crate::derp::tls_config(cfg.ca_file.as_deref()).map_err(|e| e.to_string())?).clone();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
-    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
     // The edge opens one stream per request; the node opens only its control stream.
-    client.transport_config(Arc::new(transport_config(4096)));
+    let client = quic_client_config(cfg.ca_file.as_deref(), 4096)?;
     let bind: SocketAddr = "[::]:0".parse().map_err(|_| "bad bind address".to_string())?;
     let mut endpoint = quinn::Endpoint::client(bind)
         .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))))
@@ -181,53 +276,6 @@ fn client_endpoint(cfg: &FunnelConfig) -> Result<quinn::Endpoint, String> {
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
-
-async fn session(
-    endpoint: &quinn::Endpoint,
-    cfg: &FunnelConfig,
-    http: &HttpClient,
-    status: &watch::Sender<FunnelStatus>,
-    requests: &Arc<AtomicU64>,
-) -> Result<(), String> {
-    let addr = tokio::net::lookup_host(&cfg.edge)
-        .await
-        .map_err(|e| format!("cannot resolve {}: {e}", cfg.edge))?
-        .next()
-        .ok_or_else(|| format!("{} has no address", cfg.edge))?;
-    let host = cfg.edge.rsplit_once(':').map_or(cfg.edge.as_str(), |(h, _)| h).trim_matches(['[', ']']);
-    let server_name = cfg.edge_name.clone().unwrap_or_else(|| host.to_owned());
-    let connecting = endpoint.connect(addr, &server_name).map_err(|e| e.to_string())?;
-    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
-        .await
-        .map_err(|_| "edge did not answer within 10 s".to_string())?
-        .map_err(|e| format!("QUIC connection: {e}"))?;
-    let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    let hello =
-        Message::Hello { version: VERSION, name: cfg.name.clone(), token: cfg.token.clone(), ports: cfg.ports.clone() };
-    write_message(&mut ctl_send, &hello).await.map_err(|e| e.to_string())?;
-    match read_message(&mut ctl_recv).await.map_err(|e| format!("no welcome: {e}"))? {
-        Message::Welcome { urls } => {
-            info!(urls = ?urls, target = %cfg.target, "funnel registered");
-            status.send_modify(|s| {
-                s.connected = true;
-                s.urls = urls;
-                s.last_error = None;
-            });
-        }
-        Message::Refused { reason } => return Err(format!("edge refused: {reason}")),
-        _ => return Err("unexpected answer from the edge".into()),
-    }
-    loop {
-        let (send, recv) = conn.accept_bi().await.map_err(|e| format!("tunnel closed: {e}"))?;
-        let (http, target, requests, status) = (http.clone(), cfg.target.clone(), requests.clone(), status.clone());
-        tokio::spawn(async move {
-            let n = requests.fetch_add(1, Ordering::Relaxed) + 1;
-            status.send_modify(|s| s.requests = n);
-            serve_stream(send, recv, &target, &http).await;
-        });
-    }
-}
-
 fn text_body(s: String) -> Body {
     Full::new(Bytes::from(s)).map_err(|never: std::convert::Infallible| match never {}).boxed()
 }

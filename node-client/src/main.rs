@@ -133,9 +133,10 @@ struct UpArgs {
     /// Never go direct: every packet to a peer goes through the home relay.
     #[arg(long)]
     relay_only: bool,
-    /// Edge tunnel address (host:port, UDP) for `warren funnel`.
+    /// Edge tunnel address (host:port, UDP) for `warren funnel`; repeat it to keep a tunnel to
+    /// each edge of a cluster.
     #[arg(long)]
-    edge: Option<String>,
+    edge: Vec<String>,
     /// PEM file of a CA to trust for the edge (default: --ca).
     #[arg(long)]
     edge_ca: Option<PathBuf>,
@@ -213,9 +214,9 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     cfg.udp_bind = args.udp;
     cfg.stun_interval = Duration::from_secs(args.stun_interval.max(1));
     cfg.relay_only = args.relay_only;
-    let funnel_settings = match (args.edge, args.funnel_token) {
-        (Some(edge), Some(token)) => Some(FunnelConfig {
-            edge,
+    let funnel_settings = match (args.edge.is_empty(), args.funnel_token) {
+        (false, Some(token)) => Some(FunnelConfig {
+            edges: args.edge,
             edge_name: args.edge_name,
             ca_file: args.edge_ca.or_else(|| cfg.ca_file.clone()),
             token,
@@ -223,7 +224,7 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
             target: String::new(),
             ports: vec![443],
         }),
-        (Some(_), None) => bail!("--edge needs --funnel-token (or WARREN_FUNNEL_TOKEN)"),
+        (false, None) => bail!("--edge needs --funnel-token (or WARREN_FUNNEL_TOKEN)"),
         _ => None,
     };
     let node = std::sync::Arc::new(Node::start(cfg).await?);

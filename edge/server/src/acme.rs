@@ -83,10 +83,10 @@ fn now_unix() -> i64 {
 }
 
 impl Acme {
-    /// A manager storing certificates in `store` and installing them in `certs`. Certificates
-    /// already in the store are installed now.
+    /// A manager storing certificates in `store` and installing them in `certs`. Call
+    /// [`Acme::reload`] to install the certificates already in the store.
     pub fn new(settings: AcmeSettings, store: Arc<dyn Store>, certs: Arc<CertStore>, state_dir: PathBuf) -> Arc<Self> {
-        let acme = Arc::new(Acme {
+        Arc::new(Acme {
             settings,
             account: OnceCell::new(),
             store,
@@ -97,14 +97,15 @@ impl Acme {
             orders_failed: metrics::counter!("edge_acme_orders_total", "result" => "error"),
             expiry: metrics::gauge!("edge_cert_expiry_seconds"),
             state_dir,
-        });
-        acme.reload();
-        acme
+        })
     }
 
     /// Installs every certificate in the store (also picks up ones another edge issued).
-    pub fn reload(&self) {
-        let Ok(all) = self.store.load_all() else { return };
+    pub async fn reload(&self) {
+        let all = match self.store.load_all().await {
+            Ok(all) => all,
+            Err(e) => return warn!(error = %e, "cannot read the certificate store"),
+        };
         for c in all {
             if let Err(e) = self.install(&c) {
                 warn!(name = %c.name, error = %e, "stored certificate unusable");
@@ -147,12 +148,29 @@ impl Acme {
         if self.is_fresh(name) {
             return Ok(());
         }
-        if !self.store.try_lock(name, LOCK_TTL) {
-            info!(%name, "another order for this name is in progress");
+        // Another edge of the cluster may have issued it already.
+        self.reload().await;
+        if self.is_fresh(name) {
             return Ok(());
         }
+        if !self.store.try_lock(name, LOCK_TTL).await? {
+            info!(%name, "another edge is ordering this certificate; waiting for it in the store");
+            let deadline = tokio::time::Instant::now() + LOCK_TTL;
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.reload().await;
+                if self.is_fresh(name) {
+                    return Ok(());
+                }
+            }
+            return Err(AcmeError::Other(format!(
+                "no certificate for {name} appeared while another edge held the lock"
+            )));
+        }
         let result = self.order(name).await;
-        self.store.unlock(name);
+        if let Err(e) = self.store.unlock(name).await {
+            warn!(%name, error = %e, "cannot release the issuance lock; it expires on its own");
+        }
         match &result {
             Ok(()) => {
                 self.orders_ok.increment(1);
@@ -260,7 +278,7 @@ impl Acme {
         let key_pem = order.finalize().await?;
         let chain_pem = order.poll_certificate(&retry).await?;
         let stored = StoredCert { name: name.to_owned(), chain_pem, key_pem };
-        self.store.save(&stored)?;
+        self.store.save(&stored).await?;
         self.install(&stored)
     }
 
@@ -285,7 +303,7 @@ impl Acme {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(self.settings.renew_check_interval) => {}
             }
-            self.reload();
+            self.reload().await;
             let due: Vec<String> = {
                 let na = self.not_after.read().unwrap_or_else(|e| e.into_inner());
                 na.keys().filter(|n| !self.is_fresh(n)).cloned().collect()

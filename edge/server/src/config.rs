@@ -42,6 +42,14 @@ pub mod defaults {
     pub const TUNNEL_ACCEPT_RATE: u32 = 100;
     /// ... with this burst.
     pub const TUNNEL_ACCEPT_BURST: u32 = 200;
+    /// How long a route entry lives unless refreshed (refreshed every third of it).
+    pub const ROUTE_TTL: Duration = Duration::from_secs(15);
+    /// How long a route lookup is reused.
+    pub const ROUTE_CACHE_TTL: Duration = Duration::from_secs(2);
+    /// Shortest cluster key.
+    pub const CLUSTER_KEY_MIN_LEN: usize = 16;
+    /// Environment variable holding the cluster key.
+    pub const CLUSTER_KEY_ENV: &str = "WARREN_EDGE_CLUSTER_KEY";
 }
 
 /// The TOML file. Every key is optional.
@@ -76,6 +84,122 @@ pub struct FileConfig {
     /// ACME, for `tls.mode = "acme"`.
     #[serde(default)]
     pub acme: AcmeFile,
+    /// Several edges sharing state.
+    #[serde(default)]
+    pub cluster: ClusterFile,
+}
+
+/// `[cluster]`: edges behind one DNS name share certificates, locks and routes in Redis, and
+/// forward a visitor to the edge that holds the node's tunnel.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// `redis://[:password@]host:port/db`. Absent: a single edge with its file store.
+    pub redis_url: Option<String>,
+    /// Address siblings reach this edge's tunnel endpoint at (UDP), e.g. "10.0.0.5:7443".
+    pub advertise: Option<String>,
+    /// File holding the cluster key shared by the edges (one line). The key may also come
+    /// from `WARREN_EDGE_CLUSTER_KEY`.
+    pub key_file: Option<PathBuf>,
+    /// The key itself; never read from the file, only from the environment or a flag.
+    #[serde(skip)]
+    pub key: Option<String>,
+    /// Extra CA (PEM) to trust for siblings' tunnel certificates (e.g. a shared dev CA).
+    pub ca_file: Option<PathBuf>,
+    /// Route entry lifetime, e.g. "15s".
+    pub route_ttl: Option<String>,
+}
+
+/// The cluster's shared key. Compared in constant time; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterKey(String);
+
+impl ClusterKey {
+    /// Whether `offered` is this key.
+    pub fn matches(&self, offered: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), offered.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    /// The key, for this edge's own peer links.
+    pub(crate) fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ClusterKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ClusterKey(<redacted>)")
+    }
+}
+
+/// Checked cluster settings.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Redis URL (may hold a password: never printed).
+    pub redis_url: String,
+    /// This edge's tunnel address as siblings dial it.
+    pub advertise: SocketAddr,
+    /// Shared key.
+    pub key: ClusterKey,
+    /// Extra CA for siblings.
+    pub ca_file: Option<PathBuf>,
+    /// Route entry lifetime.
+    pub route_ttl: Duration,
+}
+
+impl fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("redis_url", &crate::store::redact_url(&self.redis_url))
+            .field("advertise", &self.advertise)
+            .field("key", &self.key)
+            .field("ca_file", &self.ca_file)
+            .field("route_ttl", &self.route_ttl)
+            .finish()
+    }
+}
+
+fn cluster_settings(c: ClusterFile) -> Result<Option<ClusterConfig>, ConfigError> {
+    let Some(redis_url) = c.redis_url else {
+        if c.advertise.is_some() || c.key_file.is_some() {
+            return Err(ConfigError::invalid("cluster.redis_url", "required for a cluster"));
+        }
+        return Ok(None);
+    };
+    if !(redis_url.starts_with("redis://") || redis_url.starts_with("rediss://")) {
+        return Err(ConfigError::invalid("cluster.redis_url", "must be a redis:// URL"));
+    }
+    let advertise = socket_addr(
+        "cluster.advertise",
+        c.advertise.as_deref().ok_or_else(|| ConfigError::invalid("cluster.advertise", "required for a cluster"))?,
+    )?;
+    if advertise.ip().is_unspecified() {
+        return Err(ConfigError::invalid("cluster.advertise", "must be an address siblings can dial, not 0.0.0.0"));
+    }
+    let key = match (c.key, &c.key_file) {
+        (Some(k), _) => k,
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::invalid("cluster.key_file", format!("cannot read {}: {e}", path.display())))?,
+        (None, None) => {
+            return Err(ConfigError::invalid(
+                "cluster.key_file",
+                format!("a cluster needs its key: set cluster.key_file or {}", defaults::CLUSTER_KEY_ENV),
+            ))
+        }
+    };
+    let key = key.trim();
+    if key.len() < defaults::CLUSTER_KEY_MIN_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::invalid(
+            "cluster.key",
+            format!("a cluster key is at least {} visible ASCII characters", defaults::CLUSTER_KEY_MIN_LEN),
+        ));
+    }
+    let route_ttl = duration("cluster.route_ttl", c.route_ttl, defaults::ROUTE_TTL)?;
+    if route_ttl < Duration::from_secs(1) {
+        return Err(ConfigError::invalid("cluster.route_ttl", "must be at least 1s"));
+    }
+    Ok(Some(ClusterConfig { redis_url, advertise, key: ClusterKey(key.to_owned()), ca_file: c.ca_file, route_ttl }))
 }
 
 /// `[acme]`
@@ -284,6 +408,8 @@ pub struct Config {
     pub tunnel_accept_rate: (NonZeroU32, NonZeroU32),
     /// Drain time.
     pub grace_period: Duration,
+    /// Cluster settings, when several edges share state.
+    pub cluster: Option<ClusterConfig>,
 }
 
 /// Whether `name` is a valid DNS label (a node name).
@@ -390,6 +516,7 @@ impl TryFrom<FileConfig> for Config {
                 )?,
             ),
             grace_period: duration("shutdown.grace_period", f.shutdown.grace_period, defaults::GRACE_PERIOD)?,
+            cluster: cluster_settings(f.cluster)?,
         })
     }
 }
@@ -482,6 +609,29 @@ mod tests {
         assert!(!t.allows("s3cret-token", "other"));
         assert!(!t.allows("s3cret-toke", "web"));
         assert!(!format!("{c:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_and_secrets_never_print() {
+        let parse = |t: &str, key: Option<&str>| {
+            let mut f = FileConfig::parse(t).expect("parses");
+            f.cluster.key = key.map(str::to_owned);
+            Config::try_from(f)
+        };
+        let base = "[cluster]\nredis_url = \"redis://:pw-secret@127.0.0.1:6379/0\"\nadvertise = \"10.0.0.5:7443\"";
+        let c = parse(base, Some("0123456789abcdef-key")).expect("valid");
+        let cl = c.cluster.as_ref().expect("cluster");
+        assert_eq!(cl.route_ttl, defaults::ROUTE_TTL);
+        assert!(cl.key.matches("0123456789abcdef-key") && !cl.key.matches("0123456789abcdef-keY"));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("pw-secret") && !shown.contains("0123456789abcdef"), "{shown}");
+        assert!(parse(base, None).is_err(), "key required");
+        assert!(parse(base, Some("short")).is_err(), "key too short");
+        assert!(parse("[cluster]\nadvertise = \"10.0.0.5:7443\"", Some("0123456789abcdef")).is_err());
+        let unspecified = base.replace("10.0.0.5", "0.0.0.0");
+        assert!(parse(&unspecified, Some("0123456789abcdef")).is_err());
+        assert!(parse(&base.replace("redis://", "http://"), Some("0123456789abcdef")).is_err());
+        assert!(parse("", None).expect("valid").cluster.is_none());
     }
 
     #[test]

@@ -3,11 +3,13 @@
 //! A node opens one QUIC connection to the edge and registers `<name>` with an operator-issued
 //! token ([`tunnel`]); visitors of `https://<name>.<funnel domain>` reach the edge's public
 //! listeners, where TLS is terminated with a certificate chosen by SNI ([`certs`]) and each
-//! request becomes one bidirectional QUIC stream to the node ([`proxy`]).
+//! request becomes one bidirectional QUIC stream to the node ([`proxy`]). Several edges can
+//! share certificates and routes in Redis and forward to each other (`cluster`).
 
 pub mod acme;
 mod admin;
 pub mod certs;
+mod cluster;
 pub mod config;
 pub mod der;
 pub mod metrics;

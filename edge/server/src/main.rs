@@ -47,6 +47,16 @@ struct Cli {
     /// Directory for certificates and the dev CA.
     #[arg(long)]
     state_dir: Option<PathBuf>,
+    /// Redis URL of the cluster's shared store (overrides `[cluster] redis_url`).
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// Address siblings reach this edge's tunnel at (overrides `[cluster] advertise`).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// The cluster key shared by the edges (prefer the environment variable: flags show in
+    /// `ps`).
+    #[arg(long, env = "WARREN_EDGE_CLUSTER_KEY", hide_env_values = true)]
+    cluster_key: Option<String>,
     /// Log format.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
@@ -79,6 +89,13 @@ impl Cli {
         if let Some(s) = &self.state_dir {
             f.state_dir = Some(s.clone());
         }
+        if let Some(u) = &self.redis_url {
+            f.cluster.redis_url = Some(u.clone());
+        }
+        if let Some(a) = &self.advertise {
+            f.cluster.advertise = Some(a.clone());
+        }
+        f.cluster.key.clone_from(&self.cluster_key);
         f
     }
 }

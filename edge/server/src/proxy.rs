@@ -25,6 +25,7 @@ use tracing::debug;
 use warren_common::tunnel_io::{is_hop_by_hop, read_message, send_body, write_message, QuicBody};
 use warren_tunnel_proto::{Message, RequestHead};
 
+use crate::cluster::ForwardError;
 use crate::config::{defaults, valid_name};
 use crate::metrics::Limited;
 use crate::server::Shared;
@@ -194,23 +195,33 @@ async fn proxy(
         .and_then(|n| n.strip_suffix('.'))
         .filter(|n| valid_name(n))
         .ok_or(ProxyError::UnknownHost)?;
-    let tunnel = shared.routes.get(name).ok_or(ProxyError::Offline)?;
-    if !tunnel.ports.contains(&info.port) {
-        return Err(ProxyError::PortNotServed);
-    }
-    if let Some(rate) = &tunnel.rate {
-        let allowed = rate.lock().unwrap_or_else(|e| e.into_inner()).try_take(std::time::Instant::now(), 1.0);
-        if !allowed {
-            return Err(ProxyError::RateLimited);
-        }
-    }
-    let permit = tunnel.streams.clone().try_acquire_owned().map_err(|_| ProxyError::Busy)?;
     let upgrade = is_upgrade(&req);
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut send, mut recv) = tokio::time::timeout(defaults::OPEN_TIMEOUT, tunnel.conn.open_bi())
-        .await
-        .map_err(|_| ProxyError::NodeTimeout)?
-        .map_err(|_| ProxyError::NodeUnreachable)?;
+    let (permit, (mut send, mut recv)) = match shared.routes.get(name) {
+        Some(tunnel) => {
+            if !tunnel.ports.contains(&info.port) {
+                return Err(ProxyError::PortNotServed);
+            }
+            if !tunnel.allow_request() {
+                return Err(ProxyError::RateLimited);
+            }
+            let permit = tunnel.streams.clone().try_acquire_owned().map_err(|_| ProxyError::Busy)?;
+            let streams = tokio::time::timeout(defaults::OPEN_TIMEOUT, tunnel.conn.open_bi())
+                .await
+                .map_err(|_| ProxyError::NodeTimeout)?
+                .map_err(|_| ProxyError::NodeUnreachable)?;
+            (Some(permit), streams)
+        }
+        // Another edge of the cluster may hold the tunnel; it applies the node's limits.
+        None => match &shared.cluster {
+            Some(cluster) => match cluster.open(&shared.endpoint, name).await {
+                Ok(streams) => (None, streams),
+                Err(ForwardError::NoRoute) => return Err(ProxyError::Offline),
+                Err(ForwardError::Unreachable) => return Err(ProxyError::NodeUnreachable),
+            },
+            None => return Err(ProxyError::Offline),
+        },
+    };
     let head = request_head(&req, info, &host, upgrade);
     write_message(&mut send, &Message::Request(head)).await.map_err(|_| ProxyError::NodeUnreachable)?;
     let body = req.into_body();

@@ -22,6 +22,7 @@ use warren_common::tls::{self as ctls, DevCa};
 
 use crate::acme::Acme;
 use crate::certs::{CertStore, ACME_TLS_ALPN};
+use crate::cluster::Cluster;
 use crate::config::{Challenge, Config, TlsMode};
 use crate::metrics::{EdgeMetrics, Limited};
 use crate::proxy::{self, ConnInfo};
@@ -51,6 +52,9 @@ pub enum EdgeError {
     /// quinn refused the TLS configuration.
     #[error("QUIC TLS: {0}")]
     Quic(String),
+    /// The cluster settings could not be used.
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// Time a visitor has to send a complete request head.
@@ -69,6 +73,10 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     /// Certificates per name from ACME, when configured (not with a wildcard).
     pub(crate) acme: Option<Arc<Acme>>,
+    /// Sibling edges sharing state, when configured.
+    pub(crate) cluster: Option<Arc<Cluster>>,
+    /// The QUIC endpoint: node tunnels in, peer links in and out.
+    pub(crate) endpoint: quinn::Endpoint,
     /// Visitor accept rate and connections per source address.
     visitor_gate: AcceptGate,
     /// Node tunnel handshakes per second.
@@ -115,15 +123,30 @@ impl Edge {
             }
             TlsMode::Acme(_) => None,
         };
+        let cluster = match &config.cluster {
+            Some(c) => {
+                let cluster =
+                    Cluster::new(c.clone(), &config.hostname, dev_ca_cert.as_deref()).map_err(EdgeError::Cluster)?;
+                Some(Arc::new(cluster))
+            }
+            None => None,
+        };
         let acme = match &config.tls {
             TlsMode::Acme(settings) => {
-                let dir = config.state_dir.join("certs");
-                let files: Arc<dyn Store> = Arc::new(FileStore::new(&dir).map_err(|source| EdgeError::Bind {
-                    what: "certificate store",
-                    addr: config.tunnel_listen,
-                    source,
-                })?);
-                Some(Acme::new(settings.clone(), files, store.clone(), config.state_dir.clone()))
+                let shared_store: Arc<dyn Store> = match &cluster {
+                    Some(c) => c.store.clone(),
+                    None => {
+                        let dir = config.state_dir.join("certs");
+                        Arc::new(FileStore::new(&dir).map_err(|source| EdgeError::Bind {
+                            what: "certificate store",
+                            addr: config.tunnel_listen,
+                            source,
+                        })?)
+                    }
+                };
+                let acme = Acme::new(settings.clone(), shared_store, store.clone(), config.state_dir.clone());
+                acme.reload().await;
+                Some(acme)
             }
             _ => None,
         };
@@ -191,6 +214,8 @@ impl Edge {
             metrics: EdgeMetrics::new(),
             tasks: TaskTracker::new(),
             acme: acme.clone().filter(|_| !wildcard),
+            cluster: cluster.clone(),
+            endpoint: endpoint.clone(),
             draining: AtomicBool::new(false),
         });
         let stop_accepting = CancellationToken::new();
@@ -220,6 +245,13 @@ impl Edge {
                     let _ = acme.ensure(&n).await;
                 }
             });
+        }
+        if let Some(c) = cluster {
+            match c.store.routes("-").await {
+                Ok(_) => info!(edge = %c.me(), store = ?c.store, "cluster: shared store reachable"),
+                Err(e) => warn!(error = %e, "cluster: shared store unreachable for now; serving local tunnels only"),
+            }
+            accept_loops.spawn(c.heartbeat(shared.clone(), stop_accepting.clone()));
         }
         if let Some(l) = admin {
             accept_loops.spawn(crate::admin::serve(l, prometheus, shared.clone(), stop_accepting.clone()));

@@ -36,6 +36,15 @@ pub(crate) struct Tunnel {
     pub(crate) rate: Option<std::sync::Mutex<TokenBucket>>,
 }
 
+impl Tunnel {
+    /// Takes one request from the name's rate limit, when it has one.
+    pub(crate) fn allow_request(&self) -> bool {
+        self.rate
+            .as_ref()
+            .is_none_or(|r| r.lock().unwrap_or_else(|e| e.into_inner()).try_take(std::time::Instant::now(), 1.0))
+    }
+}
+
 /// Node name -> tunnel.
 #[derive(Debug, Default)]
 pub(crate) struct Routes {
@@ -61,6 +70,11 @@ impl Routes {
         false
     }
 
+    /// Names of the registered nodes.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+
     /// Number of registered tunnels.
     pub(crate) fn len(&self) -> usize {
         self.map.read().unwrap_or_else(|e| e.into_inner()).len()
@@ -82,23 +96,56 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         Ok(Err(e)) => return debug!(%remote, error = %e, "tunnel handshake failed"),
         Err(_) => return debug!(%remote, "tunnel handshake timed out"),
     };
-    let Ok(Some(tunnel)) = tokio::time::timeout(HELLO_TIMEOUT, register(&shared, &conn, remote)).await else {
-        conn.close(1u32.into(), b"no valid hello");
-        return;
+    let tunnel = match tokio::time::timeout(HELLO_TIMEOUT, register(&shared, &conn, remote)).await {
+        Ok(Some(Registered::Node(t))) => t,
+        Ok(Some(Registered::Peer)) => return crate::cluster::serve_peer(shared, conn, remote).await,
+        _ => return conn.close(1u32.into(), b"no valid hello"),
     };
     let reason = conn.closed().await;
     if shared.routes.remove(&tunnel.name, tunnel.id) {
         shared.metrics.tunnels.decrement(1.0);
+        if let Some(c) = &shared.cluster {
+            c.withdraw(&tunnel.name).await;
+        }
     }
     info!(name = %tunnel.name, %remote, %reason, "node tunnel closed");
 }
 
-async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr) -> Option<Arc<Tunnel>> {
+/// Who a new connection turned out to be.
+enum Registered {
+    /// A node, now registered.
+    Node(Arc<Tunnel>),
+    /// A sibling edge, authenticated with the cluster key.
+    Peer,
+}
+
+async fn refuse_with(send: &mut quinn::SendStream, reason: &str) {
+    let _ = write_message(send, &Message::Refused { reason: reason.into() }).await;
+    let _ = send.finish();
+    // Give the Refused a moment to leave before the connection closes.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr) -> Option<Registered> {
     let (mut send, mut recv) = conn.accept_bi().await.ok()?;
     let refuse = |r: Registration| shared.metrics.registration(r);
-    let Ok(Message::Hello { version, name, token, ports }) = read_message(&mut recv).await else {
-        refuse(Registration::BadHello);
-        return None;
+    let (version, name, token, ports) = match read_message(&mut recv).await {
+        Ok(Message::Hello { version, name, token, ports }) => (version, name, token, ports),
+        Ok(Message::PeerHello { version, key }) => {
+            let ok = version == VERSION && shared.cluster.as_ref().is_some_and(|c| c.key_matches(&key));
+            if !ok {
+                refuse(Registration::Unauthorized);
+                info!(%remote, "sibling edge refused: not a cluster member or wrong key");
+                refuse_with(&mut send, "not a member of this cluster").await;
+                return None;
+            }
+            write_message(&mut send, &Message::Welcome { urls: Vec::new() }).await.ok()?;
+            return Some(Registered::Peer);
+        }
+        _ => {
+            refuse(Registration::BadHello);
+            return None;
+        }
     };
     let verdict = if version != VERSION || !valid_name(&name) {
         Err((Registration::BadHello, "unsupported version or invalid name"))
@@ -117,10 +164,7 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
         Err((r, reason)) => {
             refuse(r);
             info!(%remote, %name, reason, "node registration refused");
-            let _ = write_message(&mut send, &Message::Refused { reason: reason.into() }).await;
-            let _ = send.finish();
-            // Give the Refused a moment to leave before the connection closes.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            refuse_with(&mut send, reason).await;
             return None;
         }
     };
@@ -140,10 +184,13 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
     let urls: Vec<String> = ports.iter().map(|p| shared.config.public_url(&name, *p)).collect();
     shared.metrics.registration(Registration::Ok);
     info!(%name, %remote, urls = ?urls, "node registered");
+    if let Some(c) = &shared.cluster {
+        c.announce(&name).await;
+    }
     if let Some(acme) = shared.acme.clone() {
         let host = format!("{name}.{}", shared.config.funnel_domain);
         tokio::spawn(async move { acme.ensure(&host).await });
     }
     write_message(&mut send, &Message::Welcome { urls }).await.ok()?;
-    Some(tunnel)
+    Some(Registered::Node(tunnel))
 }

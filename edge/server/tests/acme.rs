@@ -238,7 +238,7 @@ async fn run_case(challenge: &str) {
     let origin = start_origin().await;
     // The node trusts pebble's root for the edge's tunnel certificate (also from ACME).
     let funnel = Funnel::start(FunnelConfig {
-        edge: edge.tunnel_addr().to_string(),
+        edges: vec![edge.tunnel_addr().to_string()],
         edge_name: Some("edge.test".into()),
         ca_file: Some(root.clone()),
         token: TOKEN.into(),

@@ -143,7 +143,7 @@ impl Lab {
 
     fn funnel(&self, name: &str, token: &str, target: String) -> Funnel {
         Funnel::start(FunnelConfig {
-            edge: self.edge.tunnel_addr().to_string(),
+            edges: vec![self.edge.tunnel_addr().to_string()],
             edge_name: Some("localhost".into()),
             ca_file: self.edge.dev_ca_cert().map(Into::into),
             token: token.into(),

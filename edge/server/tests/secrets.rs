@@ -49,7 +49,7 @@ async fn tokens_never_reach_logs_or_metrics() {
     }
     let funnel = |token: &str| {
         Funnel::start(FunnelConfig {
-            edge: format!("127.0.0.1:{tunnel}"),
+            edges: vec![format!("127.0.0.1:{tunnel}")],
             edge_name: Some("localhost".into()),
             ca_file: Some(dir.path().join("dev-ca.pem")),
             token: token.into(),

@@ -142,6 +142,20 @@ pub fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
     t
 }
 
+/// A QUIC client configuration for the tunnel ALPN, trusting the system roots plus `ca_file`,
+/// letting the server open `peer_streams` bidirectional streams.
+///
+/// # Errors
+/// A message when `ca_file` is unusable.
+pub fn quic_client_config(ca_file: Option<&std::path::Path>, peer_streams: u32) -> Result<quinn::ClientConfig, String> {
+    let mut tls = (*crate::derp::tls_config(ca_file).map_err(|e| e.to_string())?).clone();
+    tls.alpn_protocols = vec![warren_tunnel_proto::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut client = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    client.transport_config(std::sync::Arc::new(transport_config(peer_streams)));
+    Ok(client)
+}
+
 /// HTTP/1.1 hop-by-hop headers, which a proxy must not forward.
 pub const HOP_BY_HOP: [&str; 8] = [
     "connection",

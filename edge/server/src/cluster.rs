@@ -1,0 +1,337 @@
+//! Several edges behind one DNS name.
+//!
+//! Each edge announces the nodes whose tunnels it holds in the shared [`Store`] (route entries
+//! that expire unless refreshed every third of their lifetime). A visitor may reach any edge:
+//! one without the node's tunnel looks the name up (cached briefly in moka) and forwards the
+//! request over a QUIC peer link to an edge that has it. The peer link authenticates with the
+//! cluster key; the receiving edge splices each forwarded stream onto a stream to its node and
+//! never forwards again, so a request crosses at most one extra hop.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use quinn::{RecvStream, SendStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use warren_common::limits::LogLimiter;
+use warren_common::tunnel_io::{read_message, write_message};
+use warren_tunnel_proto::{Message, RequestHead, ResponseHead, VERSION};
+
+use crate::config::{defaults, valid_name, ClusterConfig};
+use crate::server::Shared;
+use crate::store::Store;
+
+/// Time to set up a peer link (QUIC handshake plus PeerHello/Welcome).
+const LINK_TIMEOUT: Duration = Duration::from_secs(3);
+/// Time a forwarded stream has to deliver its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Silence after which a peer link counts as dead.
+const PEER_IDLE: Duration = Duration::from_secs(3);
+/// How long a sibling whose link failed is left alone.
+const PEER_DOWN_FOR: Duration = Duration::from_secs(5);
+/// Forwarded requests in flight on one incoming peer link.
+const PEER_STREAMS: u32 = 4096;
+
+/// This edge's part of the cluster.
+pub(crate) struct Cluster {
+    /// Shared state.
+    pub(crate) store: Arc<dyn Store>,
+    /// How siblings name this edge in routes: `<tls name>@<tunnel address>`.
+    me: String,
+    settings: ClusterConfig,
+    client: quinn::ClientConfig,
+    /// Live links to siblings, one per peer.
+    links: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<quinn::Connection>>>>>,
+    /// name -> peers holding its tunnel, briefly cached.
+    lookups: moka::future::Cache<String, Arc<Vec<String>>>,
+    /// Peers whose link just failed: not dialled again for a few seconds, so visitors of a
+    /// dead sibling's names get an answer at once while its route entries expire.
+    down: moka::future::Cache<String, ()>,
+    errors: LogLimiter,
+    forwarded_out: metrics::Counter,
+    forwarded_in: metrics::Counter,
+    store_errors: metrics::Counter,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster").field("me", &self.me).field("store", &self.store).finish_non_exhaustive()
+    }
+}
+
+/// Why a request could not be forwarded to a sibling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ForwardError {
+    /// No sibling holds the name.
+    NoRoute,
+    /// Siblings hold it but none could be reached.
+    Unreachable,
+}
+
+impl Cluster {
+    /// Sets up the cluster part: the store and a client configuration for peer links, which
+    /// trusts the system roots plus `cluster.ca_file` (or else `dev_ca`, in dev TLS mode).
+    ///
+    /// # Errors
+    /// A message when the Redis URL or the CA file is unusable.
+    pub(crate) fn new(settings: ClusterConfig, hostname: &str, dev_ca: Option<&Path>) -> Result<Cluster, String> {
+        let store = crate::store::RedisStore::new(&settings.redis_url).map_err(|e| e.to_string())?;
+        let ca = settings.ca_file.as_deref().or(dev_ca);
+        let mut client = warren_common::tunnel_io::quic_client_config(ca, 4)?;
+        // Siblings are close: a link whose sibling died is known dead within PEER_IDLE, so a
+        // request forwarded into it fails fast instead of waiting for its response deadline.
+        let mut transport = warren_common::tunnel_io::transport_config(4);
+        transport.keep_alive_interval(Some(PEER_IDLE / 3));
+        transport.max_idle_timeout(quinn::IdleTimeout::try_from(PEER_IDLE).ok());
+        client.transport_config(Arc::new(transport));
+        Ok(Cluster {
+            store: Arc::new(store),
+            me: format!("{hostname}@{}", settings.advertise),
+            client,
+            links: Mutex::new(HashMap::new()),
+            lookups: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(defaults::ROUTE_CACHE_TTL)
+                .build(),
+            down: moka::future::Cache::builder().max_capacity(10_000).time_to_live(PEER_DOWN_FOR).build(),
+            errors: LogLimiter::new(Duration::from_secs(10)),
+            forwarded_out: metrics::counter!("edge_forwarded_total", "direction" => "out"),
+            forwarded_in: metrics::counter!("edge_forwarded_total", "direction" => "in"),
+            store_errors: metrics::counter!("edge_store_errors_total"),
+            settings,
+        })
+    }
+
+    /// This edge's name in route entries.
+    pub(crate) fn me(&self) -> &str {
+        &self.me
+    }
+
+    fn store_failed(&self, what: &str, e: &std::io::Error) {
+        self.store_errors.increment(1);
+        if let Some(held_back) = self.errors.allow() {
+            warn!(what, error = %e, held_back, "shared store unavailable (logged at most every 10 s)");
+        }
+    }
+
+    /// Announces a newly registered node at once.
+    pub(crate) async fn announce(&self, name: &str) {
+        if let Err(e) = self.store.advertise(&self.me, &[name.to_owned()], self.settings.route_ttl).await {
+            self.store_failed("announce", &e);
+        }
+    }
+
+    /// Withdraws a node whose tunnel closed.
+    pub(crate) async fn withdraw(&self, name: &str) {
+        if let Err(e) = self.store.withdraw(&self.me, name).await {
+            self.store_failed("withdraw", &e);
+        }
+    }
+
+    /// Refreshes this edge's routes every third of their lifetime until `cancel`.
+    pub(crate) async fn heartbeat(self: Arc<Self>, shared: Arc<Shared>, cancel: CancellationToken) {
+        let every = self.settings.route_ttl / 3;
+        loop {
+            let names = shared.routes.names();
+            if let Err(e) = self.store.advertise(&self.me, &names, self.settings.route_ttl).await {
+                self.store_failed("heartbeat", &e);
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+        // Leaving: siblings stop forwarding here at once rather than when the entries expire.
+        for name in shared.routes.names() {
+            self.withdraw(&name).await;
+        }
+    }
+
+    /// Siblings holding `name` (never this edge), from a short cache.
+    async fn peers_for(&self, name: &str) -> Arc<Vec<String>> {
+        let lookup = async {
+            match self.store.routes(name).await {
+                Ok(mut peers) => {
+                    peers.retain(|p| *p != self.me);
+                    Ok(Arc::new(peers))
+                }
+                Err(e) => Err(e),
+            }
+        };
+        match self.lookups.try_get_with(name.to_owned(), lookup).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.store_failed("lookup", &e);
+                Arc::new(Vec::new())
+            }
+        }
+    }
+
+    /// Opens a stream to a sibling that holds `name`'s tunnel, trying each in turn.
+    pub(crate) async fn open(
+        &self,
+        endpoint: &quinn::Endpoint,
+        name: &str,
+    ) -> Result<(SendStream, RecvStream), ForwardError> {
+        let peers = self.peers_for(name).await;
+        if peers.is_empty() {
+            return Err(ForwardError::NoRoute);
+        }
+        for peer in peers.iter().filter(|p| !self.down.contains_key(*p)) {
+            let failure = match self.link(endpoint, peer).await {
+                Ok(conn) => match conn.open_bi().await {
+                    Ok(streams) => {
+                        self.forwarded_out.increment(1);
+                        return Ok(streams);
+                    }
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e,
+            };
+            warn!(%peer, error = %failure, "sibling edge unreachable; not tried again for {PEER_DOWN_FOR:?}");
+            self.down.insert(peer.clone(), ()).await;
+        }
+        // The cached answer led nowhere: look again next time.
+        self.lookups.invalidate(name).await;
+        Err(ForwardError::Unreachable)
+    }
+
+    /// The live link to `peer`, dialled if needed.
+    async fn link(&self, endpoint: &quinn::Endpoint, peer: &str) -> Result<quinn::Connection, String> {
+        let slot = self.links.lock().unwrap_or_else(|e| e.into_inner()).entry(peer.to_owned()).or_default().clone();
+        let mut slot = slot.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok(c.clone());
+        }
+        let (server_name, addr) = peer.rsplit_once('@').ok_or("malformed peer")?;
+        let addr: SocketAddr = addr.parse().map_err(|_| "malformed peer address")?;
+        let dial = async {
+            let conn = endpoint
+                .connect_with(self.client.clone(), addr, server_name)
+                .map_err(|e| e.to_string())?
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let hello = Message::PeerHello { version: VERSION, key: self.settings.key.expose().to_owned() };
+            write_message(&mut send, &hello).await.map_err(|e| e.to_string())?;
+            match read_message(&mut recv).await.map_err(|e| e.to_string())? {
+                Message::Welcome { .. } => Ok(conn),
+                Message::Refused { reason } => Err(format!("refused: {reason}")),
+                _ => Err("unexpected answer".to_owned()),
+            }
+        };
+        let conn = tokio::time::timeout(LINK_TIMEOUT, dial).await.map_err(|_| "timed out".to_owned())??;
+        info!(%peer, "peer link up");
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Whether `offered` is the cluster key.
+    pub(crate) fn key_matches(&self, offered: &str) -> bool {
+        self.settings.key.matches(offered)
+    }
+}
+
+/// Serves an authenticated sibling's link: every stream it opens is one forwarded request.
+pub(crate) async fn serve_peer(shared: Arc<Shared>, conn: quinn::Connection, remote: SocketAddr) {
+    conn.set_max_concurrent_bi_streams(PEER_STREAMS.into());
+    info!(%remote, "sibling edge linked");
+    loop {
+        let (send, recv) = match conn.accept_bi().await {
+            Ok(s) => s,
+            Err(e) => return info!(%remote, reason = %e, "sibling edge link closed"),
+        };
+        tokio::spawn(forwarded(shared.clone(), send, recv));
+    }
+}
+
+/// An answer the edge writes itself on a forwarded stream.
+async fn answer(mut send: SendStream, status: u16, text: &str) {
+    let head = ResponseHead { status, headers: vec![("content-type".into(), b"text/plain; charset=utf-8".to_vec())] };
+    if write_message(&mut send, &Message::Response(head)).await.is_ok() {
+        let _ = send.write_all(text.as_bytes()).await;
+        let _ = send.finish();
+    }
+}
+
+fn name_of<'a>(head: &'a RequestHead, domain: &str) -> Option<&'a str> {
+    let host = head.headers.iter().find(|(n, _)| n == "x-forwarded-host").map(|(_, v)| v.as_slice())?;
+    let host = std::str::from_utf8(host).ok()?;
+    host.strip_suffix(domain).and_then(|n| n.strip_suffix('.')).filter(|n| valid_name(n))
+}
+
+/// One forwarded request: its head names the node; the rest of the stream is spliced onto a
+/// new stream to that node, both ways, until both directions end.
+async fn forwarded(shared: Arc<Shared>, peer_send: SendStream, mut peer_recv: RecvStream) {
+    let head = match tokio::time::timeout(HEAD_TIMEOUT, read_message(&mut peer_recv)).await {
+        Ok(Ok(Message::Request(h))) => h,
+        _ => return answer(peer_send, 400, "bad forwarded request\n").await,
+    };
+    if let Some(c) = &shared.cluster {
+        c.forwarded_in.increment(1);
+    }
+    let Some(tunnel) = name_of(&head, &shared.config.funnel_domain).and_then(|n| shared.routes.get(n)) else {
+        return answer(peer_send, 503, "This funnel is offline: its node is not connected.\n").await;
+    };
+    if !tunnel.ports.contains(&head.port) {
+        return answer(peer_send, 404, "This funnel is not published on this port.\n").await;
+    }
+    if !tunnel.allow_request() {
+        return answer(peer_send, 429, "Too many requests for this funnel; try again shortly.\n").await;
+    }
+    let Ok(_permit) = tunnel.streams.clone().try_acquire_owned() else {
+        return answer(peer_send, 503, "This funnel is busy; try again shortly.\n").await;
+    };
+    let opened = tokio::time::timeout(defaults::OPEN_TIMEOUT, tunnel.conn.open_bi()).await;
+    let Ok(Ok((mut node_send, node_recv))) = opened else {
+        return answer(peer_send, 502, "The funnel's node could not be reached.\n").await;
+    };
+    if write_message(&mut node_send, &Message::Request(head)).await.is_err() {
+        return answer(peer_send, 502, "The funnel's node could not be reached.\n").await;
+    }
+    tokio::join!(splice(peer_recv, node_send), splice(node_recv, peer_send));
+}
+
+/// Copies `from` into `to`; a clean end is passed on as a finish, a failure as a reset (and a
+/// stop of the reading side), so neither end mistakes a cut stream for a complete one.
+async fn splice(mut from: RecvStream, mut to: SendStream) {
+    loop {
+        match from.read_chunk(64 << 10, true).await {
+            Ok(Some(chunk)) => {
+                if to.write_chunk(chunk.bytes).await.is_err() {
+                    let _ = from.stop(0u32.into());
+                    return;
+                }
+            }
+            Ok(None) => {
+                let _ = to.finish();
+                return;
+            }
+            Err(_) => {
+                let _ = to.reset(0u32.into());
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_heads_name_their_node() {
+        let head = |host: &str| RequestHead {
+            headers: vec![("x-forwarded-host".into(), host.as_bytes().to_vec())],
+            ..RequestHead::default()
+        };
+        assert_eq!(name_of(&head("web.funnel.test"), "funnel.test"), Some("web"));
+        assert_eq!(name_of(&head("a.b.funnel.test"), "funnel.test"), None);
+        assert_eq!(name_of(&head("funnel.test"), "funnel.test"), None);
+        assert_eq!(name_of(&head("web.other.test"), "funnel.test"), None);
+        assert_eq!(name_of(&RequestHead::default(), "funnel.test"), None);
+    }
+}

@@ -1,0 +1,307 @@
+//! Edges sharing state in a real Redis server (Debian's `redis-server`, started here on a free
+//! loopback port): the store's locks and routes, then two edge processes with one node
+//! tunnelled to both, forwarding between them, and one edge killed while a visitor keeps
+//! asking the other.
+
+use std::io::Read as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use warren::funnel::{Funnel, FunnelConfig};
+use warren_common::testing::{free_tcp_port, free_udp_port};
+use warren_edge::store::{RedisStore, Store, StoredCert};
+
+const CLUSTER_KEY: &str = "edge-cluster-test-key-0123456789";
+
+/// A child process killed when the test ends however it ends.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn plain_get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    tcp.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    std::io::Write::write_all(&mut tcp, req.as_bytes()).ok()?;
+    let mut out = String::new();
+    tcp.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+/// A throwaway Redis server on a free loopback port, no persistence; `None` (the test skips)
+/// when `redis-server` is missing, unless `WARREN_REQUIRE_REDIS` is set (CI sets it).
+fn start_redis(dir: &Path) -> Option<(Proc, String)> {
+    if Command::new("redis-server").arg("--version").output().is_err() {
+        assert!(std::env::var_os("WARREN_REQUIRE_REDIS").is_none(), "redis-server is required but missing");
+        eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
+        return None;
+    }
+    let port = free_tcp_port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server runs (scripts/test.sh installs Debian's redis-server)");
+    let proc = Proc(child);
+    wait_until(Duration::from_secs(10), "redis to answer", || {
+        let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
+        let mut buf = [0u8; 7];
+        std::io::Write::write_all(&mut tcp, b"PING\r\n").is_ok()
+            && tcp.read_exact(&mut buf).is_ok()
+            && &buf == b"+PONG\r\n"
+    });
+    Some((proc, format!("redis://127.0.0.1:{port}/")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_store_locks_routes_and_certificates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((_redis, url)) = start_redis(dir.path()) else { return };
+    let (a, b) = (RedisStore::new(&url).expect("store"), RedisStore::new(&url).expect("store"));
+    a.ping().await.expect("redis answers");
+
+    // Issuance locks: SET NX PX, one holder at a time; only the holder releases; expiry frees.
+    let ttl = Duration::from_secs(30);
+    assert!(a.try_lock("web.funnel.test", ttl).await.expect("lock"));
+    assert!(!b.try_lock("web.funnel.test", ttl).await.expect("lock"), "held by the other edge");
+    b.unlock("web.funnel.test").await.expect("unlock");
+    assert!(!b.try_lock("web.funnel.test", ttl).await.expect("lock"), "a non-holder's unlock does nothing");
+    a.unlock("web.funnel.test").await.expect("unlock");
+    assert!(b.try_lock("web.funnel.test", ttl).await.expect("lock"), "released by its holder");
+    assert!(a.try_lock("short.funnel.test", Duration::from_millis(200)).await.expect("lock"));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(b.try_lock("short.funnel.test", ttl).await.expect("lock"), "an expired lock is free");
+
+    // Certificates saved by one edge are loaded by the other.
+    let cert = StoredCert { name: "*.funnel.test".into(), chain_pem: "CHAIN".into(), key_pem: "KEY".into() };
+    a.save(&cert).await.expect("save");
+    assert_eq!(b.load_all().await.expect("load"), vec![cert]);
+
+    // Routes: refreshed entries live, withdrawn ones go, unrefreshed ones expire.
+    let names = ["web".to_owned(), "api".to_owned()];
+    a.advertise("localhost@10.0.0.1:7443", &names, Duration::from_secs(30)).await.expect("advertise");
+    b.advertise("localhost@10.0.0.2:7443", &names[..1], Duration::from_millis(300)).await.expect("advertise");
+    let mut web = a.routes("web").await.expect("routes");
+    web.sort();
+    assert_eq!(web, ["localhost@10.0.0.1:7443", "localhost@10.0.0.2:7443"]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(a.routes("web").await.expect("routes"), ["localhost@10.0.0.1:7443"], "b's entry expired");
+    a.withdraw("localhost@10.0.0.1:7443", "api").await.expect("withdraw");
+    assert!(b.routes("api").await.expect("routes").is_empty());
+    assert!(b.routes("nobody").await.expect("routes").is_empty());
+
+    // A store whose server is gone gives errors, not hangs.
+    let gone = RedisStore::new(&format!("redis://127.0.0.1:{}/", free_tcp_port())).expect("store");
+    let t = Instant::now();
+    assert!(gone.routes("web").await.is_err());
+    assert!(t.elapsed() < Duration::from_secs(10), "bounded by the store's deadlines");
+}
+
+struct EdgeProc {
+    proc: Proc,
+    public: SocketAddr,
+    tunnel: SocketAddr,
+    admin: SocketAddr,
+}
+
+/// An edge on its own loopback address (127.0.0.x): every edge of a cluster serves the same
+/// public port, as behind one DNS name.
+fn start_edge(ip: &str, public_port: u16, state: &Path, redis: &str, route_ttl: &str) -> EdgeProc {
+    let public: SocketAddr = format!("{ip}:{public_port}").parse().expect("addr");
+    let tunnel: SocketAddr = format!("{ip}:{}", free_udp_port()).parse().expect("addr");
+    let admin: SocketAddr = format!("{ip}:{}", free_tcp_port()).parse().expect("addr");
+    let config = state.join(format!("edge-{ip}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "funnel_domain = \"funnel.test\"\npublic_listen = [\"{public}\"]\ntunnel_listen = \"{tunnel}\"\n\
+             state_dir = \"{s}\"\n[tls]\nmode = \"dev\"\n[admin]\nlisten = \"{admin}\"\n\
+             [shutdown]\ngrace_period = \"1s\"\n\
+             [cluster]\nredis_url = \"{redis}\"\nadvertise = \"{tunnel}\"\nroute_ttl = \"{route_ttl}\"\n\
+             [[tokens]]\ntoken = \"cluster-node-token\"\nnames = [\"*\"]\n",
+            s = state.display()
+        ),
+    )
+    .expect("write config");
+    let log = std::fs::File::create(state.join(format!("edge-{ip}.log"))).expect("log");
+    let child = Command::new(env!("CARGO_BIN_EXE_warren-edge"))
+        .arg("--config")
+        .arg(&config)
+        .env("WARREN_EDGE_CLUSTER_KEY", CLUSTER_KEY)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("edge starts");
+    let proc = Proc(child);
+    wait_until(Duration::from_secs(15), "edge ready", || {
+        plain_get(admin, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.1 200"))
+    });
+    EdgeProc { proc, public, tunnel, admin }
+}
+
+async fn start_origin() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let svc = service_fn(|req: Request<hyper::body::Incoming>| async move {
+                let xff = req.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("-");
+                let body = format!("hello from origin; for {xff}");
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(
+                    body,
+                ))))
+            });
+            tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc));
+        }
+    });
+    addr
+}
+
+/// One visitor request on a new connection to `edge`, with a deadline.
+async fn visit(edge: SocketAddr, ca: &Path, host: &str) -> Result<(StatusCode, String), String> {
+    let attempt = async {
+        let tcp = TcpStream::connect(edge).await.map_err(|e| format!("connect: {e}"))?;
+        let cfg = warren::derp::tls_config(Some(ca)).map_err(|e| e.to_string())?;
+        let name = rustls_pki_types::ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| format!("tls: {e}"))?;
+        let (mut send, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req =
+            Request::get("/").header("host", host).body(Empty::<bytes::Bytes>::new()).map_err(|e| e.to_string())?;
+        let resp = send.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt).await.map_err(|_| "timed out".to_owned())?
+}
+
+fn funnel(name: &str, edges: &[&EdgeProc], ca: &Path, target: SocketAddr, port: u16) -> Funnel {
+    Funnel::start(FunnelConfig {
+        edges: edges.iter().map(|e| e.tunnel.to_string()).collect(),
+        edge_name: Some("localhost".into()),
+        ca_file: Some(PathBuf::from(ca)),
+        token: "cluster-node-token".into(),
+        name: name.into(),
+        target: format!("http://{target}"),
+        ports: vec![port],
+    })
+}
+
+fn metric(admin: SocketAddr, line_prefix: &str) -> f64 {
+    plain_get(admin, "/metrics")
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix(line_prefix)?.trim().parse().ok()))
+        .unwrap_or(-1.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_edges_on_one_redis_forward_and_survive_losing_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((_redis, url)) = start_redis(dir.path()) else { return };
+    let port = free_tcp_port();
+    // Edge A creates the shared dev CA; B starts once A is ready and uses the same one.
+    let a = start_edge("127.0.0.2", port, dir.path(), &url, "2s");
+    let b = start_edge("127.0.0.3", port, dir.path(), &url, "2s");
+    let ca = dir.path().join("dev-ca.pem");
+    let origin = start_origin().await;
+
+    // "web" keeps tunnels to both edges; "solo" only to A.
+    let web = funnel("web", &[&a, &b], &ca, origin, port);
+    let solo = funnel("solo", &[&a], &ca, origin, port);
+    let mut status = web.status();
+    for _ in 0..200 {
+        status = web.status();
+        if status.edges.iter().all(|e| e.connected) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(status.edges.iter().all(|e| e.connected), "web registered on both edges: {status:?}");
+    solo.wait_registered(Duration::from_secs(10)).await.expect("solo registered");
+
+    for edge in [&a, &b] {
+        let (code, body) = visit(edge.public, &ca, "web.funnel.test").await.expect("answer");
+        assert_eq!(code, StatusCode::OK, "{body}");
+        assert_eq!(body, "hello from origin; for 127.0.0.1");
+    }
+    // B has no tunnel of "solo": it forwards to A, and the origin still sees the visitor.
+    let (code, body) = visit(b.public, &ca, "solo.funnel.test").await.expect("answer");
+    assert_eq!(code, StatusCode::OK, "{body}");
+    assert_eq!(body, "hello from origin; for 127.0.0.1", "the visitor's address survives the extra hop");
+    assert_eq!(metric(b.admin, "edge_forwarded_total{direction=\"out\"} "), 1.0);
+    assert_eq!(metric(a.admin, "edge_forwarded_total{direction=\"in\"} "), 1.0);
+    let (code, _) = visit(b.public, &ca, "nobody.funnel.test").await.expect("answer");
+    assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "a name no edge holds is offline");
+
+    // Kill A outright while a visitor keeps asking B for "web" every 20 ms.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let visitor = tokio::spawn({
+        let (stop, ca, public) = (stop.clone(), ca.clone(), b.public);
+        async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.is_cancelled() {
+                match visit(public, &ca, "web.funnel.test").await {
+                    Ok((StatusCode::OK, _)) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (ok, failed)
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let EdgeProc { proc: mut a_proc, .. } = a;
+    let killed = Instant::now();
+    a_proc.0.kill().expect("kill edge A");
+    let _ = a_proc.0.wait();
+
+    // "solo" lived only on A: once A's route entry expires (2 s here), B calls it offline
+    // instead of trying a dead sibling.
+    let (mut slowest, mut unreachable) = (Duration::ZERO, 0u32);
+    let offline_after = loop {
+        let t = Instant::now();
+        let r = visit(b.public, &ca, "solo.funnel.test").await;
+        slowest = slowest.max(t.elapsed());
+        unreachable += u32::from(matches!(r, Ok((StatusCode::BAD_GATEWAY, _))));
+        if matches!(r, Ok((StatusCode::SERVICE_UNAVAILABLE, _))) {
+            break killed.elapsed();
+        }
+        assert!(killed.elapsed() < Duration::from_secs(10), "solo still routed to a dead edge: {r:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.cancel();
+    let (ok, failed) = visitor.await.expect("visitor");
+    eprintln!(
+        "edge A killed: B answered web {ok} times, {} failures; solo: {unreachable} answers 502 (slowest \
+         {slowest:?}), then offline after {offline_after:?}",
+        failed.len()
+    );
+    assert!(ok > 20, "the visitor kept being answered ({ok})");
+    assert!(failed.is_empty(), "every request through B was answered while A died: {failed:?}");
+    assert!(web.status().connected);
+}
