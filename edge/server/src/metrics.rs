@@ -66,6 +66,8 @@ pub fn describe() {
     describe_counter!("edge_acme_orders_total", "ACME certificate orders, by result");
     describe_counter!("edge_limited_total", "Connections, tunnel handshakes and requests turned away by a limit");
     describe_gauge!("edge_cert_expiry_seconds", Unit::Seconds, "Seconds until the soonest certificate expiry");
+    describe_counter!("edge_forwarded_total", "Requests forwarded between sibling edges, by direction (out, in)");
+    describe_counter!("edge_store_errors_total", "Failed calls to the cluster's shared store");
 }
 
 /// Metric handles of one edge.

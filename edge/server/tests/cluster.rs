@@ -212,6 +212,25 @@ fn funnel(name: &str, edges: &[&EdgeProc], ca: &Path, target: SocketAddr, port: 
     })
 }
 
+/// Greets an edge as a sibling with `key`: Ok when welcomed, Err("refused") when refused.
+async fn peer_hello(tunnel: SocketAddr, ca: &Path, key: &str) -> Result<(), String> {
+    use warren_common::tunnel_io::{quic_client_config, read_message, write_message};
+    use warren_tunnel_proto::{Message, VERSION};
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
+    endpoint.set_default_client_config(quic_client_config(Some(ca), 4).expect("client config"));
+    let conn = endpoint.connect(tunnel, "localhost").expect("connect").await.map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let hello = Message::PeerHello { version: VERSION, key: key.into() };
+    write_message(&mut send, &hello).await.map_err(|e| e.to_string())?;
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_message(&mut recv)).await;
+    conn.close(0u32.into(), b"done");
+    match answer.map_err(|_| "no answer".to_owned())?.map_err(|e| e.to_string())? {
+        Message::Welcome { .. } => Ok(()),
+        Message::Refused { .. } => Err("refused".into()),
+        other => Err(format!("unexpected {other:?}")),
+    }
+}
+
 fn metric(admin: SocketAddr, line_prefix: &str) -> f64 {
     plain_get(admin, "/metrics")
         .and_then(|m| m.lines().find_map(|l| l.strip_prefix(line_prefix)?.trim().parse().ok()))
@@ -256,6 +275,8 @@ async fn two_edges_on_one_redis_forward_and_survive_losing_one() {
     assert_eq!(metric(a.admin, "edge_forwarded_total{direction=\"in\"} "), 1.0);
     let (code, _) = visit(b.public, &ca, "nobody.funnel.test").await.expect("answer");
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "a name no edge holds is offline");
+    assert_eq!(peer_hello(a.tunnel, &ca, "not-the-cluster-key-0123456789").await, Err("refused".into()));
+    assert_eq!(peer_hello(a.tunnel, &ca, CLUSTER_KEY).await, Ok(()));
 
     // Kill A outright while a visitor keeps asking B for "web" every 20 ms.
     let stop = tokio_util::sync::CancellationToken::new();
