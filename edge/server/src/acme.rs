@@ -148,24 +148,26 @@ impl Acme {
         if self.is_fresh(name) {
             return Ok(());
         }
-        // Another edge of the cluster may have issued it already.
-        self.reload().await;
-        if self.is_fresh(name) {
-            return Ok(());
-        }
-        if !self.store.try_lock(name, LOCK_TTL).await? {
-            info!(%name, "another edge is ordering this certificate; waiting for it in the store");
-            let deadline = tokio::time::Instant::now() + LOCK_TTL;
-            while tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                self.reload().await;
-                if self.is_fresh(name) {
-                    return Ok(());
-                }
+        // Another edge of the cluster may have issued it already, or be ordering it now: then
+        // wait for it to appear in the store, and take over if that edge lets go without it.
+        let deadline = tokio::time::Instant::now() + LOCK_TTL;
+        let mut waiting = false;
+        loop {
+            self.reload().await;
+            if self.is_fresh(name) {
+                return Ok(());
             }
-            return Err(AcmeError::Other(format!(
-                "no certificate for {name} appeared while another edge held the lock"
-            )));
+            if self.store.try_lock(name, LOCK_TTL).await? {
+                break;
+            }
+            if !waiting {
+                info!(%name, "another edge is ordering this certificate; waiting for it in the store");
+                waiting = true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(AcmeError::Other(format!("no certificate for {name} while another edge held the lock")));
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
         let result = self.order(name).await;
         if let Err(e) = self.store.unlock(name).await {
@@ -211,6 +213,9 @@ impl Acme {
     fn store_private(&self, path: &std::path::Path, data: &[u8]) -> Result<(), AcmeError> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
         let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
         f.write_all(data)?;
         Ok(())

@@ -5,10 +5,13 @@
 //! Needs `pebble` (Debian package); without it the tests skip unless `WARREN_REQUIRE_PEBBLE=1`
 //! (CI sets it).
 
-use std::net::{SocketAddr, TcpListener as StdListener, UdpSocket as StdUdp};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
 use std::time::{Duration, Instant};
+
+use common::{pebble_available, start_redis, Pebble};
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -17,131 +20,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use warren::funnel::{Funnel, FunnelConfig};
+use warren_common::testing::{free_tcp_port, free_udp_port};
 use warren_edge::config::{Config, FileConfig};
 use warren_edge::Edge;
 
 const TOKEN: &str = "acme-test-token";
-
-fn free_tcp() -> u16 {
-    StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
-
-fn free_udp() -> u16 {
-    StdUdp::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).expect("free port")
-}
-
-fn pebble_available() -> bool {
-    let ok = Command::new("pebble").arg("-h").output().is_ok()
-        && Command::new("pebble-challtestsrv").arg("-h").output().is_ok();
-    if !ok {
-        if std::env::var_os("WARREN_REQUIRE_PEBBLE").is_some_and(|v| v == "1") {
-            panic!("pebble is required (WARREN_REQUIRE_PEBBLE=1): apt-get install pebble");
-        }
-        eprintln!("skipping: pebble not installed (apt-get install pebble)");
-    }
-    ok
-}
-
-struct Pebble {
-    children: Vec<Child>,
-    dir: tempfile::TempDir,
-    directory: String,
-    mgmt: u16,
-    challtest_mgmt: u16,
-}
-
-impl Drop for Pebble {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Pebble {
-    /// Starts challtestsrv (DNS answering 127.0.0.1 for every name) and pebble, which
-    /// validates HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port` of 127.0.0.1.
-    fn start(http_port: u16, tls_port: u16) -> Pebble {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca = warren_common::tls::DevCa::open_or_create(dir.path()).expect("ca for pebble's own listener");
-        let (cert, key) = ca.issue_pem(&["localhost".into(), "127.0.0.1".into()]).expect("issue");
-        std::fs::write(dir.path().join("pebble.crt"), cert).expect("write");
-        std::fs::write(dir.path().join("pebble.key"), key).expect("write");
-        let (listen, mgmt, dns, challtest_mgmt) = (free_tcp(), free_tcp(), free_udp(), free_tcp());
-        let config = serde_json::json!({"pebble": {
-            "listenAddress": format!("127.0.0.1:{listen}"),
-            "managementListenAddress": format!("127.0.0.1:{mgmt}"),
-            "certificate": dir.path().join("pebble.crt"),
-            "privateKey": dir.path().join("pebble.key"),
-            "httpPort": http_port,
-            "tlsPort": tls_port,
-            "ocspResponderURL": "",
-            "externalAccountBindingRequired": false,
-        }});
-        std::fs::write(dir.path().join("pebble.json"), config.to_string()).expect("write");
-        let mut children = Vec::new();
-        let log = |n: &str| std::fs::File::create(dir.path().join(n)).expect("log");
-        children.push(
-            Command::new("pebble-challtestsrv")
-                .args([
-                    "-defaultIPv4",
-                    "127.0.0.1",
-                    "-defaultIPv6",
-                    "",
-                    "-http01",
-                    "",
-                    "-https01",
-                    "",
-                    "-tlsalpn01",
-                    "",
-                ])
-                .args(["-dns01", &format!("127.0.0.1:{dns}"), "-management", &format!("127.0.0.1:{challtest_mgmt}")])
-                .stdout(Stdio::null())
-                .stderr(log("challtestsrv.log"))
-                .spawn()
-                .expect("challtestsrv"),
-        );
-        children.push(
-            Command::new("pebble")
-                .arg("-config")
-                .arg(dir.path().join("pebble.json"))
-                .args(["-dnsserver", &format!("127.0.0.1:{dns}")])
-                .env("PEBBLE_VA_NOSLEEP", "1")
-                .env("PEBBLE_WFE_NONCEREJECT", "0")
-                .stdout(log("pebble.log"))
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("pebble"),
-        );
-        let p = Pebble { children, dir, directory: format!("https://127.0.0.1:{listen}/dir"), mgmt, challtest_mgmt };
-        let start = Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", listen)).is_err()
-            || std::net::TcpStream::connect(("127.0.0.1", challtest_mgmt)).is_err()
-        {
-            assert!(start.elapsed() < Duration::from_secs(10), "pebble did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        p
-    }
-
-    fn listener_ca(&self) -> PathBuf {
-        self.dir.path().join("dev-ca.pem")
-    }
-
-    /// Pebble's issuing root (regenerated at every start), written to a file.
-    async fn root(&self) -> PathBuf {
-        let url = format!("https://127.0.0.1:{}/roots/0", self.mgmt);
-        let pem = warren::fetch::get(&url, Some(&self.listener_ca()), 1 << 20).await.expect("pebble root");
-        let path = self.dir.path().join("root.pem");
-        std::fs::write(&path, pem).expect("write root");
-        path
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("pebble.log")).unwrap_or_default()
-    }
-}
 
 async fn start_origin() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -203,11 +86,29 @@ async fn visit_until_certified(public: SocketAddr, host: &str, root: &Path, pebb
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// A DNS-01 hook publishing TXT records in pebble's DNS; it also appends `<action> <fqdn>` to
+/// `hook.log` beside it, so a test can count the challenges published.
+fn dns_hook(dir: &Path, pebble: &Pebble) -> std::path::PathBuf {
+    let hook = dir.join("dns-hook.py");
+    let log = dir.join("hook.log");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/usr/bin/env python3\nimport json, sys, urllib.request\naction, fqdn, value = sys.argv[1:4]\nopen('{log}', 'a').write(action + ' ' + fqdn + '\\n')\npath = '/set-txt' if action == 'set' else '/clear-txt'\nbody = {{'host': fqdn + '.', 'value': value}} if action == 'set' else {{'host': fqdn + '.'}}\nurllib.request.urlopen(urllib.request.Request('http://127.0.0.1:{}' + path, data=json.dumps(body).encode(), method='POST'))\n",
+            pebble.challtest_mgmt,
+            log = log.display()
+        ),
+    )
+    .expect("hook");
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+    hook
+}
+
 async fn run_case(challenge: &str) {
     if !pebble_available() {
         return;
     }
-    let (http01, public_port) = (free_tcp(), free_tcp());
+    let (http01, public_port) = (free_tcp_port(), free_tcp_port());
     let pebble = Pebble::start(http01, public_port);
     let state = tempfile::tempdir().expect("tempdir");
     let mut acme = format!(
@@ -216,16 +117,7 @@ async fn run_case(challenge: &str) {
         pebble.listener_ca().display()
     );
     if challenge == "dns-01" {
-        let hook = state.path().join("dns-hook.py");
-        std::fs::write(
-            &hook,
-            format!(
-                "#!/usr/bin/env python3\nimport json, sys, urllib.request\naction, fqdn, value = sys.argv[1:4]\npath = '/set-txt' if action == 'set' else '/clear-txt'\nbody = {{'host': fqdn + '.', 'value': value}} if action == 'set' else {{'host': fqdn + '.'}}\nurllib.request.urlopen(urllib.request.Request('http://127.0.0.1:{}' + path, data=json.dumps(body).encode(), method='POST'))\n",
-                pebble.challtest_mgmt
-            ),
-        )
-        .expect("hook");
-        std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).expect("chmod");
+        let hook = dns_hook(state.path(), &pebble);
         acme.push_str(&format!("dns01_hook = \"{}\"\nwildcard = true\n", hook.display()));
     }
     let toml = format!(
@@ -272,4 +164,51 @@ async fn tls_alpn_01_order_against_pebble() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dns_01_wildcard_order_against_pebble() {
     run_case("dns-01").await;
+}
+
+/// Two edges of a cluster share one Redis and start together, each needing the same two
+/// certificates (the tunnel name and the wildcard). The `SET NX PX` issuance lock lets one edge
+/// order each; the other waits and installs it from the store. Counted at the DNS hook: two
+/// challenges published, not four.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_orders_each_certificate_once() {
+    if !pebble_available() {
+        return;
+    }
+    let state = tempfile::tempdir().expect("tempdir");
+    let Some((_redis, redis_url)) = start_redis(state.path()) else { return };
+    let pebble = Pebble::start(free_tcp_port(), free_tcp_port());
+    let hook = dns_hook(state.path(), &pebble);
+    let config = |i: usize| {
+        let (public, tunnel) = (free_tcp_port(), free_udp_port());
+        let toml = format!(
+            "funnel_domain = \"funnel.test\"\nhostname = \"edge.test\"\npublic_listen = [\"127.0.0.1:{public}\"]\n\
+             tunnel_listen = \"127.0.0.1:{tunnel}\"\n[tls]\nmode = \"acme\"\n[admin]\nenabled = false\n\
+             [acme]\ndirectory = \"{}\"\nca_file = \"{}\"\nchallenge = \"dns-01\"\ndns01_hook = \"{}\"\nwildcard = true\n\
+             [cluster]\nredis_url = \"{redis_url}\"\nadvertise = \"127.0.0.1:{tunnel}\"\n",
+            pebble.directory,
+            pebble.listener_ca().display(),
+            hook.display()
+        );
+        let mut f = FileConfig::parse(&toml).expect("config");
+        f.state_dir = Some(state.path().join(format!("edge-{i}")));
+        f.cluster.key = Some("acme-cluster-test-key-0123456789".into());
+        Config::try_from(f).expect("valid")
+    };
+    let (a, b) = tokio::join!(Edge::spawn(config(0), None), Edge::spawn(config(1), None));
+    let (a, b) = (a.expect("edge a"), b.expect("edge b"));
+    let root = pebble.root().await;
+    for edge in [&a, &b] {
+        for host in ["edge.test", "web.funnel.test"] {
+            // No node is connected: the page says so, over a certificate pebble issued.
+            let (status, _) = visit_until_certified(edge.public_addrs()[0], host, &root, &pebble).await;
+            assert!(status == StatusCode::NOT_FOUND || status == StatusCode::SERVICE_UNAVAILABLE, "{host}: {status}");
+        }
+    }
+    let log = std::fs::read_to_string(state.path().join("hook.log")).expect("hook log");
+    let mut published: Vec<&str> = log.lines().filter_map(|l| l.strip_prefix("set ")).collect();
+    published.sort_unstable();
+    assert_eq!(published, ["_acme-challenge.edge.test", "_acme-challenge.funnel.test"], "one order per name");
+    a.shutdown().await;
+    b.shutdown().await;
 }

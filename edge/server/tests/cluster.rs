@@ -3,11 +3,14 @@
 //! tunnelled to both, forwarding between them, and one edge killed while a visitor keeps
 //! asking the other.
 
-use std::io::Read as _;
+mod common;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use common::{plain_get, start_redis, wait_until, Proc};
 
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
@@ -19,62 +22,6 @@ use warren_common::testing::{free_tcp_port, free_udp_port};
 use warren_edge::store::{RedisStore, Store, StoredCert};
 
 const CLUSTER_KEY: &str = "edge-cluster-test-key-0123456789";
-
-/// A child process killed when the test ends however it ends.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn plain_get(addr: SocketAddr, path: &str) -> Option<String> {
-    let mut tcp = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    tcp.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    std::io::Write::write_all(&mut tcp, req.as_bytes()).ok()?;
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
-/// A throwaway Redis server on a free loopback port, no persistence; `None` (the test skips)
-/// when `redis-server` is missing, unless `WARREN_REQUIRE_REDIS` is set (CI sets it).
-fn start_redis(dir: &Path) -> Option<(Proc, String)> {
-    if Command::new("redis-server").arg("--version").output().is_err() {
-        assert!(std::env::var_os("WARREN_REQUIRE_REDIS").is_none(), "redis-server is required but missing");
-        eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
-        return None;
-    }
-    let port = free_tcp_port();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server runs (scripts/test.sh installs Debian's redis-server)");
-    let proc = Proc(child);
-    wait_until(Duration::from_secs(10), "redis to answer", || {
-        let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
-        let mut buf = [0u8; 7];
-        std::io::Write::write_all(&mut tcp, b"PING\r\n").is_ok()
-            && tcp.read_exact(&mut buf).is_ok()
-            && &buf == b"+PONG\r\n"
-    });
-    Some((proc, format!("redis://127.0.0.1:{port}/")))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_store_locks_routes_and_certificates() {
