@@ -47,8 +47,9 @@ struct Cli {
     /// Directory for certificates and the dev CA.
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// Redis URL of the cluster's shared store (overrides `[cluster] redis_url`).
-    #[arg(long)]
+    /// Redis URL of the cluster's shared store (overrides `[cluster] redis_url`); it may hold
+    /// a password, so prefer the environment variable.
+    #[arg(long, env = "WARREN_EDGE_REDIS_URL", hide_env_values = true)]
     redis_url: Option<String>,
     /// Address siblings reach this edge's tunnel at (overrides `[cluster] advertise`).
     #[arg(long)]
