@@ -124,9 +124,9 @@ impl Cluster {
         }
     }
 
-    /// Withdraws a node whose tunnel closed.
-    pub(crate) async fn withdraw(&self, name: &str) {
-        if let Err(e) = self.store.withdraw(&self.me, name).await {
+    /// Withdraws nodes whose tunnels closed.
+    pub(crate) async fn withdraw(&self, names: &[String]) {
+        if let Err(e) = self.store.withdraw(&self.me, names).await {
             self.store_failed("withdraw", &e);
         }
     }
@@ -145,9 +145,7 @@ impl Cluster {
             }
         }
         // Leaving: siblings stop forwarding here at once rather than when the entries expire.
-        for name in shared.routes.names() {
-            self.withdraw(&name).await;
-        }
+        self.withdraw(&shared.routes.names()).await;
     }
 
     /// Siblings holding `name` (never this edge), from a short cache.

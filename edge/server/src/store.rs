@@ -50,8 +50,8 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn unlock<'a>(&'a self, name: &'a str) -> StoreFuture<'a, ()>;
     /// Announces (or refreshes) that `peer` holds tunnels of `names`, for `ttl`.
     fn advertise<'a>(&'a self, peer: &'a str, names: &'a [String], ttl: Duration) -> StoreFuture<'a, ()>;
-    /// Withdraws `peer`'s route for `name`.
-    fn withdraw<'a>(&'a self, peer: &'a str, name: &'a str) -> StoreFuture<'a, ()>;
+    /// Withdraws `peer`'s routes for `names`.
+    fn withdraw<'a>(&'a self, peer: &'a str, names: &'a [String]) -> StoreFuture<'a, ()>;
     /// The peers holding a tunnel of `name` whose entries have not expired.
     fn routes<'a>(&'a self, name: &'a str) -> StoreFuture<'a, Vec<String>>;
 }
@@ -148,7 +148,7 @@ impl Store for FileStore {
         Box::pin(std::future::ready(Ok(())))
     }
 
-    fn withdraw<'a>(&'a self, _peer: &'a str, _name: &'a str) -> StoreFuture<'a, ()> {
+    fn withdraw<'a>(&'a self, _peer: &'a str, _names: &'a [String]) -> StoreFuture<'a, ()> {
         Box::pin(std::future::ready(Ok(())))
     }
 
@@ -335,16 +335,17 @@ impl Store for RedisStore {
         })
     }
 
-    fn withdraw<'a>(&'a self, peer: &'a str, name: &'a str) -> StoreFuture<'a, ()> {
+    fn withdraw<'a>(&'a self, peer: &'a str, names: &'a [String]) -> StoreFuture<'a, ()> {
         Box::pin(async move {
+            if names.is_empty() {
+                return Ok(());
+            }
             let mut c = self.conn.clone();
-            redis::cmd("ZREM")
-                .arg(format!("{PREFIX}:route:{name}"))
-                .arg(peer)
-                .query_async::<i64>(&mut c)
-                .await
-                .map(|_| ())
-                .map_err(redis_err)
+            let mut p = redis::pipe();
+            for name in names {
+                p.cmd("ZREM").arg(format!("{PREFIX}:route:{name}")).arg(peer).ignore();
+            }
+            p.query_async::<()>(&mut c).await.map_err(redis_err)
         })
     }
 

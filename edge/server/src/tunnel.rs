@@ -105,7 +105,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
     if shared.routes.remove(&tunnel.name, tunnel.id) {
         shared.metrics.tunnels.decrement(1.0);
         if let Some(c) = &shared.cluster {
-            c.withdraw(&tunnel.name).await;
+            c.withdraw(std::slice::from_ref(&tunnel.name)).await;
         }
     }
     info!(name = %tunnel.name, %remote, %reason, "node tunnel closed");

@@ -56,7 +56,7 @@ async fn redis_store_locks_routes_and_certificates() {
     assert_eq!(web, ["localhost@10.0.0.1:7443", "localhost@10.0.0.2:7443"]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(a.routes("web").await.expect("routes"), ["localhost@10.0.0.1:7443"], "b's entry expired");
-    a.withdraw("localhost@10.0.0.1:7443", "api").await.expect("withdraw");
+    a.withdraw("localhost@10.0.0.1:7443", &names[1..]).await.expect("withdraw");
     assert!(b.routes("api").await.expect("routes").is_empty());
     assert!(b.routes("nobody").await.expect("routes").is_empty());
 
