@@ -26,7 +26,7 @@ use serde::Serialize;
 use warren_common::url::RelayUrl;
 
 use crate::dial::dial;
-use crate::report::{histogram, Latency};
+use crate::report::{histogram, Latency, PROGRESS};
 
 /// Largest chunk a POST body is written in.
 const CHUNK: usize = 64 << 10;
@@ -247,6 +247,7 @@ impl Worker {
                 _ => Instant::now(),
             };
             n += 1;
+            PROGRESS.sent(1);
             match self.one().await {
                 Ok(status) => {
                     let elapsed = u64::try_from(began.elapsed().as_nanos()).unwrap_or(u64::MAX);
@@ -254,8 +255,10 @@ impl Worker {
                     t.answered += 1;
                     if status < 400 {
                         t.ok += 1;
+                        PROGRESS.done(1);
                     } else {
                         t.error(format!("status_{status}"));
+                        PROGRESS.failed(1);
                     }
                     if let Some(h) = t.latency.as_mut() {
                         let _ = h.record(elapsed.max(1));
@@ -263,6 +266,7 @@ impl Worker {
                 }
                 Err(kind) => {
                     lock(&self.tally).error(kind);
+                    PROGRESS.failed(1);
                     // The connection broke (or the server closed it): dial a new one, as a
                     // browser would, and go on.
                     match connect(&self.scenario, &self.url, self.tls.as_ref()).await {

@@ -56,6 +56,7 @@ pub async fn run(
             ..Default::default()
         };
         held.push(DerpClient::connect(url, &SecretKey::generate(&mut OsRng), &opts).await?);
+        crate::report::PROGRESS.done(1);
     }
     // Let the relay settle (allocator, lazily grown buffers).
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use warren_loadtest::edge::{self, EdgeReport, EdgeScenario};
 use warren_loadtest::relay::{self, Mode, RelayScenario};
+use warren_loadtest::report::with_progress;
 use warren_loadtest::{idle, RelayReport};
 
 /// Load harness for Warren relays and edges. Figures are counted at the clients; read them as ratios
@@ -204,17 +205,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 size,
                 timeout: Duration::from_secs(300),
             };
-            let r = warren_loadtest::ws::run(&scenario).await?;
+            let r = with_progress("ws", None, warren_loadtest::ws::run(&scenario)).await?;
             print(&if cli.json { serde_json::to_string_pretty(&r)? } else { r.to_string() });
             Ok(())
         }
         Command::Tcp { via, sink_port, pairs, seconds } => {
-            let r = warren_loadtest::tcp::run(via, sink_port, pairs, Duration::from_secs_f64(seconds)).await?;
+            let d = Duration::from_secs_f64(seconds);
+            let r = with_progress("tcp (bytes)", Some(d), warren_loadtest::tcp::run(via, sink_port, pairs, d)).await?;
             print(&if cli.json { serde_json::to_string_pretty(&r)? } else { r.to_string() });
             Ok(())
         }
         Command::Idle { relay, ca, pid, clients, source_ips, websocket } => {
-            let r = idle::run(&relay, ca, pid, clients, source_ips, websocket).await?;
+            let r =
+                with_progress("idle clients", None, idle::run(&relay, ca, pid, clients, source_ips, websocket)).await?;
             if cli.json {
                 print(&serde_json::to_string_pretty(&r)?);
             } else {
@@ -243,7 +246,9 @@ async fn relay_cmd(a: RelayArgs, json: bool) -> anyhow::Result<()> {
     let mut reports: Vec<RelayReport> = Vec::new();
     if let Some(mut rate) = a.sweep_from {
         loop {
-            let r = relay::run(&RelayScenario { mode: Mode::Paced { rate }, ..base.clone() }).await?;
+            let label = format!("relay paced {rate:.0}/s per pair");
+            let scenario = RelayScenario { mode: Mode::Paced { rate }, ..base.clone() };
+            let r = with_progress(&label, Some(base.duration), relay::run(&scenario)).await?;
             let over = r.loss_pct > a.max_loss;
             reports.push(r);
             if over || rate > 1e7 {
@@ -257,7 +262,8 @@ async fn relay_cmd(a: RelayArgs, json: bool) -> anyhow::Result<()> {
             (None, Some(window)) => Mode::Closed { window },
             (None, None) => Mode::Closed { window: 64 },
         };
-        reports.push(relay::run(&RelayScenario { mode, ..base }).await?);
+        let scenario = RelayScenario { mode, ..base };
+        reports.push(with_progress("relay", Some(scenario.duration), relay::run(&scenario)).await?);
     }
     if json {
         print(&serde_json::to_string_pretty(&reports)?);
@@ -300,7 +306,7 @@ async fn edge_cmd(a: EdgeArgs, json: bool) -> anyhow::Result<()> {
             duration: Duration::from_secs_f64(a.seconds),
             max_requests_per_worker: 0,
         };
-        let r = edge::run(&scenario).await?;
+        let r = with_progress(&format!("edge {url}"), Some(scenario.duration), edge::run(&scenario)).await?;
         if !json {
             print(&format!("{r}\n"));
         }

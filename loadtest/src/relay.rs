@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use warren::derp::{ConnectOptions, DerpClient};
 use warren_relay_proto::{Frame, SecretKey, Transport};
 
-use crate::report::{histogram, Latency, RelayReport};
+use crate::report::{histogram, Latency, RelayReport, PROGRESS};
 
 /// How senders pace themselves.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -153,7 +153,11 @@ async fn receive(mut b: DerpClient, t0: Instant, state: Arc<PairState>) -> (u64,
         n += 1;
         state.received.store(n, Ordering::Release);
         state.progress.notify_one();
+        if n % 256 == 0 {
+            PROGRESS.done(256);
+        }
     }
+    PROGRESS.done(n % 256);
     (n, hist)
 }
 
@@ -186,6 +190,7 @@ async fn send(
                 tick.tick().await;
                 // Credit-based pacing: send what the rate allows up to now, in one batch.
                 let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(limit);
+                PROGRESS.sent(due.saturating_sub(seq));
                 while seq < due {
                     a.queue(&Frame::SendPacket { dst, packet: packet(t0, seq, s.size, &padding) })?;
                     seq += 1;
@@ -204,6 +209,7 @@ async fn send(
                     }
                 }
                 let room = (window - (seq - state.received.load(Ordering::Acquire).min(seq))).min(limit - seq);
+                PROGRESS.sent(room);
                 for _ in 0..room {
                     a.queue(&Frame::SendPacket { dst, packet: packet(t0, seq, s.size, &padding) })?;
                     seq += 1;

@@ -93,3 +93,116 @@ impl fmt::Display for RelayReport {
         )
     }
 }
+
+/// Live counters of the running scenario: what a terminal shows once a second while it runs.
+#[derive(Debug)]
+pub struct Progress {
+    sent: std::sync::atomic::AtomicU64,
+    done: std::sync::atomic::AtomicU64,
+    failed: std::sync::atomic::AtomicU64,
+}
+
+/// The process's progress counters (scenarios add to them; only the display reads them).
+pub static PROGRESS: Progress = Progress::new();
+
+impl Progress {
+    const fn new() -> Self {
+        use std::sync::atomic::AtomicU64;
+        Progress { sent: AtomicU64::new(0), done: AtomicU64::new(0), failed: AtomicU64::new(0) }
+    }
+
+    /// Counts packets or requests sent.
+    pub fn sent(&self, n: u64) {
+        self.sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts packets received or requests answered.
+    pub fn done(&self, n: u64) {
+        self.done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts failures.
+    pub fn failed(&self, n: u64) {
+        self.failed.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.sent.load(Relaxed), self.done.load(Relaxed), self.failed.load(Relaxed))
+    }
+}
+
+/// One progress line: elapsed (of the planned time), counts since the start, and the rate of
+/// the last interval.
+pub fn progress_line(
+    label: &str,
+    elapsed: std::time::Duration,
+    planned: Option<std::time::Duration>,
+    (sent, done, failed): (u64, u64, u64),
+    rate: f64,
+) -> String {
+    let time = match planned {
+        Some(p) => format!("{:>5.1}/{:.0} s", elapsed.as_secs_f64(), p.as_secs_f64()),
+        None => format!("{:>5.1} s", elapsed.as_secs_f64()),
+    };
+    format!("{label} {time}  sent {sent}  done {done} ({rate:.0}/s)  failed {failed}")
+}
+
+/// Runs `work`, showing a live progress line on standard error once a second when it is a
+/// terminal (never in pipes or logs, so `--json` output and CI logs stay clean).
+pub async fn with_progress<T>(
+    label: &str,
+    planned: Option<std::time::Duration>,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    use std::io::{IsTerminal, Write};
+    if !std::io::stderr().is_terminal() {
+        return work.await;
+    }
+    let start = std::time::Instant::now();
+    let base = PROGRESS.snapshot();
+    let mut last = (start, base.1);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    tick.tick().await;
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            out = &mut work => {
+                let _ = write!(std::io::stderr(), "\r\x1b[2K");
+                return out;
+            }
+            _ = tick.tick() => {
+                let now = PROGRESS.snapshot();
+                let counts = (now.0 - base.0, now.1 - base.1, now.2 - base.2);
+                let rate = (now.1 - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-9);
+                last = (std::time::Instant::now(), now.1);
+                let line = progress_line(label, start.elapsed(), planned, counts, rate);
+                let _ = write!(std::io::stderr(), "\r\x1b[2K{line}");
+                let _ = std::io::stderr().flush();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn progress_lines_read_well() {
+        let line = progress_line("relay", Duration::from_millis(2500), Some(Duration::from_secs(10)), (10, 8, 1), 3.2);
+        assert_eq!(line, "relay   2.5/10 s  sent 10  done 8 (3/s)  failed 1");
+        assert_eq!(
+            progress_line("idle", Duration::from_secs(1), None, (0, 5, 0), 5.0),
+            "idle   1.0 s  sent 0  done 5 (5/s)  failed 0"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_terminal_the_work_just_runs() {
+        // Test output is captured, never a terminal.
+        assert_eq!(with_progress("x", None, async { 7 }).await, 7);
+    }
+}

@@ -57,6 +57,7 @@ pub async fn run(via: SocketAddr, sink_port: u16, pairs: usize, duration: Durati
                         break;
                     }
                     counter.fetch_add(n as u64, Ordering::Relaxed);
+                    crate::report::PROGRESS.done(n as u64);
                 }
             });
         }

@@ -16,7 +16,7 @@ use warren_common::url::RelayUrl;
 use warren_relay_proto::ws::{self, Role, WsDecoder};
 
 use crate::dial::{dial, Io};
-use crate::report::{histogram, Latency};
+use crate::report::{histogram, Latency, PROGRESS};
 
 /// Largest upgrade response head read.
 const MAX_HEAD: usize = 16 << 10;
@@ -103,6 +103,7 @@ pub async fn run(s: &WsScenario) -> anyhow::Result<WsReport> {
                 Err(_) => "timeout",
             };
             *lock(&tally).errors.entry(kind.into()).or_default() += 1;
+            PROGRESS.failed(1);
         }));
     }
     for t in tasks {
@@ -157,6 +158,7 @@ async fn session(
         ws::encode_frame(&mut out, ws::opcode::TEXT, &payload, Some(mask));
         let sent = Instant::now();
         io.write_all(&out.split()).await.map_err(|_| "io")?;
+        PROGRESS.sent(1);
         while data.len() < s.size {
             while let Some(_control) = decoder.decode(&mut input, &mut data).map_err(|_| "bad_frame")? {}
             if data.len() >= s.size {
@@ -174,6 +176,7 @@ async fn session(
         let rtt = u64::try_from(sent.elapsed().as_nanos()).unwrap_or(u64::MAX).max(1);
         let mut t = lock(tally);
         t.echoed += 1;
+        PROGRESS.done(1);
         if let Some(h) = t.rtt.as_mut() {
             let _ = h.record(rtt);
         }
