@@ -204,6 +204,10 @@ impl Cluster {
         if let Some(c) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
             return Ok(c.clone());
         }
+        // Requests that queued behind a dial which just failed do not dial again one by one.
+        if self.down.contains_key(peer) {
+            return Err("sibling recently unreachable".into());
+        }
         let (server_name, addr) = peer.rsplit_once('@').ok_or("malformed peer")?;
         let addr: SocketAddr = addr.parse().map_err(|_| "malformed peer address")?;
         let dial = async {
