@@ -81,7 +81,7 @@ pub(crate) async fn run<S>(
     transport: Transport,
     deadline: tokio::time::Instant,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
     // The login-phase futures are boxed so that their state does not stay part of every
     // connection's future for its whole life (an idle client costs what its actor holds).
@@ -156,7 +156,7 @@ async fn handshake<S>(
     framer: &mut Framer,
 ) -> Result<(PublicKey, ClientInfo), HandshakeFailure>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
     framer.queue(&Frame::ServerKey { key: shared.public });
     flush(io, framer, shared.config.write_timeout).await.map_err(|_| HandshakeFailure::Io)?;
@@ -178,11 +178,23 @@ where
     Ok((key, info))
 }
 
+/// A stream that can tell it is readable before a read, so that waiting needs no buffer.
+pub(crate) trait ReadReady {
+    /// Ready once a read would not wait (or the stream failed).
+    fn poll_read_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>>;
+}
+
+impl ReadReady for tokio::net::TcpStream {
+    fn poll_read_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<()>> {
+        tokio::net::TcpStream::poll_read_ready(self, cx)
+    }
+}
+
 /// Reads until the framer yields a frame.
 ///
 /// # Cancel safety
 /// Cancel safe: partial input stays in the framer; the only await is `read_buf`.
-pub(crate) async fn read_frame<S: AsyncRead + Unpin>(
+pub(crate) async fn read_frame<S: AsyncRead + ReadReady + Unpin>(
     io: &mut S,
     framer: &mut Framer,
     size: &mut ReadSize,
@@ -196,10 +208,15 @@ pub(crate) async fn read_frame<S: AsyncRead + Unpin>(
         }
         let want = size.0;
         let buf = framer.rx_buf();
-        if buf.is_empty() && buf.capacity() > 2 * want {
-            // The client went quiet: give the large buffer back while it idles.
-            *buf = bytes::BytesMut::new();
+        if buf.is_empty() {
+            // Nothing partial is held: wait for the stream to be readable before taking a
+            // buffer, so that a quiet client holds none.
+            if buf.capacity() > 0 {
+                *buf = bytes::BytesMut::new();
+            }
+            std::future::poll_fn(|cx| io.poll_read_ready(cx)).await.map_err(|_| ReadError::Io)?;
         }
+        let buf = framer.rx_buf();
         if buf.capacity() - buf.len() < want / 2 {
             buf.reserve(want);
         }
@@ -281,7 +298,7 @@ enum Next {
 }
 
 impl Actor {
-    async fn run<S: AsyncRead + AsyncWrite + Unpin>(&mut self, io: &mut S) -> &'static str {
+    async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(&mut self, io: &mut S) -> &'static str {
         let cancel = self.shared.conns_cancel.clone();
         let interval = self.shared.config.keepalive_interval;
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);

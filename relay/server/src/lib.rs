@@ -15,6 +15,7 @@ mod clients;
 pub mod config;
 mod conn;
 mod inbox;
+mod lean_tls;
 mod mesh;
 mod mesh_conn;
 pub mod metrics;

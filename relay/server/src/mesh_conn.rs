@@ -24,7 +24,7 @@ use warren_relay_proto::frame::peer_present_flags;
 use warren_relay_proto::{Frame, Framer, PeerGoneReason, PublicKey};
 
 use crate::clients::{Clients, Control, Delivery, Packet, Presence, WATCH_QUEUE};
-use crate::conn::{flush, read_frame, ReadError, ReadSize};
+use crate::conn::{flush, read_frame, ReadError, ReadReady, ReadSize};
 use crate::metrics::{DropReason, HandshakeFailure};
 use crate::server::Shared;
 
@@ -37,7 +37,7 @@ pub(crate) async fn run<S>(
     key: PublicKey,
     offered: &str,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
     let accepted = shared.config.mesh.as_ref().is_some_and(|m| m.key.matches(offered));
     if !accepted {
@@ -71,7 +71,7 @@ struct Sibling {
 }
 
 impl Sibling {
-    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(&mut self, io: &mut S) -> &'static str {
+    async fn serve<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(&mut self, io: &mut S) -> &'static str {
         let cancel = self.shared.conns_cancel.clone();
         let interval = self.shared.config.keepalive_interval;
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);

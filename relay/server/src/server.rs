@@ -17,7 +17,6 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -27,11 +26,12 @@ use warren_relay_proto::{FrameDecoder, Framer, PublicKey, SecretKey, Transport};
 use crate::admission::{Admission, AllowListError};
 use crate::clients::{Clients, Control};
 use crate::config::{Config, TlsMode};
+use crate::lean_tls;
 use crate::mesh::Remote;
 use crate::metrics::{HandshakeFailure, RelayMetrics};
 use crate::web::{self, HeadError, Route};
 use crate::{conn, mesh, stun};
-use warren_common::limits::{AcceptGate, LogLimiter};
+use warren_common::limits::{AcceptGate, ConnSlot, LogLimiter};
 use warren_common::{keyfile, tls};
 
 /// Why the server could not start.
@@ -129,14 +129,12 @@ impl Server {
         let secret = keyfile::load_or_create(&config.key_file)?;
         let admission = Admission::new(&config.admission)?;
         let (acceptor, dev_ca_cert) = match &config.tls {
-            TlsMode::Manual { cert_file, key_file } => {
-                (Some(TlsAcceptor::from(tls::load_manual(cert_file, key_file)?)), None)
-            }
+            TlsMode::Manual { cert_file, key_file } => (Some(tls::load_manual(cert_file, key_file)?), None),
             TlsMode::Dev => {
                 let ca = tls::DevCa::open_or_create(&config.state_dir)?;
                 let mut names = vec![config.hostname.clone(), "localhost".into(), "127.0.0.1".into(), "::1".into()];
                 names.dedup();
-                (Some(TlsAcceptor::from(ca.server_config(&names)?)), Some(ca.ca_cert_path))
+                (Some(ca.server_config(&names)?), Some(ca.ca_cert_path))
             }
             TlsMode::Plain => (None, None),
         };
@@ -278,7 +276,7 @@ fn millis_u32(d: Duration) -> u32 {
 
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     shared: Arc<Shared>,
     cancel: CancellationToken,
     tracker: TaskTracker,
@@ -309,41 +307,60 @@ async fn accept_loop(
         let _ = tcp.set_nodelay(true);
         // One deadline from accept to login covers TLS, the HTTP head and the DERP handshake.
         let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
-        let conn = handle_tcp(shared.clone(), tls.clone(), tcp, remote, deadline);
-        tracker.spawn(async move {
-            let _slot = slot;
-            conn.await;
-        });
+        tracker.spawn(handle_tcp(shared.clone(), tls.clone(), tcp, remote, deadline, slot));
     }
 }
 
+/// One accepted connection, for its whole life: the task's own future stays small (a few
+/// hundred bytes), because every phase is boxed on its own and no phase's state is kept once it
+/// is done. An idle client then costs its connection actor and little else. Keep it that way:
+/// a value held across an `.await` here is held by every connection.
 async fn handle_tcp(
     shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     tcp: TcpStream,
     remote: SocketAddr,
     deadline: tokio::time::Instant,
+    slot: ConnSlot,
 ) {
-    let Some(acceptor) = tls else {
-        return serve_stream(shared, tcp, remote, deadline).await;
+    let _slot = slot;
+    let upgrading = match tls {
+        None => upgrade_then_run(shared, tcp, remote, deadline),
+        Some(config) => {
+            // Scoped so that the handshake's result is gone before the connection runs.
+            let accepted = tokio::time::timeout_at(deadline, Box::pin(lean_tls::accept(tcp, config))).await;
+            match accepted {
+                Ok(Ok(stream)) => upgrade_then_run(shared, stream, remote, deadline),
+                Ok(Err(_)) => return shared.metrics.handshake_failed(HandshakeFailure::Tls),
+                Err(_) => return shared.metrics.handshake_failed(HandshakeFailure::Timeout),
+            }
+        }
     };
-    // Boxed: the TLS handshake's state is freed once it is done instead of staying part of the
-    // connection's task for its whole life.
-    match tokio::time::timeout_at(deadline, Box::pin(acceptor.accept(tcp))).await {
-        Ok(Ok(stream)) => serve_stream(shared, stream, remote, deadline).await,
-        Ok(Err(_)) => shared.metrics.handshake_failed(HandshakeFailure::Tls),
-        Err(_) => shared.metrics.handshake_failed(HandshakeFailure::Timeout),
+    // The upgrade's box (which held the stream while reading the HTTP head) is freed here; the
+    // connection actor lives on in its own box.
+    if let Some(run) = upgrading.await {
+        run.await;
     }
 }
 
-/// Reads the HTTP head, then serves plain HTTP or runs the upgraded DERP connection. Each phase
-/// is boxed on its own so that an idle client's task holds only its connection actor.
-async fn serve_stream<S>(shared: Arc<Shared>, io: S, remote: SocketAddr, deadline: tokio::time::Instant)
+type BoxFuture<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+
+/// Reads the HTTP head and serves plain HTTP, or completes a DERP/WebSocket upgrade and returns
+/// the connection actor, ready to run.
+fn upgrade_then_run<S>(
+    shared: Arc<Shared>,
+    io: S,
+    remote: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> BoxFuture<Option<BoxFuture<()>>>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + conn::ReadReady + Unpin + Send + 'static,
 {
-    let Some((io, framer, transport)) = Box::pin(upgrade(&shared, io, deadline)).await else { return };
-    Box::pin(conn::run(shared, io, framer, remote, transport, deadline)).await;
+    Box::pin(async move {
+        let (io, framer, transport) = upgrade(&shared, io, deadline).await?;
+        let run: BoxFuture<()> = Box::pin(conn::run(shared, io, framer, remote, transport, deadline));
+        Some(run)
+    })
 }
 
 /// Handles the HTTP part of a connection: answers plain requests itself (returning `None`) or
