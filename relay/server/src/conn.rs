@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand_core::OsRng;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info};
 use warren_relay_proto::handshake::{ClientInfo, ServerInfo};
 use warren_relay_proto::{DecodeError, Frame, Framer, PeerGoneReason, PublicKey, Transport, PROTOCOL_VERSION};
@@ -73,81 +73,89 @@ pub(crate) enum ReadError {
 }
 
 /// Serves one upgraded connection until it closes or the relay stops.
-pub(crate) async fn run<S>(
+///
+/// A plain function returning an `async move` block rather than an `async fn`: an async fn
+/// keeps its by-value parameters twice in its state (the stream and framer, on every
+/// connection, for its whole life); a block's captures are kept once.
+#[allow(clippy::manual_async_fn)] // on purpose, see above
+pub(crate) fn run<S>(
     shared: Arc<Shared>,
     mut io: S,
     mut framer: Framer,
     remote: SocketAddr,
     transport: Transport,
     deadline: tokio::time::Instant,
-) where
-    S: AsyncRead + AsyncWrite + ReadReady + Unpin,
+) -> impl std::future::Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
-    // The login-phase futures are boxed so that their state does not stay part of every
-    // connection's future for its whole life (an idle client costs what its actor holds).
-    let login = tokio::time::timeout_at(deadline, Box::pin(handshake(&shared, &mut io, &mut framer))).await;
-    let (key, info) = match login {
-        Ok(Ok((key, info))) if !info.mesh_key.is_empty() => {
-            return Box::pin(crate::mesh_conn::run(shared, io, framer, remote, key, &info.mesh_key)).await;
-        }
-        Ok(Ok(v)) => v,
-        Ok(Err(reason)) => {
-            debug!(%remote, reason = reason.label(), "handshake failed");
-            shared.metrics.handshake_failed(reason);
+    async move {
+        // The login-phase futures are boxed so that their state does not stay part of every
+        // connection's future for its whole life (an idle client costs what its actor holds).
+        let login = tokio::time::timeout_at(deadline, Box::pin(handshake(&shared, &mut io, &mut framer))).await;
+        let (key, info) = match login {
+            Ok(Ok((key, info))) if !info.mesh_key.is_empty() => {
+                return Box::pin(crate::mesh_conn::run(shared, io, framer, remote, key, &info.mesh_key)).await;
+            }
+            Ok(Ok(v)) => v,
+            Ok(Err(reason)) => {
+                debug!(%remote, reason = reason.label(), "handshake failed");
+                shared.metrics.handshake_failed(reason);
+                return;
+            }
+            Err(_) => {
+                debug!(%remote, "handshake timed out");
+                shared.metrics.handshake_failed(HandshakeFailure::Timeout);
+                return;
+            }
+        };
+        let admitted = tokio::time::timeout_at(deadline, Box::pin(shared.admission.check(&key, remote.ip()))).await;
+        let (verdict, result) =
+            admitted.unwrap_or((Verdict::Deny("admission check timed out"), AdmissionResult::CalloutError));
+        shared.metrics.admission(result);
+        if let Verdict::Deny(why) = verdict {
+            debug!(client = %key.short(), %remote, reason = why, "login refused");
+            framer.queue(&Frame::Health { problem: format!("not admitted: {why}") });
+            let _ = flush(&mut io, &mut framer, shared.config.write_timeout).await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
             return;
         }
-        Err(_) => {
-            debug!(%remote, "handshake timed out");
-            shared.metrics.handshake_failed(HandshakeFailure::Timeout);
-            return;
+        let conn_id = shared.next_conn_id();
+        let inbox = Arc::new(Inbox::new(shared.config.send_queue_depth.get(), shared.config.send_queue_bytes.get()));
+        let handle = ClientHandle { conn_id, remote, inbox: inbox.clone() };
+        if let Some(old) = shared.clients.register(key, handle) {
+            old.inbox.push_control(Control::Replaced);
+            shared.metrics.replaced.increment(1);
         }
-    };
-    let admitted = tokio::time::timeout_at(deadline, Box::pin(shared.admission.check(&key, remote.ip()))).await;
-    let (verdict, result) =
-        admitted.unwrap_or((Verdict::Deny("admission check timed out"), AdmissionResult::CalloutError));
-    shared.metrics.admission(result);
-    if let Verdict::Deny(why) = verdict {
-        debug!(client = %key.short(), %remote, reason = why, "login refused");
-        framer.queue(&Frame::Health { problem: format!("not admitted: {why}") });
-        let _ = flush(&mut io, &mut framer, shared.config.write_timeout).await;
-        let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
-        return;
-    }
-    let conn_id = shared.next_conn_id();
-    let inbox = Arc::new(Inbox::new(shared.config.send_queue_depth.get(), shared.config.send_queue_bytes.get()));
-    let handle = ClientHandle { conn_id, remote, inbox: inbox.clone() };
-    if let Some(old) = shared.clients.register(key, handle) {
-        old.inbox.push_control(Control::Replaced);
-        shared.metrics.replaced.increment(1);
-    }
-    match transport {
-        Transport::Derp => shared.metrics.conns_derp.increment(1),
-        Transport::WebSocket => shared.metrics.conns_ws.increment(1),
-    }
-    shared.metrics.clients.increment(1.0);
-    info!(client = %key.short(), %remote, transport = transport.name(), version = info.version, "client connected");
+        match transport {
+            Transport::Derp => shared.metrics.conns_derp.increment(1),
+            Transport::WebSocket => shared.metrics.conns_ws.increment(1),
+        }
+        shared.metrics.clients.increment(1.0);
+        info!(client = %key.short(), %remote, transport = transport.name(), version = info.version, "client connected");
 
-    let mut actor = Actor {
-        shared: shared.clone(),
-        key,
-        framer,
-        inbox,
-        batch: Vec::new(),
-        read_size: ReadSize::default(),
-        sent_to: HashSet::new(),
-        preferred: false,
-        peer_gone_budget: PeerGoneBudget::new(Instant::now()),
-        budget: shared
-            .config
-            .client_rate
-            .map(|r| TokenBucket::new(r.bytes_per_second as f64, r.burst_bytes as f64, Instant::now())),
-        resume_reading: None,
-    };
-    let why = actor.run(&mut io).await;
-    actor.finish(conn_id);
-    // Best effort close_notify / FIN; a peer that stopped reading must not hold us here.
-    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
-    info!(client = %key.short(), %remote, reason = why, "client disconnected");
+        let mut actor = Actor {
+            shared: shared.clone(),
+            key,
+            framer,
+            inbox,
+            batch: Vec::new(),
+            read_size: ReadSize::default(),
+            sent_to: HashSet::new(),
+            preferred: false,
+            peer_gone_budget: PeerGoneBudget::new(Instant::now()),
+            budget: shared
+                .config
+                .client_rate
+                .map(|r| TokenBucket::new(r.bytes_per_second as f64, r.burst_bytes as f64, Instant::now())),
+            resume_reading: None,
+        };
+        let why = actor.run(&mut io).await;
+        actor.finish(conn_id);
+        // Best effort close_notify / FIN; a peer that stopped reading must not hold us here.
+        let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+        info!(client = %key.short(), %remote, reason = why, "client disconnected");
+    }
 }
 
 async fn handshake<S>(
@@ -207,23 +215,31 @@ pub(crate) async fn read_frame<S: AsyncRead + ReadReady + Unpin>(
             return Err(ReadError::Closed);
         }
         let want = size.0;
-        let buf = framer.rx_buf();
-        if buf.is_empty() {
-            // Nothing partial is held: wait for the stream to be readable before taking a
-            // buffer, so that a quiet client holds none.
-            if buf.capacity() > 0 {
-                *buf = bytes::BytesMut::new();
+        // A quiet client holds no read buffer: with nothing partial held, the buffer is taken
+        // only once the stream is readable, and given back if the read still has to wait.
+        let read = std::future::poll_fn(|cx| {
+            let buf = framer.rx_buf();
+            let idle = buf.is_empty();
+            if idle {
+                std::task::ready!(io.poll_read_ready(cx))?;
             }
-            std::future::poll_fn(|cx| io.poll_read_ready(cx)).await.map_err(|_| ReadError::Io)?;
-        }
-        let buf = framer.rx_buf();
-        if buf.capacity() - buf.len() < want / 2 {
-            buf.reserve(want);
-        }
-        let free = buf.capacity() - buf.len();
-        match io.read_buf(buf).await {
-            Ok(0) => return Err(ReadError::Closed),
-            Ok(n) => size.adapt(n, free),
+            if buf.capacity() - buf.len() < want / 2 {
+                buf.reserve(want);
+            }
+            let free = buf.capacity() - buf.len();
+            match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *io), cx, buf) {
+                std::task::Poll::Pending => {
+                    if idle && buf.is_empty() {
+                        *buf = bytes::BytesMut::new();
+                    }
+                    std::task::Poll::Pending
+                }
+                std::task::Poll::Ready(r) => std::task::Poll::Ready(r.map(|n| (n, free))),
+            }
+        });
+        match read.await {
+            Ok((0, _)) => return Err(ReadError::Closed),
+            Ok((n, free)) => size.adapt(n, free),
             // A TLS peer that closed TCP without close_notify: an ordinary disconnect.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(ReadError::Closed),
             Err(_) => return Err(ReadError::Io),
