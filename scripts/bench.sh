@@ -44,9 +44,14 @@ wait_port 18443
 R=(--relay https://localhost:18443 --ca "$state/relay/dev-ca.pem")
 $L relay "${R[@]}" --pairs 4 --window 64 --seconds "$SECONDS_PER" --source-ips 8
 $L relay "${R[@]}" --pairs 4 --sweep-from 25000 --max-loss 0.1 --seconds "$SECONDS_PER" --source-ips 8
-echo "--- bulk: 64 000-byte packets through the relay vs the same bytes through socat"
 socat TCP-LISTEN:19998,fork,reuseaddr TCP:127.0.0.1:19999 & pids+=($!)
 wait_port 19998
+echo "--- latency at 150 000 packets/s (about half the limit): relay vs the harness's own floor"
+echo "    (the same paced, timed messages over direct TCP) and through socat"
+$L relay "${R[@]}" --pairs 4 --rate 37500 --seconds "$SECONDS_PER" --source-ips 8
+$L tcp --via 127.0.0.1:19997 --sink-port 19997 --pairs 4 --rate 37500 --seconds "$SECONDS_PER"
+$L tcp --via 127.0.0.1:19998 --sink-port 19999 --pairs 4 --rate 37500 --seconds "$SECONDS_PER"
+echo "--- bulk: 64 000-byte packets through the relay vs the same bytes through socat"
 $L tcp --via 127.0.0.1:19998 --sink-port 19999 --pairs 4 --seconds "$SECONDS_PER"
 $L relay "${R[@]}" --pairs 4 --window 16 --size 64000 --seconds "$SECONDS_PER"
 echo "--- idle clients"

@@ -47,6 +47,12 @@ enum Command {
         /// Seconds of pushing.
         #[arg(long, default_value_t = 5.0)]
         seconds: f64,
+        /// Paced: timed messages per second per connection (default: bulk, as fast as it goes).
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Message size in bytes for --rate.
+        #[arg(long, default_value_t = 1200)]
+        size: usize,
     },
     /// WebSocket echo sessions through an edge: each upgrades one HTTPS connection and times
     /// the echo of each message.
@@ -209,9 +215,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print(&if cli.json { serde_json::to_string_pretty(&r)? } else { r.to_string() });
             Ok(())
         }
-        Command::Tcp { via, sink_port, pairs, seconds } => {
+        Command::Tcp { via, sink_port, pairs, seconds, rate, size } => {
             let d = Duration::from_secs_f64(seconds);
-            let r = with_progress("tcp (bytes)", Some(d), warren_loadtest::tcp::run(via, sink_port, pairs, d)).await?;
+            let r = match rate {
+                Some(rate) => {
+                    let run = warren_loadtest::tcp::paced(via, sink_port, pairs, size, rate, d);
+                    with_progress("tcp paced", Some(d), run).await?
+                }
+                None => {
+                    with_progress("tcp (bytes)", Some(d), warren_loadtest::tcp::run(via, sink_port, pairs, d)).await?
+                }
+            };
             print(&if cli.json { serde_json::to_string_pretty(&r)? } else { r.to_string() });
             Ok(())
         }

@@ -141,10 +141,8 @@ async fn edge_scenario_counts_answers_and_failures() {
     edge.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tcp_scenario_counts_bytes_through_a_forwarder() {
-    // A forwarder made here: accept on `via`, copy both ways to the harness's sink port.
-    let sink_port = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr").port();
+/// A forwarder made here: accept on the returned address, copy both ways to `sink_port`.
+async fn forwarder(sink_port: u16) -> std::net::SocketAddr {
     let via = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let via_addr = via.local_addr().expect("addr");
     tokio::spawn(async move {
@@ -155,6 +153,31 @@ async fn tcp_scenario_counts_bytes_through_a_forwarder() {
             });
         }
     });
+    via_addr
+}
+
+fn free_port() -> u16 {
+    warren_common::testing::free_tcp_port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_scenario_counts_bytes_through_a_forwarder() {
+    let sink_port = free_port();
+    let via_addr = forwarder(sink_port).await;
     let r = warren_loadtest::tcp::run(via_addr, sink_port, 2, Duration::from_millis(300)).await.expect("runs");
     assert!(r.received_bytes >= 64 << 10 && r.mbps > 0.0, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paced_tcp_scenario_times_every_message() {
+    let sink_port = free_port();
+    let via_addr = forwarder(sink_port).await;
+    // 2 connections x 500 messages/s x 0.4 s: about 400 messages, each timed.
+    let r = warren_loadtest::tcp::paced(via_addr, sink_port, 2, 300, 500.0, Duration::from_millis(400))
+        .await
+        .expect("runs");
+    let latency = r.latency.expect("paced runs are timed");
+    assert!(latency.count > 300 && latency.count < 500, "{r}");
+    assert_eq!(r.received_bytes, latency.count * 300, "every message that arrived was timed");
+    assert!(latency.p50_us > 0.0 && latency.p50_us <= latency.max_us, "{r}");
 }
