@@ -41,6 +41,8 @@ pub(crate) struct Cluster {
     pub(crate) store: Arc<dyn Store>,
     /// How siblings name this edge in routes: `<tls name>@<tunnel address>`.
     me: String,
+    /// The TLS name every edge of the cluster answers to (the edges' `hostname`).
+    tls_name: String,
     settings: ClusterConfig,
     client: quinn::ClientConfig,
     /// Live links to siblings, one per peer.
@@ -90,6 +92,7 @@ impl Cluster {
         Ok(Cluster {
             store: Arc::new(store),
             me: format!("{hostname}@{}", settings.advertise),
+            tls_name: hostname.to_owned(),
             client,
             links: Mutex::new(HashMap::new()),
             lookups: moka::future::Cache::builder()
@@ -210,6 +213,12 @@ impl Cluster {
         }
         let (server_name, addr) = peer.rsplit_once('@').ok_or("malformed peer")?;
         let addr: SocketAddr = addr.parse().map_err(|_| "malformed peer address")?;
+        // Edges of one cluster share their TLS name. A route naming another one (a Redis
+        // writer's mistake, or worse) is not dialled: the cluster key goes only to a server
+        // proving it holds this cluster's name.
+        if server_name != self.tls_name {
+            return Err(format!("peer {server_name:?} is not named {:?} like this cluster", self.tls_name));
+        }
         let dial = async {
             let conn = endpoint
                 .connect_with(self.client.clone(), addr, server_name)
