@@ -273,3 +273,50 @@ async fn two_edges_on_one_redis_forward_and_survive_losing_one() {
     assert!(failed.is_empty(), "every request through B was answered while A died: {failed:?}");
     assert!(web.status().connected);
 }
+
+/// A drained edge (SIGTERM) withdraws its routes at once: its siblings stop forwarding to it
+/// long before the routes would expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_edge_withdraws_its_routes_at_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let Some((_redis, url)) = start_redis(dir.path()) else { return };
+    let port = free_tcp_port();
+    // Routes live 30 s here: anything faster than that is the withdrawal, not expiry.
+    let a = start_edge("127.0.0.4", port, dir.path(), &url, "30s");
+    let b = start_edge("127.0.0.5", port, dir.path(), &url, "30s");
+    let ca = dir.path().join("dev-ca.pem");
+    let origin = start_origin().await;
+    let solo = funnel("solo", &[&a], &ca, origin, port);
+    solo.wait_registered(Duration::from_secs(10)).await.expect("solo registered");
+    let (code, _) = visit(b.public, &ca, "solo.funnel.test").await.expect("answer");
+    assert_eq!(code, StatusCode::OK, "forwarded to A");
+
+    // SIGTERM: A withdraws its routes as it stops accepting, lets in-flight requests finish
+    // (none here) and closes its tunnels.
+    let EdgeProc { proc: mut a_proc, .. } = a;
+    let pid = i32::try_from(a_proc.0.id()).expect("pid");
+    let term = Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().expect("kill").success());
+    let mut answers = Vec::new();
+    let offline_after = loop {
+        let r = visit(b.public, &ca, "solo.funnel.test").await;
+        let code = r.as_ref().map(|(c, _)| *c).ok();
+        answers.push(code);
+        if code == Some(StatusCode::SERVICE_UNAVAILABLE) {
+            break term.elapsed();
+        }
+        assert!(term.elapsed() < Duration::from_secs(10), "still routed to a drained edge: {answers:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = a_proc.0.wait();
+    eprintln!("edge A drained: solo offline on B {offline_after:?} after SIGTERM; answers on the way: {answers:?}");
+    // Bounded by A's grace period (1 s) and B's lookup cache (2 s), far below the route TTL.
+    assert!(offline_after < Duration::from_secs(5), "{offline_after:?}");
+    // On the way: forwarded 200s, or a 502 once A's link closed; never a hang.
+    assert!(
+        answers
+            .iter()
+            .all(|c| matches!(c, Some(StatusCode::OK | StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE))),
+        "{answers:?}"
+    );
+}
