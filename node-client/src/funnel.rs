@@ -16,7 +16,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -25,7 +25,9 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use warren_common::tunnel_io::{is_hop_by_hop, quic_client_config, read_message, send_body, write_message, QuicBody};
+use warren_common::tunnel_io::{
+    is_hop_by_hop, quic_client_config, read_message, respond_text, send_body, write_message, QuicBody,
+};
 use warren_tunnel_proto::{Message, ResponseHead, VERSION};
 
 type Body = BoxBody<Bytes, std::io::Error>;
@@ -276,18 +278,8 @@ fn client_endpoint(cfg: &FunnelConfig) -> Result<quinn::Endpoint, String> {
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
-fn text_body(s: String) -> Body {
-    Full::new(Bytes::from(s)).map_err(|never: std::convert::Infallible| match never {}).boxed()
-}
-
-async fn respond_error(mut send: quinn::SendStream, status: StatusCode, msg: String) {
-    let head = ResponseHead {
-        status: status.as_u16(),
-        headers: vec![("content-type".into(), b"text/plain; charset=utf-8".to_vec())],
-    };
-    if write_message(&mut send, &Message::Response(head)).await.is_ok() {
-        let _ = send_body(text_body(msg), &mut send).await;
-    }
+async fn respond_error(send: quinn::SendStream, status: StatusCode, msg: String) {
+    respond_text(send, status.as_u16(), &msg).await;
 }
 
 /// Serves one request stream from the edge.

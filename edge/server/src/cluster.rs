@@ -17,8 +17,8 @@ use quinn::{RecvStream, SendStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren_common::limits::LogLimiter;
-use warren_common::tunnel_io::{read_message, write_message};
-use warren_tunnel_proto::{Message, RequestHead, ResponseHead, VERSION};
+use warren_common::tunnel_io::{read_message, respond_text, write_message};
+use warren_tunnel_proto::{Message, RequestHead, VERSION};
 
 use crate::config::{defaults, valid_name, ClusterConfig};
 use crate::server::Shared;
@@ -259,15 +259,6 @@ pub(crate) async fn serve_peer(shared: Arc<Shared>, conn: quinn::Connection, rem
     }
 }
 
-/// An answer the edge writes itself on a forwarded stream.
-async fn answer(mut send: SendStream, status: u16, text: &str) {
-    let head = ResponseHead { status, headers: vec![("content-type".into(), b"text/plain; charset=utf-8".to_vec())] };
-    if write_message(&mut send, &Message::Response(head)).await.is_ok() {
-        let _ = send.write_all(text.as_bytes()).await;
-        let _ = send.finish();
-    }
-}
-
 fn name_of<'a>(head: &'a RequestHead, domain: &str) -> Option<&'a str> {
     let host = head.headers.iter().find(|(n, _)| n == "x-forwarded-host").map(|(_, v)| v.as_slice())?;
     let host = std::str::from_utf8(host).ok()?;
@@ -279,29 +270,29 @@ fn name_of<'a>(head: &'a RequestHead, domain: &str) -> Option<&'a str> {
 async fn forwarded(shared: Arc<Shared>, peer_send: SendStream, mut peer_recv: RecvStream) {
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_message(&mut peer_recv)).await {
         Ok(Ok(Message::Request(h))) => h,
-        _ => return answer(peer_send, 400, "bad forwarded request\n").await,
+        _ => return respond_text(peer_send, 400, "bad forwarded request\n").await,
     };
     if let Some(c) = &shared.cluster {
         c.forwarded_in.increment(1);
     }
     let Some(tunnel) = name_of(&head, &shared.config.funnel_domain).and_then(|n| shared.routes.get(n)) else {
-        return answer(peer_send, 503, "This funnel is offline: its node is not connected.\n").await;
+        return respond_text(peer_send, 503, "This funnel is offline: its node is not connected.\n").await;
     };
     if !tunnel.ports.contains(&head.port) {
-        return answer(peer_send, 404, "This funnel is not published on this port.\n").await;
+        return respond_text(peer_send, 404, "This funnel is not published on this port.\n").await;
     }
     if !tunnel.allow_request() {
-        return answer(peer_send, 429, "Too many requests for this funnel; try again shortly.\n").await;
+        return respond_text(peer_send, 429, "Too many requests for this funnel; try again shortly.\n").await;
     }
     let Ok(_permit) = tunnel.streams.clone().try_acquire_owned() else {
-        return answer(peer_send, 503, "This funnel is busy; try again shortly.\n").await;
+        return respond_text(peer_send, 503, "This funnel is busy; try again shortly.\n").await;
     };
     let opened = tokio::time::timeout(defaults::OPEN_TIMEOUT, tunnel.conn.open_bi()).await;
     let Ok(Ok((mut node_send, node_recv))) = opened else {
-        return answer(peer_send, 502, "The funnel's node could not be reached.\n").await;
+        return respond_text(peer_send, 502, "The funnel's node could not be reached.\n").await;
     };
     if write_message(&mut node_send, &Message::Request(head)).await.is_err() {
-        return answer(peer_send, 502, "The funnel's node could not be reached.\n").await;
+        return respond_text(peer_send, 502, "The funnel's node could not be reached.\n").await;
     }
     tokio::join!(splice(peer_recv, node_send), splice(node_recv, peer_send));
 }

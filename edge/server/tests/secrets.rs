@@ -1,7 +1,8 @@
 //! Tokens never reach the edge's logs or metrics, neither the valid one nor one a stranger
 //! offers, even at debug level.
 
-use std::io::Read as _;
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,12 +13,7 @@ const TOKEN: &str = "edge-token-that-must-not-leak-7f3a";
 const WRONG: &str = "stranger-token-that-must-not-leak-91c2";
 
 fn admin_get(port: u16, path: &str) -> Option<String> {
-    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    std::io::Write::write_all(&mut tcp, req.as_bytes()).ok()?;
-    let mut out = String::new();
-    tcp.read_to_string(&mut out).ok()?;
-    Some(out)
+    common::plain_get(std::net::SocketAddr::from(([127, 0, 0, 1], port)), path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

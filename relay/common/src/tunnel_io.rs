@@ -142,6 +142,19 @@ pub fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
     t
 }
 
+/// Answers a request stream with a short plain-text response (an error the answering end
+/// writes itself) and finishes the stream.
+pub async fn respond_text(mut send: SendStream, status: u16, text: &str) {
+    let head = warren_tunnel_proto::ResponseHead {
+        status,
+        headers: vec![("content-type".into(), b"text/plain; charset=utf-8".to_vec())],
+    };
+    if write_message(&mut send, &Message::Response(head)).await.is_ok() && send.write_all(text.as_bytes()).await.is_ok()
+    {
+        let _ = send.finish();
+    }
+}
+
 /// A QUIC client configuration for the tunnel ALPN, trusting the system roots plus `ca_file`,
 /// letting the server open `peer_streams` bidirectional streams.
 ///
