@@ -83,14 +83,7 @@ pub async fn run(via: SocketAddr, sink_port: u16, pairs: usize, duration: Durati
             });
         }
     });
-    let mut senders = Vec::new();
-    for _ in 0..pairs {
-        let tcp = TcpStream::connect(via).await?;
-        tcp.set_nodelay(true)?;
-        senders.push(tcp);
-    }
-    // Let the forwarder connect to the sink before timing starts.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let senders = connect_senders(via, pairs).await?;
     let start = Instant::now();
     let base = received.load(Ordering::Relaxed);
     let mut tasks = Vec::new();
@@ -119,6 +112,19 @@ pub async fn run(via: SocketAddr, sink_port: u16, pairs: usize, duration: Durati
         delivered_pps: None,
         latency: None,
     })
+}
+
+/// Opens `pairs` sending connections to `via`, then lets the forwarder connect each to the sink
+/// before any timing starts.
+async fn connect_senders(via: SocketAddr, pairs: usize) -> anyhow::Result<Vec<TcpStream>> {
+    let mut senders = Vec::with_capacity(pairs);
+    for _ in 0..pairs {
+        let tcp = TcpStream::connect(via).await?;
+        tcp.set_nodelay(true)?;
+        senders.push(tcp);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(senders)
 }
 
 /// Paced, timed messages through the forwarder at `via` into a sink on `sink_port`.
@@ -156,13 +162,7 @@ pub async fn paced(
             });
         }
     });
-    let mut senders = Vec::new();
-    for _ in 0..pairs {
-        let tcp = TcpStream::connect(via).await?;
-        tcp.set_nodelay(true)?;
-        senders.push(tcp);
-    }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let senders = connect_senders(via, pairs).await?;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for mut tcp in senders {

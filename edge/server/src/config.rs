@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use warren_common::config::{duration, load_toml, parse_toml, socket_addr};
-pub use warren_common::config::{AdminFile, ConfigError};
+pub use warren_common::config::{AdminFile, ConfigError, SharedKey};
 
 /// Defaults, in one place.
 pub mod defaults {
@@ -47,7 +47,7 @@ pub mod defaults {
     /// How long a route lookup is reused.
     pub const ROUTE_CACHE_TTL: Duration = Duration::from_secs(2);
     /// Shortest cluster key.
-    pub const CLUSTER_KEY_MIN_LEN: usize = 16;
+    pub const CLUSTER_KEY_MIN_LEN: usize = super::SharedKey::MIN_LEN;
     /// Environment variable holding the cluster key.
     pub const CLUSTER_KEY_ENV: &str = "WARREN_EDGE_CLUSTER_KEY";
 }
@@ -110,28 +110,8 @@ pub struct ClusterFile {
     pub route_ttl: Option<String>,
 }
 
-/// The cluster's shared key. Compared in constant time; never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct ClusterKey(String);
-
-impl ClusterKey {
-    /// Whether `offered` is this key.
-    pub fn matches(&self, offered: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), offered.as_bytes());
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-    }
-
-    /// The key, for this edge's own peer links.
-    pub(crate) fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for ClusterKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("ClusterKey(<redacted>)")
-    }
-}
+/// The cluster's shared key.
+pub type ClusterKey = SharedKey;
 
 /// Checked cluster settings.
 #[derive(Clone, PartialEq, Eq)]
@@ -188,18 +168,12 @@ fn cluster_settings(c: ClusterFile) -> Result<Option<ClusterConfig>, ConfigError
             ))
         }
     };
-    let key = key.trim();
-    if key.len() < defaults::CLUSTER_KEY_MIN_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ConfigError::invalid(
-            "cluster.key",
-            format!("a cluster key is at least {} visible ASCII characters", defaults::CLUSTER_KEY_MIN_LEN),
-        ));
-    }
+    let key = ClusterKey::parse("cluster.key", "cluster key", &key)?;
     let route_ttl = duration("cluster.route_ttl", c.route_ttl, defaults::ROUTE_TTL)?;
     if route_ttl < Duration::from_secs(1) {
         return Err(ConfigError::invalid("cluster.route_ttl", "must be at least 1s"));
     }
-    Ok(Some(ClusterConfig { redis_url, advertise, key: ClusterKey(key.to_owned()), ca_file: c.ca_file, route_ttl }))
+    Ok(Some(ClusterConfig { redis_url, advertise, key, ca_file: c.ca_file, route_ttl }))
 }
 
 /// `[acme]`

@@ -109,6 +109,32 @@ fn start_edge(ip: &str, public_port: u16, state: &Path, redis: &str, route_ttl: 
     EdgeProc { proc, public, tunnel, admin }
 }
 
+/// Redis, two clustered edges on their own loopback addresses (the first creates the shared dev
+/// CA, the second starts once the first is ready), and an origin.
+struct Pair {
+    dir: tempfile::TempDir,
+    redis: Proc,
+    a: EdgeProc,
+    b: EdgeProc,
+    ca: PathBuf,
+    origin: SocketAddr,
+    port: u16,
+}
+
+impl Pair {
+    /// `None` when redis-server is missing and not required (the test skips).
+    async fn start(ips: [&str; 2], route_ttl: &str) -> Option<Pair> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (redis, url) = start_redis(dir.path())?;
+        let port = free_tcp_port();
+        let a = start_edge(ips[0], port, dir.path(), &url, route_ttl);
+        let b = start_edge(ips[1], port, dir.path(), &url, route_ttl);
+        let ca = dir.path().join("dev-ca.pem");
+        let origin = start_origin().await;
+        Some(Pair { dir, redis, a, b, ca, origin, port })
+    }
+}
+
 async fn start_origin() -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
     let addr = l.local_addr().expect("addr");
@@ -186,14 +212,12 @@ fn metric(admin: SocketAddr, line_prefix: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_edges_on_one_redis_forward_and_survive_losing_one() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let Some((_redis, url)) = start_redis(dir.path()) else { return };
-    let port = free_tcp_port();
     // Edge A creates the shared dev CA; B starts once A is ready and uses the same one.
-    let a = start_edge("127.0.0.2", port, dir.path(), &url, "2s");
-    let b = start_edge("127.0.0.3", port, dir.path(), &url, "2s");
-    let ca = dir.path().join("dev-ca.pem");
-    let origin = start_origin().await;
+    let Some(Pair { dir: _dir, redis: _redis, a, b, ca, origin, port }) =
+        Pair::start(["127.0.0.2", "127.0.0.3"], "2s").await
+    else {
+        return;
+    };
 
     // "web" keeps tunnels to both edges; "solo" only to A.
     let web = funnel("web", &[&a, &b], &ca, origin, port);
@@ -278,14 +302,12 @@ async fn two_edges_on_one_redis_forward_and_survive_losing_one() {
 /// long before the routes would expire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_edge_withdraws_its_routes_at_once() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let Some((_redis, url)) = start_redis(dir.path()) else { return };
-    let port = free_tcp_port();
     // Routes live 30 s here: anything faster than that is the withdrawal, not expiry.
-    let a = start_edge("127.0.0.4", port, dir.path(), &url, "30s");
-    let b = start_edge("127.0.0.5", port, dir.path(), &url, "30s");
-    let ca = dir.path().join("dev-ca.pem");
-    let origin = start_origin().await;
+    let Some(Pair { dir: _dir, redis: _redis, a, b, ca, origin, port }) =
+        Pair::start(["127.0.0.4", "127.0.0.5"], "30s").await
+    else {
+        return;
+    };
     let solo = funnel("solo", &[&a], &ca, origin, port);
     solo.wait_registered(Duration::from_secs(10)).await.expect("solo registered");
     let (code, _) = visit(b.public, &ca, "solo.funnel.test").await.expect("answer");

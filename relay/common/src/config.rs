@@ -107,6 +107,49 @@ pub fn socket_addr(field: &'static str, s: &str) -> Result<SocketAddr, ConfigErr
     s.parse().map_err(|_| ConfigError::invalid(field, format!("{s:?} is not an ip:port address")))
 }
 
+/// A secret a group of servers shares (a relay region's mesh key, an edge cluster's key): at
+/// least [`SharedKey::MIN_LEN`] visible ASCII characters, compared in constant time, never
+/// printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SharedKey(String);
+
+impl SharedKey {
+    /// Shortest key.
+    pub const MIN_LEN: usize = 16;
+
+    /// Checks a key (surrounding whitespace, as a key file's newline, is dropped).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming `field` and saying what a `what` (e.g. "mesh key") must
+    /// be, without the key.
+    pub fn parse(field: &'static str, what: &str, key: &str) -> Result<Self, ConfigError> {
+        let key = key.trim();
+        if key.len() < Self::MIN_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::invalid(
+                field,
+                format!("a {what} is at least {} visible ASCII characters", Self::MIN_LEN),
+            ));
+        }
+        Ok(SharedKey(key.to_owned()))
+    }
+
+    /// Whether `offered` is this key, in time independent of where they differ.
+    pub fn matches(&self, offered: &str) -> bool {
+        aws_lc_rs::constant_time::verify_slices_are_equal(self.0.as_bytes(), offered.as_bytes()).is_ok()
+    }
+
+    /// The key, for this server's own links to its siblings.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SharedKey(<redacted>)")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use warren_common::config::{duration, load_toml, parse_toml, socket_addr};
-pub use warren_common::config::{parse_duration, AdminFile, ConfigError};
+pub use warren_common::config::{parse_duration, AdminFile, ConfigError, SharedKey};
 
 /// Defaults, in one place.
 pub mod defaults {
@@ -49,7 +49,7 @@ pub mod defaults {
     /// How often a mesh DNS name is resolved again.
     pub const MESH_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
     /// Shortest mesh key accepted.
-    pub const MESH_KEY_MIN_LEN: usize = 16;
+    pub const MESH_KEY_MIN_LEN: usize = super::SharedKey::MIN_LEN;
     /// New connections accepted per second (all sources together) ...
     pub const ACCEPT_RATE: u32 = 10_000;
     /// ... with this burst (a region's clients reconnecting after a restart).
@@ -254,42 +254,8 @@ pub struct StunConfig {
     pub burst: NonZeroU32,
 }
 
-/// The region's shared mesh key. Compared in constant time; never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub struct MeshKey(String);
-
-impl MeshKey {
-    /// Checks a key: at least [`defaults::MESH_KEY_MIN_LEN`] visible ASCII characters.
-    ///
-    /// # Errors
-    /// [`ConfigError::Invalid`] naming `field`, without the key.
-    pub fn parse(field: &'static str, key: &str) -> Result<Self, ConfigError> {
-        let key = key.trim();
-        if key.len() < defaults::MESH_KEY_MIN_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
-            return Err(ConfigError::invalid(
-                field,
-                format!("a mesh key is at least {} visible ASCII characters", defaults::MESH_KEY_MIN_LEN),
-            ));
-        }
-        Ok(MeshKey(key.to_owned()))
-    }
-
-    /// Whether `offered` is this key, in time independent of where they differ.
-    pub fn matches(&self, offered: &str) -> bool {
-        aws_lc_rs::constant_time::verify_slices_are_equal(self.0.as_bytes(), offered.as_bytes()).is_ok()
-    }
-
-    /// The key, for the ClientInfo of this relay's own mesh links.
-    pub(crate) fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for MeshKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("MeshKey(<redacted>)")
-    }
-}
+/// The region's shared mesh key.
+pub type MeshKey = SharedKey;
 
 /// Where a relay finds its siblings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -524,11 +490,11 @@ fn admission_config(f: AdmissionFile) -> Result<AdmissionConfig, ConfigError> {
 
 fn mesh_config(f: MeshFile, hostname: &str) -> Result<Option<MeshConfig>, ConfigError> {
     let key = match (f.key, &f.key_file) {
-        (Some(k), _) => Some(MeshKey::parse("mesh.key", &k)?),
+        (Some(k), _) => Some(MeshKey::parse("mesh.key", "mesh key", &k)?),
         (None, Some(path)) => {
             let text = std::fs::read_to_string(path)
                 .map_err(|e| ConfigError::invalid("mesh.key_file", format!("cannot read {}: {e}", path.display())))?;
-            Some(MeshKey::parse("mesh.key_file", &text)?)
+            Some(MeshKey::parse("mesh.key_file", "mesh key", &text)?)
         }
         (None, None) => None,
     };

@@ -84,6 +84,51 @@ fn invalid(e: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e.to_string())
 }
 
+/// Why [`append`]'s filler did not fit.
+enum Fill {
+    /// It needs this much room.
+    Need(usize),
+    /// It failed.
+    Failed(io::Error),
+}
+
+impl From<EncryptError> for Fill {
+    fn from(e: EncryptError) -> Self {
+        match e {
+            EncryptError::InsufficientSize(need) => Fill::Need(need.required_size),
+            e => Fill::Failed(invalid(e)),
+        }
+    }
+}
+
+/// Appends to `out` what `fill` writes into the room it is given: `room` bytes at first, then as
+/// much as it asks for. On failure `out` is left as it was.
+fn append(
+    out: &mut Vec<u8>,
+    mut room: usize,
+    mut fill: impl FnMut(&mut [u8]) -> Result<usize, Fill>,
+) -> io::Result<()> {
+    let start = out.len();
+    loop {
+        out.resize(start + room, 0);
+        match fill(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return Ok(());
+            }
+            Err(Fill::Need(more)) if more > room => room = more,
+            Err(Fill::Need(_)) => {
+                out.truncate(start);
+                return Err(invalid("TLS record does not fit the room it asked for"));
+            }
+            Err(Fill::Failed(e)) => {
+                out.truncate(start);
+                return Err(e);
+            }
+        }
+    }
+}
+
 /// Performs the server handshake on `tcp`.
 ///
 /// # Errors
@@ -132,22 +177,12 @@ impl LeanTls {
                 Step::Again
             }
             ConnectionState::EncodeTlsData(mut encode) => {
-                let start = self.outgoing.len();
-                let mut room = 1024;
-                loop {
-                    self.outgoing.resize(start + room, 0);
-                    match encode.encode(&mut self.outgoing[start..]) {
-                        Ok(n) => {
-                            self.outgoing.truncate(start + n);
-                            break;
-                        }
-                        Err(EncodeError::InsufficientSize(need)) => room = need.required_size,
-                        Err(e) => {
-                            self.outgoing.truncate(start);
-                            return Err(invalid(e));
-                        }
-                    }
-                }
+                append(&mut self.outgoing, 1024, |room| {
+                    encode.encode(room).map_err(|e| match e {
+                        EncodeError::InsufficientSize(need) => Fill::Need(need.required_size),
+                        e => Fill::Failed(invalid(e)),
+                    })
+                })?;
                 Step::Again
             }
             // The encoded bytes are queued in `outgoing`, which is written in order before
@@ -169,30 +204,13 @@ impl LeanTls {
                 Action::None => Step::Idle,
                 Action::Write(data) => {
                     let data = &data[..data.len().min(MAX_WRITE)];
-                    let start = self.outgoing.len();
                     // Records of at most 16 KiB, each with a header, tag and padding.
-                    let mut room = data.len() + (data.len() / 16_384 + 1) * 64;
-                    loop {
-                        self.outgoing.resize(start + room, 0);
-                        match traffic.encrypt(data, &mut self.outgoing[start..]) {
-                            Ok(n) => {
-                                self.outgoing.truncate(start + n);
-                                break;
-                            }
-                            Err(EncryptError::InsufficientSize(need)) => room = need.required_size,
-                            Err(e) => {
-                                self.outgoing.truncate(start);
-                                return Err(invalid(e));
-                            }
-                        }
-                    }
+                    let room = data.len() + (data.len() / 16_384 + 1) * 64;
+                    append(&mut self.outgoing, room, |room| traffic.encrypt(data, room).map_err(Fill::from))?;
                     Step::Wrote(data.len())
                 }
                 Action::CloseNotify => {
-                    let start = self.outgoing.len();
-                    self.outgoing.resize(start + 64, 0);
-                    let n = traffic.queue_close_notify(&mut self.outgoing[start..]).map_err(invalid)?;
-                    self.outgoing.truncate(start + n);
+                    append(&mut self.outgoing, 64, |room| traffic.queue_close_notify(room).map_err(Fill::from))?;
                     self.close_sent = true;
                     Step::Wrote(0)
                 }
@@ -381,37 +399,57 @@ mod tests {
 
     use super::*;
 
+    /// A dev CA, a server configuration from it, and a listener on loopback.
+    struct Lab {
+        dir: tempfile::TempDir,
+        ca: DevCa,
+        server_config: Arc<ServerConfig>,
+        listener: TcpListener,
+        addr: std::net::SocketAddr,
+    }
+
+    impl Lab {
+        async fn new() -> Lab {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let ca = DevCa::open_or_create(dir.path()).expect("ca");
+            let server_config = ca.server_config(&["localhost".into()]).expect("server config");
+            let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+            let addr = listener.local_addr().expect("addr");
+            Lab { dir, ca, server_config, listener, addr }
+        }
+    }
+
+    /// A client configuration trusting only `ca`, limited to `versions`.
+    fn client_config(ca: &DevCa, versions: &[&'static rustls::SupportedProtocolVersion]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        let pem = std::fs::read(&ca.ca_cert_path).expect("ca pem");
+        for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
+            roots.add(c.expect("pem")).expect("root");
+        }
+        let config = rustls::ClientConfig::builder_with_provider(warren_common::tls::provider())
+            .with_protocol_versions(versions)
+            .expect("versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Arc::new(config)
+    }
+
     struct Pair {
         server: LeanTls,
         client: tokio_rustls::client::TlsStream<TcpStream>,
     }
 
     async fn pair(versions: &[&'static rustls::SupportedProtocolVersion]) -> (Pair, tempfile::TempDir) {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca = DevCa::open_or_create(dir.path()).expect("ca");
-        let server_config = ca.server_config(&["localhost".into()]).expect("server config");
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
+        let Lab { dir, ca, server_config, listener: l, addr } = Lab::new().await;
         let server = tokio::spawn(async move {
             let (tcp, _) = l.accept().await.expect("accept");
             accept(tcp, server_config).await.expect("server handshake")
         });
-        let mut roots = rustls::RootCertStore::empty();
-        let pem = std::fs::read(&ca.ca_cert_path).expect("ca pem");
-        for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
-            roots.add(c.expect("pem")).expect("root");
-        }
-        let client_config = rustls::ClientConfig::builder_with_provider(warren_common::tls::provider())
-            .with_protocol_versions(versions)
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let client_config = client_config(&ca, versions);
         let tcp = TcpStream::connect(addr).await.expect("connect");
         let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-        let client = tokio_rustls::TlsConnector::from(Arc::new(client_config))
-            .connect(name, tcp)
-            .await
-            .expect("client handshake");
+        let client =
+            tokio_rustls::TlsConnector::from(client_config).connect(name, tcp).await.expect("client handshake");
         (Pair { server: server.await.expect("server task"), client }, dir)
     }
 
@@ -477,11 +515,7 @@ mod tests {
     #[tokio::test]
     async fn records_split_across_segments_are_reassembled() {
         // The client's TLS bytes reach the server one byte per TCP segment.
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca = DevCa::open_or_create(dir.path()).expect("ca");
-        let server_config = ca.server_config(&["localhost".into()]).expect("server config");
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
+        let Lab { dir: _dir, ca, server_config, listener: l, addr } = Lab::new().await;
         let server = tokio::spawn(async move {
             let (tcp, _) = l.accept().await.expect("accept");
             let mut s = accept(tcp, server_config).await.expect("handshake over 1-byte segments");
@@ -492,21 +526,9 @@ mod tests {
         let tcp = TcpStream::connect(addr).await.expect("connect");
         tcp.set_nodelay(true).expect("nodelay");
         let slow = Trickle(tcp);
-        let roots = {
-            let mut r = rustls::RootCertStore::empty();
-            let pem = std::fs::read(&ca.ca_cert_path).expect("ca pem");
-            for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
-                r.add(c.expect("pem")).expect("root");
-            }
-            r
-        };
-        let cfg = rustls::ClientConfig::builder_with_provider(warren_common::tls::provider())
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let cfg = client_config(&ca, rustls::DEFAULT_VERSIONS);
         let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-        let mut client = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, slow).await.expect("handshake");
+        let mut client = tokio_rustls::TlsConnector::from(cfg).connect(name, slow).await.expect("handshake");
         let mut seed = 3;
         let data = noise(&mut seed, 5000);
         client.write_all(&data).await.expect("write");
@@ -537,11 +559,7 @@ mod tests {
 
     #[tokio::test]
     async fn corrupted_records_end_the_stream_with_an_error() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca = DevCa::open_or_create(dir.path()).expect("ca");
-        let server_config = ca.server_config(&["localhost".into()]).expect("server config");
-        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = l.local_addr().expect("addr");
+        let Lab { dir: _dir, ca, server_config, listener: l, addr } = Lab::new().await;
         let server = tokio::spawn(async move {
             let (tcp, _) = l.accept().await.expect("accept");
             let mut s = accept(tcp, server_config).await.expect("handshake");
@@ -551,21 +569,9 @@ mod tests {
             (first.map(|n| buf[..n].to_vec()), second.map(|_| ()))
         });
         // A sans-IO client: its records can be tampered with before they are sent.
-        let roots = {
-            let mut r = rustls::RootCertStore::empty();
-            let pem = std::fs::read(&ca.ca_cert_path).expect("ca pem");
-            for c in rustls_pki_types::pem::PemObject::pem_slice_iter(&pem) {
-                r.add(c.expect("pem")).expect("root");
-            }
-            r
-        };
-        let cfg = rustls::ClientConfig::builder_with_provider(warren_common::tls::provider())
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let cfg = client_config(&ca, rustls::DEFAULT_VERSIONS);
         let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
-        let mut client = rustls::ClientConnection::new(Arc::new(cfg), name).expect("client");
+        let mut client = rustls::ClientConnection::new(cfg, name).expect("client");
         let mut tcp = TcpStream::connect(addr).await.expect("connect");
         while client.is_handshaking() {
             let mut out = Vec::new();
