@@ -24,9 +24,15 @@ if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install --locked cargo-nextest
 fi
 
-echo "==> the sans-IO protocol crate must not depend on tokio"
-if cargo tree -p warren-relay-proto -e normal --prefix none | grep -q '^tokio '; then
-    echo "warren-relay-proto depends on tokio" >&2
+echo "==> layout: the sans-IO wire crates have no tokio; the relay compiles no QUIC and no tunnel"
+for proto in warren-relay-proto warren-tunnel-proto; do
+    if cargo tree -p "$proto" -e normal --prefix none | grep -q '^tokio '; then
+        echo "$proto depends on tokio" >&2
+        exit 1
+    fi
+done
+if cargo tree -p warren-relay -e normal --prefix none | grep -Eq '^(quinn|warren-tunnel|warren-tunnel-proto) '; then
+    echo "warren-relay depends on QUIC or the tunnel protocol" >&2
     exit 1
 fi
 

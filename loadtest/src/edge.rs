@@ -131,7 +131,7 @@ pub async fn run(s: &EdgeScenario) -> anyhow::Result<EdgeReport> {
     // HTTP/2 is negotiated with ALPN; a plain http:// URL (a direct baseline) speaks HTTP/1.1.
     let s = &EdgeScenario { http2: s.http2 && url.tls, ..s.clone() };
     let tls = if url.tls {
-        let mut cfg = (*warren_common::derp::tls_config(s.ca.as_deref())?).clone();
+        let mut cfg = (*warren_common::tls::client_config(s.ca.as_deref())?).clone();
         cfg.alpn_protocols = vec![if s.http2 { b"h2".to_vec() } else { b"http/1.1".to_vec() }];
         Some(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
     } else {

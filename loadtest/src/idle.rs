@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use rand_core::OsRng;
 use serde::Serialize;
-use warren::derp::{ConnectOptions, DerpClient};
+use warren_relay_client::{ConnectOptions, DerpClient};
 use warren_relay_proto::{SecretKey, Transport};
 
 /// The outcome of the idle scenario.

@@ -15,7 +15,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use hdrhistogram::Histogram;
 use rand_core::{OsRng, RngCore};
 use tokio::sync::Notify;
-use warren::derp::{ConnectOptions, DerpClient};
+use warren_relay_client::{ConnectOptions, DerpClient};
 use warren_relay_proto::{Frame, SecretKey, Transport};
 
 use crate::report::{histogram, Latency, RelayReport, PROGRESS};

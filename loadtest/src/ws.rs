@@ -86,7 +86,7 @@ struct Tally {
 pub async fn run(s: &WsScenario) -> anyhow::Result<WsReport> {
     let url = RelayUrl::parse(&s.url)?;
     let tls = if url.tls {
-        Some(tokio_rustls::TlsConnector::from(warren_common::derp::tls_config(s.ca.as_deref())?))
+        Some(tokio_rustls::TlsConnector::from(warren_common::tls::client_config(s.ca.as_deref())?))
     } else {
         None
     };

@@ -6,8 +6,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::derp::tls_config;
-use crate::url::RelayUrl;
+use warren_common::tls::client_config as tls_config;
+use warren_common::url::RelayUrl;
 
 /// Fetches `url` with HTTP/1.1 (`Connection: close`), returning the body of a 200 response.
 /// Bodies larger than `limit` and responses slower than 10 s are errors.

@@ -25,7 +25,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use warren_common::tunnel_io::{
+use warren_tunnel::{
     is_hop_by_hop, quic_client_config, read_message, respond_text, send_body, write_message, QuicBody,
 };
 use warren_tunnel_proto::{Message, ResponseHead, VERSION};
@@ -270,7 +270,7 @@ impl Link {
 
 fn client_endpoint(cfg: &FunnelConfig) -> Result<quinn::Endpoint, String> {
     // The edge opens one stream per request; the node opens only its control stream.
-    let client = quic_client_config(cfg.ca_file.as_deref(), 4096)?;
+    let client = quic_client_config(cfg.ca_file.as_deref(), 4096).map_err(|e| e.to_string())?;
     let bind: SocketAddr = "[::]:0".parse().map_err(|_| "bad bind address".to_string())?;
     let mut endpoint = quinn::Endpoint::client(bind)
         .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))))

@@ -8,11 +8,11 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use rand_core::OsRng;
 use serde_json::json;
-use warren::derp::{ConnectOptions, DerpClient};
 use warren::funnel::FunnelConfig;
 use warren::node::{Node, NodeConfig};
 use warren::regionmap::RegionMap;
 use warren_common::runtime::{init_logging, wait_for_signal};
+use warren_relay_client::{ConnectOptions, DerpClient};
 use warren_relay_proto::{Frame, PeerGoneReason, SecretKey, Transport};
 
 /// Warren node client.
@@ -329,7 +329,9 @@ async fn relay_check(args: RelayCheckArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn timeout<T>(f: impl std::future::Future<Output = Result<T, warren::ClientError>>) -> anyhow::Result<T> {
+async fn timeout<T>(
+    f: impl std::future::Future<Output = Result<T, warren_relay_client::ClientError>>,
+) -> anyhow::Result<T> {
     Ok(tokio::time::timeout(Duration::from_secs(5), f).await.context("no answer from the relay within 5s")??)
 }
 

@@ -25,10 +25,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use warren_relay_proto::{stun, Frame, PublicKey, SecretKey};
 
-use crate::derp::{ConnectOptions, DerpClient};
 use crate::disco::{self, Message, PeerBox};
 use crate::paths::{Path, PeerPaths};
 use crate::regionmap::{RegionMap, RelayNode};
+use warren_relay_client::{ConnectOptions, DerpClient};
 
 /// Node settings.
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use quinn::{RecvStream, SendStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren_common::limits::LogLimiter;
-use warren_common::tunnel_io::{read_message, respond_text, write_message};
+use warren_tunnel::{read_message, respond_text, write_message};
 use warren_tunnel_proto::{Message, RequestHead, VERSION};
 
 use crate::config::{defaults, valid_name, ClusterConfig};
@@ -73,19 +73,35 @@ pub(crate) enum ForwardError {
     Unreachable,
 }
 
+/// Why the cluster part could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterSetupError {
+    /// The Redis URL is unusable.
+    #[error("store: {0}")]
+    Store(std::io::Error),
+    /// The client configuration for peer links could not be built.
+    #[error("peer links: {0}")]
+    PeerTls(#[from] warren_tunnel::QuicConfigError),
+}
+
 impl Cluster {
     /// Sets up the cluster part: the store and a client configuration for peer links, which
     /// trusts the system roots plus `cluster.ca_file` (or else `dev_ca`, in dev TLS mode).
     ///
     /// # Errors
-    /// A message when the Redis URL or the CA file is unusable.
-    pub(crate) fn new(settings: ClusterConfig, hostname: &str, dev_ca: Option<&Path>) -> Result<Cluster, String> {
-        let store = crate::store::RedisStore::new(&settings.redis_url).map_err(|e| e.to_string())?;
+    /// [`ClusterSetupError`] when the Redis URL or the CA file is unusable.
+    pub(crate) fn new(
+        settings: ClusterConfig,
+        hostname: &str,
+        dev_ca: Option<&Path>,
+    ) -> Result<Cluster, ClusterSetupError> {
+        let store = crate::store::RedisStore::new(&settings.redis_url).map_err(ClusterSetupError::Store)?;
         let ca = settings.ca_file.as_deref().or(dev_ca);
-        let mut client = warren_common::tunnel_io::quic_client_config(ca, 4)?;
+        let mut client = warren_tunnel::quic_client_config(ca, 4)?;
         // Siblings are close: a link whose sibling died is known dead within PEER_IDLE, so a
         // request forwarded into it fails fast instead of waiting for its response deadline.
-        let mut transport = warren_common::tunnel_io::transport_config(4);
+        let mut transport = warren_tunnel::transport_config(4);
         transport.keep_alive_interval(Some(PEER_IDLE / 3));
         transport.max_idle_timeout(quinn::IdleTimeout::try_from(PEER_IDLE).ok());
         client.transport_config(Arc::new(transport));

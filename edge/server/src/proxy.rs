@@ -22,7 +22,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
-use warren_common::tunnel_io::{is_hop_by_hop, read_message, send_body, write_message, QuicBody};
+use warren_tunnel::{is_hop_by_hop, read_message, send_body, write_message, QuicBody};
 use warren_tunnel_proto::{Message, RequestHead};
 
 use crate::cluster::ForwardError;

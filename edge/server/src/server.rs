@@ -51,10 +51,10 @@ pub enum EdgeError {
     Rustls(#[from] rustls::Error),
     /// quinn refused the TLS configuration.
     #[error("QUIC TLS: {0}")]
-    Quic(String),
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
     /// The cluster settings could not be used.
     #[error("cluster: {0}")]
-    Cluster(String),
+    Cluster(#[from] crate::cluster::ClusterSetupError),
 }
 
 /// Time a visitor has to send a complete request head.
@@ -125,8 +125,7 @@ impl Edge {
         };
         let cluster = match &config.cluster {
             Some(c) => {
-                let cluster =
-                    Cluster::new(c.clone(), &config.hostname, dev_ca_cert.as_deref()).map_err(EdgeError::Cluster)?;
+                let cluster = Cluster::new(c.clone(), &config.hostname, dev_ca_cert.as_deref())?;
                 Some(Arc::new(cluster))
             }
             None => None,
@@ -331,10 +330,9 @@ fn tunnel_endpoint(config: &Config, store: Arc<CertStore>) -> Result<quinn::Endp
         .with_no_client_auth()
         .with_cert_resolver(store);
     tls.alpn_protocols = vec![warren_tunnel_proto::ALPN.to_vec()];
-    let crypto =
-        quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls)).map_err(|e| EdgeError::Quic(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(warren_common::tunnel_io::transport_config(4)));
+    server.transport_config(Arc::new(warren_tunnel::transport_config(4)));
     quinn::Endpoint::server(server, config.tunnel_listen).map_err(|source| EdgeError::Bind {
         what: "tunnel",
         addr: config.tunnel_listen,

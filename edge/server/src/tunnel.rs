@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tracing::{debug, info};
-use warren_common::tunnel_io::{read_message, write_message};
+use warren_tunnel::{read_message, write_message};
 use warren_tunnel_proto::{Message, VERSION};
 
 use crate::config::valid_name;

@@ -157,7 +157,7 @@ async fn start_origin() -> SocketAddr {
 async fn visit(edge: SocketAddr, ca: &Path, host: &str) -> Result<(StatusCode, String), String> {
     let attempt = async {
         let tcp = TcpStream::connect(edge).await.map_err(|e| format!("connect: {e}"))?;
-        let cfg = warren::derp::tls_config(Some(ca)).map_err(|e| e.to_string())?;
+        let cfg = warren_common::tls::client_config(Some(ca)).map_err(|e| e.to_string())?;
         let name = rustls_pki_types::ServerName::try_from(host.to_owned()).map_err(|e| e.to_string())?;
         let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| format!("tls: {e}"))?;
         let (mut send, conn) =
@@ -187,7 +187,7 @@ fn funnel(name: &str, edges: &[&EdgeProc], ca: &Path, target: SocketAddr, port: 
 
 /// Greets an edge as a sibling with `key`: Ok when welcomed, Err("refused") when refused.
 async fn peer_hello(tunnel: SocketAddr, ca: &Path, key: &str) -> Result<(), String> {
-    use warren_common::tunnel_io::{quic_client_config, read_message, write_message};
+    use warren_tunnel::{quic_client_config, read_message, write_message};
     use warren_tunnel_proto::{Message, VERSION};
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
     endpoint.set_default_client_config(quic_client_config(Some(ca), 4).expect("client config"));

@@ -156,7 +156,7 @@ impl Lab {
     /// Opens an HTTP/1.1 connection to the edge as a visitor of `host`.
     async fn visitor(&self, host: &str) -> hyper::client::conn::http1::SendRequest<OriginBody> {
         let tcp = TcpStream::connect(self.edge.public_addrs()[0]).await.expect("connect");
-        let cfg = warren::derp::tls_config(self.edge.dev_ca_cert()).expect("tls");
+        let cfg = warren_common::tls::client_config(self.edge.dev_ca_cert()).expect("tls");
         let name = rustls_pki_types::ServerName::try_from(host.to_owned()).expect("name");
         let tls =
             tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.expect("visitor TLS handshake validates");
@@ -168,7 +168,7 @@ impl Lab {
     /// Opens an HTTP/2 connection to the edge as a visitor of `host`.
     async fn visitor_h2(&self, host: &str) -> hyper::client::conn::http2::SendRequest<OriginBody> {
         let tcp = TcpStream::connect(self.edge.public_addrs()[0]).await.expect("connect");
-        let mut cfg = (*warren::derp::tls_config(self.edge.dev_ca_cert()).expect("tls")).clone();
+        let mut cfg = (*warren_common::tls::client_config(self.edge.dev_ca_cert()).expect("tls")).clone();
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         let name = rustls_pki_types::ServerName::try_from(host.to_owned()).expect("name");
         let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.expect("TLS");
@@ -432,7 +432,7 @@ async fn per_name_request_rate_and_visitor_connections_per_address_are_limited()
     let second = lab.visitor("web.funnel.test").await;
     let third = lab.visitor("web.funnel.test").await;
     let tcp = TcpStream::connect(lab.edge.public_addrs()[0]).await.expect("connect");
-    let cfg = warren::derp::tls_config(lab.edge.dev_ca_cert()).expect("tls");
+    let cfg = warren_common::tls::client_config(lab.edge.dev_ca_cert()).expect("tls");
     let name = rustls_pki_types::ServerName::try_from("web.funnel.test").expect("name");
     let handshake =
         tokio::time::timeout(Duration::from_secs(5), tokio_rustls::TlsConnector::from(cfg).connect(name, tcp))
@@ -463,7 +463,7 @@ async fn hostile_visitors_and_tunnel_garbage_leave_the_funnel_serving() {
     let public = lab.edge.public_addrs()[0];
     let tls = || async {
         let tcp = TcpStream::connect(public).await.expect("connect");
-        let cfg = warren::derp::tls_config(lab.edge.dev_ca_cert()).expect("tls");
+        let cfg = warren_common::tls::client_config(lab.edge.dev_ca_cert()).expect("tls");
         let name = rustls_pki_types::ServerName::try_from("web.funnel.test").expect("name");
         tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.expect("TLS")
     };

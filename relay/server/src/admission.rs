@@ -187,7 +187,7 @@ impl Callout {
         let tcp =
             tokio::net::TcpStream::connect((self.url.host.as_str(), self.url.port)).await.map_err(|e| e.to_string())?;
         let resp = if self.url.tls {
-            let cfg = warren_common::derp::tls_config(self.ca_file.as_deref()).map_err(|e| e.to_string())?;
+            let cfg = warren_common::tls::client_config(self.ca_file.as_deref()).map_err(|e| e.to_string())?;
             let name = rustls_pki_types::ServerName::try_from(self.url.host.clone()).map_err(|e| e.to_string())?;
             let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| e.to_string())?;
             send(TokioIo::new(tls), req).await?

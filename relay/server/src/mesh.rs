@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
-use warren_common::derp::{ConnectOptions, DerpClient};
+use warren_relay_client::{ConnectOptions, DerpClient};
 use warren_relay_proto::handshake::ClientInfo;
 use warren_relay_proto::{Frame, PublicKey};
 

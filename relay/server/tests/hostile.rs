@@ -12,7 +12,8 @@ use warren_relay_proto::Transport;
 
 async fn tls_connect(relay: &common::Relay) -> tokio_rustls::client::TlsStream<TcpStream> {
     let tcp = TcpStream::connect(relay.server.http_addr()).await.expect("connect");
-    let connector = tokio_rustls::TlsConnector::from(warren::derp::tls_config(Some(&relay.ca())).expect("tls"));
+    let connector =
+        tokio_rustls::TlsConnector::from(warren_common::tls::client_config(Some(&relay.ca())).expect("tls"));
     connector.connect(rustls_pki_types::ServerName::try_from("localhost").expect("name"), tcp).await.expect("handshake")
 }
 
@@ -92,7 +93,8 @@ async fn a_handshake_flood_does_not_stop_logged_in_clients() {
     let mut b = relay.client(Transport::Derp).await;
     let addr = relay.server.http_addr();
     // 400 connections that stall: half never start TLS, half finish TLS and send half a head.
-    let connector = tokio_rustls::TlsConnector::from(warren::derp::tls_config(Some(&relay.ca())).expect("tls"));
+    let connector =
+        tokio_rustls::TlsConnector::from(warren_common::tls::client_config(Some(&relay.ca())).expect("tls"));
     let mut flood = Vec::new();
     for i in 0..400 {
         if i % 2 == 0 {

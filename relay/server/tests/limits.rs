@@ -19,7 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rand_core::OsRng;
 use tokio::net::{TcpListener, TcpStream};
-use warren::derp::DerpClient;
+use warren_relay_client::DerpClient;
 use warren_relay_proto::{Frame, PublicKey, SecretKey, Transport};
 
 /// Logs in as `key` and reports whether the relay admitted it: a refused client gets a Health
@@ -130,7 +130,8 @@ async fn callout_decides_is_cached_and_fails_closed_or_open() {
 /// Opens a TCP connection and reports whether the relay kept it open (a TLS handshake works).
 async fn accepted(relay: &Relay) -> Option<tokio_rustls::client::TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(relay.server.http_addr()).await.ok()?;
-    let connector = tokio_rustls::TlsConnector::from(warren::derp::tls_config(Some(&relay.ca())).expect("tls"));
+    let connector =
+        tokio_rustls::TlsConnector::from(warren_common::tls::client_config(Some(&relay.ca())).expect("tls"));
     let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
     tokio::time::timeout(Duration::from_secs(5), connector.connect(name, tcp)).await.ok()?.ok()
 }

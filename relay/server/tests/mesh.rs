@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use common::{recv_until, start_relay, Relay};
 use rand_core::OsRng;
-use warren::derp::{ConnectOptions, DerpClient};
 use warren_common::testing::free_tcp_port;
+use warren_relay_client::{ConnectOptions, DerpClient};
 use warren_relay_proto::handshake::ClientInfo;
 use warren_relay_proto::{Frame, PeerGoneReason, PublicKey, SecretKey, Transport};
 

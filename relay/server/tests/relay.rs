@@ -7,8 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{recv_until, start_relay};
 use rand_core::OsRng;
-use warren::derp::{ConnectOptions, DerpClient};
-use warren::ClientError;
+use warren_relay_client::ClientError;
+use warren_relay_client::{ConnectOptions, DerpClient};
 use warren_relay_proto::{Frame, PeerGoneReason, SecretKey, Transport};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,9 +10,10 @@ use rand_core::OsRng;
 use tempfile::TempDir;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use warren::derp::{tls_config, ConnectOptions, DerpClient};
+use warren_common::tls::client_config as tls_config;
 use warren_relay::config::{Config, FileConfig};
 use warren_relay::Server;
+use warren_relay_client::{ConnectOptions, DerpClient};
 use warren_relay_proto::{SecretKey, Transport};
 
 pub struct Relay {

@@ -159,14 +159,29 @@ pub async fn respond_text(mut send: SendStream, status: u16, text: &str) {
 /// letting the server open `peer_streams` bidirectional streams.
 ///
 /// # Errors
-/// A message when `ca_file` is unusable.
-pub fn quic_client_config(ca_file: Option<&std::path::Path>, peer_streams: u32) -> Result<quinn::ClientConfig, String> {
-    let mut tls = (*crate::derp::tls_config(ca_file).map_err(|e| e.to_string())?).clone();
+/// [`QuicConfigError`] when `ca_file` is unusable or the TLS config cannot carry QUIC.
+pub fn quic_client_config(
+    ca_file: Option<&std::path::Path>,
+    peer_streams: u32,
+) -> Result<quinn::ClientConfig, QuicConfigError> {
+    let mut tls = (*warren_common::tls::client_config(ca_file)?).clone();
     tls.alpn_protocols = vec![warren_tunnel_proto::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut client = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
     client.transport_config(std::sync::Arc::new(transport_config(peer_streams)));
     Ok(client)
+}
+
+/// Why a QUIC client configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QuicConfigError {
+    /// The CA file is unusable.
+    #[error(transparent)]
+    Tls(#[from] warren_common::tls::TlsError),
+    /// The TLS configuration offers no cipher suite QUIC can start with.
+    #[error("TLS config unusable for QUIC: {0}")]
+    Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
 }
 
 /// HTTP/1.1 hop-by-hop headers, which a proxy must not forward.

@@ -93,6 +93,48 @@ pub fn load_manual(cert_file: &Path, key_file: &Path) -> Result<Arc<ServerConfig
     server_config(chain, key)
 }
 
+/// Where system root certificates are read from, when the file exists.
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// A client config trusting the system roots (if found) and the PEM certificates of
+/// `ca_file`, offering HTTP/1.1 by ALPN (callers set their own ALPN where they speak another).
+///
+/// # Errors
+/// [`TlsError::Io`] or [`TlsError::Pem`] if `ca_file` cannot be read or holds no certificate.
+pub fn client_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    let system = Path::new(SYSTEM_ROOTS);
+    if system.exists() {
+        if let Ok(iter) = CertificateDer::pem_file_iter(system) {
+            let _ = roots.add_parsable_certificates(iter.flatten());
+        }
+    }
+    if let Some(ca) = ca_file {
+        let certs: Vec<_> = CertificateDer::pem_file_iter(ca)
+            .map_err(|e| pem_io_error(ca, e))?
+            .collect::<Result<_, _>>()
+            .map_err(|_| TlsError::Pem { path: ca.into(), what: "invalid PEM certificate" })?;
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(TlsError::Pem { path: ca.into(), what: "no certificate found" });
+        }
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// The I/O error inside a PEM read failure, kept with the file's path.
+fn pem_io_error(path: &Path, e: rustls_pki_types::pem::Error) -> TlsError {
+    match e {
+        rustls_pki_types::pem::Error::Io(source) => TlsError::Io { path: path.into(), source },
+        _ => TlsError::Pem { path: path.into(), what: "invalid PEM certificate" },
+    }
+}
+
 /// A development CA kept in a directory, issuing leaf certificates for local names.
 #[derive(Debug)]
 pub struct DevCa {

@@ -6,7 +6,7 @@ use warren_common::testing::{files_below, yaml_documents};
 
 #[test]
 fn every_deploy_file_parses() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
     let (mut toml_n, mut json_n, mut yaml_n, mut unit_n, mut docker_n) = (0, 0, 0, 0, 0);
     for path in files_below(&dir) {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();

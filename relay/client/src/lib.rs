@@ -8,22 +8,19 @@
 //! A [`DerpClient`] is owned by one task: it reads with [`DerpClient::recv`] and writes with
 //! [`DerpClient::send`] (or [`DerpClient::queue`] + [`DerpClient::flush`] to batch).
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
 use bytes::{Buf, BytesMut};
 use rand_core::{OsRng, RngCore};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use warren_common::tls::{client_config, TlsError};
+use warren_common::url::{RelayUrl, UrlError};
 use warren_relay_proto::handshake::{ClientInfo, ServerInfo};
 use warren_relay_proto::ws::{self, Role};
 use warren_relay_proto::{DecodeError, Frame, FrameDecoder, Framer, PublicKey, SecretKey, Transport};
-
-use crate::url::{RelayUrl, UrlError};
 
 /// Largest HTTP response head accepted from a relay.
 const MAX_RESPONSE_HEAD: usize = 16 << 10;
@@ -38,9 +35,12 @@ pub enum ClientError {
     /// A socket operation failed.
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
-    /// TLS setup failed (bad CA file, invalid server name).
+    /// TLS setup failed (bad CA file).
     #[error("tls: {0}")]
-    Tls(String),
+    Tls(#[from] TlsError),
+    /// The relay URL's host is not a valid TLS server name.
+    #[error("tls: invalid server name {0:?}")]
+    ServerName(String),
     /// The relay answered the upgrade with something other than 101.
     #[error("relay refused the upgrade: {0}")]
     Upgrade(String),
@@ -67,7 +67,7 @@ impl ClientError {
         match self {
             ClientError::Url(_) => "url",
             ClientError::Io(_) => "io",
-            ClientError::Tls(_) => "tls",
+            ClientError::Tls(_) | ClientError::ServerName(_) => "tls",
             ClientError::Upgrade(_) => "upgrade",
             ClientError::Protocol(_) => "protocol",
             ClientError::Unexpected(_) => "unexpected",
@@ -166,8 +166,8 @@ impl DerpClient {
         };
         tcp.set_nodelay(true)?;
         let io: Box<dyn Io> = if url.tls {
-            let connector = tokio_rustls::TlsConnector::from(tls_config(opts.ca_file.as_deref())?);
-            let name = ServerName::try_from(url.host.clone()).map_err(|e| ClientError::Tls(e.to_string()))?;
+            let connector = tokio_rustls::TlsConnector::from(client_config(opts.ca_file.as_deref())?);
+            let name = ServerName::try_from(url.host.clone()).map_err(|_| ClientError::ServerName(url.host.clone()))?;
             Box::new(connector.connect(name, tcp).await?)
         } else {
             Box::new(tcp)
@@ -381,36 +381,4 @@ async fn read_switching(
             return Err(ClientError::Closed);
         }
     }
-}
-
-/// A TLS client config trusting the system roots (if found) and `ca_file`.
-///
-/// # Errors
-/// [`ClientError::Tls`] if `ca_file` holds no usable certificate.
-pub fn tls_config(ca_file: Option<&Path>) -> Result<Arc<rustls::ClientConfig>, ClientError> {
-    let mut roots = rustls::RootCertStore::empty();
-    let system = Path::new("/etc/ssl/certs/ca-certificates.crt");
-    if system.exists() {
-        if let Ok(iter) = CertificateDer::pem_file_iter(system) {
-            let _ = roots.add_parsable_certificates(iter.flatten());
-        }
-    }
-    if let Some(ca) = ca_file {
-        let certs: Vec<_> = CertificateDer::pem_file_iter(ca)
-            .map_err(|e| ClientError::Tls(format!("{}: {e}", ca.display())))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| ClientError::Tls(format!("{}: {e}", ca.display())))?;
-        let (added, _) = roots.add_parsable_certificates(certs);
-        if added == 0 {
-            return Err(ClientError::Tls(format!("{}: no certificate found", ca.display())));
-        }
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
 }

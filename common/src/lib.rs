@@ -1,0 +1,13 @@
+//! The kit every Warren product builds on: config helpers, TLS (the one crypto provider, PEM
+//! loading, client configs, the development CA), limits, process runtime, key files and URLs.
+//! Test helpers live in [`testing`], behind the `test-support` feature, for dev-dependencies
+//! only.
+
+pub mod config;
+pub mod keyfile;
+pub mod limits;
+pub mod runtime;
+#[cfg(feature = "test-support")]
+pub mod testing;
+pub mod tls;
+pub mod url;
