@@ -36,6 +36,9 @@ if cargo tree -p warren-relay -e normal --prefix none | grep -Eq '^(quinn|warren
     exit 1
 fi
 
+echo "==> the sans-IO cores read no clock, spawn nothing and touch no socket"
+python3 scripts/check-sans-io.py
+
 echo "==> formatting and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -13,7 +13,6 @@
 //! awaits `read_buf`, which is cancel safe; `sleep`-based ticks are re-armed each round.
 //! Writes happen in branch bodies, outside the select, bounded by the write timeout.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,15 +21,15 @@ use rand_core::OsRng;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info};
 use warren_relay_proto::handshake::{ClientInfo, ServerInfo};
-use warren_relay_proto::{DecodeError, Frame, Framer, PeerGoneReason, PublicKey, Transport, PROTOCOL_VERSION};
+use warren_relay_proto::{DecodeError, Frame, Framer, PublicKey, Transport, PROTOCOL_VERSION};
 
 use crate::admission::{AdmissionResult, Verdict};
-use crate::clients::{ClientHandle, Control, Delivery, Packet};
-use crate::inbox::{Inbox, Item};
-use crate::mesh::Forwarded;
-use crate::metrics::{DropReason, HandshakeFailure};
+use crate::core::inbox::{Inbox, Item};
+use crate::core::router::{ClientHandle, Control, Packet};
+use crate::core::session::{ClientSession, SendBudget};
+use crate::core::Next;
+use crate::metrics::HandshakeFailure;
 use crate::server::Shared;
-use warren_common::limits::TokenBucket;
 
 /// Packets written per batch before reading from the socket again.
 const MAX_BATCH: usize = 256;
@@ -40,8 +39,6 @@ const MAX_BATCH_BYTES: usize = 256 << 10;
 const READ_MIN: usize = 512;
 /// Read buffer a busy connection grows to.
 const READ_MAX: usize = 64 << 10;
-/// Peers remembered per client for PeerGone notices on disconnect.
-const MAX_SENT_TO: usize = 4096;
 
 /// How much a connection reads at once: doubles while reads fill the buffer, halves while they
 /// use little of it, so busy clients read in large chunks and idle ones hold little memory.
@@ -123,7 +120,7 @@ where
         let conn_id = shared.next_conn_id();
         let inbox = Arc::new(Inbox::new(shared.config.send_queue_depth.get(), shared.config.send_queue_bytes.get()));
         let handle = ClientHandle { conn_id, remote, inbox: inbox.clone() };
-        if let Some(old) = shared.clients.register(key, handle) {
+        if let Some(old) = shared.router.register(key, handle) {
             old.inbox.push_control(Control::Replaced);
             shared.metrics.replaced.increment(1);
         }
@@ -134,21 +131,17 @@ where
         shared.metrics.clients.increment(1.0);
         info!(client = %key.short(), %remote, transport = transport.name(), version = info.version, "client connected");
 
+        let budget = shared
+            .config
+            .client_rate
+            .map(|r| SendBudget { bytes_per_second: r.bytes_per_second, burst_bytes: r.burst_bytes });
         let mut actor = Actor {
             shared: shared.clone(),
-            key,
+            session: ClientSession::new(key, budget, Instant::now()),
             framer,
             inbox,
             batch: Vec::new(),
             read_size: ReadSize::default(),
-            sent_to: HashSet::new(),
-            preferred: false,
-            peer_gone_budget: PeerGoneBudget::new(Instant::now()),
-            budget: shared
-                .config
-                .client_rate
-                .map(|r| TokenBucket::new(r.bytes_per_second as f64, r.burst_bytes as f64, Instant::now())),
-            resume_reading: None,
         };
         let why = actor.run(&mut io).await;
         actor.finish(conn_id);
@@ -265,52 +258,15 @@ pub(crate) async fn flush<S: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Rate limit of PeerGone(NotHere) notices: a burst of 3, then one per second.
-#[derive(Debug)]
-struct PeerGoneBudget {
-    tokens: f64,
-    last: Instant,
-}
-
-impl PeerGoneBudget {
-    fn new(now: Instant) -> Self {
-        PeerGoneBudget { tokens: 3.0, last: now }
-    }
-
-    fn allow(&mut self, now: Instant) -> bool {
-        let refill = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + refill).min(3.0);
-        self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            return true;
-        }
-        false
-    }
-}
-
+/// The shell around one client's [`ClientSession`]: it owns the socket and moves bytes.
 struct Actor {
     shared: Arc<Shared>,
-    key: PublicKey,
+    session: ClientSession,
     framer: Framer,
     inbox: Arc<Inbox>,
     /// Reused for draining the inbox.
     batch: Vec<Packet>,
     read_size: ReadSize,
-    /// Peers this client sent to: told PeerGone(Disconnected) when it leaves.
-    sent_to: HashSet<PublicKey>,
-    preferred: bool,
-    peer_gone_budget: PeerGoneBudget,
-    /// The client's send budget, when the relay sets one.
-    budget: Option<TokenBucket>,
-    /// Over budget: no reading until then (TCP pushes back on the client).
-    resume_reading: Option<tokio::time::Instant>,
-}
-
-/// What the frame handler decided.
-enum Next {
-    Continue,
-    Close(&'static str),
 }
 
 impl Actor {
@@ -319,29 +275,30 @@ impl Actor {
         let interval = self.shared.config.keepalive_interval;
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         loop {
-            let throttled = self.resume_reading.is_some();
-            let resume_at = self.resume_reading.unwrap_or_else(tokio::time::Instant::now);
+            let resume = self.session.poll_timeout();
+            let throttled = resume.is_some();
+            let resume_at = resume.map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std);
             let next = tokio::select! {
                 biased;
                 _ = cancel.cancelled() => Next::Close("relay shutting down"),
                 item = self.inbox.next() => match item {
-                    Item::Control(ctl) => self.on_control(ctl),
+                    Item::Control(ctl) => self.session.handle_control(ctl, &mut self.framer),
                     Item::Packet(pkt) => {
                         self.on_packets(pkt);
                         Next::Continue
                     }
                 },
                 _ = tokio::time::sleep_until(resume_at), if throttled => {
-                    self.resume_reading = None;
+                    self.session.handle_timeout(resume_at.into_std());
                     Next::Continue
                 }
                 frame = read_frame(io, &mut self.framer, &mut self.read_size), if !throttled => match frame {
-                    Ok(frame) => self.on_frame(frame),
+                    Ok(frame) => self.session.handle_frame(frame, Instant::now(), self.shared.ctx(), &mut self.framer),
                     Err(ReadError::Closed) => Next::Close("closed by client"),
                     Err(ReadError::Io) => Next::Close("read error"),
                     Err(ReadError::Decode(e)) => {
                         self.shared.metrics.protocol_errors.increment(1);
-                        debug!(client = %self.key.short(), error = %e, "protocol error");
+                        debug!(client = %self.session.key().short(), error = %e, "protocol error");
                         Next::Close("protocol error")
                     }
                 },
@@ -360,25 +317,11 @@ impl Actor {
         }
     }
 
-    fn on_control(&mut self, ctl: Control) -> Next {
-        match ctl {
-            Control::PeerGone(peer, reason) => self.framer.queue(&Frame::PeerGone { peer, reason }),
-            Control::Restarting { reconnect_in_ms, try_for_ms } => {
-                self.framer.queue(&Frame::Restarting { reconnect_in_ms, try_for_ms });
-            }
-            Control::Replaced => {
-                self.framer
-                    .queue(&Frame::Health { problem: "replaced by a newer connection with the same key".into() });
-                return Next::Close("replaced by a newer connection");
-            }
-            Control::Close => return Next::Close("closed at a mesh sibling's request"),
-        }
-        Next::Continue
-    }
-
+    /// Writes `first` and whatever else is queued, up to a batch, for one flush.
     fn on_packets(&mut self, first: Packet) {
         let now = Instant::now();
-        self.write_packet(first, now);
+        let ctx = self.shared.ctx();
+        self.session.handle_packet(first, now, ctx, &mut self.framer);
         let mut written = 1;
         let mut batch = std::mem::take(&mut self.batch);
         while written < MAX_BATCH && self.framer.queued_len() < MAX_BATCH_BYTES {
@@ -389,93 +332,14 @@ impl Actor {
             }
             written += batch.len();
             for p in batch.drain(..) {
-                self.write_packet(p, now);
+                self.session.handle_packet(p, now, ctx, &mut self.framer);
             }
         }
         self.batch = batch;
     }
 
-    fn write_packet(&mut self, p: Packet, now: Instant) {
-        let m = &self.shared.metrics;
-        m.forwarded.increment(1);
-        m.forwarded_bytes.increment(p.data.len() as u64);
-        m.queue_delay.record(now.saturating_duration_since(p.enqueued).as_secs_f64());
-        self.framer.queue(&Frame::RecvPacket { src: p.src, packet: p.data });
-    }
-
-    fn on_frame(&mut self, frame: Frame) -> Next {
-        if let Some(budget) = &mut self.budget {
-            let cost = match &frame {
-                Frame::SendPacket { packet, .. } => packet.len() + 32,
-                _ => 16,
-            };
-            let wait = budget.take(Instant::now(), cost as f64);
-            if !wait.is_zero() {
-                self.shared.metrics.throttled.increment(1);
-                self.resume_reading = Some(tokio::time::Instant::now() + wait);
-            }
-        }
-        match frame {
-            Frame::SendPacket { dst, packet } => self.deliver(dst, packet),
-            Frame::Ping(data) => self.framer.queue(&Frame::Pong(data)),
-            Frame::NotePreferred { preferred } => self.set_preferred(preferred),
-            Frame::WatchConns | Frame::ClosePeer { .. } => {
-                // Mesh-only frames: DERP closes connections that lack the mesh key.
-                self.shared.metrics.protocol_errors.increment(1);
-                return Next::Close("mesh frame without mesh key");
-            }
-            Frame::ForwardPacket { .. } => self.shared.metrics.dropped(DropReason::NotMesh, 1),
-            Frame::Unknown { .. } => self.shared.metrics.unknown_frames.increment(1),
-            // Pong answers, keep-alives and frames only a relay sends carry nothing for us.
-            _ => {}
-        }
-        Next::Continue
-    }
-
-    fn deliver(&mut self, dst: PublicKey, data: bytes::Bytes) {
-        let now = Instant::now();
-        let packet = Packet { src: self.key, data, enqueued: now };
-        match self.shared.clients.send_packet(&dst, packet) {
-            Delivery::Queued => {
-                if self.sent_to.len() < MAX_SENT_TO {
-                    self.sent_to.insert(dst);
-                }
-            }
-            Delivery::QueueFull => self.shared.metrics.dropped(DropReason::QueueFull, 1),
-            Delivery::NotHere(packet) => match self.shared.mesh_remote.forward(self.key, dst, packet.data) {
-                Forwarded::Queued => {}
-                Forwarded::QueueFull => self.shared.metrics.dropped(DropReason::MeshQueueFull, 1),
-                Forwarded::Unknown => {
-                    self.shared.metrics.dropped(DropReason::UnknownDest, 1);
-                    if self.peer_gone_budget.allow(now) {
-                        self.framer.queue(&Frame::PeerGone { peer: dst, reason: PeerGoneReason::NotHere });
-                    }
-                }
-            },
-        }
-    }
-
-    fn set_preferred(&mut self, preferred: bool) {
-        if preferred != self.preferred {
-            self.preferred = preferred;
-            let delta = if preferred { 1.0 } else { -1.0 };
-            self.shared.metrics.clients_home.increment(delta);
-        }
-    }
-
     /// Leaves the table, tells the peers this client sent to, counts packets left behind.
     fn finish(&mut self, conn_id: u64) {
-        self.set_preferred(false);
-        let m = &self.shared.metrics;
-        m.clients.decrement(1.0);
-        if self.shared.clients.unregister(&self.key, conn_id) {
-            for peer in self.sent_to.drain() {
-                self.shared.clients.send_control(&peer, Control::PeerGone(self.key, PeerGoneReason::Disconnected));
-            }
-        }
-        let left = self.inbox.close();
-        if left > 0 {
-            m.dropped(DropReason::Gone, left as u64);
-        }
+        self.session.finish(conn_id, &self.inbox, self.shared.ctx());
     }
 }

@@ -5,16 +5,17 @@
 //! HTTP/1.1 upgrade or WebSocket, usually inside TLS. The relay also answers STUN Binding
 //! requests so nodes can learn their public address.
 //!
-//! Layout: [`config`] (file + CLI → typed config), [`server`] (listeners and shutdown),
-//! `conn` (one actor per client), `clients` (the key → connection table), `web` (routing
-//! of the DERP port), `stun`, `tls` and `keyfile` (re-exported from `warren-common`), [`metrics`].
+//! Layout: `core` (the forwarding policy and each connection's session: synchronous, no I/O,
+//! `now` passed in), the shells that move bytes for it (`conn`: one actor per client;
+//! `mesh_conn`: a sibling connected to us; `mesh`: our links to siblings), [`config`] (file +
+//! CLI → typed config), [`server`] (listeners and shutdown), `web` (routing of the DERP port),
+//! `stun`, `lean_tls`, `tls` and `keyfile` (re-exported from `warren-common`), [`metrics`].
 
 mod admin;
 pub mod admission;
-mod clients;
 pub mod config;
 mod conn;
-mod inbox;
+mod core;
 mod lean_tls;
 mod mesh;
 mod mesh_conn;

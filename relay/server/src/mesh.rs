@@ -17,10 +17,9 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use rand_core::{OsRng, RngCore};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -28,9 +27,11 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use warren_relay_client::{ConnectOptions, DerpClient};
 use warren_relay_proto::handshake::ClientInfo;
-use warren_relay_proto::{Frame, PublicKey};
+use warren_relay_proto::Frame;
 
 use crate::config::MeshConfig;
+use crate::core::router::SiblingLink;
+use crate::core::sibling::{on_link_frame, LinkStep};
 use crate::metrics::DropReason;
 use crate::server::Shared;
 
@@ -42,79 +43,6 @@ const LINK_BATCH: usize = 256;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest backoff between attempts to reach a sibling.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
-/// A packet for a client held by a sibling.
-#[derive(Debug)]
-pub(crate) struct Forward {
-    pub(crate) src: PublicKey,
-    pub(crate) dst: PublicKey,
-    pub(crate) data: Bytes,
-}
-
-/// Outcome of [`Remote::forward`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Forwarded {
-    Queued,
-    QueueFull,
-    Unknown,
-}
-
-#[derive(Debug, Clone)]
-struct Link {
-    id: u64,
-    tx: mpsc::Sender<Forward>,
-}
-
-/// Which sibling holds which key, as the siblings told us.
-#[derive(Debug, Default)]
-pub(crate) struct Remote {
-    keys: RwLock<HashMap<PublicKey, Link>>,
-}
-
-impl Remote {
-    /// Queues a packet for the sibling that holds `dst`, without waiting.
-    pub(crate) fn forward(&self, src: PublicKey, dst: PublicKey, data: Bytes) -> Forwarded {
-        let keys = self.read();
-        let Some(link) = keys.get(&dst) else {
-            return Forwarded::Unknown;
-        };
-        match link.tx.try_send(Forward { src, dst, data }) {
-            Ok(()) => Forwarded::Queued,
-            Err(mpsc::error::TrySendError::Full(_)) => Forwarded::QueueFull,
-            Err(mpsc::error::TrySendError::Closed(_)) => Forwarded::Unknown,
-        }
-    }
-
-    /// Number of keys held by siblings.
-    pub(crate) fn len(&self) -> usize {
-        self.read().len()
-    }
-
-    fn present(&self, key: PublicKey, link: &Link) {
-        self.write().insert(key, link.clone());
-    }
-
-    fn gone(&self, key: &PublicKey, link_id: u64) {
-        let mut keys = self.write();
-        // The key may have moved to another sibling meanwhile: only forget our own entry.
-        if keys.get(key).is_some_and(|l| l.id == link_id) {
-            keys.remove(key);
-        }
-    }
-
-    fn forget_link(&self, link_id: u64) {
-        self.write().retain(|_, l| l.id != link_id);
-    }
-
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<PublicKey, Link>> {
-        // Single inserts and removes cannot leave the map inconsistent: a poisoned lock is usable.
-        self.keys.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<PublicKey, Link>> {
-        self.keys.write().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// One sibling to dial.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -204,8 +132,8 @@ async fn run_link(
                 let id = ids.fetch_add(1, Ordering::Relaxed);
                 let started = Instant::now();
                 let why = serve_link(&shared, client, id, &cancel).await;
-                shared.mesh_remote.forget_link(id);
-                shared.metrics.mesh_remote_clients.set(shared.mesh_remote.len() as f64);
+                shared.router.forget_link(id);
+                shared.metrics.mesh_remote_clients.set(shared.router.sibling_keys() as f64);
                 if cancel.is_cancelled() {
                     return;
                 }
@@ -234,7 +162,7 @@ async fn run_link(
 /// when dropped; the ticks are re-armed each round. Writes happen in branch bodies.
 async fn serve_link(shared: &Shared, mut client: DerpClient, id: u64, cancel: &CancellationToken) -> &'static str {
     let (tx, mut rx) = mpsc::channel(LINK_QUEUE);
-    let link = Link { id, tx };
+    let link = SiblingLink { id, tx };
     if client.send(&Frame::WatchConns).await.is_err() {
         return "write failed";
     }
@@ -254,7 +182,7 @@ async fn serve_link(shared: &Shared, mut client: DerpClient, id: u64, cancel: &C
                 let mut n = 0u64;
                 let mut next = Some(first);
                 while let Some(f) = next.take() {
-                    if client.queue(&Frame::ForwardPacket { src: f.src, dst: f.dst, packet: f.data }).is_ok() {
+                    if client.queue(&f.into_frame()).is_ok() {
                         n += 1;
                     }
                     if n < LINK_BATCH as u64 {
@@ -269,19 +197,17 @@ async fn serve_link(shared: &Shared, mut client: DerpClient, id: u64, cancel: &C
             }
             frame = client.recv() => {
                 last_rx = Instant::now();
-                match frame {
-                    Ok(Frame::PeerPresent { peer, .. }) => shared.mesh_remote.present(peer, &link),
-                    Ok(Frame::PeerGone { peer, .. }) => shared.mesh_remote.gone(&peer, id),
-                    Ok(Frame::Ping(d)) => {
+                let Ok(frame) = frame else { break "connection closed" };
+                match on_link_frame(&shared.router, &link, frame) {
+                    LinkStep::None => {}
+                    LinkStep::Pong(d) => {
                         if client.send(&Frame::Pong(d)).await.is_err() {
                             break "write failed";
                         }
                     }
-                    Ok(Frame::Restarting { .. }) => info!(sibling = %client.server_key().short(), "mesh sibling is draining"),
-                    Ok(_) => {}
-                    Err(_) => break "connection closed",
+                    LinkStep::SiblingRestarting => info!(sibling = %client.server_key().short(), "mesh sibling is draining"),
                 }
-                m.mesh_remote_clients.set(shared.mesh_remote.len() as f64);
+                m.mesh_remote_clients.set(shared.router.sibling_keys() as f64);
             }
             _ = ping.tick() => {
                 if last_rx.elapsed() > interval * 2 {
@@ -315,38 +241,6 @@ fn backoff(failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn key(b: u8) -> PublicKey {
-        PublicKey::from_bytes([b; 32])
-    }
-
-    #[test]
-    fn keys_follow_the_latest_sibling_and_links_forget_only_their_own() {
-        let remote = Remote::default();
-        let (tx_a, mut rx_a) = mpsc::channel(4);
-        let (tx_b, mut rx_b) = mpsc::channel(4);
-        let (a, b) = (Link { id: 1, tx: tx_a }, Link { id: 2, tx: tx_b });
-        remote.present(key(9), &a);
-        remote.present(key(9), &b); // the client moved from A's relay to B's
-        remote.gone(&key(9), 1); // A's late departure notice must not erase B's entry
-        assert_eq!(remote.forward(key(1), key(9), Bytes::from_static(b"p")), Forwarded::Queued);
-        assert!(rx_a.try_recv().is_err());
-        assert_eq!(rx_b.try_recv().map(|f| f.dst).ok(), Some(key(9)));
-        remote.present(key(8), &a);
-        remote.forget_link(2);
-        assert_eq!(remote.forward(key(1), key(9), Bytes::new()), Forwarded::Unknown);
-        assert_eq!(remote.forward(key(1), key(8), Bytes::new()), Forwarded::Queued);
-        assert_eq!(remote.len(), 1);
-    }
-
-    #[test]
-    fn a_full_link_queue_is_reported() {
-        let remote = Remote::default();
-        let (tx, _rx) = mpsc::channel(1);
-        remote.present(key(5), &Link { id: 1, tx });
-        assert_eq!(remote.forward(key(1), key(5), Bytes::new()), Forwarded::Queued);
-        assert_eq!(remote.forward(key(1), key(5), Bytes::new()), Forwarded::QueueFull);
-    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

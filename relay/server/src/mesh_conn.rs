@@ -5,10 +5,12 @@
 //! client table and receives no packets. It may send:
 //!
 //! - `WatchConns`: answered with a PeerPresent per client here now, then a PeerPresent or
-//!   PeerGone for every later arrival and departure (see [`Clients::watch`]);
+//!   PeerGone for every later arrival and departure (see `Router::watch`);
 //! - `ForwardPacket`: delivered to the destination if it is connected *here*, never onward;
 //! - `ClosePeer`: closes that client's connection here;
 //! - `Ping` (answered) and `KeepAlive`.
+//!
+//! The policy lives in [`crate::core::sibling`]; this shell reads, writes and waits.
 //!
 //! Cancel safety of the loop: as in [`crate::conn`]: channel `recv` and `read_frame` lose nothing
 //! when dropped, and writes happen after the `select!`.
@@ -18,14 +20,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
 use tracing::{debug, info};
-use warren_relay_proto::frame::peer_present_flags;
-use warren_relay_proto::{Frame, Framer, PeerGoneReason, PublicKey};
+use warren_relay_proto::{Frame, Framer, PublicKey};
 
-use crate::clients::{Clients, Control, Delivery, Packet, Presence, WATCH_QUEUE};
 use crate::conn::{flush, read_frame, ReadError, ReadReady, ReadSize};
-use crate::metrics::{DropReason, HandshakeFailure};
+use crate::core::router::Presence;
+use crate::core::sibling::{handle_presence, SiblingEvent, SiblingSession};
+use crate::metrics::HandshakeFailure;
 use crate::server::Shared;
 
 /// Serves a connection whose ClientInfo offered `offered` as the mesh key.
@@ -51,22 +52,20 @@ pub(crate) async fn run<S>(
     let mut sibling = Sibling {
         shared: shared.clone(),
         framer,
-        watch_id: shared.next_conn_id(),
-        watching: None,
+        session: SiblingSession::new(shared.next_conn_id()),
         read_size: ReadSize::default(),
     };
     let why = sibling.serve(&mut io).await;
-    shared.clients.unwatch(sibling.watch_id);
+    shared.router.unwatch(sibling.session.watch_id());
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), io.shutdown()).await;
     info!(sibling = %key.short(), %remote, reason = why, "mesh sibling disconnected");
 }
 
+/// The shell around a [`SiblingSession`]: it owns the socket and moves bytes.
 struct Sibling {
     shared: Arc<Shared>,
     framer: Framer,
-    watch_id: u64,
-    /// Presence changes, once the sibling sent WatchConns.
-    watching: Option<mpsc::Receiver<Presence>>,
+    session: SiblingSession,
     read_size: ReadSize,
 }
 
@@ -76,16 +75,21 @@ impl Sibling {
         let interval = self.shared.config.keepalive_interval;
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         loop {
-            let watching = self.watching.is_some();
+            let watching = self.session.watching().is_some();
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => return "relay shutting down",
-                change = recv_presence(&mut self.watching), if watching => match change {
-                    Some(change) => self.queue_presence(change),
+                change = recv_presence(self.session.watching()), if watching => match change {
+                    Some(change) => handle_presence(change, &mut self.framer),
                     None => return "presence queue overflowed; the sibling resyncs on reconnect",
                 },
                 frame = read_frame(io, &mut self.framer, &mut self.read_size) => match frame {
-                    Ok(frame) => self.on_frame(frame),
+                    Ok(frame) => {
+                        let event = self.session.handle_frame(frame, Instant::now(), self.shared.ctx(), &mut self.framer);
+                        if let SiblingEvent::ClosedPeer(peer) = event {
+                            debug!(client = %peer.short(), "closing client at a mesh sibling's request");
+                        }
+                    }
                     Err(ReadError::Decode(_)) => {
                         self.shared.metrics.protocol_errors.increment(1);
                         return "protocol error";
@@ -99,59 +103,13 @@ impl Sibling {
             }
         }
     }
-
-    fn on_frame(&mut self, frame: Frame) {
-        let m = &self.shared.metrics;
-        match frame {
-            Frame::WatchConns if self.watching.is_none() => {
-                let (tx, rx) = mpsc::channel(WATCH_QUEUE);
-                for (peer, addr) in self.shared.clients.watch(self.watch_id, tx) {
-                    self.queue_presence(Presence::Present(peer, addr));
-                }
-                self.watching = Some(rx);
-            }
-            Frame::ForwardPacket { src, dst, packet } => {
-                m.mesh_forwarded_in.increment(1);
-                let p = Packet { src, data: packet, enqueued: Instant::now() };
-                match self.shared.clients.send_packet(&dst, p) {
-                    Delivery::Queued => {}
-                    Delivery::QueueFull => m.dropped(DropReason::QueueFull, 1),
-                    // One hop only: a packet for a client not here is dropped, never sent onward.
-                    Delivery::NotHere(_) => m.dropped(DropReason::UnknownDest, 1),
-                }
-            }
-            Frame::ClosePeer { peer } => {
-                close_peer(&self.shared.clients, &peer);
-            }
-            Frame::Ping(data) => self.framer.queue(&Frame::Pong(data)),
-            Frame::Unknown { .. } => m.unknown_frames.increment(1),
-            // A second WatchConns, keep-alives, pongs: nothing to do.
-            _ => {}
-        }
-    }
-
-    fn queue_presence(&mut self, change: Presence) {
-        let frame = match change {
-            Presence::Present(peer, addr) => {
-                Frame::PeerPresent { peer, endpoint: Some(addr), flags: Some(peer_present_flags::IS_REGULAR) }
-            }
-            Presence::Gone(peer) => Frame::PeerGone { peer, reason: PeerGoneReason::Disconnected },
-        };
-        self.framer.queue(&frame);
-    }
-}
-
-fn close_peer(clients: &Clients, peer: &PublicKey) {
-    if clients.send_control(peer, Control::Close) {
-        debug!(client = %peer.short(), "closing client at a mesh sibling's request");
-    }
 }
 
 /// Next presence change; `None` once the table dropped this watcher.
 ///
 /// # Cancel safety
 /// Cancel safe: `mpsc::Receiver::recv` is.
-async fn recv_presence(rx: &mut Option<mpsc::Receiver<Presence>>) -> Option<Presence> {
+async fn recv_presence(rx: Option<&mut tokio::sync::mpsc::Receiver<Presence>>) -> Option<Presence> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

@@ -24,10 +24,9 @@ use warren_relay_proto::ws::Role;
 use warren_relay_proto::{FrameDecoder, Framer, PublicKey, SecretKey, Transport};
 
 use crate::admission::{Admission, AllowListError};
-use crate::clients::{Clients, Control};
 use crate::config::{Config, TlsMode};
+use crate::core::router::{Control, Router};
 use crate::lean_tls;
-use crate::mesh::Remote;
 use crate::metrics::{HandshakeFailure, RelayMetrics};
 use crate::web::{self, HeadError, Route};
 use crate::{conn, mesh, stun};
@@ -77,9 +76,8 @@ pub(crate) struct Shared {
     pub(crate) secret: SecretKey,
     pub(crate) public: PublicKey,
     pub(crate) config: Config,
-    pub(crate) clients: Clients,
-    /// Keys held by mesh siblings.
-    pub(crate) mesh_remote: Remote,
+    /// Where packets go: local clients, keys held by mesh siblings.
+    pub(crate) router: Router,
     /// Mesh links up.
     pub(crate) mesh_links: std::sync::atomic::AtomicUsize,
     pub(crate) metrics: RelayMetrics,
@@ -102,6 +100,11 @@ impl Shared {
 
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    /// What a core session needs of the relay.
+    pub(crate) fn ctx(&self) -> crate::core::Ctx<'_> {
+        crate::core::Ctx { router: &self.router, metrics: &self.metrics }
     }
 }
 
@@ -157,8 +160,7 @@ impl Server {
             secret,
             public,
             config: config.clone(),
-            clients: Clients::default(),
-            mesh_remote: Remote::default(),
+            router: Router::default(),
             mesh_links: std::sync::atomic::AtomicUsize::new(0),
             metrics: RelayMetrics::new(),
             admission,
@@ -231,12 +233,12 @@ impl Server {
 
     /// Number of logged-in clients.
     pub fn client_count(&self) -> usize {
-        self.shared.clients.len()
+        self.shared.router.len()
     }
 
     /// Number of client keys that mesh siblings told this relay they hold.
     pub fn mesh_remote_count(&self) -> usize {
-        self.shared.mesh_remote.len()
+        self.shared.router.sibling_keys()
     }
 
     /// Number of mesh links to siblings that are logged in and watching.
@@ -253,14 +255,14 @@ impl Server {
             reconnect_in_ms: millis_u32(self.shared.config.restart_reconnect_in),
             try_for_ms: millis_u32(self.shared.config.restart_try_for),
         };
-        let clients = self.shared.clients.len();
+        let clients = self.shared.router.len();
         info!(clients, grace = ?grace, "draining: sent Restarting to every client");
-        self.shared.clients.broadcast(&restarting);
+        self.shared.router.broadcast(&restarting);
         let deadline = tokio::time::Instant::now() + grace;
-        while self.shared.clients.len() > 0 && tokio::time::Instant::now() < deadline {
+        while self.shared.router.len() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let left = self.shared.clients.len();
+        let left = self.shared.router.len();
         self.shared.conns_cancel.cancel();
         self.tracker.close();
         if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await.is_err() {

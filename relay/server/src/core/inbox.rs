@@ -10,7 +10,7 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
-use crate::clients::{Control, Packet};
+use super::router::{Control, Packet};
 
 /// Control messages a client can have pending.
 pub(crate) const CONTROL_DEPTH: usize = 16;
@@ -99,20 +99,24 @@ impl Inbox {
     /// consumed by a cancelled wait leaves its item queued, and the next call finds it.)
     pub(crate) async fn next(&self) -> Item {
         loop {
-            {
-                let mut q = self.lock();
-                if let Some(c) = q.control.pop_front() {
-                    return Item::Control(c);
-                }
-                if let Some(p) = q.packets.pop_front() {
-                    q.bytes -= p.data.len();
-                    return Item::Packet(p);
-                }
+            if let Some(item) = self.try_next() {
+                return item;
             }
             // notify_one stores a permit when nobody waits, so a push between the check above
             // and this await is not missed.
             self.notify.notified().await;
         }
+    }
+
+    /// The next control message, else the next packet, if any is queued.
+    pub(crate) fn try_next(&self) -> Option<Item> {
+        let mut q = self.lock();
+        if let Some(c) = q.control.pop_front() {
+            return Some(Item::Control(c));
+        }
+        let p = q.packets.pop_front()?;
+        q.bytes -= p.data.len();
+        Some(Item::Packet(p))
     }
 
     /// Takes up to `max` more packets, in order, into `out`.
