@@ -20,7 +20,8 @@ use warren_common::limits::LogLimiter;
 use warren_tunnel::{read_message, respond_text, write_message};
 use warren_tunnel_proto::{Message, RequestHead, VERSION};
 
-use crate::config::{defaults, valid_name, ClusterConfig};
+use crate::config::{defaults, ClusterConfig};
+use crate::routes::{name_in, Opened, RouteError};
 use crate::server::Shared;
 use crate::store::Store;
 
@@ -277,8 +278,7 @@ pub(crate) async fn serve_peer(shared: Arc<Shared>, conn: quinn::Connection, rem
 
 fn name_of<'a>(head: &'a RequestHead, domain: &str) -> Option<&'a str> {
     let host = head.headers.iter().find(|(n, _)| n == "x-forwarded-host").map(|(_, v)| v.as_slice())?;
-    let host = std::str::from_utf8(host).ok()?;
-    host.strip_suffix(domain).and_then(|n| n.strip_suffix('.')).filter(|n| valid_name(n))
+    name_in(std::str::from_utf8(host).ok()?, domain)
 }
 
 /// One forwarded request: its head names the node; the rest of the stream is spliced onto a
@@ -291,26 +291,23 @@ async fn forwarded(shared: Arc<Shared>, peer_send: SendStream, mut peer_recv: Re
     if let Some(c) = &shared.cluster {
         c.forwarded_in.increment(1);
     }
-    let Some(tunnel) = name_of(&head, &shared.config.funnel_domain).and_then(|n| shared.routes.get(n)) else {
-        return respond_text(peer_send, 503, "This funnel is offline: its node is not connected.\n").await;
+    let Some(name) = name_of(&head, &shared.config.funnel_domain) else {
+        return refuse(peer_send, RouteError::Offline).await;
     };
-    if !tunnel.ports.contains(&head.port) {
-        return respond_text(peer_send, 404, "This funnel is not published on this port.\n").await;
-    }
-    if !tunnel.allow_request() {
-        return respond_text(peer_send, 429, "Too many requests for this funnel; try again shortly.\n").await;
-    }
-    let Ok(_permit) = tunnel.streams.clone().try_acquire_owned() else {
-        return respond_text(peer_send, 503, "This funnel is busy; try again shortly.\n").await;
-    };
-    let opened = tokio::time::timeout(defaults::OPEN_TIMEOUT, tunnel.conn.open_bi()).await;
-    let Ok(Ok((mut node_send, node_recv))) = opened else {
-        return respond_text(peer_send, 502, "The funnel's node could not be reached.\n").await;
+    let (_permit, mut node_send, node_recv) = match shared.routes.open(name, head.port).await {
+        Ok(Opened { permit, send, recv }) => (permit, send, recv),
+        Err(e) => return refuse(peer_send, e).await,
     };
     if write_message(&mut node_send, &Message::Request(head)).await.is_err() {
-        return respond_text(peer_send, 502, "The funnel's node could not be reached.\n").await;
+        return refuse(peer_send, RouteError::NodeUnreachable).await;
     }
     tokio::join!(splice(peer_recv, node_send), splice(node_recv, peer_send));
+}
+
+/// Answers a forwarded request that cannot reach its node, with the status and sentence a
+/// visitor of this edge would get.
+async fn refuse(peer_send: SendStream, e: RouteError) {
+    respond_text(peer_send, e.status().as_u16(), &format!("{}\n", e.message())).await;
 }
 
 /// Copies `from` into `to`; a clean end is passed on as a finish, a failure as a reset (and a

@@ -3,8 +3,10 @@
 //! A node opens one QUIC connection to the edge and registers `<name>` with an operator-issued
 //! token ([`tunnel`]); visitors of `https://<name>.<funnel domain>` reach the edge's public
 //! listeners, where TLS is terminated with a certificate chosen by SNI ([`certs`]) and each
-//! request becomes one bidirectional QUIC stream to the node ([`proxy`]). Several edges can
-//! share certificates and routes in Redis and forward to each other (`cluster`).
+//! request becomes one bidirectional QUIC stream to the node ([`proxy`]), opened through the
+//! route table (`routes`: one `Routes::open` and one `RouteError` for the proxy and for
+//! requests forwarded by a sibling). Several edges can share certificates and routes in Redis
+//! and forward to each other (`cluster`).
 
 pub mod acme;
 mod admin;
@@ -14,6 +16,7 @@ pub mod config;
 pub mod der;
 pub mod metrics;
 mod proxy;
+mod routes;
 pub mod server;
 pub mod store;
 mod tunnel;

@@ -14,10 +14,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Empty};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
@@ -26,12 +24,9 @@ use warren_tunnel::{is_hop_by_hop, read_message, send_body, write_message, QuicB
 use warren_tunnel_proto::{Message, RequestHead};
 
 use crate::cluster::ForwardError;
-use crate::config::{defaults, valid_name};
 use crate::metrics::Limited;
+use crate::routes::{name_in, Body, Opened, RouteError};
 use crate::server::Shared;
-
-/// Response bodies: streamed from a node, or a short page.
-pub(crate) type Body = BoxBody<Bytes, std::io::Error>;
 
 /// What the edge knows about a visitor's connection.
 #[derive(Debug)]
@@ -40,66 +35,6 @@ pub(crate) struct ConnInfo {
     pub(crate) port: u16,
     pub(crate) sni: String,
     pub(crate) tls_version: String,
-}
-
-/// Why a request could not be proxied, with the status it earns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum ProxyError {
-    /// Not a host under the funnel domain.
-    UnknownHost,
-    /// A funnel name with no connected node.
-    Offline,
-    /// The node does not publish this port.
-    PortNotServed,
-    /// Too many requests in flight on the tunnel.
-    Busy,
-    /// Over the per-name request rate.
-    RateLimited,
-    /// The stream to the node failed.
-    NodeUnreachable,
-    /// The node did not answer in time.
-    NodeTimeout,
-    /// The node answered with something invalid.
-    BadNodeResponse,
-}
-
-impl ProxyError {
-    fn status(self) -> StatusCode {
-        match self {
-            ProxyError::UnknownHost | ProxyError::PortNotServed => StatusCode::NOT_FOUND,
-            ProxyError::Offline | ProxyError::Busy => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            ProxyError::NodeUnreachable | ProxyError::BadNodeResponse => StatusCode::BAD_GATEWAY,
-            ProxyError::NodeTimeout => StatusCode::GATEWAY_TIMEOUT,
-        }
-    }
-
-    fn message(self) -> &'static str {
-        match self {
-            ProxyError::UnknownHost => "There is no funnel at this address.",
-            ProxyError::Offline => "This funnel is offline: its node is not connected.",
-            ProxyError::PortNotServed => "This funnel is not published on this port.",
-            ProxyError::Busy => "This funnel is busy; try again shortly.",
-            ProxyError::RateLimited => "Too many requests for this funnel; try again shortly.",
-            ProxyError::NodeUnreachable => "The funnel's node could not be reached.",
-            ProxyError::NodeTimeout => "The funnel's node did not answer in time.",
-            ProxyError::BadNodeResponse => "The funnel's node sent an invalid response.",
-        }
-    }
-}
-
-/// A short HTML error page.
-pub(crate) fn page(status: StatusCode, message: &str) -> Response<Body> {
-    let reason = status.canonical_reason().unwrap_or("");
-    let html = format!(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{code} {reason}</title></head>\n<body><h1>{code} {reason}</h1>\n<p>{message}</p>\n</body></html>\n",
-        code = status.as_u16()
-    );
-    let mut r = Response::new(Full::new(Bytes::from(html)).map_err(|never: Infallible| match never {}).boxed());
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
 }
 
 /// Serves one visitor request.
@@ -113,12 +48,10 @@ pub(crate) async fn handle(
         Ok(r) => r,
         Err(e) => {
             debug!(visitor = %info.visitor, error = ?e, "request not proxied");
-            let mut page = page(e.status(), e.message());
-            if e == ProxyError::RateLimited {
+            if e == RouteError::RateLimited {
                 shared.metrics.limited(Limited::HostRate);
-                page.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
-            page
+            e.page()
         }
     };
     shared.metrics.request(resp.status().as_u16());
@@ -188,42 +121,26 @@ async fn proxy(
     shared: &Arc<Shared>,
     info: &ConnInfo,
     mut req: Request<Incoming>,
-) -> Result<Response<Body>, ProxyError> {
-    let host = host_of(&req).ok_or(ProxyError::UnknownHost)?;
-    let name = host
-        .strip_suffix(&shared.config.funnel_domain)
-        .and_then(|n| n.strip_suffix('.'))
-        .filter(|n| valid_name(n))
-        .ok_or(ProxyError::UnknownHost)?;
+) -> Result<Response<Body>, RouteError> {
+    let host = host_of(&req).ok_or(RouteError::UnknownHost)?;
+    let name = name_in(&host, &shared.config.funnel_domain).ok_or(RouteError::UnknownHost)?;
     let upgrade = is_upgrade(&req);
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (permit, (mut send, mut recv)) = match shared.routes.get(name) {
-        Some(tunnel) => {
-            if !tunnel.ports.contains(&info.port) {
-                return Err(ProxyError::PortNotServed);
-            }
-            if !tunnel.allow_request() {
-                return Err(ProxyError::RateLimited);
-            }
-            let permit = tunnel.streams.clone().try_acquire_owned().map_err(|_| ProxyError::Busy)?;
-            let streams = tokio::time::timeout(defaults::OPEN_TIMEOUT, tunnel.conn.open_bi())
-                .await
-                .map_err(|_| ProxyError::NodeTimeout)?
-                .map_err(|_| ProxyError::NodeUnreachable)?;
-            (Some(permit), streams)
-        }
+    let (permit, mut send, mut recv) = match shared.routes.open(name, info.port).await {
+        Ok(Opened { permit, send, recv }) => (Some(permit), send, recv),
         // Another edge of the cluster may hold the tunnel; it applies the node's limits.
-        None => match &shared.cluster {
+        Err(RouteError::Offline) => match &shared.cluster {
             Some(cluster) => match cluster.open(&shared.endpoint, name).await {
-                Ok(streams) => (None, streams),
-                Err(ForwardError::NoRoute) => return Err(ProxyError::Offline),
-                Err(ForwardError::Unreachable) => return Err(ProxyError::NodeUnreachable),
+                Ok((send, recv)) => (None, send, recv),
+                Err(ForwardError::NoRoute) => return Err(RouteError::Offline),
+                Err(ForwardError::Unreachable) => return Err(RouteError::NodeUnreachable),
             },
-            None => return Err(ProxyError::Offline),
+            None => return Err(RouteError::Offline),
         },
+        Err(e) => return Err(e),
     };
     let head = request_head(&req, info, &host, upgrade);
-    write_message(&mut send, &Message::Request(head)).await.map_err(|_| ProxyError::NodeUnreachable)?;
+    write_message(&mut send, &Message::Request(head)).await.map_err(|_| RouteError::NodeUnreachable)?;
     let body = req.into_body();
     // Once the response has been streamed out in full (or the visitor left), the request is
     // over: an upload the origin never read is abandoned, which resets the visitor's HTTP/2
@@ -248,12 +165,12 @@ async fn proxy(
     };
     let answer = tokio::time::timeout(shared.config.response_timeout, read_message(&mut recv))
         .await
-        .map_err(|_| ProxyError::NodeTimeout)?
-        .map_err(|_| ProxyError::BadNodeResponse)?;
+        .map_err(|_| RouteError::NodeTimeout)?
+        .map_err(|_| RouteError::BadNodeResponse)?;
     let Message::Response(head) = answer else {
-        return Err(ProxyError::BadNodeResponse);
+        return Err(RouteError::BadNodeResponse);
     };
-    let status = StatusCode::from_u16(head.status).map_err(|_| ProxyError::BadNodeResponse)?;
+    let status = StatusCode::from_u16(head.status).map_err(|_| RouteError::BadNodeResponse)?;
     let switching = status == StatusCode::SWITCHING_PROTOCOLS && upgrade;
     let mut resp = Response::new(Empty::new().map_err(|never: Infallible| match never {}).boxed());
     *resp.status_mut() = status;

@@ -26,8 +26,9 @@ use crate::cluster::Cluster;
 use crate::config::{Challenge, Config, TlsMode};
 use crate::metrics::{EdgeMetrics, Limited};
 use crate::proxy::{self, ConnInfo};
+use crate::routes::Routes;
 use crate::store::{FileStore, Store};
-use crate::tunnel::{self, Routes};
+use crate::tunnel;
 
 /// Why the edge could not start.
 #[derive(Debug, thiserror::Error)]

@@ -4,10 +4,8 @@
 //! out. A node that reconnects replaces its previous registration (the old connection is
 //! closed). The registration ends when the connection closes.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
@@ -17,76 +15,12 @@ use warren_tunnel_proto::{Message, VERSION};
 
 use crate::config::valid_name;
 use crate::metrics::Registration;
+use crate::routes::Tunnel;
 use crate::server::Shared;
 use warren_common::limits::TokenBucket;
 
 /// Time a new connection has to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// A registered node.
-#[derive(Debug)]
-pub(crate) struct Tunnel {
-    pub(crate) id: u64,
-    pub(crate) name: String,
-    pub(crate) conn: quinn::Connection,
-    pub(crate) ports: Vec<u16>,
-    /// Requests in flight on this tunnel.
-    pub(crate) streams: Arc<Semaphore>,
-    /// Requests per second for this name, when limited.
-    pub(crate) rate: Option<std::sync::Mutex<TokenBucket>>,
-}
-
-impl Tunnel {
-    /// Takes one request from the name's rate limit, when it has one.
-    pub(crate) fn allow_request(&self) -> bool {
-        self.rate
-            .as_ref()
-            .is_none_or(|r| r.lock().unwrap_or_else(|e| e.into_inner()).try_take(std::time::Instant::now(), 1.0))
-    }
-}
-
-/// Node name -> tunnel.
-#[derive(Debug, Default)]
-pub(crate) struct Routes {
-    map: RwLock<HashMap<String, Arc<Tunnel>>>,
-    next_id: AtomicU64,
-}
-
-impl Routes {
-    pub(crate) fn get(&self, name: &str) -> Option<Arc<Tunnel>> {
-        self.map.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
-    }
-
-    fn insert(&self, t: Arc<Tunnel>) -> Option<Arc<Tunnel>> {
-        self.map.write().unwrap_or_else(|e| e.into_inner()).insert(t.name.clone(), t)
-    }
-
-    fn remove(&self, name: &str, id: u64) -> bool {
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
-        if map.get(name).is_some_and(|t| t.id == id) {
-            map.remove(name);
-            return true;
-        }
-        false
-    }
-
-    /// Names of the registered nodes.
-    pub(crate) fn names(&self) -> Vec<String> {
-        self.map.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
-    }
-
-    /// Number of registered tunnels.
-    pub(crate) fn len(&self) -> usize {
-        self.map.read().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    /// Closes every tunnel (shutdown).
-    pub(crate) fn close_all(&self) {
-        for t in self.map.read().unwrap_or_else(|e| e.into_inner()).values() {
-            t.conn.close(0u32.into(), b"edge shutting down");
-        }
-    }
-}
 
 /// Handles one incoming QUIC connection until it closes.
 pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
@@ -168,7 +102,7 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
             return None;
         }
     };
-    let id = shared.routes.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = shared.routes.next_id();
     let streams = Arc::new(Semaphore::new(shared.config.max_streams_per_tunnel as usize));
     let rate = shared.config.host_rate.map(|(r, b)| {
         std::sync::Mutex::new(TokenBucket::new(f64::from(r.get()), f64::from(b.get()), std::time::Instant::now()))

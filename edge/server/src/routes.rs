@@ -1,0 +1,253 @@
+//! The route table: which node tunnel serves a funnel name, and the one way to open a request
+//! stream to it.
+//!
+//! ```text
+//! visitor Host / forwarded X-Forwarded-Host ─▶ name_in(host, domain) ─▶ Routes::open(name, port)
+//!     no tunnel here          -> RouteError::Offline (the proxy then asks the cluster)
+//!     port not published      -> PortNotServed (404)
+//!     over the name's rate    -> RateLimited (429)
+//!     too many streams        -> Busy (503)
+//!     open_bi fails / slow    -> NodeUnreachable (502) / NodeTimeout (504)
+//! ```
+//!
+//! Both the visitor proxy and a sibling edge's forwarded requests go through
+//! [`Routes::open`], so a node's limits are applied once, wherever the visitor arrived.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::header::{self, HeaderValue};
+use hyper::{Response, StatusCode};
+use quinn::{RecvStream, SendStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use warren_common::limits::TokenBucket;
+
+use crate::config::{defaults, valid_name};
+
+/// Response bodies: streamed from a node, or a short page.
+pub(crate) type Body = BoxBody<Bytes, std::io::Error>;
+
+/// A registered node.
+#[derive(Debug)]
+pub(crate) struct Tunnel {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) conn: quinn::Connection,
+    pub(crate) ports: Vec<u16>,
+    /// Requests in flight on this tunnel.
+    pub(crate) streams: Arc<Semaphore>,
+    /// Requests per second for this name, when limited.
+    pub(crate) rate: Option<std::sync::Mutex<TokenBucket>>,
+}
+
+impl Tunnel {
+    /// Takes one request from the name's rate limit, when it has one.
+    fn allow_request(&self) -> bool {
+        self.rate
+            .as_ref()
+            .is_none_or(|r| r.lock().unwrap_or_else(|e| e.into_inner()).try_take(std::time::Instant::now(), 1.0))
+    }
+}
+
+/// A request stream to a node, holding one of its stream slots until dropped.
+#[derive(Debug)]
+pub(crate) struct Opened {
+    pub(crate) permit: OwnedSemaphorePermit,
+    pub(crate) send: SendStream,
+    pub(crate) recv: RecvStream,
+}
+
+/// Why a request could not reach a node, with the status and page it earns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum RouteError {
+    /// Not a host under the funnel domain.
+    #[error("unknown host")]
+    UnknownHost,
+    /// A funnel name with no connected node.
+    #[error("offline")]
+    Offline,
+    /// The node does not publish this port.
+    #[error("port not served")]
+    PortNotServed,
+    /// Too many requests in flight on the tunnel.
+    #[error("busy")]
+    Busy,
+    /// Over the per-name request rate.
+    #[error("rate limited")]
+    RateLimited,
+    /// The stream to the node failed.
+    #[error("node unreachable")]
+    NodeUnreachable,
+    /// The node did not answer in time.
+    #[error("node timeout")]
+    NodeTimeout,
+    /// The node answered with something invalid.
+    #[error("bad node response")]
+    BadNodeResponse,
+}
+
+impl RouteError {
+    /// The HTTP status a visitor gets.
+    pub(crate) fn status(self) -> StatusCode {
+        match self {
+            RouteError::UnknownHost | RouteError::PortNotServed => StatusCode::NOT_FOUND,
+            RouteError::Offline | RouteError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            RouteError::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            RouteError::NodeUnreachable | RouteError::BadNodeResponse => StatusCode::BAD_GATEWAY,
+            RouteError::NodeTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The sentence a visitor reads.
+    pub(crate) fn message(self) -> &'static str {
+        match self {
+            RouteError::UnknownHost => "There is no funnel at this address.",
+            RouteError::Offline => "This funnel is offline: its node is not connected.",
+            RouteError::PortNotServed => "This funnel is not published on this port.",
+            RouteError::Busy => "This funnel is busy; try again shortly.",
+            RouteError::RateLimited => "Too many requests for this funnel; try again shortly.",
+            RouteError::NodeUnreachable => "The funnel's node could not be reached.",
+            RouteError::NodeTimeout => "The funnel's node did not answer in time.",
+            RouteError::BadNodeResponse => "The funnel's node sent an invalid response.",
+        }
+    }
+
+    /// The visitor's error page.
+    pub(crate) fn page(self) -> Response<Body> {
+        let mut page = page(self.status(), self.message());
+        if self == RouteError::RateLimited {
+            page.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        page
+    }
+}
+
+/// A short HTML error page.
+pub(crate) fn page(status: StatusCode, message: &str) -> Response<Body> {
+    let reason = status.canonical_reason().unwrap_or("");
+    let html = format!(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{code} {reason}</title></head>\n<body><h1>{code} {reason}</h1>\n<p>{message}</p>\n</body></html>\n",
+        code = status.as_u16()
+    );
+    let mut r = Response::new(Full::new(Bytes::from(html)).map_err(|never: Infallible| match never {}).boxed());
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// The funnel name in `host` (`<name>.<domain>`), if it is one.
+pub(crate) fn name_in<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
+    host.strip_suffix(domain).and_then(|n| n.strip_suffix('.')).filter(|n| valid_name(n))
+}
+
+/// Node name -> tunnel.
+#[derive(Debug, Default)]
+pub(crate) struct Routes {
+    map: RwLock<HashMap<String, Arc<Tunnel>>>,
+    next_id: AtomicU64,
+}
+
+impl Routes {
+    /// Opens a request stream to the node registered as `name`, for a visitor who came in on
+    /// `port`, within the node's limits.
+    ///
+    /// # Errors
+    /// [`RouteError::Offline`] when no tunnel for `name` is here; the others as the table at
+    /// the top of this module says.
+    pub(crate) async fn open(&self, name: &str, port: u16) -> Result<Opened, RouteError> {
+        let tunnel = self.get(name).ok_or(RouteError::Offline)?;
+        if !tunnel.ports.contains(&port) {
+            return Err(RouteError::PortNotServed);
+        }
+        if !tunnel.allow_request() {
+            return Err(RouteError::RateLimited);
+        }
+        let permit = tunnel.streams.clone().try_acquire_owned().map_err(|_| RouteError::Busy)?;
+        let (send, recv) = tokio::time::timeout(defaults::OPEN_TIMEOUT, tunnel.conn.open_bi())
+            .await
+            .map_err(|_| RouteError::NodeTimeout)?
+            .map_err(|_| RouteError::NodeUnreachable)?;
+        Ok(Opened { permit, send, recv })
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<Tunnel>> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+
+    /// An id for a new tunnel.
+    pub(crate) fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers a tunnel, returning the one it replaces.
+    pub(crate) fn insert(&self, t: Arc<Tunnel>) -> Option<Arc<Tunnel>> {
+        self.map.write().unwrap_or_else(|e| e.into_inner()).insert(t.name.clone(), t)
+    }
+
+    /// Removes `name` if tunnel `id` still holds it; returns whether it did.
+    pub(crate) fn remove(&self, name: &str, id: u64) -> bool {
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        if map.get(name).is_some_and(|t| t.id == id) {
+            map.remove(name);
+            return true;
+        }
+        false
+    }
+
+    /// Names of the registered nodes.
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).keys().cloned().collect()
+    }
+
+    /// Number of registered tunnels.
+    pub(crate) fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Closes every tunnel (shutdown).
+    pub(crate) fn close_all(&self) {
+        for t in self.map.read().unwrap_or_else(|e| e.into_inner()).values() {
+            t.conn.close(0u32.into(), b"edge shutting down");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_single_valid_labels_under_the_domain() {
+        assert_eq!(name_in("web.funnel.example", "funnel.example"), Some("web"));
+        assert_eq!(name_in("funnel.example", "funnel.example"), None);
+        assert_eq!(name_in("a.b.funnel.example", "funnel.example"), None);
+        assert_eq!(name_in("webfunnel.example", "funnel.example"), None);
+        assert_eq!(name_in("web.other.example", "funnel.example"), None);
+    }
+
+    #[test]
+    fn every_error_has_its_status_and_page() {
+        let all = [
+            RouteError::UnknownHost,
+            RouteError::Offline,
+            RouteError::PortNotServed,
+            RouteError::Busy,
+            RouteError::RateLimited,
+            RouteError::NodeUnreachable,
+            RouteError::NodeTimeout,
+            RouteError::BadNodeResponse,
+        ];
+        for e in all {
+            let page = e.page();
+            assert_eq!(page.status(), e.status());
+            assert_eq!(page.headers().contains_key(header::RETRY_AFTER), e == RouteError::RateLimited, "{e}");
+        }
+    }
+}
