@@ -8,7 +8,7 @@ use http::{header, Request, Response, StatusCode};
 use http_body_util::Full;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::server::Shared;
+use crate::state::Shared;
 
 pub(crate) fn serve(
     prometheus: Option<PrometheusHandle>,

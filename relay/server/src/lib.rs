@@ -9,18 +9,19 @@
 //! `now` passed in), the shells that move bytes for it (`conn`: one actor per client;
 //! `mesh_conn`: a sibling connected to us; `mesh`: our links to siblings), [`config`] (file +
 //! CLI → typed config), [`server`] (listeners and shutdown), `web` (routing of the DERP port),
-//! `stun`, `lean_tls`, `tls` and `keyfile` (re-exported from `warren-common`), [`metrics`].
+//! `stun`, `io` (lean TLS, the framed stream), `state` (what the tasks share), `tls` and `keyfile` (re-exported from `warren-common`), [`metrics`].
 
 mod admin;
 pub mod admission;
 pub mod config;
 mod conn;
 mod core;
-mod lean_tls;
+mod io;
 mod mesh;
 mod mesh_conn;
 pub mod metrics;
 pub mod server;
+mod state;
 mod stun;
 mod web;
 

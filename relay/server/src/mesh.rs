@@ -33,7 +33,7 @@ use crate::config::MeshConfig;
 use crate::core::router::SiblingLink;
 use crate::core::sibling::{on_link_frame, LinkStep};
 use crate::metrics::DropReason;
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// Packets waiting for one sibling link.
 const LINK_QUEUE: usize = 8192;

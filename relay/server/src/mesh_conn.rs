@@ -23,11 +23,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::{debug, info};
 use warren_relay_proto::{Frame, Framer, PublicKey};
 
-use crate::conn::{flush, read_frame, ReadError, ReadReady, ReadSize};
 use crate::core::router::Presence;
 use crate::core::sibling::{handle_presence, SiblingEvent, SiblingSession};
+use crate::io::framed::{flush, read_frame, ReadError, ReadReady, ReadSize};
 use crate::metrics::HandshakeFailure;
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// Serves a connection whose ClientInfo offered `offered` as the mesh key.
 pub(crate) async fn run<S>(

@@ -21,13 +21,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use warren_relay_proto::ws::Role;
-use warren_relay_proto::{FrameDecoder, Framer, PublicKey, SecretKey, Transport};
+use warren_relay_proto::{FrameDecoder, Framer, PublicKey, Transport};
 
 use crate::admission::{Admission, AllowListError};
 use crate::config::{Config, TlsMode};
 use crate::core::router::{Control, Router};
-use crate::lean_tls;
+use crate::io::lean_tls;
 use crate::metrics::{HandshakeFailure, RelayMetrics};
+use crate::state::Shared;
 use crate::web::{self, HeadError, Route};
 use crate::{conn, mesh, stun};
 use warren_common::limits::{AcceptGate, ConnSlot, LogLimiter};
@@ -67,44 +68,6 @@ impl ServerError {
             ServerError::Tls(_) => "tls",
             ServerError::Admission(_) => "admission",
         }
-    }
-}
-
-/// State shared by every task of one relay.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) secret: SecretKey,
-    pub(crate) public: PublicKey,
-    pub(crate) config: Config,
-    /// Where packets go: local clients, keys held by mesh siblings.
-    pub(crate) router: Router,
-    /// Mesh links up.
-    pub(crate) mesh_links: std::sync::atomic::AtomicUsize,
-    pub(crate) metrics: RelayMetrics,
-    /// Who may log in.
-    pub(crate) admission: Admission,
-    /// Accept rate and connections per source address.
-    gate: AcceptGate,
-    /// Keeps "connection rejected" logs to one line per few seconds under a flood.
-    reject_log: LogLimiter,
-    /// Fires when connections must close (end of drain).
-    pub(crate) conns_cancel: CancellationToken,
-    draining: AtomicBool,
-    next_conn_id: AtomicU64,
-}
-
-impl Shared {
-    pub(crate) fn next_conn_id(&self) -> u64 {
-        self.next_conn_id.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub(crate) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// What a core session needs of the relay.
-    pub(crate) fn ctx(&self) -> crate::core::Ctx<'_> {
-        crate::core::Ctx { router: &self.router, metrics: &self.metrics }
     }
 }
 
@@ -356,7 +319,7 @@ fn upgrade_then_run<S>(
     deadline: tokio::time::Instant,
 ) -> BoxFuture<Option<BoxFuture<()>>>
 where
-    S: AsyncRead + AsyncWrite + conn::ReadReady + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + crate::io::framed::ReadReady + Unpin + Send + 'static,
 {
     Box::pin(async move {
         let (io, framer, transport) = upgrade(&shared, io, deadline).await?;

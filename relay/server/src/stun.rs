@@ -12,7 +12,7 @@ use warren_relay_proto::stun::{binding_response, StunError};
 
 use crate::config::StunConfig;
 use crate::metrics::StunResult;
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// Source IPs tracked before idle entries are swept.
 const MAX_TRACKED_SOURCES: usize = 100_000;

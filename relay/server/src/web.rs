@@ -16,7 +16,7 @@ use http_body_util::Full;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use warren_relay_proto::{ws, PROTOCOL_VERSION};
 
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// Largest request head accepted.
 pub(crate) const MAX_HEAD: usize = 16 << 10;

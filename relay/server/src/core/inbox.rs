@@ -7,10 +7,32 @@
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
+use std::time::Instant;
 
+use bytes::Bytes;
 use tokio::sync::Notify;
+use warren_relay_proto::{PeerGoneReason, PublicKey};
 
-use super::router::{Control, Packet};
+/// A packet waiting to be written to its destination.
+#[derive(Debug)]
+pub(crate) struct Packet {
+    pub(crate) src: PublicKey,
+    pub(crate) data: Bytes,
+    pub(crate) enqueued: Instant,
+}
+
+/// A message for a connection actor other than a packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Control {
+    /// Tell the client a peer it talked to is gone.
+    PeerGone(PublicKey, PeerGoneReason),
+    /// Tell the client the relay is restarting.
+    Restarting { reconnect_in_ms: u32, try_for_ms: u32 },
+    /// A newer connection with the same key took over: tell the client and close.
+    Replaced,
+    /// A mesh sibling asked to close this client (ClosePeer).
+    Close,
+}
 
 /// Control messages a client can have pending.
 pub(crate) const CONTROL_DEPTH: usize = 16;

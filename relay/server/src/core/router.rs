@@ -32,17 +32,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use warren_relay_proto::{Frame, PeerGoneReason, PublicKey};
+use warren_relay_proto::{Frame, PublicKey};
 
+pub(crate) use super::inbox::{Control, Packet};
 use super::inbox::{Inbox, PushError};
-
-/// A packet waiting to be written to its destination.
-#[derive(Debug)]
-pub(crate) struct Packet {
-    pub(crate) src: PublicKey,
-    pub(crate) data: Bytes,
-    pub(crate) enqueued: Instant,
-}
 
 /// A packet for a client held by a sibling, queued on the link to that sibling.
 #[derive(Debug)]
@@ -57,19 +50,6 @@ impl Forward {
     pub(crate) fn into_frame(self) -> Frame {
         Frame::ForwardPacket { src: self.src, dst: self.dst, packet: self.data }
     }
-}
-
-/// A message for a connection actor other than a packet.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Control {
-    /// Tell the client a peer it talked to is gone.
-    PeerGone(PublicKey, PeerGoneReason),
-    /// Tell the client the relay is restarting.
-    Restarting { reconnect_in_ms: u32, try_for_ms: u32 },
-    /// A newer connection with the same key took over: tell the client and close.
-    Replaced,
-    /// A mesh sibling asked to close this client (ClosePeer).
-    Close,
 }
 
 /// A change in the local table, as told to watchers.

@@ -283,7 +283,7 @@ impl LeanTls {
     }
 }
 
-impl crate::conn::ReadReady for LeanTls {
+impl super::framed::ReadReady for LeanTls {
     fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // Held bytes (plaintext, or records not yet processed) or an ended stream: a read
         // returns at once or finds out what the socket needs.
