@@ -36,8 +36,10 @@ if cargo tree -p warren-relay -e normal --prefix none | grep -Eq '^(quinn|warren
     exit 1
 fi
 
-echo "==> the sans-IO cores read no clock, spawn nothing and touch no socket"
+echo "==> layout: the sans-IO cores read no clock, spawn nothing and touch no socket"
 python3 scripts/check-sans-io.py
+echo "==> no import circles in the server crates; nobody imports the assembler"
+python3 scripts/check-layout.py
 
 echo "==> formatting and lints"
 cargo fmt --all -- --check

@@ -15,14 +15,14 @@ use std::time::Duration;
 
 use quinn::{RecvStream, SendStream};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use warren_common::limits::LogLimiter;
 use warren_tunnel::{read_message, respond_text, write_message};
 use warren_tunnel_proto::{Message, RequestHead, VERSION};
 
 use crate::config::{defaults, ClusterConfig};
-use crate::routes::{name_in, Opened, RouteError};
-use crate::server::Shared;
+use crate::routes::{name_in, Opened, RouteError, Routes};
 use crate::store::Store;
 
 /// Time to set up a peer link (QUIC handshake plus PeerHello/Welcome).
@@ -152,10 +152,10 @@ impl Cluster {
     }
 
     /// Refreshes this edge's routes every third of their lifetime until `cancel`.
-    pub(crate) async fn heartbeat(self: Arc<Self>, shared: Arc<Shared>, cancel: CancellationToken) {
+    pub(crate) async fn heartbeat(self: Arc<Self>, routes: Arc<Routes>, cancel: CancellationToken) {
         let every = self.settings.route_ttl / 3;
         loop {
-            let names = shared.routes.names();
+            let names = routes.names();
             if let Err(e) = self.store.advertise(&self.me, &names, self.settings.route_ttl).await {
                 self.store_failed("heartbeat", &e);
             }
@@ -165,7 +165,7 @@ impl Cluster {
             }
         }
         // Leaving: siblings stop forwarding here at once rather than when the entries expire.
-        self.withdraw(&shared.routes.names()).await;
+        self.withdraw(&routes.names()).await;
     }
 
     /// Siblings holding `name` (never this edge), from a short cache.
@@ -263,8 +263,21 @@ impl Cluster {
     }
 }
 
+/// What a sibling's forwarded requests need of this edge: its own tunnels, under its domain.
+#[derive(Debug, Clone)]
+pub(crate) struct LocalRoutes {
+    pub(crate) routes: Arc<Routes>,
+    pub(crate) funnel_domain: Arc<str>,
+}
+
 /// Serves an authenticated sibling's link: every stream it opens is one forwarded request.
-pub(crate) async fn serve_peer(shared: Arc<Shared>, conn: quinn::Connection, remote: SocketAddr) {
+pub(crate) async fn serve_peer(
+    cluster: Arc<Cluster>,
+    local: LocalRoutes,
+    conn: quinn::Connection,
+    remote: SocketAddr,
+    tasks: TaskTracker,
+) {
     conn.set_max_concurrent_bi_streams(PEER_STREAMS.into());
     info!(%remote, "sibling edge linked");
     loop {
@@ -272,7 +285,7 @@ pub(crate) async fn serve_peer(shared: Arc<Shared>, conn: quinn::Connection, rem
             Ok(s) => s,
             Err(e) => return info!(%remote, reason = %e, "sibling edge link closed"),
         };
-        tokio::spawn(forwarded(shared.clone(), send, recv));
+        tasks.spawn(forwarded(cluster.clone(), local.clone(), send, recv));
     }
 }
 
@@ -283,18 +296,16 @@ fn name_of<'a>(head: &'a RequestHead, domain: &str) -> Option<&'a str> {
 
 /// One forwarded request: its head names the node; the rest of the stream is spliced onto a
 /// new stream to that node, both ways, until both directions end.
-async fn forwarded(shared: Arc<Shared>, peer_send: SendStream, mut peer_recv: RecvStream) {
+async fn forwarded(cluster: Arc<Cluster>, local: LocalRoutes, peer_send: SendStream, mut peer_recv: RecvStream) {
     let head = match tokio::time::timeout(HEAD_TIMEOUT, read_message(&mut peer_recv)).await {
         Ok(Ok(Message::Request(h))) => h,
         _ => return respond_text(peer_send, 400, "bad forwarded request\n").await,
     };
-    if let Some(c) = &shared.cluster {
-        c.forwarded_in.increment(1);
-    }
-    let Some(name) = name_of(&head, &shared.config.funnel_domain) else {
+    cluster.forwarded_in.increment(1);
+    let Some(name) = name_of(&head, &local.funnel_domain) else {
         return refuse(peer_send, RouteError::Offline).await;
     };
-    let (_permit, mut node_send, node_recv) = match shared.routes.open(name, head.port).await {
+    let (_permit, mut node_send, node_recv) = match local.routes.open(name, head.port).await {
         Ok(Opened { permit, send, recv }) => (permit, send, recv),
         Err(e) => return refuse(peer_send, e).await,
     };

@@ -18,6 +18,7 @@ pub mod metrics;
 mod proxy;
 mod routes;
 pub mod server;
+mod state;
 pub mod store;
 mod tunnel;
 

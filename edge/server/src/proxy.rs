@@ -26,7 +26,7 @@ use warren_tunnel_proto::{Message, RequestHead};
 use crate::cluster::ForwardError;
 use crate::metrics::Limited;
 use crate::routes::{name_in, Body, Opened, RouteError};
-use crate::server::Shared;
+use crate::state::Shared;
 
 /// What the edge knows about a visitor's connection.
 #[derive(Debug)]

@@ -27,6 +27,7 @@ use crate::config::{Challenge, Config, TlsMode};
 use crate::metrics::{EdgeMetrics, Limited};
 use crate::proxy::{self, ConnInfo};
 use crate::routes::Routes;
+use crate::state::Shared;
 use crate::store::{FileStore, Store};
 use crate::tunnel;
 
@@ -62,30 +63,6 @@ pub enum EdgeError {
 const VISITOR_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest visitor request head.
 const VISITOR_MAX_HEAD: usize = 64 << 10;
-
-/// State shared by the edge's tasks.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) config: Config,
-    pub(crate) routes: Routes,
-    pub(crate) metrics: EdgeMetrics,
-    pub(crate) public_ports: Vec<u16>,
-    /// Upgraded (WebSocket) connections, waited for on drain.
-    pub(crate) tasks: TaskTracker,
-    /// Certificates per name from ACME, when configured (not with a wildcard).
-    pub(crate) acme: Option<Arc<Acme>>,
-    /// Sibling edges sharing state, when configured.
-    pub(crate) cluster: Option<Arc<Cluster>>,
-    /// The QUIC endpoint: node tunnels in, peer links in and out.
-    pub(crate) endpoint: quinn::Endpoint,
-    /// Visitor accept rate and connections per source address.
-    visitor_gate: AcceptGate,
-    /// Node tunnel handshakes per second.
-    tunnel_rate: std::sync::Mutex<TokenBucket>,
-    /// Keeps limit logs to one line per few seconds under a flood.
-    limit_log: LogLimiter,
-    draining: AtomicBool,
-}
 
 /// A running edge.
 #[derive(Debug)]
@@ -210,7 +187,7 @@ impl Edge {
             tunnel_rate,
             limit_log: LogLimiter::new(Duration::from_secs(10)),
             config,
-            routes: Routes::default(),
+            routes: Arc::new(Routes::default()),
             metrics: EdgeMetrics::new(),
             tasks: TaskTracker::new(),
             acme: acme.clone().filter(|_| !wildcard),
@@ -251,7 +228,7 @@ impl Edge {
                 Ok(_) => info!(edge = %c.me(), store = ?c.store, "cluster: shared store reachable"),
                 Err(e) => warn!(error = %e, "cluster: shared store unreachable for now; serving local tunnels only"),
             }
-            accept_loops.spawn(c.heartbeat(shared.clone(), stop_accepting.clone()));
+            accept_loops.spawn(c.heartbeat(shared.routes.clone(), stop_accepting.clone()));
         }
         if let Some(l) = admin {
             accept_loops.spawn(crate::admin::serve(l, prometheus, shared.clone(), stop_accepting.clone()));
@@ -308,20 +285,6 @@ impl Edge {
         self.endpoint.close(0u32.into(), b"edge shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
         info!("edge stopped");
-    }
-}
-
-impl Shared {
-    /// Counts what a limit turned away; logs it at most every 10 s.
-    pub(crate) fn limited(&self, why: Limited) {
-        self.metrics.limited(why);
-        if let Some(held_back) = self.limit_log.allow() {
-            warn!(reason = why.label(), held_back, "turned away by a limit (logged at most every 10 s)");
-        }
-    }
-
-    pub(crate) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
     }
 }
 

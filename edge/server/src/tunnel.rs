@@ -16,7 +16,7 @@ use warren_tunnel_proto::{Message, VERSION};
 use crate::config::valid_name;
 use crate::metrics::Registration;
 use crate::routes::Tunnel;
-use crate::server::Shared;
+use crate::state::Shared;
 use warren_common::limits::TokenBucket;
 
 /// Time a new connection has to send its Hello.
@@ -32,7 +32,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
     };
     let tunnel = match tokio::time::timeout(HELLO_TIMEOUT, register(&shared, &conn, remote)).await {
         Ok(Some(Registered::Node(t))) => t,
-        Ok(Some(Registered::Peer)) => return crate::cluster::serve_peer(shared, conn, remote).await,
+        Ok(Some(Registered::Peer)) => {
+            let Some(cluster) = shared.cluster.clone() else { return };
+            let tasks = shared.tasks.clone();
+            return crate::cluster::serve_peer(cluster, shared.local_routes(), conn, remote, tasks).await;
+        }
         _ => return conn.close(1u32.into(), b"no valid hello"),
     };
     let reason = conn.closed().await;

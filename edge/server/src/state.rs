@@ -1,0 +1,58 @@
+//! The state the edge's tasks share, handed to the proxy, the tunnel acceptor and the admin
+//! listener (the cluster gets only what it needs: see `cluster::LocalRoutes`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+use warren_common::limits::{AcceptGate, LogLimiter, TokenBucket};
+
+use crate::acme::Acme;
+use crate::cluster::{Cluster, LocalRoutes};
+use crate::config::Config;
+use crate::metrics::{EdgeMetrics, Limited};
+use crate::routes::Routes;
+
+/// State shared by the edge's tasks.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) routes: Arc<Routes>,
+    pub(crate) metrics: EdgeMetrics,
+    pub(crate) public_ports: Vec<u16>,
+    /// Upgraded (WebSocket) connections, waited for on drain.
+    pub(crate) tasks: TaskTracker,
+    /// Certificates per name from ACME, when configured (not with a wildcard).
+    pub(crate) acme: Option<Arc<Acme>>,
+    /// Sibling edges sharing state, when configured.
+    pub(crate) cluster: Option<Arc<Cluster>>,
+    /// The QUIC endpoint: node tunnels in, peer links in and out.
+    pub(crate) endpoint: quinn::Endpoint,
+    /// Visitor accept rate and connections per source address.
+    pub(crate) visitor_gate: AcceptGate,
+    /// Node tunnel handshakes per second.
+    pub(crate) tunnel_rate: std::sync::Mutex<TokenBucket>,
+    /// Keeps limit logs to one line per few seconds under a flood.
+    pub(crate) limit_log: LogLimiter,
+    pub(crate) draining: AtomicBool,
+}
+
+impl Shared {
+    /// Counts what a limit turned away; logs it at most every 10 s.
+    pub(crate) fn limited(&self, why: Limited) {
+        self.metrics.limited(why);
+        if let Some(held_back) = self.limit_log.allow() {
+            warn!(reason = why.label(), held_back, "turned away by a limit (logged at most every 10 s)");
+        }
+    }
+
+    pub(crate) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    /// What a sibling's forwarded requests need.
+    pub(crate) fn local_routes(&self) -> LocalRoutes {
+        LocalRoutes { routes: self.routes.clone(), funnel_domain: self.config.funnel_domain.as_str().into() }
+    }
+}
