@@ -4,15 +4,22 @@
 #          TCP forwarder (socat), idle RSS per client;
 #   edge:  funnel vs the origin directly vs Caddy as a TLS reverse proxy (HTTP/1.1 and HTTP/2).
 # Figures are for reading as ratios within one run; the machine is shared and noisy.
-# Usage: scripts/bench.sh [--quick] [--idle N]     (needs nginx, caddy, socat; installs them as root)
+# Usage: scripts/bench.sh [--quick] [--idle N] [--bin DIR] [--only relay|edge]
+#   --bin DIR   run the binaries in DIR (warren-relay, warren-edge, warren, warren-loadtest)
+#               instead of building: two runs with the same harness compare two builds
+#   (needs nginx, caddy, socat; installs them as root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER=5
 IDLE=10000
+BIN=""
+ONLY=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) SECONDS_PER=2; IDLE=2000 ;;
         --idle) IDLE="$2"; shift ;;
+        --bin) BIN="$(cd "$2" && pwd)"; shift ;;
+        --only) ONLY="$2"; shift ;;
         *) echo "unknown option $1" >&2; exit 64 ;;
     esac
     shift
@@ -23,8 +30,12 @@ for tool in nginx caddy socat; do
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light caddy socat >/dev/null
     fi
 done
-cargo build --release --locked -p warren-relay -p warren-edge -p warren -p warren-loadtest
-bin=$PWD/target/release
+if [ -n "$BIN" ]; then
+    bin=$BIN
+else
+    cargo build --release --locked -p warren-relay -p warren-edge -p warren -p warren-loadtest
+    bin=$PWD/target/release
+fi
 L=$bin/warren-loadtest
 state=$(mktemp -d)
 pids=()
@@ -42,6 +53,7 @@ $bin/warren-relay --dev --state-dir "$state/relay" --listen 127.0.0.1:18443 --st
 relay_pid=$!
 wait_port 18443
 R=(--relay https://localhost:18443 --ca "$state/relay/dev-ca.pem")
+if [ "$ONLY" != edge ]; then
 $L relay "${R[@]}" --pairs 4 --window 64 --seconds "$SECONDS_PER" --source-ips 8
 $L relay "${R[@]}" --pairs 4 --sweep-from 25000 --max-loss 0.1 --seconds "$SECONDS_PER" --source-ips 8
 socat TCP-LISTEN:19998,fork,reuseaddr TCP:127.0.0.1:19999 & pids+=($!)
@@ -56,6 +68,8 @@ $L tcp --via 127.0.0.1:19998 --sink-port 19999 --pairs 4 --seconds "$SECONDS_PER
 $L relay "${R[@]}" --pairs 4 --window 16 --size 64000 --seconds "$SECONDS_PER"
 echo "--- idle clients"
 $L idle "${R[@]}" --pid "$relay_pid" --clients "$IDLE" --source-ips 16
+fi
+[ "$ONLY" = relay ] && exit 0
 
 echo "=== edge (funnel) vs origin directly vs Caddy"
 mkdir -p "$state/www" "$state/nginx"

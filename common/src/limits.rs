@@ -50,6 +50,35 @@ impl TokenBucket {
     }
 }
 
+/// Jittered exponential backoff: `initial` doubling per failure up to `max`, then scaled by a
+/// random 50-150 % so that many clients that failed together do not retry together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// The delay after the first failure, before jitter.
+    pub initial: Duration,
+    /// The longest delay, before jitter.
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// A backoff from `initial` to `max`.
+    pub const fn new(initial: Duration, max: Duration) -> Self {
+        Backoff { initial, max }
+    }
+
+    /// The delay after `failures` consecutive failures (0 for a first retry after a clean end).
+    pub fn delay(&self, failures: u32) -> Duration {
+        let jitter = f64::from(rand_core::RngCore::next_u32(&mut rand_core::OsRng) % 1000) / 1000.0;
+        self.delay_with(failures, jitter)
+    }
+
+    /// The delay after `failures` failures with a given jitter in `0.0..1.0`.
+    pub fn delay_with(&self, failures: u32, jitter: f64) -> Duration {
+        let base = self.initial.saturating_mul(1 << failures.min(7)).min(self.max);
+        base.mul_f64(0.5 + jitter.clamp(0.0, 1.0))
+    }
+}
+
 /// Why a new connection was turned away before TLS.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rejected {
@@ -170,6 +199,18 @@ impl LogLimiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        assert!(b.delay(0) <= Duration::from_millis(150));
+        for f in 0..40 {
+            assert!(b.delay(f) <= b.max.mul_f64(1.5));
+        }
+        assert!(b.delay(20) >= b.max / 2);
+        assert_eq!(b.delay_with(1, 0.5), Duration::from_millis(200));
+        assert_eq!(b.delay_with(30, 0.0), Duration::from_secs(5));
+    }
 
     #[test]
     fn bucket_refills_at_its_rate_and_caps_at_the_burst() {

@@ -25,9 +25,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 use warren_relay_proto::PublicKey;
 
+use crate::core::paths::Path;
 use crate::funnel::{parse_target, Funnel, FunnelConfig};
 use crate::node::{Node, NodeError};
-use crate::paths::Path;
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 128 << 10;

@@ -20,11 +20,11 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rand_core::{OsRng, RngCore};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use warren_common::limits::Backoff;
 use warren_tunnel::{
     is_hop_by_hop, quic_client_config, read_message, respond_text, send_body, write_message, QuicBody,
 };
@@ -176,6 +176,9 @@ async fn run(cfg: FunnelConfig, status: watch::Sender<FunnelStatus>, cancel: Can
     endpoint.close(0u32.into(), b"funnel off");
 }
 
+/// Delay between attempts to reach an edge: 200 ms doubling to 30 s, jittered.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+
 /// The tunnel to one edge, re-established with jittered backoff.
 struct Link {
     index: usize,
@@ -210,8 +213,7 @@ impl Link {
                 s.last_error = Some(err);
             });
             failures += 1;
-            let base = Duration::from_millis(200).saturating_mul(1 << failures.min(7)).min(Duration::from_secs(30));
-            let delay = base.mul_f64(0.5 + f64::from(OsRng.next_u32() % 1000) / 1000.0);
+            let delay = BACKOFF.delay(failures);
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tokio::time::sleep(delay) => {}

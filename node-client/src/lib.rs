@@ -2,12 +2,16 @@
 //!
 //! A node keeps a home relay connection through the DERP client (`warren-relay-client`, shared
 //! with the relays' mesh links and the load harness), punches direct UDP paths to peers
-//! ([`node`], [`paths`], [`disco`]) and publishes local services through an edge ([`funnel`]).
+//! ([`core`]: sans-IO peers, paths, home choice and disco; [`node`]: the shell that owns the
+//! socket; `relay_link`: the home relay connection) and publishes local services through an
+//! edge ([`funnel`]).
 
 pub mod control;
-pub mod disco;
+pub mod core;
 pub mod fetch;
 pub mod funnel;
 pub mod node;
-pub mod paths;
 pub mod regionmap;
+mod relay_link;
+
+pub use crate::core::{disco, paths};

@@ -25,6 +25,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
+use warren_common::limits::Backoff;
 use warren_relay_client::{ConnectOptions, DerpClient};
 use warren_relay_proto::handshake::ClientInfo;
 use warren_relay_proto::Frame;
@@ -41,8 +42,8 @@ const LINK_QUEUE: usize = 8192;
 const LINK_BATCH: usize = 256;
 /// Deadline for dialling and logging in to a sibling.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Longest backoff between attempts to reach a sibling.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Delay between attempts to reach a sibling: 100 ms doubling to 10 s, jittered.
+const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
 /// One sibling to dial.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -151,7 +152,7 @@ async fn run_link(
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(backoff(failures)) => {}
+            _ = tokio::time::sleep(BACKOFF.delay(failures)) => {}
         }
     }
 }
@@ -230,24 +231,4 @@ async fn serve_link(shared: &Shared, mut client: DerpClient, id: u64, cancel: &C
     }
     m.dropped(DropReason::MeshLinkDown, left);
     why
-}
-
-/// Jittered exponential backoff: 100 ms doubling to [`MAX_BACKOFF`], then 50–150 %.
-fn backoff(failures: u32) -> Duration {
-    let base = Duration::from_millis(100).saturating_mul(1 << failures.min(7)).min(MAX_BACKOFF);
-    base.mul_f64(0.5 + f64::from(OsRng.next_u32() % 1000) / 1000.0)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        assert!(backoff(0) <= Duration::from_millis(150));
-        for f in 0..40 {
-            assert!(backoff(f) <= MAX_BACKOFF.mul_f64(1.5));
-        }
-        assert!(backoff(20) >= MAX_BACKOFF / 2);
-    }
 }

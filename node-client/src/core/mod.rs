@@ -1,0 +1,514 @@
+//! The node's policy, without I/O: peers and their paths, home relay choice, STUN, disco.
+//!
+//! ```text
+//! inputs                                   outputs
+//! handle_send(peer, data, now)             poll_transmit() -> Transmit { Direct(addr) | Relay(key), payload }
+//! handle_ping(peer, now) -> id             poll_event()    -> Received | HomeChanged | PingAnswered | PingExpired
+//! handle_datagram(from, bytes, now)        poll_timeout()  -> when to call handle_timeout
+//! handle_relay_packet(src, bytes, now)
+//! handle_relay_connected() / handle_relay_lost(url, now)
+//! handle_timeout(now)
+//! ```
+//!
+//! The shell (`node.rs`) owns the UDP socket and the relay link: it feeds in what happened with
+//! the current time, then sends every transmit and acts on every event before waiting again.
+//! Every message between peers is a sealed [`disco`] envelope, over direct UDP or as the opaque
+//! payload of a relay packet. Randomness (ping ids, nonces) comes from the `R` the core is given.
+//!
+//! - [`paths`]: which path reaches one peer (pings, pongs, trust, candidates);
+//! - [`home`]: which relay is home;
+//! - [`peers`]: per-peer state and counters, and the status snapshot;
+//! - [`disco`]: the sealed peer messages.
+
+pub mod disco;
+pub(crate) mod home;
+pub mod paths;
+pub(crate) mod peers;
+#[cfg(test)]
+mod testing;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand_core::CryptoRngCore;
+use tracing::{debug, info};
+use warren_relay_proto::{stun, PublicKey, SecretKey};
+
+use self::disco::{Message, PeerBox};
+pub use self::home::HomeTarget;
+use self::paths::Path;
+use self::peers::Peer;
+pub use self::peers::{HomeStatus, PeerStatus, Received, Status};
+use crate::regionmap::RegionMap;
+
+/// How often the core wants [`NodeCore::handle_timeout`].
+pub const TICK: Duration = Duration::from_millis(100);
+/// Bounded number of outstanding explicit pings.
+const MAX_EXPLICIT_PINGS: usize = 1024;
+/// An explicit ping unanswered for this long is given up.
+const EXPLICIT_PING_TIMEOUT: Duration = Duration::from_secs(10);
+/// A STUN request unanswered for this long is forgotten.
+const STUN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Without STUN answers, a home is chosen anyway after this long.
+const HOME_WITHOUT_STUN: Duration = Duration::from_millis(700);
+/// Sealing boxes kept; past this the cache starts over.
+const MAX_BOXES: usize = 10_000;
+
+/// What the core needs to know of the node's configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The node's identity.
+    pub secret: SecretKey,
+    /// Relays to choose a home from.
+    pub region_map: RegionMap,
+    /// How often to re-run STUN (endpoints and region latency).
+    pub stun_interval: Duration,
+    /// How often to reconsider the home region.
+    pub rehome_interval: Duration,
+    /// Never use direct paths.
+    pub relay_only: bool,
+}
+
+/// Where a transmit goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    /// A UDP datagram to this address (a peer's endpoint or a STUN server).
+    Direct(SocketAddr),
+    /// A packet through the home relay to this key.
+    Relay(PublicKey),
+}
+
+/// Bytes the shell must send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Where.
+    pub dst: Destination,
+    /// What: a sealed envelope, or a STUN request.
+    pub payload: Bytes,
+}
+
+/// Something the shell must act on.
+#[derive(Debug)]
+pub enum Event {
+    /// An application packet from a peer.
+    Received(Received),
+    /// The home relay changed: the relay link dials it.
+    HomeChanged(HomeTarget),
+    /// An explicit ping ([`NodeCore::handle_ping`]) was answered.
+    PingAnswered {
+        /// The id `handle_ping` returned.
+        id: u64,
+        /// The path it went over.
+        path: Path,
+        /// Its round trip.
+        rtt: Duration,
+    },
+    /// An explicit ping went unanswered and is given up.
+    PingExpired(u64),
+}
+
+/// A `warren ping` waiting for its Pong.
+#[derive(Debug)]
+struct ExplicitPing {
+    id: u64,
+    sent: Instant,
+    path: Path,
+}
+
+/// A STUN request waiting for its answer.
+#[derive(Debug)]
+struct StunProbe {
+    region_id: u32,
+    server: SocketAddr,
+    sent: Instant,
+}
+
+/// The node's sans-IO state machine.
+pub struct NodeCore<R> {
+    settings: Settings,
+    public: PublicKey,
+    rng: R,
+    peers: HashMap<PublicKey, Peer>,
+    boxes: HashMap<PublicKey, PeerBox>,
+    home: home::Home,
+    relay_connected: bool,
+    stun_servers: Vec<(u32, SocketAddr)>,
+    stun_pending: HashMap<[u8; 12], StunProbe>,
+    /// STUN server -> our address as it saw us.
+    mapped: HashMap<SocketAddr, SocketAddr>,
+    local_endpoint: Option<SocketAddr>,
+    explicit_pings: HashMap<[u8; 12], ExplicitPing>,
+    next_ping_id: u64,
+    started: Instant,
+    last_stun: Option<Instant>,
+    last_rehome: Option<Instant>,
+    next_tick: Instant,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+}
+
+impl<R> std::fmt::Debug for NodeCore<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeCore")
+            .field("public", &self.public)
+            .field("peers", &self.peers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: CryptoRngCore> NodeCore<R> {
+    /// A core started at `now`.
+    pub fn new(settings: Settings, rng: R, now: Instant) -> Self {
+        NodeCore {
+            public: settings.secret.public_key(),
+            settings,
+            rng,
+            peers: HashMap::new(),
+            boxes: HashMap::new(),
+            home: home::Home::default(),
+            relay_connected: false,
+            stun_servers: Vec::new(),
+            stun_pending: HashMap::new(),
+            mapped: HashMap::new(),
+            local_endpoint: None,
+            explicit_pings: HashMap::new(),
+            next_ping_id: 1,
+            started: now,
+            last_stun: None,
+            last_rehome: None,
+            next_tick: now,
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The region map the core chooses a home from (the shell resolves its STUN servers).
+    pub fn region_map(&self) -> &RegionMap {
+        &self.settings.region_map
+    }
+
+    /// The STUN servers the shell resolved, by region.
+    pub fn set_stun_servers(&mut self, servers: Vec<(u32, SocketAddr)>) {
+        self.stun_servers = servers;
+    }
+
+    /// Our LAN endpoint (the source address towards the first relay, with our UDP port).
+    pub fn set_local_endpoint(&mut self, addr: SocketAddr) {
+        self.local_endpoint = Some(addr);
+    }
+
+    /// The application asked to send `data` to `peer`.
+    pub fn handle_send(&mut self, peer: PublicKey, data: Bytes, now: Instant) {
+        let p = self.peers.entry(peer).or_default();
+        let first = !p.paths.is_active(now);
+        p.paths.on_activity(now);
+        match p.paths.current(now) {
+            Path::Direct(to) => {
+                p.tx_direct += 1;
+                self.send_direct(&peer, to, &Message::Data(data));
+            }
+            Path::Relay => {
+                p.tx_relay += 1;
+                if !self.send_relay(&peer, &Message::Data(data)) {
+                    debug!(peer = %peer.short(), "no path: relay not connected");
+                }
+            }
+        }
+        if first {
+            self.probe_peer(peer, now);
+        }
+    }
+
+    /// The application asked to ping `peer` over its current path; the answer comes as
+    /// [`Event::PingAnswered`] with the returned id. `None` when too many pings are pending.
+    pub fn handle_ping(&mut self, peer: PublicKey, now: Instant) -> Option<u64> {
+        if self.explicit_pings.len() >= MAX_EXPLICIT_PINGS {
+            return None;
+        }
+        let tx = self.tx_id();
+        let id = self.next_ping_id;
+        self.next_ping_id += 1;
+        let p = self.peers.entry(peer).or_default();
+        p.paths.on_activity(now);
+        let path = p.paths.current(now);
+        self.explicit_pings.insert(tx, ExplicitPing { id, sent: now, path });
+        match path {
+            Path::Direct(to) => {
+                p.paths.note_ping(tx, to, now);
+                self.send_direct(&peer, to, &Message::Ping { tx });
+            }
+            Path::Relay => {
+                self.send_relay(&peer, &Message::Ping { tx });
+            }
+        }
+        Some(id)
+    }
+
+    /// A UDP datagram arrived from `from`: a peer's envelope or a STUN answer.
+    pub fn handle_datagram(&mut self, from: SocketAddr, data: &[u8], now: Instant) {
+        if disco::is_envelope(data) {
+            if self.settings.relay_only {
+                return;
+            }
+            if let Ok(sender) = disco::sender(data) {
+                self.on_envelope(data, sender, Some(from), now);
+            }
+            return;
+        }
+        if let Ok((tx, mapped)) = stun::parse_binding_response(data) {
+            self.on_stun(tx, mapped, from, now);
+        }
+    }
+
+    /// The home relay delivered a packet from `src`.
+    pub fn handle_relay_packet(&mut self, src: PublicKey, data: &[u8], now: Instant) {
+        self.on_envelope(data, src, None, now);
+    }
+
+    /// The home relay connection is up.
+    pub fn handle_relay_connected(&mut self) {
+        self.relay_connected = true;
+    }
+
+    /// The home relay at `url` failed or said it is restarting: choose another.
+    pub fn handle_relay_lost(&mut self, url: String, now: Instant) {
+        self.relay_connected = false;
+        self.home.note_failed(url, now);
+        self.choose_home(true, now);
+    }
+
+    /// Periodic work: STUN, home choice, probing active peers, expiring what went unanswered.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if now < self.next_tick {
+            return;
+        }
+        self.next_tick = now + TICK;
+        if self.last_stun.is_none_or(|t| now.saturating_duration_since(t) >= self.settings.stun_interval) {
+            self.last_stun = Some(now);
+            self.send_stun(now);
+        }
+        if self.home.current().is_none() && now.saturating_duration_since(self.started) > HOME_WITHOUT_STUN {
+            self.choose_home(false, now);
+        }
+        if self.last_rehome.is_none_or(|t| now.saturating_duration_since(t) >= self.settings.rehome_interval) {
+            self.last_rehome = Some(now);
+            if self.home.current().is_some() {
+                self.choose_home(false, now);
+            }
+        }
+        let active: Vec<PublicKey> =
+            self.peers.iter().filter(|(_, p)| p.paths.is_active(now)).map(|(k, _)| *k).collect();
+        for peer in active {
+            self.probe_peer(peer, now);
+        }
+        let events = &mut self.events;
+        self.explicit_pings.retain(|_, p| {
+            let keep = now.saturating_duration_since(p.sent) < EXPLICIT_PING_TIMEOUT;
+            if !keep {
+                events.push_back(Event::PingExpired(p.id));
+            }
+            keep
+        });
+        self.stun_pending.retain(|_, p| now.saturating_duration_since(p.sent) < STUN_TIMEOUT);
+    }
+
+    /// The next datagram or relay packet to send.
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next thing the shell must act on.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When to call [`Self::handle_timeout`] next.
+    pub fn poll_timeout(&self) -> Instant {
+        self.next_tick
+    }
+
+    /// The node's state at `now`; `udp_local` is the socket's address, which only the shell
+    /// knows.
+    pub fn status(&self, now: Instant, udp_local: String) -> Status {
+        let home = self.home.current().map(|h| HomeStatus {
+            region_id: h.region_id,
+            region_code: self
+                .settings
+                .region_map
+                .region(h.region_id)
+                .map(|r| r.region_code.clone())
+                .unwrap_or_default(),
+            url: h.url.clone(),
+        });
+        let distinct_ports: HashSet<u16> = self.mapped.values().map(|a| a.port()).collect();
+        let mut peers: Vec<PeerStatus> = self.peers.iter().map(|(k, p)| p.status(k, now)).collect();
+        peers.sort_by(|a, b| a.key.cmp(&b.key));
+        Status {
+            public_key: self.public.to_hex(),
+            udp_local,
+            home,
+            relay_connected: self.relay_connected,
+            endpoints: self.endpoints().iter().map(|a| a.to_string()).collect(),
+            mapping_varies_by_dest: (self.mapped.len() >= 2).then_some(distinct_ports.len() > 1),
+            region_latency_ms: self.home.region_rtt.iter().map(|(k, v)| (*k, v.as_secs_f64() * 1e3)).collect(),
+            peers,
+        }
+    }
+
+    fn tx_id(&mut self) -> [u8; 12] {
+        let mut tx = [0u8; 12];
+        self.rng.fill_bytes(&mut tx);
+        tx
+    }
+
+    fn seal(&mut self, peer: &PublicKey, msg: &Message) -> Bytes {
+        if self.boxes.len() > MAX_BOXES && !self.boxes.contains_key(peer) {
+            self.boxes.clear();
+        }
+        let secret = &self.settings.secret;
+        let sealing = self.boxes.entry(*peer).or_insert_with(|| PeerBox::new(secret, peer));
+        sealing.seal(&self.public, msg, &mut self.rng)
+    }
+
+    fn send_direct(&mut self, peer: &PublicKey, to: SocketAddr, msg: &Message) {
+        let payload = self.seal(peer, msg);
+        self.transmits.push_back(Transmit { dst: Destination::Direct(to), payload });
+    }
+
+    /// Queues `msg` for the relay; false when the relay is not connected (nothing is queued).
+    fn send_relay(&mut self, peer: &PublicKey, msg: &Message) -> bool {
+        if !self.relay_connected {
+            return false;
+        }
+        let payload = self.seal(peer, msg);
+        self.transmits.push_back(Transmit { dst: Destination::Relay(*peer), payload });
+        true
+    }
+
+    /// Pings due candidates and, without a direct path, tells the peer our endpoints.
+    fn probe_peer(&mut self, peer: PublicKey, now: Instant) {
+        if self.settings.relay_only {
+            return;
+        }
+        let endpoints = self.endpoints();
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let pings = p.paths.poll_pings(now, &mut self.rng);
+        let call = p.paths.want_call_me_maybe(now);
+        for (to, tx) in pings {
+            self.send_direct(&peer, to, &Message::Ping { tx });
+        }
+        if call && !endpoints.is_empty() {
+            self.send_relay(&peer, &Message::CallMeMaybe { endpoints });
+        }
+    }
+
+    fn endpoints(&self) -> Vec<SocketAddr> {
+        let mut eps: Vec<SocketAddr> = self.local_endpoint.into_iter().collect();
+        let mut seen: HashSet<SocketAddr> = eps.iter().copied().collect();
+        for m in self.mapped.values() {
+            if seen.insert(*m) {
+                eps.push(*m);
+            }
+        }
+        eps.truncate(disco::MAX_ENDPOINTS);
+        eps
+    }
+
+    /// An envelope from `sender`, directly from `from` or (None) through the relay.
+    fn on_envelope(&mut self, data: &[u8], sender: PublicKey, from: Option<SocketAddr>, now: Instant) {
+        if disco::sender(data).ok() != Some(sender) || sender == self.public {
+            return;
+        }
+        let secret = &self.settings.secret;
+        let opened = self.boxes.entry(sender).or_insert_with(|| PeerBox::new(secret, &sender)).open(data);
+        let Ok(msg) = opened else {
+            debug!(peer = %sender.short(), "envelope failed to open");
+            return;
+        };
+        match (msg, from) {
+            (Message::Ping { tx }, Some(from)) => {
+                let p = self.peers.entry(sender).or_default();
+                p.paths.on_ping_from(from, now);
+                // Ping back at once: the peer's ping just opened its NAT towards us.
+                let back = p.paths.ping_back(from, now, &mut self.rng);
+                self.send_direct(&sender, from, &Message::Pong { tx, src: from });
+                if let Some(tx) = back {
+                    self.send_direct(&sender, from, &Message::Ping { tx });
+                }
+            }
+            (Message::Ping { tx }, None) => {
+                let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
+                self.send_relay(&sender, &Message::Pong { tx, src: unspecified });
+            }
+            (Message::Pong { tx, src }, from) => {
+                if let Some(from) = from {
+                    let p = self.peers.entry(sender).or_default();
+                    if let Some(rtt) = p.paths.on_pong(tx, from, now) {
+                        debug!(peer = %sender.short(), %from, ?rtt, reflexive = %src, "direct path answered");
+                    }
+                }
+                if let Some(ping) = self.explicit_pings.remove(&tx) {
+                    let rtt = now.saturating_duration_since(ping.sent);
+                    self.events.push_back(Event::PingAnswered { id: ping.id, path: ping.path, rtt });
+                }
+            }
+            (Message::CallMeMaybe { .. }, _) if self.settings.relay_only => {}
+            (Message::CallMeMaybe { endpoints }, _) => {
+                let p = self.peers.entry(sender).or_default();
+                p.paths.add_candidates(&endpoints);
+                p.paths.on_activity(now);
+                self.probe_peer(sender, now);
+            }
+            (Message::Data(payload), from) => {
+                let p = self.peers.entry(sender).or_default();
+                p.paths.on_activity(now);
+                let path = match from {
+                    Some(a) => {
+                        p.rx_direct += 1;
+                        Path::Direct(a)
+                    }
+                    None => {
+                        p.rx_relay += 1;
+                        Path::Relay
+                    }
+                };
+                self.events.push_back(Event::Received(Received { from: sender, data: payload, path }));
+            }
+        }
+    }
+
+    fn on_stun(&mut self, tx: [u8; 12], mapped: SocketAddr, from: SocketAddr, now: Instant) {
+        let Some(probe) = self.stun_pending.remove(&tx) else { return };
+        if probe.server != from {
+            return;
+        }
+        self.home.note_rtt(probe.region_id, now.saturating_duration_since(probe.sent));
+        if self.mapped.insert(probe.server, mapped) != Some(mapped) {
+            info!(server = %probe.server, %mapped, "public endpoint via STUN");
+        }
+        if self.home.current().is_none() {
+            self.choose_home(false, now);
+        }
+    }
+
+    fn send_stun(&mut self, now: Instant) {
+        for (region_id, server) in self.stun_servers.clone() {
+            let tx = self.tx_id();
+            let Ok(req) = stun::binding_request(tx) else { continue };
+            self.transmits.push_back(Transmit { dst: Destination::Direct(server), payload: Bytes::from(req) });
+            self.stun_pending.insert(tx, StunProbe { region_id, server, sent: now });
+        }
+    }
+
+    fn choose_home(&mut self, force: bool, now: Instant) {
+        if let Some(target) = self.home.choose(&self.settings.region_map, force, now) {
+            let region = target.region_id;
+            info!(region, latency = ?self.home.region_rtt.get(&region), "home region chosen");
+            self.events.push_back(Event::HomeChanged(target));
+        }
+    }
+}

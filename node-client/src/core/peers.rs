@@ -1,0 +1,107 @@
+//! What the node keeps per peer, and the status snapshot it reports.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use bytes::Bytes;
+use serde::Serialize;
+use warren_relay_proto::PublicKey;
+
+use super::paths::{Path, PeerPaths};
+
+/// One peer: its paths and packet counters.
+#[derive(Debug, Default)]
+pub(crate) struct Peer {
+    pub(crate) paths: PeerPaths,
+    pub(crate) tx_direct: u64,
+    pub(crate) tx_relay: u64,
+    pub(crate) rx_direct: u64,
+    pub(crate) rx_relay: u64,
+}
+
+impl Peer {
+    /// This peer's line in [`Status`].
+    pub(crate) fn status(&self, key: &PublicKey, now: Instant) -> PeerStatus {
+        PeerStatus {
+            key: key.to_hex(),
+            path: match self.paths.current(now) {
+                Path::Direct(a) => format!("direct {a}"),
+                Path::Relay => "relay".into(),
+            },
+            rtt_ms: self.paths.direct_rtt(now).map(|d| d.as_secs_f64() * 1e3),
+            candidates: self.paths.candidates().map(|a| a.to_string()).collect(),
+            time_to_direct_ms: self.paths.time_to_direct().map(|d| d.as_secs_f64() * 1e3),
+            tx_direct: self.tx_direct,
+            tx_relay: self.tx_relay,
+            rx_direct: self.rx_direct,
+            rx_relay: self.rx_relay,
+        }
+    }
+}
+
+/// A packet received from a peer.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The sender (authenticated by the envelope's seal).
+    pub from: PublicKey,
+    /// The application payload.
+    pub data: Bytes,
+    /// How it arrived.
+    pub path: Path,
+}
+
+/// A snapshot of the node's state.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    /// This node's public key.
+    pub public_key: String,
+    /// Local UDP address.
+    pub udp_local: String,
+    /// The chosen home relay, if any.
+    pub home: Option<HomeStatus>,
+    /// Whether the home relay connection is up.
+    pub relay_connected: bool,
+    /// Endpoints peers are told to try.
+    pub endpoints: Vec<String>,
+    /// Whether the public mapping differs per destination (a "hard" NAT); unknown until two
+    /// STUN servers answered.
+    pub mapping_varies_by_dest: Option<bool>,
+    /// Measured STUN round trip per region id, in ms.
+    pub region_latency_ms: BTreeMap<u32, f64>,
+    /// Known peers.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// The home relay.
+#[derive(Debug, Clone, Serialize)]
+pub struct HomeStatus {
+    /// Region id.
+    pub region_id: u32,
+    /// Region code.
+    pub region_code: String,
+    /// Relay URL.
+    pub url: String,
+}
+
+/// One peer.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    /// The peer's key.
+    pub key: String,
+    /// `direct <ip:port>` or `relay`.
+    pub path: String,
+    /// Round trip of the direct path, in ms.
+    pub rtt_ms: Option<f64>,
+    /// Candidate endpoints.
+    pub candidates: Vec<String>,
+    /// Milliseconds from first traffic to the first direct path.
+    pub time_to_direct_ms: Option<f64>,
+    /// Data packets sent directly.
+    pub tx_direct: u64,
+    /// Data packets sent through the relay.
+    pub tx_relay: u64,
+    /// Data packets received directly.
+    pub rx_direct: u64,
+    /// Data packets received through the relay.
+    pub rx_relay: u64,
+}
