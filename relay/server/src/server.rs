@@ -221,10 +221,7 @@ impl Server {
         let clients = self.shared.router.len();
         info!(clients, grace = ?grace, "draining: sent Restarting to every client");
         self.shared.router.broadcast(&restarting);
-        let deadline = tokio::time::Instant::now() + grace;
-        while self.shared.router.len() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let _ = tokio::time::timeout(grace, clients_gone(&self.shared.router)).await;
         let left = self.shared.router.len();
         self.shared.conns_cancel.cancel();
         self.tracker.close();
@@ -232,6 +229,19 @@ impl Server {
             warn!("some connections did not close within 5s of the drain deadline");
         }
         info!(closed_at_deadline = left, "relay stopped");
+    }
+}
+
+/// Resolves once no client is logged in.
+async fn clients_gone(router: &Router) {
+    loop {
+        let emptied = router.emptied().notified();
+        tokio::pin!(emptied);
+        emptied.as_mut().enable();
+        if router.len() == 0 {
+            return;
+        }
+        emptied.await;
     }
 }
 

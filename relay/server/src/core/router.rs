@@ -31,7 +31,7 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use warren_relay_proto::{Frame, PublicKey};
 
 pub(crate) use super::inbox::{Control, Packet};
@@ -100,6 +100,8 @@ pub(crate) enum Delivery {
 pub(crate) struct Router {
     local: RwLock<Local>,
     siblings: RwLock<HashMap<PublicKey, SiblingLink>>,
+    /// Woken whenever the last local client leaves (a drain waits for it).
+    emptied: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -184,9 +186,18 @@ impl Router {
         if local.map.get(key).is_some_and(|h| h.conn_id == conn_id) {
             local.map.remove(key);
             local.notify(&Presence::Gone(*key));
+            if local.map.is_empty() {
+                self.emptied.notify_waiters();
+            }
             return true;
         }
         false
+    }
+
+    /// Woken when the last local client leaves: create a `notified()` future, `enable` it,
+    /// then check [`Router::len`], so that a departure in between is not missed.
+    pub(crate) fn emptied(&self) -> &Notify {
+        &self.emptied
     }
 
     /// Subscribes watcher `id` to arrivals and departures; returns who is here now.
