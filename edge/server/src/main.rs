@@ -8,7 +8,7 @@ use clap::Parser;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing::info;
 use warren_common::runtime::{init_logging, wait_for_signal};
-use warren_edge::config::{Config, FileConfig, TokenFile};
+use warren_edge::config::{Config, FileConfig, TlsModeName, TokenFile};
 use warren_edge::Edge;
 
 /// Exit code for an invalid configuration (EX_USAGE).
@@ -66,7 +66,7 @@ struct Cli {
 impl Cli {
     fn apply(&self, mut f: FileConfig) -> FileConfig {
         if self.dev {
-            f.tls.mode.get_or_insert_with(|| "dev".into());
+            f.tls.mode.get_or_insert(TlsModeName::Dev);
             f.public_listen.get_or_insert_with(|| vec!["127.0.0.1:10000".into()]);
             f.tunnel_listen.get_or_insert_with(|| "127.0.0.1:7443".into());
             f.admin.listen.get_or_insert_with(|| "127.0.0.1:9190".into());

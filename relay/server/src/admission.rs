@@ -100,8 +100,7 @@ impl Admission {
             AdmissionConfig::Callout { url, ca_file, timeout, cache_ttl, fail_open } => {
                 info!(%url, fail_open, "admission: callout");
                 Admission::Callout(Callout {
-                    url: RelayUrl::parse(url)
-                        .map_err(|e| AllowListError { path: url.into(), reason: e.to_string() })?,
+                    url: url.clone(),
                     ca_file: ca_file.clone(),
                     timeout: *timeout,
                     fail_open: *fail_open,

@@ -8,7 +8,7 @@ use clap::Parser;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tracing::info;
 use warren_common::runtime::{init_logging, wait_for_signal};
-use warren_relay::config::{Config, FileConfig};
+use warren_relay::config::{Config, FileConfig, TlsModeName};
 use warren_relay::Server;
 
 /// Exit code for an invalid configuration (EX_USAGE in sysexits.h).
@@ -80,7 +80,7 @@ impl Cli {
     /// Lays the flags over the file's settings.
     fn apply(&self, mut f: FileConfig) -> FileConfig {
         if self.dev {
-            f.tls.mode = Some(if self.plain { "plain" } else { "dev" }.into());
+            f.tls.mode = Some(if self.plain { TlsModeName::Plain } else { TlsModeName::Dev });
             f.listen.get_or_insert_with(|| "127.0.0.1:8443".into());
             f.stun.listen.get_or_insert_with(|| "127.0.0.1:3478".into());
             f.admin.listen.get_or_insert_with(|| "127.0.0.1:9090".into());
@@ -102,7 +102,7 @@ impl Cli {
             f.key_file = Some(k.clone());
         }
         if let (Some(c), Some(k)) = (&self.tls_cert, &self.tls_key) {
-            f.tls.mode = Some("manual".into());
+            f.tls.mode = Some(TlsModeName::Manual);
             f.tls.cert_file = Some(c.clone());
             f.tls.key_file = Some(k.clone());
         }

@@ -19,6 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use rand_core::OsRng;
 use tokio::net::{TcpListener, TcpStream};
+use warren_relay::config::AdmissionMode;
 use warren_relay_client::DerpClient;
 use warren_relay_proto::{Frame, PublicKey, SecretKey, Transport};
 
@@ -47,7 +48,7 @@ async fn allow_list_admits_listed_keys_and_reloads() {
     std::fs::write(&list, format!("# test\n{}\n", listed.public_key())).expect("write");
     let path = list.clone();
     let relay = start_relay(move |f| {
-        f.admission.mode = Some("allow_list".into());
+        f.admission.mode = Some(AdmissionMode::AllowList);
         f.admission.allow_list_file = Some(path);
     })
     .await;
@@ -101,7 +102,7 @@ async fn callout_decides_is_cached_and_fails_closed_or_open() {
     let calls = Arc::new(AtomicUsize::new(0));
     let endpoint = callout_server(good.public_key(), calls.clone()).await;
     let relay = start_relay(|f| {
-        f.admission.mode = Some("callout".into());
+        f.admission.mode = Some(AdmissionMode::Callout);
         f.admission.callout_url = Some(format!("http://{endpoint}/verify"));
     })
     .await;
@@ -115,7 +116,7 @@ async fn callout_decides_is_cached_and_fails_closed_or_open() {
     let dead = TcpListener::bind("127.0.0.1:0").await.expect("bind").local_addr().expect("addr");
     for (n, fail_open) in [(1.0, false), (2.0, true)] {
         let relay = start_relay(|f| {
-            f.admission.mode = Some("callout".into());
+            f.admission.mode = Some(AdmissionMode::Callout);
             f.admission.callout_url = Some(format!("http://{dead}/verify"));
             f.admission.fail_open = Some(fail_open);
         })

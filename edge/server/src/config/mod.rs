@@ -3,12 +3,15 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
-use warren_common::config::{duration, load_toml, parse_toml, socket_addr};
+use warren_common::config::{duration, socket_addr};
 pub use warren_common::config::{AdminFile, ConfigError, SharedKey};
+
+pub use self::file::*;
+
+mod file;
 
 /// Defaults, in one place.
 pub mod defaults {
@@ -50,64 +53,6 @@ pub mod defaults {
     pub const CLUSTER_KEY_MIN_LEN: usize = super::SharedKey::MIN_LEN;
     /// Environment variable holding the cluster key.
     pub const CLUSTER_KEY_ENV: &str = "WARREN_EDGE_CLUSTER_KEY";
-}
-
-/// The TOML file. Every key is optional.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileConfig {
-    /// Public names are `<node>.<funnel_domain>`.
-    pub funnel_domain: Option<String>,
-    /// Directory for certificates and the dev CA.
-    pub state_dir: Option<PathBuf>,
-    /// The edge's own host name (the tunnel's TLS name).
-    pub hostname: Option<String>,
-    /// Public HTTPS listeners.
-    pub public_listen: Option<Vec<String>>,
-    /// QUIC tunnel listener (UDP).
-    pub tunnel_listen: Option<String>,
-    /// TLS.
-    #[serde(default)]
-    pub tls: TlsFile,
-    /// Tokens nodes authenticate with.
-    #[serde(default)]
-    pub tokens: Vec<TokenFile>,
-    /// Admin listener.
-    #[serde(default)]
-    pub admin: AdminFile,
-    /// Limits.
-    #[serde(default)]
-    pub limits: LimitsFile,
-    /// Shutdown.
-    #[serde(default)]
-    pub shutdown: ShutdownFile,
-    /// ACME, for `tls.mode = "acme"`.
-    #[serde(default)]
-    pub acme: AcmeFile,
-    /// Several edges sharing state.
-    #[serde(default)]
-    pub cluster: ClusterFile,
-}
-
-/// `[cluster]`: edges behind one DNS name share certificates, locks and routes in Redis, and
-/// forward a visitor to the edge that holds the node's tunnel.
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterFile {
-    /// `redis://[:password@]host:port/db`. Absent: a single edge with its file store.
-    pub redis_url: Option<String>,
-    /// Address siblings reach this edge's tunnel endpoint at (UDP), e.g. "10.0.0.5:7443".
-    pub advertise: Option<String>,
-    /// File holding the cluster key shared by the edges (one line). The key may also come
-    /// from `WARREN_EDGE_CLUSTER_KEY`.
-    pub key_file: Option<PathBuf>,
-    /// The key itself; never read from the file, only from the environment or a flag.
-    #[serde(skip)]
-    pub key: Option<String>,
-    /// Extra CA (PEM) to trust for siblings' tunnel certificates (e.g. a shared dev CA).
-    pub ca_file: Option<PathBuf>,
-    /// Route entry lifetime, e.g. "15s".
-    pub route_ttl: Option<String>,
 }
 
 /// The cluster's shared key.
@@ -174,118 +119,6 @@ fn cluster_settings(c: ClusterFile) -> Result<Option<ClusterConfig>, ConfigError
         return Err(ConfigError::invalid("cluster.route_ttl", "must be at least 1s"));
     }
     Ok(Some(ClusterConfig { redis_url, advertise, key, ca_file: c.ca_file, route_ttl }))
-}
-
-/// `[acme]`
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AcmeFile {
-    /// Directory URL of the CA.
-    pub directory: Option<String>,
-    /// Contact URIs, e.g. "mailto:ops@example.com".
-    #[serde(default)]
-    pub contact: Vec<String>,
-    /// Extra root CA (PEM) to trust for the ACME server's HTTPS.
-    pub ca_file: Option<PathBuf>,
-    /// "http-01" (default), "tls-alpn-01" or "dns-01".
-    pub challenge: Option<String>,
-    /// Where HTTP-01 answers are served (default 0.0.0.0:80).
-    pub http01_listen: Option<String>,
-    /// Program publishing DNS-01 TXT records: `HOOK set|clear <fqdn> <value>`.
-    pub dns01_hook: Option<PathBuf>,
-    /// With dns-01: one `*.<funnel_domain>` certificate instead of one per node.
-    pub wildcard: Option<bool>,
-    /// How often certificates are checked for renewal, e.g. "1h".
-    pub renew_check_interval: Option<String>,
-}
-
-/// `[tls]`
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFile {
-    /// `dev` (local CA) or `manual` (a wildcard certificate from files).
-    pub mode: Option<String>,
-    /// PEM chain for `manual` (should cover `*.<funnel_domain>` and `hostname`).
-    pub cert_file: Option<PathBuf>,
-    /// PEM key for `manual`.
-    pub key_file: Option<PathBuf>,
-}
-
-/// `[[tokens]]`
-#[derive(Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TokenFile {
-    /// The secret a node presents.
-    pub token: String,
-    /// Node names it may register; `"*"` allows any.
-    pub names: Vec<String>,
-}
-
-impl fmt::Debug for TokenFile {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenFile").field("token", &"<redacted>").field("names", &self.names).finish()
-    }
-}
-
-/// `[limits]`
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsFile {
-    /// e.g. "60s".
-    pub response_timeout: Option<String>,
-    /// Requests in flight per tunnel.
-    pub max_streams_per_tunnel: Option<u32>,
-    /// Visitor requests per second per funnel name (0 or absent: unlimited); over it, 429.
-    pub requests_per_second_per_host: Option<u32>,
-    /// Burst of that rate (default: one second's worth).
-    pub burst_per_host: Option<u32>,
-    /// Visitor connections accepted per second, all sources together.
-    pub accept_rate: Option<u32>,
-    /// Burst of visitor connections.
-    pub accept_burst: Option<u32>,
-    /// Open visitor connections per source IP.
-    pub max_conns_per_ip: Option<u32>,
-    /// Node tunnel handshakes per second, all sources together.
-    pub tunnel_accept_rate: Option<u32>,
-    /// Burst of tunnel handshakes.
-    pub tunnel_accept_burst: Option<u32>,
-}
-
-/// `[shutdown]`
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ShutdownFile {
-    /// e.g. "10s".
-    pub grace_period: Option<String>,
-}
-
-impl FileConfig {
-    /// Reads and parses a file.
-    ///
-    /// # Errors
-    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        load_toml(path)
-    }
-
-    /// Parses TOML text.
-    ///
-    /// # Errors
-    /// [`ConfigError::Parse`].
-    pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        parse_toml(text)
-    }
-}
-
-/// ACME challenge type.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Challenge {
-    /// HTTP-01 on the HTTP listener.
-    Http01,
-    /// TLS-ALPN-01 on the public TLS listeners.
-    TlsAlpn01,
-    /// DNS-01 through the hook.
-    Dns01,
 }
 
 /// Checked ACME settings.
@@ -417,9 +250,9 @@ impl TryFrom<FileConfig> for Config {
         if public_listen.is_empty() {
             return Err(ConfigError::invalid("public_listen", "needs at least one address"));
         }
-        let tls = match f.tls.mode.as_deref().unwrap_or("dev") {
-            "dev" => TlsMode::Dev,
-            "manual" => TlsMode::Manual {
+        let tls = match f.tls.mode.unwrap_or(TlsModeName::Dev) {
+            TlsModeName::Dev => TlsMode::Dev,
+            TlsModeName::Manual => TlsMode::Manual {
                 cert_file: f
                     .tls
                     .cert_file
@@ -429,10 +262,7 @@ impl TryFrom<FileConfig> for Config {
                     .key_file
                     .ok_or_else(|| ConfigError::invalid("tls.key_file", "required when tls.mode = \"manual\""))?,
             },
-            "acme" => TlsMode::Acme(acme_settings(f.acme)?),
-            other => {
-                return Err(ConfigError::invalid("tls.mode", format!("{other:?} is not one of dev, manual, acme")))
-            }
+            TlsModeName::Acme => TlsMode::Acme(acme_settings(f.acme)?),
         };
         let mut tokens = Vec::new();
         for t in f.tokens {
@@ -462,11 +292,15 @@ impl TryFrom<FileConfig> for Config {
                 f.limits.response_timeout,
                 defaults::RESPONSE_TIMEOUT,
             )?,
-            max_streams_per_tunnel: f
-                .limits
-                .max_streams_per_tunnel
-                .unwrap_or(defaults::MAX_STREAMS_PER_TUNNEL)
-                .clamp(1, 1 << 20),
+            max_streams_per_tunnel: match f.limits.max_streams_per_tunnel.unwrap_or(defaults::MAX_STREAMS_PER_TUNNEL) {
+                n @ 1..=MAX_STREAMS_LIMIT => n,
+                n => {
+                    return Err(ConfigError::invalid(
+                        "limits.max_streams_per_tunnel",
+                        format!("{n} is not between 1 and {MAX_STREAMS_LIMIT}"),
+                    ))
+                }
+            },
             host_rate: match f.limits.requests_per_second_per_host.unwrap_or(0) {
                 0 => None,
                 r => Some((
@@ -509,23 +343,16 @@ impl Config {
     }
 }
 
+/// The most requests one tunnel may carry at once.
+const MAX_STREAMS_LIMIT: u32 = 1 << 20;
+
 fn acme_settings(a: AcmeFile) -> Result<AcmeSettings, ConfigError> {
     let directory =
         a.directory.ok_or_else(|| ConfigError::invalid("acme.directory", "required when tls.mode = \"acme\""))?;
     if !directory.starts_with("https://") {
         return Err(ConfigError::invalid("acme.directory", "must be an https:// URL"));
     }
-    let challenge = match a.challenge.as_deref().unwrap_or("http-01") {
-        "http-01" => Challenge::Http01,
-        "tls-alpn-01" => Challenge::TlsAlpn01,
-        "dns-01" => Challenge::Dns01,
-        other => {
-            return Err(ConfigError::invalid(
-                "acme.challenge",
-                format!("{other:?} is not one of http-01, tls-alpn-01, dns-01"),
-            ))
-        }
-    };
+    let challenge = a.challenge.unwrap_or(Challenge::Http01);
     let wildcard = a.wildcard.unwrap_or(false);
     if challenge == Challenge::Dns01 && a.dns01_hook.is_none() {
         return Err(ConfigError::invalid("acme.dns01_hook", "required for dns-01"));
@@ -606,6 +433,24 @@ mod tests {
         assert!(parse(&unspecified, Some("0123456789abcdef")).is_err());
         assert!(parse(&base.replace("redis://", "http://"), Some("0123456789abcdef")).is_err());
         assert!(parse("", None).expect("valid").cluster.is_none());
+    }
+
+    #[test]
+    fn modes_are_parsed_and_stream_limits_refused_not_clamped() {
+        assert!(matches!(FileConfig::parse("[tls]\nmode = \"letsencrypt\""), Err(ConfigError::Parse { .. })));
+        assert!(matches!(FileConfig::parse("[acme]\nchallenge = \"http01\""), Err(ConfigError::Parse { .. })));
+        let acme =
+            "[tls]\nmode = \"acme\"\n[acme]\ndirectory = \"https://ca.example/dir\"\nchallenge = \"tls-alpn-01\"";
+        let c = Config::try_from(FileConfig::parse(acme).expect("parses")).expect("valid");
+        assert!(matches!(c.tls, TlsMode::Acme(AcmeSettings { challenge: Challenge::TlsAlpn01, .. })));
+        let streams = |n: u32| {
+            Config::try_from(FileConfig::parse(&format!("[limits]\nmax_streams_per_tunnel = {n}")).expect("parses"))
+        };
+        for n in [0, (1 << 20) + 1] {
+            let refused = streams(n);
+            assert!(matches!(refused, Err(ConfigError::Invalid { field: "limits.max_streams_per_tunnel", .. })), "{n}");
+        }
+        assert_eq!(streams(1 << 20).expect("valid").max_streams_per_tunnel, 1 << 20);
     }
 
     #[test]

@@ -1,0 +1,193 @@
+//! The edge's TOML schema: what a file may say, before it is checked and turned into a
+//! [`super::Config`].
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use warren_common::config::{load_toml, parse_toml, AdminFile, ConfigError};
+
+/// The TOML file. Every key is optional.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Public names are `<node>.<funnel_domain>`.
+    pub funnel_domain: Option<String>,
+    /// Directory for certificates and the dev CA.
+    pub state_dir: Option<PathBuf>,
+    /// The edge's own host name (the tunnel's TLS name).
+    pub hostname: Option<String>,
+    /// Public HTTPS listeners.
+    pub public_listen: Option<Vec<String>>,
+    /// QUIC tunnel listener (UDP).
+    pub tunnel_listen: Option<String>,
+    /// TLS.
+    #[serde(default)]
+    pub tls: TlsFile,
+    /// Tokens nodes authenticate with.
+    #[serde(default)]
+    pub tokens: Vec<TokenFile>,
+    /// Admin listener.
+    #[serde(default)]
+    pub admin: AdminFile,
+    /// Limits.
+    #[serde(default)]
+    pub limits: LimitsFile,
+    /// Shutdown.
+    #[serde(default)]
+    pub shutdown: ShutdownFile,
+    /// ACME, for `tls.mode = "acme"`.
+    #[serde(default)]
+    pub acme: AcmeFile,
+    /// Several edges sharing state.
+    #[serde(default)]
+    pub cluster: ClusterFile,
+}
+
+/// `[cluster]`: edges behind one DNS name share certificates, locks and routes in Redis, and
+/// forward a visitor to the edge that holds the node's tunnel.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    /// `redis://[:password@]host:port/db`. Absent: a single edge with its file store.
+    pub redis_url: Option<String>,
+    /// Address siblings reach this edge's tunnel endpoint at (UDP), e.g. "10.0.0.5:7443".
+    pub advertise: Option<String>,
+    /// File holding the cluster key shared by the edges (one line). The key may also come
+    /// from `WARREN_EDGE_CLUSTER_KEY`.
+    pub key_file: Option<PathBuf>,
+    /// The key itself; never read from the file, only from the environment or a flag.
+    #[serde(skip)]
+    pub key: Option<String>,
+    /// Extra CA (PEM) to trust for siblings' tunnel certificates (e.g. a shared dev CA).
+    pub ca_file: Option<PathBuf>,
+    /// Route entry lifetime, e.g. "15s".
+    pub route_ttl: Option<String>,
+}
+
+/// `[acme]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeFile {
+    /// Directory URL of the CA.
+    pub directory: Option<String>,
+    /// Contact URIs, e.g. "mailto:ops@example.com".
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// Extra root CA (PEM) to trust for the ACME server's HTTPS.
+    pub ca_file: Option<PathBuf>,
+    /// "http-01" (default), "tls-alpn-01" or "dns-01".
+    pub challenge: Option<Challenge>,
+    /// Where HTTP-01 answers are served (default 0.0.0.0:80).
+    pub http01_listen: Option<String>,
+    /// Program publishing DNS-01 TXT records: `HOOK set|clear <fqdn> <value>`.
+    pub dns01_hook: Option<PathBuf>,
+    /// With dns-01: one `*.<funnel_domain>` certificate instead of one per node.
+    pub wildcard: Option<bool>,
+    /// How often certificates are checked for renewal, e.g. "1h".
+    pub renew_check_interval: Option<String>,
+}
+
+/// `[tls]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFile {
+    /// `dev` (local CA), `manual` (a wildcard certificate from files) or `acme`.
+    pub mode: Option<TlsModeName>,
+    /// PEM chain for `manual` (should cover `*.<funnel_domain>` and `hostname`).
+    pub cert_file: Option<PathBuf>,
+    /// PEM key for `manual`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// `[[tokens]]`
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenFile {
+    /// The secret a node presents.
+    pub token: String,
+    /// Node names it may register; `"*"` allows any.
+    pub names: Vec<String>,
+}
+
+impl fmt::Debug for TokenFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenFile").field("token", &"<redacted>").field("names", &self.names).finish()
+    }
+}
+
+/// `[limits]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// e.g. "60s".
+    pub response_timeout: Option<String>,
+    /// Requests in flight per tunnel.
+    pub max_streams_per_tunnel: Option<u32>,
+    /// Visitor requests per second per funnel name (0 or absent: unlimited); over it, 429.
+    pub requests_per_second_per_host: Option<u32>,
+    /// Burst of that rate (default: one second's worth).
+    pub burst_per_host: Option<u32>,
+    /// Visitor connections accepted per second, all sources together.
+    pub accept_rate: Option<u32>,
+    /// Burst of visitor connections.
+    pub accept_burst: Option<u32>,
+    /// Open visitor connections per source IP.
+    pub max_conns_per_ip: Option<u32>,
+    /// Node tunnel handshakes per second, all sources together.
+    pub tunnel_accept_rate: Option<u32>,
+    /// Burst of tunnel handshakes.
+    pub tunnel_accept_burst: Option<u32>,
+}
+
+/// `[shutdown]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownFile {
+    /// e.g. "10s".
+    pub grace_period: Option<String>,
+}
+
+impl FileConfig {
+    /// Reads and parses a file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        load_toml(path)
+    }
+
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`].
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        parse_toml(text)
+    }
+}
+
+/// ACME challenge type (`acme.challenge`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Challenge {
+    /// HTTP-01 on the HTTP listener.
+    #[serde(rename = "http-01")]
+    Http01,
+    /// TLS-ALPN-01 on the public TLS listeners.
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    /// DNS-01 through the hook.
+    #[serde(rename = "dns-01")]
+    Dns01,
+}
+
+/// `tls.mode`: where the public certificates come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsModeName {
+    /// A local development CA (the default).
+    Dev,
+    /// A wildcard certificate from files.
+    Manual,
+    /// ACME, per name or a DNS-01 wildcard.
+    Acme,
+}
