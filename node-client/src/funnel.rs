@@ -158,7 +158,7 @@ async fn run(cfg: FunnelConfig, status: watch::Sender<FunnelStatus>, cancel: Can
     let endpoint = match client_endpoint(&cfg) {
         Ok(e) => e,
         Err(e) => {
-            status.send_modify(|s| s.last_error = Some(e));
+            status.send_modify(|s| s.last_error = Some(e.to_string()));
             return;
         }
     };
@@ -205,7 +205,7 @@ impl Link {
                 _ = cancel.cancelled() => break,
                 r = self.session(&status, &requests) => r,
             };
-            let err = outcome.err().unwrap_or_else(|| "connection to the edge closed".into());
+            let err = outcome.err().map_or_else(|| "connection to the edge closed".to_owned(), |e| e.to_string());
             warn!(%edge, error = %err, "funnel disconnected from an edge");
             self.update(&status, |s, link| {
                 link.connected = false;
@@ -221,30 +221,34 @@ impl Link {
         }
     }
 
-    async fn session(&self, status: &watch::Sender<FunnelStatus>, requests: &Arc<AtomicU64>) -> Result<(), String> {
+    async fn session(
+        &self,
+        status: &watch::Sender<FunnelStatus>,
+        requests: &Arc<AtomicU64>,
+    ) -> Result<(), FunnelError> {
         let cfg = &self.cfg;
         let edge = &cfg.edges[self.index];
         let addr = tokio::net::lookup_host(edge)
             .await
-            .map_err(|e| format!("cannot resolve {edge}: {e}"))?
+            .map_err(|source| FunnelError::Resolve { edge: edge.clone(), source })?
             .next()
-            .ok_or_else(|| format!("{edge} has no address"))?;
+            .ok_or_else(|| FunnelError::NoAddress(edge.clone()))?;
         let host = edge.rsplit_once(':').map_or(edge.as_str(), |(h, _)| h).trim_matches(['[', ']']);
         let server_name = cfg.edge_name.clone().unwrap_or_else(|| host.to_owned());
-        let connecting = self.endpoint.connect(addr, &server_name).map_err(|e| e.to_string())?;
+        let connecting = self.endpoint.connect(addr, &server_name)?;
         let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
             .await
-            .map_err(|_| "edge did not answer within 10 s".to_string())?
-            .map_err(|e| format!("QUIC connection: {e}"))?;
-        let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            .map_err(|_| FunnelError::Timeout)?
+            .map_err(FunnelError::Connection)?;
+        let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.map_err(FunnelError::Connection)?;
         let hello = Message::Hello {
             version: VERSION,
             name: cfg.name.clone(),
             token: cfg.token.clone(),
             ports: cfg.ports.clone(),
         };
-        write_message(&mut ctl_send, &hello).await.map_err(|e| e.to_string())?;
-        match read_message(&mut ctl_recv).await.map_err(|e| format!("no welcome: {e}"))? {
+        write_message(&mut ctl_send, &hello).await.map_err(FunnelError::Hello)?;
+        match read_message(&mut ctl_recv).await.map_err(FunnelError::NoWelcome)? {
             Message::Welcome { urls } => {
                 info!(%edge, urls = ?urls, target = %cfg.target, "funnel registered");
                 self.update(status, |s, link| {
@@ -254,11 +258,11 @@ impl Link {
                     s.last_error = None;
                 });
             }
-            Message::Refused { reason } => return Err(format!("edge refused: {reason}")),
-            _ => return Err("unexpected answer from the edge".into()),
+            Message::Refused { reason } => return Err(FunnelError::Refused(reason)),
+            _ => return Err(FunnelError::UnexpectedAnswer),
         }
         loop {
-            let (send, recv) = conn.accept_bi().await.map_err(|e| format!("tunnel closed: {e}"))?;
+            let (send, recv) = conn.accept_bi().await.map_err(FunnelError::Closed)?;
             let (http, requests, status) = (self.http.clone(), requests.clone(), status.clone());
             let cfg = self.cfg.clone();
             tokio::spawn(async move {
@@ -270,13 +274,59 @@ impl Link {
     }
 }
 
-fn client_endpoint(cfg: &FunnelConfig) -> Result<quinn::Endpoint, String> {
+/// Why a tunnel to an edge could not be set up or ended.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FunnelError {
+    /// The edge's name did not resolve.
+    #[error("cannot resolve {edge}: {source}")]
+    Resolve {
+        /// The edge as configured.
+        edge: String,
+        /// The resolver's error.
+        source: std::io::Error,
+    },
+    /// The edge's name resolved to no address.
+    #[error("{0} has no address")]
+    NoAddress(String),
+    /// The CA file or TLS settings are unusable.
+    #[error("QUIC client config: {0}")]
+    Config(#[from] warren_tunnel::QuicConfigError),
+    /// No UDP socket for QUIC.
+    #[error("cannot bind UDP: {0}")]
+    Bind(std::io::Error),
+    /// The QUIC dial could not start (e.g. an invalid server name).
+    #[error("QUIC connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The edge did not complete the QUIC handshake in time.
+    #[error("edge did not answer within 10 s")]
+    Timeout,
+    /// The QUIC connection failed (handshake refused, certificate, lost).
+    #[error("QUIC connection: {0}")]
+    Connection(quinn::ConnectionError),
+    /// The Hello could not be sent.
+    #[error("hello: {0}")]
+    Hello(std::io::Error),
+    /// No Welcome came back.
+    #[error("no welcome: {0}")]
+    NoWelcome(warren_tunnel::ReadMessageError),
+    /// The edge refused the registration.
+    #[error("edge refused: {0}")]
+    Refused(String),
+    /// The edge answered with another message.
+    #[error("unexpected answer from the edge")]
+    UnexpectedAnswer,
+    /// The registered tunnel closed.
+    #[error("tunnel closed: {0}")]
+    Closed(quinn::ConnectionError),
+}
+
+fn client_endpoint(cfg: &FunnelConfig) -> Result<quinn::Endpoint, FunnelError> {
     // The edge opens one stream per request; the node opens only its control stream.
-    let client = quic_client_config(cfg.ca_file.as_deref(), 4096).map_err(|e| e.to_string())?;
-    let bind: SocketAddr = "[::]:0".parse().map_err(|_| "bad bind address".to_string())?;
-    let mut endpoint = quinn::Endpoint::client(bind)
+    let client = quic_client_config(cfg.ca_file.as_deref(), 4096)?;
+    let mut endpoint = quinn::Endpoint::client(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
         .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))))
-        .map_err(|e| format!("cannot bind UDP: {e}"))?;
+        .map_err(FunnelError::Bind)?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }

@@ -74,6 +74,42 @@ pub(crate) enum ForwardError {
     Unreachable,
 }
 
+/// Why a link to a sibling edge could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub(crate) enum PeerLinkError {
+    /// The last dial to this sibling failed a moment ago.
+    #[error("sibling recently unreachable")]
+    RecentlyDown,
+    /// The route entry is not `<tls name>@<ip:port>`.
+    #[error("malformed route entry")]
+    MalformedRoute,
+    /// The route names a server outside this cluster's TLS name.
+    #[error("peer {0:?} is not named like this cluster")]
+    ForeignName(String),
+    /// The QUIC dial could not start.
+    #[error("dial: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    /// The QUIC connection failed.
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    /// The greeting could not be written.
+    #[error("greeting: {0}")]
+    Write(std::io::Error),
+    /// The answer to the greeting did not arrive whole.
+    #[error("answer: {0}")]
+    Read(#[from] warren_tunnel::ReadMessageError),
+    /// The sibling refused the cluster key.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The sibling answered with another message than Welcome or Refused.
+    #[error("unexpected answer")]
+    UnexpectedAnswer,
+    /// The dial and greeting took longer than the link timeout.
+    #[error("timed out")]
+    Timeout,
+}
+
 /// Why the cluster part could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -205,7 +241,7 @@ impl Cluster {
                         self.forwarded_out.increment(1);
                         return Ok(streams);
                     }
-                    Err(e) => e.to_string(),
+                    Err(e) => PeerLinkError::Connection(e),
                 },
                 Err(e) => e,
             };
@@ -218,7 +254,7 @@ impl Cluster {
     }
 
     /// The live link to `peer`, dialled if needed.
-    async fn link(&self, endpoint: &quinn::Endpoint, peer: &str) -> Result<quinn::Connection, String> {
+    async fn link(&self, endpoint: &quinn::Endpoint, peer: &str) -> Result<quinn::Connection, PeerLinkError> {
         let slot = self.links.lock().unwrap_or_else(|e| e.into_inner()).entry(peer.to_owned()).or_default().clone();
         let mut slot = slot.lock().await;
         if let Some(c) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
@@ -226,32 +262,28 @@ impl Cluster {
         }
         // Requests that queued behind a dial which just failed do not dial again one by one.
         if self.down.contains_key(peer) {
-            return Err("sibling recently unreachable".into());
+            return Err(PeerLinkError::RecentlyDown);
         }
-        let (server_name, addr) = peer.rsplit_once('@').ok_or("malformed peer")?;
-        let addr: SocketAddr = addr.parse().map_err(|_| "malformed peer address")?;
+        let (server_name, addr) = peer.rsplit_once('@').ok_or(PeerLinkError::MalformedRoute)?;
+        let addr: SocketAddr = addr.parse().map_err(|_| PeerLinkError::MalformedRoute)?;
         // Edges of one cluster share their TLS name. A route naming another one (a Redis
         // writer's mistake, or worse) is not dialled: the cluster key goes only to a server
         // proving it holds this cluster's name.
         if server_name != self.tls_name {
-            return Err(format!("peer {server_name:?} is not named {:?} like this cluster", self.tls_name));
+            return Err(PeerLinkError::ForeignName(server_name.to_owned()));
         }
         let dial = async {
-            let conn = endpoint
-                .connect_with(self.client.clone(), addr, server_name)
-                .map_err(|e| e.to_string())?
-                .await
-                .map_err(|e| e.to_string())?;
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            let conn = endpoint.connect_with(self.client.clone(), addr, server_name)?.await?;
+            let (mut send, mut recv) = conn.open_bi().await?;
             let hello = Message::PeerHello { version: VERSION, key: self.settings.key.expose().to_owned() };
-            write_message(&mut send, &hello).await.map_err(|e| e.to_string())?;
-            match read_message(&mut recv).await.map_err(|e| e.to_string())? {
+            write_message(&mut send, &hello).await.map_err(PeerLinkError::Write)?;
+            match read_message(&mut recv).await? {
                 Message::Welcome { .. } => Ok(conn),
-                Message::Refused { reason } => Err(format!("refused: {reason}")),
-                _ => Err("unexpected answer".to_owned()),
+                Message::Refused { reason } => Err(PeerLinkError::Refused(reason)),
+                _ => Err(PeerLinkError::UnexpectedAnswer),
             }
         };
-        let conn = tokio::time::timeout(LINK_TIMEOUT, dial).await.map_err(|_| "timed out".to_owned())??;
+        let conn = tokio::time::timeout(LINK_TIMEOUT, dial).await.map_err(|_| PeerLinkError::Timeout)??;
         info!(%peer, "peer link up");
         *slot = Some(conn.clone());
         Ok(conn)

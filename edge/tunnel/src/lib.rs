@@ -18,9 +18,9 @@ const CHUNK: usize = 64 << 10;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ReadMessageError {
-    /// The stream ended or failed.
+    /// The stream ended early or failed.
     #[error("stream: {0}")]
-    Stream(String),
+    Stream(#[from] quinn::ReadExactError),
     /// The bytes were not a valid message.
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
@@ -42,7 +42,7 @@ pub async fn write_message(send: &mut SendStream, msg: &Message) -> std::io::Res
 /// [`ReadMessageError`] when the stream ends early or the message is invalid or oversized.
 pub async fn read_message(recv: &mut RecvStream) -> Result<Message, ReadMessageError> {
     let mut len = [0u8; 4];
-    recv.read_exact(&mut len).await.map_err(|e| ReadMessageError::Stream(e.to_string()))?;
+    recv.read_exact(&mut len).await?;
     let n = u32::from_be_bytes(len) as usize;
     if n > MAX_MESSAGE_LEN {
         return Err(TunnelError::ProtocolViolation("message length over the limit").into());
@@ -50,7 +50,7 @@ pub async fn read_message(recv: &mut RecvStream) -> Result<Message, ReadMessageE
     let mut buf = BytesMut::with_capacity(4 + n);
     buf.extend_from_slice(&len);
     buf.resize(4 + n, 0);
-    recv.read_exact(&mut buf[4..]).await.map_err(|e| ReadMessageError::Stream(e.to_string()))?;
+    recv.read_exact(&mut buf[4..]).await?;
     Message::decode(&mut buf)?.ok_or(ReadMessageError::Tunnel(TunnelError::Malformed("incomplete message")))
 }
 

@@ -161,17 +161,17 @@ impl Callout {
                 verdict(allow)
             }
             Ok(Err(e)) => self.failed(&e),
-            Err(_) => self.failed("timed out"),
+            Err(_) => self.failed(&CalloutError::Timeout),
         }
     }
 
-    fn failed(&self, why: &str) -> (Verdict, AdmissionResult) {
-        warn!(url = %self.url.host, error = why, fail_open = self.fail_open, "admission callout failed");
+    fn failed(&self, e: &CalloutError) -> (Verdict, AdmissionResult) {
+        warn!(url = %self.url.host, error = %e, kind = e.kind(), fail_open = self.fail_open, "admission callout failed");
         let v = if self.fail_open { Verdict::Allow } else { Verdict::Deny("admission check unavailable") };
         (v, AdmissionResult::CalloutError)
     }
 
-    async fn ask(&self, key: &PublicKey, source: IpAddr) -> Result<bool, String> {
+    async fn ask(&self, key: &PublicKey, source: IpAddr) -> Result<bool, CalloutError> {
         #[derive(Deserialize)]
         struct Answer {
             #[serde(rename = "Allow")]
@@ -181,34 +181,87 @@ impl Callout {
         let req = http::Request::post(&self.url.path)
             .header(http::header::HOST, self.url.authority())
             .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body)))
-            .map_err(|e| e.to_string())?;
-        let tcp =
-            tokio::net::TcpStream::connect((self.url.host.as_str(), self.url.port)).await.map_err(|e| e.to_string())?;
+            .body(Full::new(Bytes::from(body)))?;
+        let tcp = tokio::net::TcpStream::connect((self.url.host.as_str(), self.url.port))
+            .await
+            .map_err(CalloutError::Connect)?;
         let resp = if self.url.tls {
-            let cfg = warren_common::tls::client_config(self.ca_file.as_deref()).map_err(|e| e.to_string())?;
-            let name = rustls_pki_types::ServerName::try_from(self.url.host.clone()).map_err(|e| e.to_string())?;
-            let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(|e| e.to_string())?;
+            let cfg = warren_common::tls::client_config(self.ca_file.as_deref())?;
+            let name = rustls_pki_types::ServerName::try_from(self.url.host.clone())
+                .map_err(|_| CalloutError::ServerName(self.url.host.clone()))?;
+            let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(CalloutError::Tls)?;
             send(TokioIo::new(tls), req).await?
         } else {
             send(TokioIo::new(tcp), req).await?
         };
         if !resp.status().is_success() {
-            return Err(format!("HTTP {}", resp.status()));
+            return Err(CalloutError::Status(resp.status()));
         }
-        let bytes = Limited::new(resp.into_body(), MAX_ANSWER).collect().await.map_err(|e| e.to_string())?.to_bytes();
-        let answer: Answer = serde_json::from_slice(&bytes).map_err(|e| format!("bad answer: {e}"))?;
+        let bytes = Limited::new(resp.into_body(), MAX_ANSWER).collect().await.map_err(CalloutError::Body)?.to_bytes();
+        let answer: Answer = serde_json::from_slice(&bytes)?;
         Ok(answer.allow)
     }
 }
 
-async fn send<I>(io: I, req: http::Request<Full<Bytes>>) -> Result<http::Response<hyper::body::Incoming>, String>
+/// Why an admission callout gave no answer (the login is then refused, or admitted with
+/// `fail_open`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CalloutError {
+    /// The callout endpoint could not be reached.
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    /// The CA file for an https callout is unusable.
+    #[error(transparent)]
+    TlsSetup(#[from] warren_common::tls::TlsError),
+    /// The URL's host is not a valid TLS name.
+    #[error("invalid TLS server name {0:?}")]
+    ServerName(String),
+    /// The TLS handshake failed (e.g. an untrusted certificate).
+    #[error("tls: {0}")]
+    Tls(std::io::Error),
+    /// The request could not be built.
+    #[error("request: {0}")]
+    Request(#[from] http::Error),
+    /// HTTP failed on the connection.
+    #[error("http: {0}")]
+    Http(#[from] hyper::Error),
+    /// The endpoint answered with an error status.
+    #[error("answered HTTP {0}")]
+    Status(http::StatusCode),
+    /// The answer body failed or was over the limit.
+    #[error("answer body: {0}")]
+    Body(Box<dyn std::error::Error + Send + Sync>),
+    /// The answer is not the expected JSON.
+    #[error("bad answer: {0}")]
+    Answer(#[from] serde_json::Error),
+    /// No answer within the callout timeout.
+    #[error("timed out")]
+    Timeout,
+}
+
+impl CalloutError {
+    /// A short stable name for logs and metrics labels.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CalloutError::Connect(_) => "connect",
+            CalloutError::TlsSetup(_) | CalloutError::ServerName(_) | CalloutError::Tls(_) => "tls",
+            CalloutError::Request(_) | CalloutError::Http(_) => "http",
+            CalloutError::Status(_) => "status",
+            CalloutError::Body(_) | CalloutError::Answer(_) => "answer",
+            CalloutError::Timeout => "timeout",
+        }
+    }
+}
+
+async fn send<I>(io: I, req: http::Request<Full<Bytes>>) -> Result<http::Response<hyper::body::Incoming>, CalloutError>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await.map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    // The connection task ends with the one request it carries (the sender is dropped after).
     tokio::spawn(conn);
-    sender.send_request(req).await.map_err(|e| e.to_string())
+    Ok(sender.send_request(req).await?)
 }
 
 fn verdict(allow: bool) -> (Verdict, AdmissionResult) {
