@@ -28,6 +28,11 @@ impl TokenBucket {
         self.last = now;
     }
 
+    /// Whether the bucket would be full at `now` (a source idle that long is like a new one).
+    pub fn is_full(&self, now: Instant) -> bool {
+        self.tokens + now.saturating_duration_since(self.last).as_secs_f64() * self.rate >= self.burst
+    }
+
     /// Takes `n` tokens if the bucket holds them.
     pub fn try_take(&mut self, now: Instant, n: f64) -> bool {
         self.refill(now);

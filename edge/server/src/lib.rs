@@ -9,7 +9,6 @@
 //! and forward to each other (`cluster`).
 
 pub mod acme;
-mod admin;
 pub mod certs;
 mod cluster;
 pub mod config;

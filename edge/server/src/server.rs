@@ -231,7 +231,12 @@ impl Edge {
             accept_loops.spawn(c.heartbeat(shared.routes.clone(), stop_accepting.clone()));
         }
         if let Some(l) = admin {
-            accept_loops.spawn(crate::admin::serve(l, prometheus, shared.clone(), stop_accepting.clone()));
+            let ready = {
+                let shared = shared.clone();
+                Arc::new(move || !shared.is_draining())
+            };
+            let (stop, tasks) = (stop_accepting.clone(), accept_loops.clone());
+            accept_loops.spawn(warren_common::runtime::serve_admin(l, prometheus, ready, stop, tasks));
         }
         info!(public = ?public_addrs, tunnel = %tunnel_addr, admin = ?admin_addr, domain = %shared.config.funnel_domain, "edge listening");
         if let Some(ca) = &dev_ca_cert {

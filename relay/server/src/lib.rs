@@ -11,7 +11,6 @@
 //! CLI → typed config), [`server`] (listeners and shutdown), `web` (routing of the DERP port),
 //! `stun`, `io` (lean TLS, the framed stream), `state` (what the tasks share), `tls` and `keyfile` (re-exported from `warren-common`), [`metrics`].
 
-mod admin;
 pub mod admission;
 pub mod config;
 mod conn;

@@ -32,6 +32,7 @@ use crate::state::Shared;
 use crate::web::{self, HeadError, Route};
 use crate::{conn, mesh, stun};
 use warren_common::limits::{AcceptGate, ConnSlot, LogLimiter};
+use warren_common::runtime::serve_admin;
 use warren_common::{keyfile, tls};
 
 /// Why the server could not start.
@@ -145,7 +146,11 @@ impl Server {
             tracker.spawn(stun::serve(socket, cfg, shared.clone(), shared.conns_cancel.clone()));
         }
         if let Some(l) = admin_listener {
-            tracker.spawn(admin_loop(l, prometheus, shared.clone(), tracker.clone()));
+            let ready = {
+                let shared = shared.clone();
+                Arc::new(move || !shared.is_draining())
+            };
+            tracker.spawn(serve_admin(l, prometheus, ready, shared.conns_cancel.clone(), tracker.clone()));
         }
         {
             let shared = shared.clone();
@@ -416,45 +421,5 @@ where
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
         }
-    }
-}
-
-async fn admin_loop(
-    listener: TcpListener,
-    prometheus: Option<PrometheusHandle>,
-    shared: Arc<Shared>,
-    tracker: TaskTracker,
-) {
-    let cancel = shared.conns_cancel.clone();
-    if let Some(p) = prometheus.clone() {
-        // Histograms need periodic upkeep when the exporter's own HTTP listener is not used.
-        let cancel = cancel.clone();
-        tracker.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => p.run_upkeep(),
-                }
-            }
-        });
-    }
-    loop {
-        let tcp = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((tcp, _)) => tcp,
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let prometheus = prometheus.clone();
-        let shared = shared.clone();
-        tracker.spawn(async move {
-            let svc =
-                service_fn(move |req| std::future::ready(crate::admin::serve(prometheus.clone(), shared.clone(), req)));
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
-        });
     }
 }

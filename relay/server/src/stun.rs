@@ -13,6 +13,7 @@ use warren_relay_proto::stun::{binding_response, StunError};
 use crate::config::StunConfig;
 use crate::metrics::StunResult;
 use crate::state::Shared;
+use warren_common::limits::TokenBucket;
 
 /// Source IPs tracked before idle entries are swept.
 const MAX_TRACKED_SOURCES: usize = 100_000;
@@ -22,7 +23,7 @@ const MAX_TRACKED_SOURCES: usize = 100_000;
 pub(crate) struct RateLimiter {
     rate: f64,
     burst: f64,
-    buckets: HashMap<IpAddr, (f64, Instant)>,
+    buckets: HashMap<IpAddr, TokenBucket>,
 }
 
 impl RateLimiter {
@@ -35,21 +36,12 @@ impl RateLimiter {
             self.sweep(now);
         }
         let (rate, burst) = (self.rate, self.burst);
-        let (tokens, last) = self.buckets.entry(ip).or_insert((burst, now));
-        *tokens = (*tokens + now.saturating_duration_since(*last).as_secs_f64() * rate).min(burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            return true;
-        }
-        false
+        self.buckets.entry(ip).or_insert_with(|| TokenBucket::new(rate, burst, now)).try_take(now, 1.0)
     }
 
     /// Forgets sources whose bucket has refilled (they are indistinguishable from new ones).
     fn sweep(&mut self, now: Instant) {
-        let (rate, burst) = (self.rate, self.burst);
-        self.buckets
-            .retain(|_, (tokens, last)| *tokens + now.saturating_duration_since(*last).as_secs_f64() * rate < burst);
+        self.buckets.retain(|_, bucket| !bucket.is_full(now));
         if self.buckets.len() >= MAX_TRACKED_SOURCES {
             // Still full of active sources: start over rather than grow without bound.
             self.buckets.clear();
