@@ -150,7 +150,7 @@ async fn proxy(
         Some(send)
     } else {
         let done = response_done.clone();
-        tokio::spawn(async move {
+        shared.tasks.spawn(async move {
             tokio::select! {
                 r = send_body(body, &mut send) => if let Err(e) = r {
                     debug!(error = %e, "request body not fully sent");

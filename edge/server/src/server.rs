@@ -190,6 +190,7 @@ impl Edge {
             routes: Arc::new(Routes::default()),
             metrics: EdgeMetrics::new(),
             tasks: TaskTracker::new(),
+            background: TaskTracker::new(),
             acme: acme.clone().filter(|_| !wildcard),
             cluster: cluster.clone(),
             endpoint: endpoint.clone(),
@@ -217,7 +218,7 @@ impl Edge {
             if wildcard {
                 names.push(format!("*.{}", shared.config.funnel_domain));
             }
-            tokio::spawn(async move {
+            shared.background.spawn(async move {
                 for n in names {
                     let _ = acme.ensure(&n).await;
                 }
@@ -288,7 +289,14 @@ impl Edge {
         }
         self.shared.routes.close_all();
         self.endpoint.close(0u32.into(), b"edge shutting down");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        self.shared.background.close();
+        let stopped = async {
+            self.endpoint.wait_idle().await;
+            self.shared.background.wait().await;
+        };
+        if tokio::time::timeout(Duration::from_secs(2), stopped).await.is_err() {
+            info!("tasks still running 2 s after the tunnels closed; leaving them");
+        }
         info!("edge stopped");
     }
 }
@@ -326,7 +334,7 @@ async fn tunnel_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, stop: Cance
             continue;
         }
         // Tunnels live beyond the accept loop; they are closed by shutdown().
-        tokio::spawn(tunnel::serve(shared.clone(), incoming));
+        shared.background.spawn(tunnel::serve(shared.clone(), incoming));
     }
 }
 
@@ -371,7 +379,8 @@ fn serve_visitor(
     slot: ConnSlot,
 ) {
     let watcher = graceful.watcher();
-    tokio::spawn(async move {
+    let background = shared.background.clone();
+    background.spawn(async move {
         let _slot = slot;
         let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
             Ok(Ok(s)) => s,

@@ -23,6 +23,9 @@ pub(crate) struct Shared {
     pub(crate) public_ports: Vec<u16>,
     /// Upgraded (WebSocket) connections, waited for on drain.
     pub(crate) tasks: TaskTracker,
+    /// Long-lived tasks (node tunnels, visitor connections, certificate orders): tracked, and
+    /// awaited briefly when the edge stops, but not what the drain waits for.
+    pub(crate) background: TaskTracker,
     /// Certificates per name from ACME, when configured (not with a wildcard).
     pub(crate) acme: Option<Arc<Acme>>,
     /// Sibling edges sharing state, when configured.

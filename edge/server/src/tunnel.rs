@@ -127,7 +127,7 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
     }
     if let Some(acme) = shared.acme.clone() {
         let host = format!("{name}.{}", shared.config.funnel_domain);
-        tokio::spawn(async move { acme.ensure(&host).await });
+        shared.background.spawn(async move { acme.ensure(&host).await });
     }
     write_message(&mut send, &Message::Welcome { urls }).await.ok()?;
     Some(Registered::Node(tunnel))

@@ -80,6 +80,9 @@ pub struct Server {
     stun_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     dev_ca_cert: Option<PathBuf>,
+    /// The root of the relay's cancellation tree: `accept_cancel` (listeners) and
+    /// `Shared::conns_cancel` (connections, mesh links, STUN, admin) are its children.
+    root: CancellationToken,
     accept_cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -120,6 +123,7 @@ impl Server {
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
         let public = secret.public_key();
+        let root = CancellationToken::new();
         let shared = Arc::new(Shared {
             secret,
             public,
@@ -135,11 +139,11 @@ impl Server {
                 Instant::now(),
             ),
             reject_log: LogLimiter::new(Duration::from_secs(10)),
-            conns_cancel: CancellationToken::new(),
+            conns_cancel: root.child_token(),
             draining: AtomicBool::new(false),
             next_conn_id: AtomicU64::new(1),
         });
-        let accept_cancel = CancellationToken::new();
+        let accept_cancel = root.child_token();
         let tracker = TaskTracker::new();
         tracker.spawn(accept_loop(listener, acceptor, shared.clone(), accept_cancel.clone(), tracker.clone()));
         if let (Some(socket), Some(cfg)) = (stun_socket, config.stun.clone()) {
@@ -171,7 +175,7 @@ impl Server {
         if let Some(ca) = &dev_ca_cert {
             info!(ca = %ca.display(), "dev TLS: clients must trust this CA certificate");
         }
-        Ok(Server { shared, http_addr, stun_addr, admin_addr, dev_ca_cert, accept_cancel, tracker })
+        Ok(Server { shared, http_addr, stun_addr, admin_addr, dev_ca_cert, root, accept_cancel, tracker })
     }
 
     /// Address of the DERP/HTTP(S) listener.
@@ -228,7 +232,7 @@ impl Server {
         self.shared.router.broadcast(&restarting);
         let _ = tokio::time::timeout(grace, clients_gone(&self.shared.router)).await;
         let left = self.shared.router.len();
-        self.shared.conns_cancel.cancel();
+        self.root.cancel();
         self.tracker.close();
         if tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await.is_err() {
             warn!("some connections did not close within 5s of the drain deadline");
