@@ -99,6 +99,30 @@ pub fn duration(field: &'static str, v: Option<String>, default: Duration) -> Re
     }
 }
 
+/// The largest key file read (a shared key is one line).
+pub const MAX_SECRET_FILE: u64 = 4096;
+
+/// Reads a file holding one secret (a mesh or cluster key), refusing anything over
+/// [`MAX_SECRET_FILE`] bytes before reading it.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `field` when the file is unreadable or too large.
+pub fn read_secret_file(field: &'static str, path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read as _;
+    let cannot = |e: std::io::Error| ConfigError::invalid(field, format!("cannot read {}: {e}", path.display()));
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    let len = file.metadata().map_err(cannot)?.len();
+    if len > MAX_SECRET_FILE {
+        return Err(ConfigError::invalid(
+            field,
+            format!("{} holds {len} bytes; a key file holds at most {MAX_SECRET_FILE}", path.display()),
+        ));
+    }
+    let mut text = String::new();
+    file.take(MAX_SECRET_FILE).read_to_string(&mut text).map_err(cannot)?;
+    Ok(text)
+}
+
 /// An `ip:port` address.
 ///
 /// # Errors
@@ -153,6 +177,19 @@ impl std::fmt::Debug for SharedKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secret_files_are_bounded() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (ok, big) = (dir.path().join("ok.key"), dir.path().join("big.key"));
+        std::fs::write(&ok, "0123456789abcdef-shared\n").expect("write");
+        std::fs::write(&big, vec![b'k'; MAX_SECRET_FILE as usize + 1]).expect("write");
+        assert_eq!(read_secret_file("mesh.key_file", &ok).expect("read"), "0123456789abcdef-shared\n");
+        let refused = read_secret_file("mesh.key_file", &big);
+        assert!(matches!(refused, Err(ConfigError::Invalid { field: "mesh.key_file", .. })));
+        let missing = read_secret_file("cluster.key_file", &dir.path().join("none"));
+        assert!(matches!(missing, Err(ConfigError::Invalid { field: "cluster.key_file", .. })));
+    }
 
     #[test]
     fn durations_and_addresses() {

@@ -108,7 +108,7 @@ fn main() -> ExitCode {
         Some(p) => FileConfig::load(p),
         None => Ok(FileConfig::default()),
     };
-    let config = match file.and_then(|f| Config::try_from(cli.apply(f))) {
+    let config = match file.and_then(|f| cli.apply(f).read_secret_files()).and_then(Config::try_from) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("warren-edge: {e}");

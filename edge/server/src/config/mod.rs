@@ -104,8 +104,12 @@ fn cluster_settings(c: ClusterFile) -> Result<Option<ClusterConfig>, ConfigError
     }
     let key = match (c.key, &c.key_file) {
         (Some(k), _) => k,
-        (None, Some(path)) => std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::invalid("cluster.key_file", format!("cannot read {}: {e}", path.display())))?,
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid(
+                "cluster.key_file",
+                "not read yet (FileConfig::read_secret_files reads it)",
+            ))
+        }
         (None, None) => {
             return Err(ConfigError::invalid(
                 "cluster.key_file",

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use warren_common::config::{load_toml, parse_toml, AdminFile, ConfigError};
+use warren_common::config::{load_toml, parse_toml, read_secret_file, AdminFile, ConfigError};
 
 /// The TOML file as written by an operator. Every key is optional.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -189,5 +189,18 @@ impl FileConfig {
     /// [`ConfigError::Parse`].
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
         parse_toml(text)
+    }
+
+    /// Reads the secrets the file points at (`mesh.key_file`, unless a key was given
+    /// directly), so that the conversion into a [`super::Config`] does no I/O. `main` calls
+    /// this after laying the command line over the file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key whose file is unreadable or too large.
+    pub fn read_secret_files(mut self) -> Result<Self, ConfigError> {
+        if let (None, Some(path)) = (&self.mesh.key, &self.mesh.key_file) {
+            self.mesh.key = Some(read_secret_file("mesh.key_file", path)?);
+        }
+        Ok(self)
     }
 }

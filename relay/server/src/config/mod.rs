@@ -335,10 +335,8 @@ fn admission_config(f: AdmissionFile) -> Result<AdmissionConfig, ConfigError> {
 fn mesh_config(f: MeshFile, hostname: &str) -> Result<Option<MeshConfig>, ConfigError> {
     let key = match (f.key, &f.key_file) {
         (Some(k), _) => Some(MeshKey::parse("mesh.key", "mesh key", &k)?),
-        (None, Some(path)) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| ConfigError::invalid("mesh.key_file", format!("cannot read {}: {e}", path.display())))?;
-            Some(MeshKey::parse("mesh.key_file", "mesh key", &text)?)
+        (None, Some(_)) => {
+            return Err(ConfigError::invalid("mesh.key_file", "not read yet (FileConfig::read_secret_files reads it)"));
         }
         (None, None) => None,
     };
