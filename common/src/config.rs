@@ -2,6 +2,7 @@
 //! addresses with messages that name the offending key.
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -96,6 +97,41 @@ pub fn duration(field: &'static str, v: Option<String>, default: Duration) -> Re
         Some(s) => parse_duration(&s).ok_or_else(|| {
             ConfigError::invalid(field, format!("{s:?} is not a duration like \"500ms\", \"10s\" or \"2m\""))
         }),
+    }
+}
+
+/// A count that must be at least 1.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `field` when `v` is 0.
+pub fn nonzero(field: &'static str, v: u32) -> Result<NonZeroU32, ConfigError> {
+    NonZeroU32::new(v).ok_or_else(|| ConfigError::invalid(field, "must be at least 1"))
+}
+
+/// A rate limit: `per_second` on average, up to `burst` at once. Both are at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Tokens added per second.
+    pub per_second: NonZeroU32,
+    /// Tokens the bucket holds at most.
+    pub burst: NonZeroU32,
+}
+
+impl Rate {
+    /// A rate from two file keys, each naming itself when it is zero.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key that is 0.
+    pub fn new(
+        (rate_field, per_second): (&'static str, u32),
+        (burst_field, burst): (&'static str, u32),
+    ) -> Result<Rate, ConfigError> {
+        Ok(Rate { per_second: nonzero(rate_field, per_second)?, burst: nonzero(burst_field, burst)? })
+    }
+
+    /// A full token bucket for this rate.
+    pub fn bucket(&self, now: std::time::Instant) -> crate::limits::TokenBucket {
+        crate::limits::TokenBucket::new(f64::from(self.per_second.get()), f64::from(self.burst.get()), now)
     }
 }
 

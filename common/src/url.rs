@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// A parsed relay URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RelayUrl {
     /// Whether TLS is used.
     pub tls: bool,

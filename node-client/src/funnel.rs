@@ -23,6 +23,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use warren_common::limits::Backoff;
 use warren_tunnel::{
@@ -106,6 +107,8 @@ pub fn parse_target(s: &str) -> Result<String, String> {
 pub struct Funnel {
     status: watch::Receiver<FunnelStatus>,
     cancel: CancellationToken,
+    /// The edge links and the requests they serve.
+    tasks: TaskTracker,
 }
 
 impl Drop for Funnel {
@@ -120,8 +123,9 @@ impl Funnel {
         let edges = cfg.edges.iter().map(|e| EdgeLink { edge: e.clone(), ..Default::default() }).collect();
         let (tx, status) = watch::channel(FunnelStatus { target: cfg.target.clone(), edges, ..Default::default() });
         let cancel = CancellationToken::new();
-        tokio::spawn(run(cfg, tx, cancel.clone()));
-        Funnel { status, cancel }
+        let tasks = TaskTracker::new();
+        tasks.spawn(run(cfg, tx, cancel.clone(), tasks.clone()));
+        Funnel { status, cancel, tasks }
     }
 
     /// The current state.
@@ -144,13 +148,21 @@ impl Funnel {
         }
     }
 
-    /// Stops publishing.
+    /// Stops publishing (without waiting; see [`Funnel::shutdown`]).
     pub fn stop(&self) {
         self.cancel.cancel();
     }
+
+    /// Stops publishing and waits until the edge links have closed. Requests still being
+    /// answered are given up to `grace` to finish.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.cancel.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(grace, self.tasks.wait()).await;
+    }
 }
 
-async fn run(cfg: FunnelConfig, status: watch::Sender<FunnelStatus>, cancel: CancellationToken) {
+async fn run(cfg: FunnelConfig, status: watch::Sender<FunnelStatus>, cancel: CancellationToken, tasks: TaskTracker) {
     if cfg.edges.is_empty() {
         status.send_modify(|s| s.last_error = Some("no edge configured".into()));
         return;
@@ -168,7 +180,8 @@ async fn run(cfg: FunnelConfig, status: watch::Sender<FunnelStatus>, cancel: Can
     let cfg = Arc::new(cfg);
     let links = tokio_util::task::TaskTracker::new();
     for i in 0..cfg.edges.len() {
-        let link = Link { index: i, endpoint: endpoint.clone(), cfg: cfg.clone(), http: http.clone() };
+        let link =
+            Link { index: i, endpoint: endpoint.clone(), cfg: cfg.clone(), http: http.clone(), tasks: tasks.clone() };
         links.spawn(link.run(status.clone(), requests.clone(), cancel.clone()));
     }
     links.close();
@@ -185,6 +198,8 @@ struct Link {
     endpoint: quinn::Endpoint,
     cfg: Arc<FunnelConfig>,
     http: HttpClient,
+    /// Where each request's task runs.
+    tasks: TaskTracker,
 }
 
 impl Link {
@@ -265,7 +280,7 @@ impl Link {
             let (send, recv) = conn.accept_bi().await.map_err(FunnelError::Closed)?;
             let (http, requests, status) = (self.http.clone(), requests.clone(), status.clone());
             let cfg = self.cfg.clone();
-            tokio::spawn(async move {
+            self.tasks.spawn(async move {
                 let n = requests.fetch_add(1, Ordering::Relaxed) + 1;
                 status.send_modify(|s| s.requests = n);
                 serve_stream(send, recv, &cfg.target, &http).await;

@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use warren_common::limits::{AcceptGate, ConnSlot, LogLimiter, Rejected, TokenBucket};
+use warren_common::limits::{AcceptGate, ConnSlot, LogLimiter, Rejected};
 use warren_common::tls::{self as ctls, DevCa};
 
 use crate::acme::Acme;
@@ -176,11 +176,10 @@ impl Edge {
         let wildcard = matches!(&config.tls, TlsMode::Acme(s) if s.wildcard);
 
         let now = std::time::Instant::now();
-        let (accept_rate, accept_burst) = config.accept_rate;
-        let visitor_gate = AcceptGate::new(accept_rate.get(), accept_burst.get(), config.max_conns_per_ip.get(), now);
-        let (t_rate, t_burst) = config.tunnel_accept_rate;
-        let tunnel_rate =
-            std::sync::Mutex::new(TokenBucket::new(f64::from(t_rate.get()), f64::from(t_burst.get()), now));
+        let accept = config.accept_rate;
+        let visitor_gate =
+            AcceptGate::new(accept.per_second.get(), accept.burst.get(), config.max_conns_per_ip.get(), now);
+        let tunnel_rate = std::sync::Mutex::new(config.tunnel_accept_rate.bucket(now));
         let shared = Arc::new(Shared {
             public_ports: public_addrs.iter().map(SocketAddr::port).collect(),
             visitor_gate,

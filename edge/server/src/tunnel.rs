@@ -17,7 +17,6 @@ use crate::config::valid_name;
 use crate::metrics::Registration;
 use crate::routes::Tunnel;
 use crate::state::Shared;
-use warren_common::limits::TokenBucket;
 
 /// Time a new connection has to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -108,9 +107,7 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
     };
     let id = shared.routes.next_id();
     let streams = Arc::new(Semaphore::new(shared.config.max_streams_per_tunnel as usize));
-    let rate = shared.config.host_rate.map(|(r, b)| {
-        std::sync::Mutex::new(TokenBucket::new(f64::from(r.get()), f64::from(b.get()), std::time::Instant::now()))
-    });
+    let rate = shared.config.host_rate.map(|r| std::sync::Mutex::new(r.bucket(std::time::Instant::now())));
     let tunnel = Arc::new(Tunnel { id, name: name.clone(), conn: conn.clone(), ports: ports.clone(), streams, rate });
     match shared.routes.insert(tunnel.clone()) {
         Some(old) => {

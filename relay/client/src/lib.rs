@@ -140,8 +140,15 @@ impl DerpClient {
     /// # Errors
     /// [`ClientError`] for any failure on the way; [`ClientError::Timeout`] past `opts.timeout`.
     pub async fn connect(url: &str, secret: &SecretKey, opts: &ConnectOptions) -> Result<Self, ClientError> {
-        let url = RelayUrl::parse(url)?;
-        tokio::time::timeout(opts.timeout, Self::connect_inner(&url, secret, opts))
+        Self::connect_url(&RelayUrl::parse(url)?, secret, opts).await
+    }
+
+    /// [`DerpClient::connect`] to a URL parsed already (e.g. once, from a config file).
+    ///
+    /// # Errors
+    /// As [`DerpClient::connect`], except for URL errors.
+    pub async fn connect_url(url: &RelayUrl, secret: &SecretKey, opts: &ConnectOptions) -> Result<Self, ClientError> {
+        tokio::time::timeout(opts.timeout, Self::connect_inner(url, secret, opts))
             .await
             .map_err(|_| ClientError::Timeout)?
     }

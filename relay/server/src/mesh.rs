@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use warren_common::limits::Backoff;
+use warren_common::url::RelayUrl;
 use warren_relay_client::{ConnectOptions, DerpClient};
 use warren_relay_proto::handshake::ClientInfo;
 use warren_relay_proto::Frame;
@@ -48,7 +49,7 @@ const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from
 /// One sibling to dial.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Target {
-    url: String,
+    url: RelayUrl,
     addr: Option<SocketAddr>,
 }
 
@@ -87,7 +88,8 @@ async fn resolve_loop(shared: Arc<Shared>, mesh: MeshConfig, ids: Arc<AtomicU64>
                         continue;
                     }
                     let stop = cancel.child_token();
-                    let target = Target { url: format!("https://{}:{port}", mesh.tls_name), addr: Some(addr) };
+                    let url = RelayUrl { tls: true, host: mesh.tls_name.clone(), port, path: "/derp".into() };
+                    let target = Target { url, addr: Some(addr) };
                     tracker.spawn(run_link(shared.clone(), mesh.clone(), target, ids.clone(), stop.clone()));
                     links.insert(addr, stop);
                 }
@@ -122,7 +124,7 @@ async fn run_link(
     loop {
         let connected = tokio::select! {
             _ = cancel.cancelled() => return,
-            c = DerpClient::connect(&target.url, &shared.secret, &opts) => c,
+            c = DerpClient::connect_url(&target.url, &shared.secret, &opts) => c,
         };
         match connected {
             Ok(client) if client.server_key() == shared.public => {

@@ -133,8 +133,8 @@ impl Server {
             metrics: RelayMetrics::new(),
             admission,
             gate: AcceptGate::new(
-                config.accept_rate.get(),
-                config.accept_burst.get(),
+                config.accept_rate.per_second.get(),
+                config.accept_rate.burst.get(),
                 config.max_conns_per_ip.get(),
                 Instant::now(),
             ),

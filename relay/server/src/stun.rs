@@ -51,7 +51,7 @@ impl RateLimiter {
 
 /// Serves STUN on `socket` until `cancel` fires.
 pub(crate) async fn serve(socket: UdpSocket, cfg: StunConfig, shared: Arc<Shared>, cancel: CancellationToken) {
-    let mut limiter = RateLimiter::new(f64::from(cfg.rate_per_second.get()), f64::from(cfg.burst.get()));
+    let mut limiter = RateLimiter::new(f64::from(cfg.rate.per_second.get()), f64::from(cfg.rate.burst.get()));
     let mut buf = vec![0u8; 2048];
     loop {
         let (n, from) = tokio::select! {

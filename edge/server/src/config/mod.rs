@@ -6,8 +6,8 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use warren_common::config::{duration, socket_addr};
-pub use warren_common::config::{AdminFile, ConfigError, SharedKey};
+use warren_common::config::{duration, nonzero, socket_addr};
+pub use warren_common::config::{AdminFile, ConfigError, Rate, SharedKey};
 
 pub use self::file::*;
 
@@ -209,14 +209,14 @@ pub struct Config {
     pub response_timeout: Duration,
     /// Requests in flight per tunnel.
     pub max_streams_per_tunnel: u32,
-    /// Requests per second and burst per funnel name, if limited.
-    pub host_rate: Option<(NonZeroU32, NonZeroU32)>,
-    /// Visitor accepts per second and burst.
-    pub accept_rate: (NonZeroU32, NonZeroU32),
+    /// Requests per funnel name, if limited.
+    pub host_rate: Option<Rate>,
+    /// Visitor connections accepted.
+    pub accept_rate: Rate,
     /// Open visitor connections per source IP.
     pub max_conns_per_ip: NonZeroU32,
-    /// Tunnel handshakes per second and burst.
-    pub tunnel_accept_rate: (NonZeroU32, NonZeroU32),
+    /// Tunnel handshakes accepted.
+    pub tunnel_accept_rate: Rate,
     /// Drain time.
     pub grace_period: Duration,
     /// Cluster settings, when several edges share state.
@@ -307,34 +307,27 @@ impl TryFrom<FileConfig> for Config {
             },
             host_rate: match f.limits.requests_per_second_per_host.unwrap_or(0) {
                 0 => None,
-                r => Some((
-                    nz("limits.requests_per_second_per_host", r)?,
-                    nz("limits.burst_per_host", f.limits.burst_per_host.unwrap_or(r))?,
-                )),
+                r => Some(Rate::new(
+                    ("limits.requests_per_second_per_host", r),
+                    ("limits.burst_per_host", f.limits.burst_per_host.unwrap_or(r)),
+                )?),
             },
-            accept_rate: (
-                nz("limits.accept_rate", f.limits.accept_rate.unwrap_or(defaults::ACCEPT_RATE))?,
-                nz("limits.accept_burst", f.limits.accept_burst.unwrap_or(defaults::ACCEPT_BURST))?,
-            ),
-            max_conns_per_ip: nz(
+            accept_rate: Rate::new(
+                ("limits.accept_rate", f.limits.accept_rate.unwrap_or(defaults::ACCEPT_RATE)),
+                ("limits.accept_burst", f.limits.accept_burst.unwrap_or(defaults::ACCEPT_BURST)),
+            )?,
+            max_conns_per_ip: nonzero(
                 "limits.max_conns_per_ip",
                 f.limits.max_conns_per_ip.unwrap_or(defaults::MAX_CONNS_PER_IP),
             )?,
-            tunnel_accept_rate: (
-                nz("limits.tunnel_accept_rate", f.limits.tunnel_accept_rate.unwrap_or(defaults::TUNNEL_ACCEPT_RATE))?,
-                nz(
-                    "limits.tunnel_accept_burst",
-                    f.limits.tunnel_accept_burst.unwrap_or(defaults::TUNNEL_ACCEPT_BURST),
-                )?,
-            ),
+            tunnel_accept_rate: Rate::new(
+                ("limits.tunnel_accept_rate", f.limits.tunnel_accept_rate.unwrap_or(defaults::TUNNEL_ACCEPT_RATE)),
+                ("limits.tunnel_accept_burst", f.limits.tunnel_accept_burst.unwrap_or(defaults::TUNNEL_ACCEPT_BURST)),
+            )?,
             grace_period: duration("shutdown.grace_period", f.shutdown.grace_period, defaults::GRACE_PERIOD)?,
             cluster: cluster_settings(f.cluster)?,
         })
     }
-}
-
-fn nz(field: &'static str, v: u32) -> Result<NonZeroU32, ConfigError> {
-    NonZeroU32::new(v).ok_or_else(|| ConfigError::invalid(field, "must be at least 1"))
 }
 
 impl Config {

@@ -8,8 +8,9 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use warren_common::config::{duration, socket_addr};
-pub use warren_common::config::{parse_duration, AdminFile, ConfigError, SharedKey};
+use warren_common::config::{duration, nonzero, socket_addr};
+pub use warren_common::config::{parse_duration, AdminFile, ConfigError, Rate, SharedKey};
+use warren_common::url::RelayUrl;
 
 pub use self::file::*;
 
@@ -89,10 +90,8 @@ pub enum TlsMode {
 pub struct StunConfig {
     /// UDP address.
     pub listen: SocketAddr,
-    /// Requests per second per source IP.
-    pub rate_per_second: NonZeroU32,
-    /// Burst per source IP.
-    pub burst: NonZeroU32,
+    /// Requests per source IP.
+    pub rate: Rate,
 }
 
 /// The region's shared mesh key.
@@ -104,7 +103,7 @@ pub struct MeshConfig {
     /// The shared key siblings present at login.
     pub key: MeshKey,
     /// Sibling URLs.
-    pub peers: Vec<String>,
+    pub peers: Vec<RelayUrl>,
     /// A DNS name and port resolved to sibling addresses.
     pub dns: Option<(String, u16)>,
     /// TLS name of siblings found through `dns`.
@@ -128,7 +127,7 @@ pub enum AdmissionConfig {
     /// Whatever an HTTP endpoint answers.
     Callout {
         /// The endpoint.
-        url: warren_common::url::RelayUrl,
+        url: RelayUrl,
         /// Extra CA for https.
         ca_file: Option<PathBuf>,
         /// Deadline.
@@ -184,10 +183,8 @@ pub struct Config {
     pub restart_try_for: Duration,
     /// Region mesh, when a mesh key is set.
     pub mesh: Option<MeshConfig>,
-    /// Accepts per second.
-    pub accept_rate: NonZeroU32,
-    /// Accept burst.
-    pub accept_burst: NonZeroU32,
+    /// New connections accepted.
+    pub accept_rate: Rate,
     /// Open connections per source IP.
     pub max_conns_per_ip: NonZeroU32,
     /// Per-client send budget, if any.
@@ -227,11 +224,10 @@ impl TryFrom<FileConfig> for Config {
         let stun = if f.stun.enabled.unwrap_or(true) {
             Some(StunConfig {
                 listen: socket_addr("stun.listen", f.stun.listen.as_deref().unwrap_or(defaults::STUN_LISTEN))?,
-                rate_per_second: nonzero_u32(
-                    "stun.rate_per_second",
-                    f.stun.rate_per_second.unwrap_or(defaults::STUN_RATE),
+                rate: Rate::new(
+                    ("stun.rate_per_second", f.stun.rate_per_second.unwrap_or(defaults::STUN_RATE)),
+                    ("stun.burst", f.stun.burst.unwrap_or(defaults::STUN_BURST)),
                 )?,
-                burst: nonzero_u32("stun.burst", f.stun.burst.unwrap_or(defaults::STUN_BURST))?,
             })
         } else {
             None
@@ -295,9 +291,11 @@ impl TryFrom<FileConfig> for Config {
             )?,
             restart_try_for: duration("shutdown.try_for", f.shutdown.try_for, defaults::RESTART_TRY_FOR)?,
             mesh,
-            accept_rate: nonzero_u32("limits.accept_rate", f.limits.accept_rate.unwrap_or(defaults::ACCEPT_RATE))?,
-            accept_burst: nonzero_u32("limits.accept_burst", f.limits.accept_burst.unwrap_or(defaults::ACCEPT_BURST))?,
-            max_conns_per_ip: nonzero_u32(
+            accept_rate: Rate::new(
+                ("limits.accept_rate", f.limits.accept_rate.unwrap_or(defaults::ACCEPT_RATE)),
+                ("limits.accept_burst", f.limits.accept_burst.unwrap_or(defaults::ACCEPT_BURST)),
+            )?,
+            max_conns_per_ip: nonzero(
                 "limits.max_conns_per_ip",
                 f.limits.max_conns_per_ip.unwrap_or(defaults::MAX_CONNS_PER_IP),
             )?,
@@ -319,8 +317,8 @@ fn admission_config(f: AdmissionFile) -> Result<AdmissionConfig, ConfigError> {
             let url = f.callout_url.ok_or_else(|| {
                 ConfigError::invalid("admission.callout_url", "required when admission.mode = \"callout\"")
             })?;
-            let url = warren_common::url::RelayUrl::parse(&url)
-                .map_err(|e| ConfigError::invalid("admission.callout_url", e.to_string()))?;
+            let url =
+                RelayUrl::parse(&url).map_err(|e| ConfigError::invalid("admission.callout_url", e.to_string()))?;
             Ok(AdmissionConfig::Callout {
                 url,
                 ca_file: f.callout_ca_file,
@@ -349,9 +347,11 @@ fn mesh_config(f: MeshFile, hostname: &str) -> Result<Option<MeshConfig>, Config
         }
         return Ok(None);
     };
-    for p in &f.peers {
-        warren_common::url::RelayUrl::parse(p).map_err(|e| ConfigError::invalid("mesh.peers", e.to_string()))?;
-    }
+    let peers = f
+        .peers
+        .iter()
+        .map(|p| RelayUrl::parse(p).map_err(|e| ConfigError::invalid("mesh.peers", format!("{p:?}: {e}"))))
+        .collect::<Result<Vec<_>, _>>()?;
     let dns = match f.dns.as_deref() {
         None => None,
         Some(d) => {
@@ -365,16 +365,12 @@ fn mesh_config(f: MeshFile, hostname: &str) -> Result<Option<MeshConfig>, Config
     };
     Ok(Some(MeshConfig {
         key,
-        peers: f.peers,
+        peers,
         dns,
         tls_name: f.tls_name.unwrap_or_else(|| hostname.to_owned()),
         ca_file: f.ca_file,
         resolve_interval: duration("mesh.resolve_interval", f.resolve_interval, defaults::MESH_RESOLVE_INTERVAL)?,
     }))
-}
-
-fn nonzero_u32(field: &'static str, v: u32) -> Result<NonZeroU32, ConfigError> {
-    NonZeroU32::new(v).ok_or_else(|| ConfigError::invalid(field, "must be at least 1"))
 }
 
 #[cfg(test)]
