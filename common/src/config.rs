@@ -87,16 +87,47 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     }
 }
 
-/// The duration in `v`, or `default` when absent.
-///
-/// # Errors
-/// [`ConfigError::Invalid`] naming `field`.
-pub fn duration(field: &'static str, v: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
-    match v {
-        None => Ok(default),
-        Some(s) => parse_duration(&s).ok_or_else(|| {
-            ConfigError::invalid(field, format!("{s:?} is not a duration like \"500ms\", \"10s\" or \"2m\""))
-        }),
+/// A duration as config files write it (`"250ms"`, `"10s"`, `"2m"`, `"1h"`), parsed when the
+/// file is read: a bad one is a parse error naming its key and line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(try_from = "String")]
+pub struct ConfigDuration(pub Duration);
+
+impl ConfigDuration {
+    /// `ms` milliseconds.
+    pub const fn from_millis(ms: u64) -> Self {
+        ConfigDuration(Duration::from_millis(ms))
+    }
+
+    /// `s` seconds.
+    pub const fn from_secs(s: u64) -> Self {
+        ConfigDuration(Duration::from_secs(s))
+    }
+
+    /// The value in `v`, or `default` when the key is absent.
+    pub fn or(v: Option<ConfigDuration>, default: Duration) -> Duration {
+        v.map_or(default, |d| d.0)
+    }
+}
+
+/// Why a duration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a duration like \"500ms\", \"10s\" or \"2m\"")]
+pub struct DurationError(pub String);
+
+impl std::str::FromStr for ConfigDuration {
+    type Err = DurationError;
+
+    fn from_str(s: &str) -> Result<Self, DurationError> {
+        parse_duration(s).map(ConfigDuration).ok_or_else(|| DurationError(s.to_owned()))
+    }
+}
+
+impl TryFrom<String> for ConfigDuration {
+    type Error = DurationError;
+
+    fn try_from(s: String) -> Result<Self, DurationError> {
+        s.parse()
     }
 }
 
@@ -234,10 +265,16 @@ mod tests {
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("99999999999999999999h"), None);
-        assert!(matches!(
-            duration("x", Some("5 parsecs".into()), Duration::ZERO),
-            Err(ConfigError::Invalid { field: "x", .. })
-        ));
+        assert_eq!("5 parsecs".parse::<ConfigDuration>(), Err(DurationError("5 parsecs".into())));
+        #[derive(Debug, serde::Deserialize)]
+        struct Section {
+            #[allow(dead_code)] // read by Debug only
+            timeout: Option<ConfigDuration>,
+        }
+        let refused = parse_toml::<Section>("timeout = \"5 parsecs\"").expect_err("refused");
+        assert!(refused.to_string().contains("timeout") && refused.to_string().contains("5 parsecs"), "{refused}");
+        let ok: Section = parse_toml("timeout = \"2m\"").expect("parses");
+        assert_eq!(ok.timeout, Some(ConfigDuration::from_secs(120)));
         assert!(socket_addr("a", "127.0.0.1:1").is_ok());
         assert!(socket_addr("a", "nope").is_err());
     }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use common::start_relay;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
+use warren_common::config::ConfigDuration;
 use warren_common::testing::noise;
 use warren_relay_proto::Transport;
 
@@ -34,7 +35,7 @@ async fn poke<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_on_every_port_never_crashes_the_relay() {
-    let relay = start_relay(|f| f.limits.handshake_timeout = Some("500ms".into())).await;
+    let relay = start_relay(|f| f.limits.handshake_timeout = Some(ConfigDuration::from_millis(500))).await;
     let mut a = relay.client(Transport::Derp).await;
     let mut b = relay.client(Transport::WebSocket).await;
     let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
@@ -88,7 +89,7 @@ async fn garbage_on_every_port_never_crashes_the_relay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_flood_does_not_stop_logged_in_clients() {
-    let relay = start_relay(|f| f.limits.handshake_timeout = Some("1s".into())).await;
+    let relay = start_relay(|f| f.limits.handshake_timeout = Some(ConfigDuration::from_secs(1))).await;
     let mut a = relay.client(Transport::Derp).await;
     let mut b = relay.client(Transport::Derp).await;
     let addr = relay.server.http_addr();

@@ -7,6 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::{recv_until, start_relay};
 use rand_core::OsRng;
+use warren_common::config::ConfigDuration;
 use warren_relay_client::ClientError;
 use warren_relay_client::{ConnectOptions, DerpClient};
 use warren_relay_proto::{Frame, PeerGoneReason, SecretKey, Transport};
@@ -123,8 +124,8 @@ async fn slow_reader_drops_are_counted_and_block_nobody() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_sends_restarting_then_closes() {
     let relay = start_relay(|f| {
-        f.shutdown.reconnect_in = Some("250ms".into());
-        f.shutdown.try_for = Some("30s".into());
+        f.shutdown.reconnect_in = Some(ConfigDuration::from_millis(250));
+        f.shutdown.try_for = Some(ConfigDuration::from_secs(30));
     })
     .await;
     let mut a = relay.client(Transport::WebSocket).await;
@@ -174,7 +175,7 @@ async fn http_endpoints() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_info_sealed_to_the_wrong_key_is_refused() {
-    let relay = start_relay(|f| f.limits.handshake_timeout = Some("1s".into())).await;
+    let relay = start_relay(|f| f.limits.handshake_timeout = Some(ConfigDuration::from_secs(1))).await;
     let r =
         relay.https_raw(b"GET /derp HTTP/1.1\r\nHost: localhost\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n\r\n").await;
     assert!(r.starts_with("HTTP/1.1 101") && r.contains("Derp-Public-Key: "), "{r}");

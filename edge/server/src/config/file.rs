@@ -5,7 +5,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use warren_common::config::{load_toml, parse_toml, read_secret_file, AdminFile, ConfigError};
+use warren_common::config::{load_toml, parse_toml, read_secret_file, AdminFile, ConfigDuration, ConfigError};
 
 /// The TOML file. Every key is optional.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -62,7 +62,7 @@ pub struct ClusterFile {
     /// Extra CA (PEM) to trust for siblings' tunnel certificates (e.g. a shared dev CA).
     pub ca_file: Option<PathBuf>,
     /// Route entry lifetime, e.g. "15s".
-    pub route_ttl: Option<String>,
+    pub route_ttl: Option<ConfigDuration>,
 }
 
 /// `[acme]`
@@ -85,7 +85,7 @@ pub struct AcmeFile {
     /// With dns-01: one `*.<funnel_domain>` certificate instead of one per node.
     pub wildcard: Option<bool>,
     /// How often certificates are checked for renewal, e.g. "1h".
-    pub renew_check_interval: Option<String>,
+    pub renew_check_interval: Option<ConfigDuration>,
 }
 
 /// `[tls]`
@@ -121,7 +121,7 @@ impl fmt::Debug for TokenFile {
 #[serde(deny_unknown_fields)]
 pub struct LimitsFile {
     /// e.g. "60s".
-    pub response_timeout: Option<String>,
+    pub response_timeout: Option<ConfigDuration>,
     /// Requests in flight per tunnel.
     pub max_streams_per_tunnel: Option<u32>,
     /// Visitor requests per second per funnel name (0 or absent: unlimited); over it, 429.
@@ -145,7 +145,7 @@ pub struct LimitsFile {
 #[serde(deny_unknown_fields)]
 pub struct ShutdownFile {
     /// e.g. "10s".
-    pub grace_period: Option<String>,
+    pub grace_period: Option<ConfigDuration>,
 }
 
 impl FileConfig {

@@ -6,7 +6,7 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use warren_common::config::{duration, nonzero, socket_addr};
+use warren_common::config::{nonzero, socket_addr, ConfigDuration};
 pub use warren_common::config::{AdminFile, ConfigError, Rate, SharedKey};
 
 pub use self::file::*;
@@ -118,7 +118,7 @@ fn cluster_settings(c: ClusterFile) -> Result<Option<ClusterConfig>, ConfigError
         }
     };
     let key = ClusterKey::parse("cluster.key", "cluster key", &key)?;
-    let route_ttl = duration("cluster.route_ttl", c.route_ttl, defaults::ROUTE_TTL)?;
+    let route_ttl = ConfigDuration::or(c.route_ttl, defaults::ROUTE_TTL);
     if route_ttl < Duration::from_secs(1) {
         return Err(ConfigError::invalid("cluster.route_ttl", "must be at least 1s"));
     }
@@ -291,11 +291,7 @@ impl TryFrom<FileConfig> for Config {
             tls,
             tokens,
             admin_listen,
-            response_timeout: duration(
-                "limits.response_timeout",
-                f.limits.response_timeout,
-                defaults::RESPONSE_TIMEOUT,
-            )?,
+            response_timeout: ConfigDuration::or(f.limits.response_timeout, defaults::RESPONSE_TIMEOUT),
             max_streams_per_tunnel: match f.limits.max_streams_per_tunnel.unwrap_or(defaults::MAX_STREAMS_PER_TUNNEL) {
                 n @ 1..=MAX_STREAMS_LIMIT => n,
                 n => {
@@ -324,7 +320,7 @@ impl TryFrom<FileConfig> for Config {
                 ("limits.tunnel_accept_rate", f.limits.tunnel_accept_rate.unwrap_or(defaults::TUNNEL_ACCEPT_RATE)),
                 ("limits.tunnel_accept_burst", f.limits.tunnel_accept_burst.unwrap_or(defaults::TUNNEL_ACCEPT_BURST)),
             )?,
-            grace_period: duration("shutdown.grace_period", f.shutdown.grace_period, defaults::GRACE_PERIOD)?,
+            grace_period: ConfigDuration::or(f.shutdown.grace_period, defaults::GRACE_PERIOD),
             cluster: cluster_settings(f.cluster)?,
         })
     }
@@ -365,7 +361,7 @@ fn acme_settings(a: AcmeFile) -> Result<AcmeSettings, ConfigError> {
         http01_listen: socket_addr("acme.http01_listen", a.http01_listen.as_deref().unwrap_or("0.0.0.0:80"))?,
         dns01_hook: a.dns01_hook,
         wildcard,
-        renew_check_interval: duration("acme.renew_check_interval", a.renew_check_interval, Duration::from_secs(3600))?,
+        renew_check_interval: ConfigDuration::or(a.renew_check_interval, Duration::from_secs(3600)),
     })
 }
 

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use warren_common::config::{load_toml, parse_toml, read_secret_file, AdminFile, ConfigError};
+use warren_common::config::{load_toml, parse_toml, read_secret_file, AdminFile, ConfigDuration, ConfigError};
 
 /// The TOML file as written by an operator. Every key is optional.
 #[derive(Debug, Default, Clone, Deserialize)]
@@ -78,9 +78,9 @@ pub struct AdmissionFile {
     /// Extra CA (PEM) to trust for an https callout.
     pub callout_ca_file: Option<PathBuf>,
     /// Deadline of one callout, e.g. "2s".
-    pub callout_timeout: Option<String>,
+    pub callout_timeout: Option<ConfigDuration>,
     /// How long an answer is reused for the same key, e.g. "60s".
-    pub cache_ttl: Option<String>,
+    pub cache_ttl: Option<ConfigDuration>,
     /// Admit when the callout fails (default false: refuse).
     pub fail_open: Option<bool>,
 }
@@ -106,7 +106,7 @@ pub struct MeshFile {
     /// Extra CA certificate (PEM) to trust for siblings, e.g. a shared development CA.
     pub ca_file: Option<PathBuf>,
     /// How often `dns` is resolved again, e.g. "30s".
-    pub resolve_interval: Option<String>,
+    pub resolve_interval: Option<ConfigDuration>,
 }
 
 /// `[tls]`
@@ -144,11 +144,11 @@ pub struct LimitsFile {
     /// Payload bytes queued per client before drops.
     pub send_queue_bytes: Option<usize>,
     /// e.g. "10s".
-    pub handshake_timeout: Option<String>,
+    pub handshake_timeout: Option<ConfigDuration>,
     /// e.g. "5s".
-    pub write_timeout: Option<String>,
+    pub write_timeout: Option<ConfigDuration>,
     /// e.g. "60s".
-    pub keepalive_interval: Option<String>,
+    pub keepalive_interval: Option<ConfigDuration>,
     /// New connections per second, all sources together.
     pub accept_rate: Option<u32>,
     /// Burst of new connections.
@@ -167,11 +167,11 @@ pub struct LimitsFile {
 #[serde(deny_unknown_fields)]
 pub struct ShutdownFile {
     /// How long to keep serving connected clients after SIGTERM, e.g. "10s".
-    pub grace_period: Option<String>,
+    pub grace_period: Option<ConfigDuration>,
     /// Told to clients: reconnect after, e.g. "500ms".
-    pub reconnect_in: Option<String>,
+    pub reconnect_in: Option<ConfigDuration>,
     /// Told to clients: keep trying for, e.g. "60s".
-    pub try_for: Option<String>,
+    pub try_for: Option<ConfigDuration>,
 }
 
 impl FileConfig {

@@ -8,7 +8,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use warren_common::config::{duration, nonzero, socket_addr};
+use warren_common::config::{nonzero, socket_addr, ConfigDuration};
 pub use warren_common::config::{parse_duration, AdminFile, ConfigError, Rate, SharedKey};
 use warren_common::url::RelayUrl;
 
@@ -272,24 +272,12 @@ impl TryFrom<FileConfig> for Config {
             send_queue_bytes: NonZeroUsize::new(f.limits.send_queue_bytes.unwrap_or(defaults::SEND_QUEUE_BYTES))
                 .filter(|b| b.get() >= 64 << 10)
                 .ok_or_else(|| ConfigError::invalid("limits.send_queue_bytes", "must be at least 65536"))?,
-            handshake_timeout: duration(
-                "limits.handshake_timeout",
-                f.limits.handshake_timeout,
-                defaults::HANDSHAKE_TIMEOUT,
-            )?,
-            write_timeout: duration("limits.write_timeout", f.limits.write_timeout, defaults::WRITE_TIMEOUT)?,
-            keepalive_interval: duration(
-                "limits.keepalive_interval",
-                f.limits.keepalive_interval,
-                defaults::KEEPALIVE_INTERVAL,
-            )?,
-            grace_period: duration("shutdown.grace_period", f.shutdown.grace_period, defaults::GRACE_PERIOD)?,
-            restart_reconnect_in: duration(
-                "shutdown.reconnect_in",
-                f.shutdown.reconnect_in,
-                defaults::RESTART_RECONNECT_IN,
-            )?,
-            restart_try_for: duration("shutdown.try_for", f.shutdown.try_for, defaults::RESTART_TRY_FOR)?,
+            handshake_timeout: ConfigDuration::or(f.limits.handshake_timeout, defaults::HANDSHAKE_TIMEOUT),
+            write_timeout: ConfigDuration::or(f.limits.write_timeout, defaults::WRITE_TIMEOUT),
+            keepalive_interval: ConfigDuration::or(f.limits.keepalive_interval, defaults::KEEPALIVE_INTERVAL),
+            grace_period: ConfigDuration::or(f.shutdown.grace_period, defaults::GRACE_PERIOD),
+            restart_reconnect_in: ConfigDuration::or(f.shutdown.reconnect_in, defaults::RESTART_RECONNECT_IN),
+            restart_try_for: ConfigDuration::or(f.shutdown.try_for, defaults::RESTART_TRY_FOR),
             mesh,
             accept_rate: Rate::new(
                 ("limits.accept_rate", f.limits.accept_rate.unwrap_or(defaults::ACCEPT_RATE)),
@@ -322,8 +310,8 @@ fn admission_config(f: AdmissionFile) -> Result<AdmissionConfig, ConfigError> {
             Ok(AdmissionConfig::Callout {
                 url,
                 ca_file: f.callout_ca_file,
-                timeout: duration("admission.callout_timeout", f.callout_timeout, defaults::CALLOUT_TIMEOUT)?,
-                cache_ttl: duration("admission.cache_ttl", f.cache_ttl, defaults::CALLOUT_CACHE_TTL)?,
+                timeout: ConfigDuration::or(f.callout_timeout, defaults::CALLOUT_TIMEOUT),
+                cache_ttl: ConfigDuration::or(f.cache_ttl, defaults::CALLOUT_CACHE_TTL),
                 fail_open: f.fail_open.unwrap_or(false),
             })
         }
@@ -369,7 +357,7 @@ fn mesh_config(f: MeshFile, hostname: &str) -> Result<Option<MeshConfig>, Config
         dns,
         tls_name: f.tls_name.unwrap_or_else(|| hostname.to_owned()),
         ca_file: f.ca_file,
-        resolve_interval: duration("mesh.resolve_interval", f.resolve_interval, defaults::MESH_RESOLVE_INTERVAL)?,
+        resolve_interval: ConfigDuration::or(f.resolve_interval, defaults::MESH_RESOLVE_INTERVAL),
     }))
 }
 
@@ -400,7 +388,10 @@ mod tests {
         ));
         assert!(matches!(bad("[tls]\nmode = \"manual\""), Err(ConfigError::Invalid { field: "tls.cert_file", .. })));
         assert!(matches!(bad("[limits]\nsend_queue_depth = 0"), Err(ConfigError::Invalid { .. })));
-        assert!(matches!(bad("[limits]\nhandshake_timeout = \"10 parsecs\""), Err(ConfigError::Invalid { .. })));
+        assert!(matches!(
+            FileConfig::parse("[limits]\nhandshake_timeout = \"10 parsecs\""),
+            Err(ConfigError::Parse { .. })
+        ));
         assert!(matches!(bad("[stun]\nburst = 0"), Err(ConfigError::Invalid { field: "stun.burst", .. })));
     }
 
