@@ -85,6 +85,7 @@ pub async fn serve(daemon: Arc<Daemon>, path: &FsPath, cancel: CancellationToken
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let clients = tokio_util::task::TaskTracker::new();
     loop {
         let stream = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -96,10 +97,18 @@ pub async fn serve(daemon: Arc<Daemon>, path: &FsPath, cancel: CancellationToken
                 }
             },
         };
-        let daemon = daemon.clone();
-        tokio::spawn(async move { handle(daemon, stream).await });
+        let (daemon, cancel) = (daemon.clone(), cancel.clone());
+        clients.spawn(async move {
+            tokio::select! {
+                () = handle(daemon, stream) => {}
+                () = cancel.cancelled() => {}
+            }
+        });
     }
     let _ = std::fs::remove_file(path);
+    // Open control connections (e.g. a `warren recv` waiting) end with the node.
+    clients.close();
+    clients.wait().await;
     Ok(())
 }
 

@@ -321,22 +321,29 @@ impl Acme {
 
     /// Serves HTTP-01 answers (and redirects everything else to HTTPS) until `cancel`.
     pub async fn serve_http01(self: Arc<Self>, listener: TcpListener, cancel: CancellationToken) {
+        let conns = tokio_util::task::TaskTracker::new();
         loop {
             let tcp = tokio::select! {
-                _ = cancel.cancelled() => return,
+                _ = cancel.cancelled() => break,
                 r = listener.accept() => match r {
                     Ok((t, _)) => t,
                     Err(_) => continue,
                 },
             };
-            let acme = self.clone();
-            tokio::spawn(async move {
+            let (acme, cancel) = (self.clone(), cancel.clone());
+            conns.spawn(async move {
                 let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                     std::future::ready(Ok::<_, std::convert::Infallible>(acme.http01_response(&req)))
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
+                let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc);
+                tokio::select! {
+                    _ = conn => {}
+                    () = cancel.cancelled() => {}
+                }
             });
         }
+        conns.close();
+        conns.wait().await;
     }
 
     fn http01_response(&self, req: &http::Request<hyper::body::Incoming>) -> Response<Full<Bytes>> {
