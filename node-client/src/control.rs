@@ -68,6 +68,13 @@ pub struct Daemon {
 }
 
 impl Daemon {
+    /// Stops the funnel, if one runs, giving its requests up to `grace` to finish.
+    pub async fn shutdown(&self, grace: std::time::Duration) {
+        if let Some(funnel) = self.funnel.lock().await.take() {
+            funnel.shutdown(grace).await;
+        }
+    }
+
     /// A daemon for `node`, able to publish through the edge of `funnel_settings`.
     pub fn new(node: Arc<Node>, funnel_settings: Option<FunnelConfig>) -> Self {
         Daemon { node, funnel_settings, funnel: tokio::sync::Mutex::new(None) }

@@ -230,15 +230,19 @@ async fn up(args: UpArgs) -> anyhow::Result<()> {
     let node = std::sync::Arc::new(Node::start(cfg).await?);
     report(&format!("node {} up; control socket {}", node.public_key().to_hex(), args.control.control.display()));
     let cancel = tokio_util::sync::CancellationToken::new();
+    let daemon = std::sync::Arc::new(warren::control::Daemon::new(node.clone(), funnel_settings));
     let ctl = tokio::spawn({
-        let daemon = std::sync::Arc::new(warren::control::Daemon::new(node.clone(), funnel_settings));
-        let (cancel, path) = (cancel.clone(), args.control.control.clone());
+        let (daemon, cancel, path) = (daemon.clone(), cancel.clone(), args.control.control.clone());
         async move { warren::control::serve(daemon, &path, cancel).await }
     });
     wait_for_signal().await;
     cancel.cancel();
-    node.stop();
     ctl.await.context("control task")?.context("control socket")?;
+    // The funnel's requests get a moment to finish; then the node's tasks end.
+    daemon.shutdown(Duration::from_secs(5)).await;
+    if tokio::time::timeout(Duration::from_secs(5), node.shutdown()).await.is_err() {
+        tracing::warn!("the node's tasks did not end within 5 s");
+    }
     Ok(())
 }
 
