@@ -366,12 +366,7 @@ impl<R: CryptoRngCore> NodeCore<R> {
     }
 
     fn seal(&mut self, peer: &PublicKey, msg: &Message) -> Bytes {
-        if self.boxes.len() > MAX_BOXES && !self.boxes.contains_key(peer) {
-            self.boxes.clear();
-        }
-        let secret = &self.settings.secret;
-        let sealing = self.boxes.entry(*peer).or_insert_with(|| PeerBox::new(secret, peer));
-        sealing.seal(&self.public, msg, &mut self.rng)
+        peer_box(&mut self.boxes, &self.settings.secret, peer).seal(&self.public, msg, &mut self.rng)
     }
 
     fn send_direct(&mut self, peer: &PublicKey, to: SocketAddr, msg: &Message) {
@@ -423,8 +418,7 @@ impl<R: CryptoRngCore> NodeCore<R> {
         if disco::sender(data).ok() != Some(sender) || sender == self.public {
             return;
         }
-        let secret = &self.settings.secret;
-        let opened = self.boxes.entry(sender).or_insert_with(|| PeerBox::new(secret, &sender)).open(data);
+        let opened = peer_box(&mut self.boxes, &self.settings.secret, &sender).open(data);
         let Ok(msg) = opened else {
             debug!(peer = %sender.short(), "envelope failed to open");
             return;
@@ -511,4 +505,13 @@ impl<R: CryptoRngCore> NodeCore<R> {
             self.events.push_back(Event::HomeChanged(target));
         }
     }
+}
+
+/// The box shared with `peer`, made on first use. The cache is bounded: past [`MAX_BOXES`]
+/// peers it starts over, so envelopes from many senders cannot grow it without limit.
+fn peer_box<'a>(boxes: &'a mut HashMap<PublicKey, PeerBox>, secret: &SecretKey, peer: &PublicKey) -> &'a PeerBox {
+    if boxes.len() > MAX_BOXES && !boxes.contains_key(peer) {
+        boxes.clear();
+    }
+    boxes.entry(*peer).or_insert_with(|| PeerBox::new(secret, peer))
 }
