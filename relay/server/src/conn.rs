@@ -26,7 +26,7 @@ use warren_relay_proto::{Frame, Framer, PublicKey, Transport, PROTOCOL_VERSION};
 use crate::admission::{AdmissionResult, Verdict};
 use crate::core::inbox::{Inbox, Item};
 use crate::core::router::{ClientHandle, Control, Packet};
-use crate::core::session::{ClientSession, SendBudget};
+use crate::core::session::ClientSession;
 use crate::core::Next;
 use crate::io::framed::{flush, read_frame, ReadError, ReadReady, ReadSize};
 use crate::metrics::HandshakeFailure;
@@ -99,13 +99,9 @@ where
         shared.metrics.clients.increment(1.0);
         info!(client = %key.short(), %remote, transport = transport.name(), version = info.version, "client connected");
 
-        let budget = shared
-            .config
-            .client_rate
-            .map(|r| SendBudget { bytes_per_second: r.bytes_per_second, burst_bytes: r.burst_bytes });
         let mut actor = Actor {
             shared: shared.clone(),
-            session: ClientSession::new(key, budget, Instant::now()),
+            session: ClientSession::new(key, shared.config.client_rate, Instant::now()),
             framer,
             inbox,
             batch: Vec::new(),

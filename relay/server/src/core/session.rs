@@ -24,6 +24,7 @@ use warren_relay_proto::{Frame, PeerGoneReason, PublicKey};
 use super::inbox::Inbox;
 use super::router::{Control, Delivery, Packet};
 use super::{Ctx, FrameSink, Next};
+use crate::config::ClientRate;
 use crate::metrics::DropReason;
 
 /// Peers remembered per client for PeerGone notices on disconnect.
@@ -33,13 +34,6 @@ const PEER_GONE_BURST: f64 = 3.0;
 const PEER_GONE_PER_SECOND: f64 = 1.0;
 /// What a frame other than SendPacket costs against the send budget.
 const FRAME_COST: usize = 16;
-
-/// The send budget a relay gives each client, in bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct SendBudget {
-    pub(crate) bytes_per_second: u64,
-    pub(crate) burst_bytes: u64,
-}
 
 /// The policy state of one logged-in client.
 #[derive(Debug)]
@@ -57,7 +51,7 @@ pub(crate) struct ClientSession {
 
 impl ClientSession {
     /// The session of `key`, logged in at `now`.
-    pub(crate) fn new(key: PublicKey, budget: Option<SendBudget>, now: Instant) -> Self {
+    pub(crate) fn new(key: PublicKey, budget: Option<ClientRate>, now: Instant) -> Self {
         ClientSession {
             key,
             sent_to: HashSet::new(),
@@ -292,7 +286,7 @@ mod tests {
     fn a_client_over_its_budget_is_read_again_once_the_debt_is_repaid() {
         let relay = Relay::default();
         let t = now();
-        let budget = SendBudget { bytes_per_second: 1000, burst_bytes: 1000 };
+        let budget = ClientRate { bytes_per_second: 1000, burst_bytes: 1000 };
         let mut a = ClientSession::new(key(1), Some(budget), t);
         a.handle_frame(send(2, &[0; 900]), t, relay.ctx(), &mut Vec::new());
         assert_eq!(a.poll_timeout(), None, "within the burst");
