@@ -46,24 +46,53 @@ pub(crate) fn start_redis(dir: &Path) -> Option<(Proc, String)> {
         eprintln!("skipped: redis-server is not installed (apt-get install redis-server)");
         return None;
     }
-    let port = free_tcp_port();
-    let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("redis-server runs (scripts/test.sh installs Debian's redis-server)");
-    let proc = Proc(child);
-    wait_until(Duration::from_secs(10), "redis to answer", || {
-        let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return false };
-        let mut buf = [0u8; 7];
-        std::io::Write::write_all(&mut tcp, b"PING\r\n").is_ok()
-            && tcp.read_exact(&mut buf).is_ok()
-            && &buf == b"+PONG\r\n"
-    });
-    Some((proc, format!("redis://127.0.0.1:{port}/")))
+    Some(retry_on_fresh_ports("redis-server", || {
+        let port = free_tcp_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdout(std::fs::File::create(dir.join("redis.log")).expect("redis log"))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (scripts/test.sh installs Debian's redis-server)");
+        let mut proc = Proc(child);
+        let start = Instant::now();
+        loop {
+            if let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let mut buf = [0u8; 7];
+                if std::io::Write::write_all(&mut tcp, b"PING\r\n").is_ok()
+                    && tcp.read_exact(&mut buf).is_ok()
+                    && &buf == b"+PONG\r\n"
+                {
+                    return Ok((proc, format!("redis://127.0.0.1:{port}/")));
+                }
+            }
+            if proc.0.try_wait().ok().flatten().is_some() || start.elapsed() > Duration::from_secs(20) {
+                drop(proc);
+                let log = std::fs::read_to_string(dir.join("redis.log")).unwrap_or_default();
+                return Err(format!("redis-server on port {port} did not answer PING:\n{log}"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }))
+}
+
+/// Runs `start` up to three times. A server given ports that were free a moment earlier can
+/// lose one of them to another test's socket; a fresh attempt picks new ports. The last
+/// failure, with the server's own log, fails the test.
+pub(crate) fn retry_on_fresh_ports<T>(what: &str, mut start: impl FnMut() -> Result<T, String>) -> T {
+    let mut last = String::new();
+    for attempt in 1..=3 {
+        match start() {
+            Ok(v) => return v,
+            Err(e) => {
+                eprintln!("{what} did not start (attempt {attempt} of 3): {e}");
+                last = e;
+            }
+        }
+    }
+    panic!("{what} did not start: {last}");
 }
 
 pub(crate) fn pebble_available() -> bool {
@@ -99,6 +128,10 @@ impl Pebble {
     /// Starts challtestsrv (DNS answering 127.0.0.1 for every name) and pebble, which
     /// validates HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port` of 127.0.0.1.
     pub(crate) fn start(http_port: u16, tls_port: u16) -> Pebble {
+        retry_on_fresh_ports("pebble", || Pebble::try_start(http_port, tls_port))
+    }
+
+    fn try_start(http_port: u16, tls_port: u16) -> Result<Pebble, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = warren_common::tls::DevCa::open_or_create(dir.path()).expect("ca for pebble's own listener");
         let (cert, key) = ca.issue_pem(&["localhost".into(), "127.0.0.1".into()]).expect("issue");
@@ -133,7 +166,7 @@ impl Pebble {
                     "",
                 ])
                 .args(["-dns01", &format!("127.0.0.1:{dns}"), "-management", &format!("127.0.0.1:{challtest_mgmt}")])
-                .stdout(Stdio::null())
+                .stdout(log("challtestsrv.out"))
                 .stderr(log("challtestsrv.log"))
                 .spawn()
                 .expect("challtestsrv"),
@@ -146,19 +179,31 @@ impl Pebble {
                 .env("PEBBLE_VA_NOSLEEP", "1")
                 .env("PEBBLE_WFE_NONCEREJECT", "0")
                 .stdout(log("pebble.log"))
-                .stderr(Stdio::null())
+                .stderr(log("pebble.err"))
                 .spawn()
                 .expect("pebble"),
         );
-        let p = Pebble { children, dir, directory: format!("https://127.0.0.1:{listen}/dir"), mgmt, challtest_mgmt };
+        let mut p =
+            Pebble { children, dir, directory: format!("https://127.0.0.1:{listen}/dir"), mgmt, challtest_mgmt };
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", listen)).is_err()
             || std::net::TcpStream::connect(("127.0.0.1", challtest_mgmt)).is_err()
         {
-            assert!(start.elapsed() < Duration::from_secs(10), "pebble did not start");
+            let exited = p.children.iter_mut().any(|c| c.try_wait().ok().flatten().is_some());
+            if exited || start.elapsed() > Duration::from_secs(20) {
+                let read = |n: &str| std::fs::read_to_string(p.dir.path().join(n)).unwrap_or_default();
+                let why = if exited { "a process exited" } else { "no listener within 20 s" };
+                return Err(format!(
+                    "{why}\n--- pebble\n{}{}\n--- challtestsrv\n{}{}",
+                    read("pebble.log"),
+                    read("pebble.err"),
+                    read("challtestsrv.out"),
+                    read("challtestsrv.log")
+                ));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        p
+        Ok(p)
     }
 
     pub(crate) fn listener_ca(&self) -> PathBuf {
