@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Local demo of Warren on embedded defaults, all on 127.0.0.1:
-#   a relay (DERP + STUN), an edge (Funnel), and a node that publishes a small local web page
-#   at https://demo.funnel.localhost:10000/ which curl then fetches through the edge;
+#   a relay (DERP + STUN), an edge (Funnel), and a node that publishes a directory at
+#   https://demo.funnel.localhost:10000/ and a text at /hello, which curl then fetches through
+#   the edge;
 #   plus two fresh nodes exchanging packets through the relay.
 # Everything is built first. `scripts/demo.sh --serve` keeps it all running until Ctrl-C.
 set -euo pipefail
@@ -32,11 +33,9 @@ echo "==> edge: public https://*.funnel.localhost:10000, tunnel udp/7443, metric
 $bin/warren-edge --dev --state-dir "$state/edge" 2>"$state/edge.log" & pids+=($!)
 wait_log "$state/edge.log" "edge listening"
 
-echo "==> a small local web page on http://127.0.0.1:8780"
+echo "==> a small web page in $state/www"
 mkdir -p "$state/www"
 echo "<!doctype html><title>Warren demo</title><h1>Hello from a Warren node</h1>" > "$state/www/index.html"
-(cd "$state/www" && exec python3 -m http.server 8780 --bind 127.0.0.1 >/dev/null 2>&1) & pids+=($!)
-for _ in $(seq 100); do curl -fsS -o /dev/null http://127.0.0.1:8780/ 2>/dev/null && break; sleep 0.1; done
 
 cat > "$state/map.json" <<JSON
 {"Regions": {"1": {"RegionID": 1, "RegionCode": "local", "Nodes": [
@@ -48,10 +47,15 @@ $bin/warren up --region-map "$state/map.json" --ca "$state/relay/dev-ca.pem" \
     --key-file "$state/node.key" --control "$state/node.sock" 2>"$state/node.log" & pids+=($!)
 wait_log "$state/node.log" "home relay connected"
 
-echo "==> warren funnel 8780 --https-port 10000"
-$bin/warren funnel 8780 --https-port 10000 --control "$state/node.sock"
-echo "==> curl https://demo.funnel.localhost:10000/ (trusting the edge's dev CA)"
+echo "==> warren funnel --bg --https-port 10000 $state/www"
+$bin/warren funnel --bg --https-port 10000 "$state/www" --control "$state/node.sock"
+echo "==> warren funnel --bg --https-port 10000 --set-path /hello 'text:Hello through the funnel'"
+$bin/warren funnel --bg --https-port 10000 --set-path /hello 'text:Hello through the funnel' --control "$state/node.sock"
+echo "==> curl https://demo.funnel.localhost:10000/ and /hello (trusting the edge's dev CA)"
 curl -sS --fail --cacert "$state/edge/dev-ca.pem" https://demo.funnel.localhost:10000/
+curl -sS --fail --cacert "$state/edge/dev-ca.pem" https://demo.funnel.localhost:10000/hello; echo
+echo "==> warren funnel status"
+$bin/warren funnel status --control "$state/node.sock"
 echo "==> two fresh nodes through the relay"
 $bin/warren relay-check --relay https://localhost:8443 --ca "$state/relay/dev-ca.pem" --packets 20000
 

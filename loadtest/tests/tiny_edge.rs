@@ -11,6 +11,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use warren::funnel::{Funnel, FunnelConfig};
+use warren::services::ServiceSpec;
 use warren_edge::config::{Config, FileConfig};
 use warren_edge::Edge;
 use warren_loadtest::edge::{run, EdgeScenario};
@@ -84,8 +85,7 @@ async fn edge_scenario_counts_answers_and_failures() {
         ca_file: edge.dev_ca_cert().map(Into::into),
         token: "t0ken-for-the-test".into(),
         name: "web".into(),
-        target: format!("http://{target}"),
-        ports: vec![edge.public_addrs()[0].port()],
+        services: vec![ServiceSpec::new(edge.public_addrs()[0].port(), format!("http://{target}"))],
     });
     funnel.wait_registered(Duration::from_secs(10)).await.expect("registered");
 
@@ -113,8 +113,7 @@ async fn edge_scenario_counts_answers_and_failures() {
         ca_file: edge.dev_ca_cert().map(Into::into),
         token: "t0ken-for-the-test".into(),
         name: "gone".into(),
-        target: format!("http://{echo}"),
-        ports: vec![edge.public_addrs()[0].port()],
+        services: vec![ServiceSpec::new(edge.public_addrs()[0].port(), format!("http://{echo}"))],
     });
     ws_funnel.wait_registered(Duration::from_secs(10)).await.expect("registered");
     let port = edge.public_addrs()[0].port();

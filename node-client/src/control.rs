@@ -5,35 +5,41 @@
 //! {"cmd":"ping","peer":"<hex>","count":3}            -> {"ok":true,"pings":[{"path":"direct 1.2.3.4:5","rtt_ms":0.4},..]}
 //! {"cmd":"send","peer":"<hex>","data":"text"}        -> {"ok":true}
 //! {"cmd":"recv","timeout_ms":5000}                   -> {"ok":true,"from":"<hex>","data":"text","path":"relay"}
-//! {"cmd":"funnel","target":"8080","port":443}       -> {"ok":true,"urls":["https://<name>.<domain>/"]}
-//! {"cmd":"funnel_status"}                           -> {"ok":true,"funnel":{...}|null}
-//! {"cmd":"funnel_off"}                              -> {"ok":true}
+//! {"cmd":"funnel_add","service":{...},"background":false}
+//!                                                    -> {"ok":true,"urls":["https://<name>.<domain>/api"]}
+//!     background: saved in services.json and restored at start; otherwise the service lasts
+//!     as long as this connection (`warren funnel 3000` in the foreground)
+//! {"cmd":"funnel_off","id":"443/api"}                -> {"ok":true}
+//! {"cmd":"funnel_reset"}                             -> {"ok":true}   every added service removed
+//! {"cmd":"funnel_status"}                            -> {"ok":true,"funnel":{...}|null}
+//! {"cmd":"funnel_log"}                               -> {"ok":true}, then one JSON line per request
 //! ```
 //! Errors answer `{"ok":false,"error":"..."}`. The socket is created 0600.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path as FsPath;
+use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{info, warn};
 use warren_relay_proto::PublicKey;
 
 use crate::core::paths::Path;
-use crate::funnel::{parse_target, Funnel, FunnelConfig};
+use crate::funnel::{Funnel, FunnelConfig};
 use crate::node::{Node, NodeError};
+use crate::services::{check_all, state, ServiceSpec};
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 128 << 10;
 
 #[derive(Debug, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+#[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 enum Request {
     Status,
     Ping {
@@ -47,14 +53,57 @@ enum Request {
     Recv {
         timeout_ms: Option<u64>,
     },
-    Funnel {
-        target: String,
-        port: Option<u16>,
+    FunnelAdd {
+        service: ServiceSpec,
+        #[serde(default)]
+        background: bool,
     },
-    #[serde(rename = "funnel_status")]
+    FunnelOff {
+        id: String,
+    },
+    FunnelReset,
     FunnelStatus,
-    #[serde(rename = "funnel_off")]
-    FunnelOff,
+    FunnelLog,
+}
+
+/// Where a published service came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    /// `node.toml`: changed by editing the file.
+    Config,
+    /// `warren funnel --bg`: saved, restored at start.
+    Saved,
+    /// `warren funnel` in the foreground: gone when that command ends.
+    Foreground,
+}
+
+#[derive(Debug, Default)]
+struct Services {
+    config: Vec<ServiceSpec>,
+    saved: Vec<ServiceSpec>,
+    /// With the control connection that holds each.
+    foreground: Vec<(u64, ServiceSpec)>,
+}
+
+impl Services {
+    fn all(&self) -> Vec<ServiceSpec> {
+        let fg = self.foreground.iter().map(|(_, s)| s.clone());
+        self.config.iter().cloned().chain(self.saved.iter().cloned()).chain(fg).collect()
+    }
+
+    fn origin_of(&self, id: &str) -> Option<Origin> {
+        let has = |v: &[ServiceSpec]| v.iter().any(|s| s.id() == id);
+        if has(&self.config) {
+            Some(Origin::Config)
+        } else if has(&self.saved) {
+            Some(Origin::Saved)
+        } else if self.foreground.iter().any(|(_, s)| s.id() == id) {
+            Some(Origin::Foreground)
+        } else {
+            None
+        }
+    }
 }
 
 /// What the control socket controls: the node and, when an edge is configured, its funnel.
@@ -62,23 +111,145 @@ enum Request {
 pub struct Daemon {
     /// The running node.
     pub node: Arc<Node>,
-    /// Edge, token and name for `funnel`; `None` when no edge was configured.
-    pub funnel_settings: Option<FunnelConfig>,
-    funnel: tokio::sync::Mutex<Option<Funnel>>,
+    funnel: Option<Funnel>,
+    services: tokio::sync::Mutex<Services>,
+    state_file: Option<PathBuf>,
 }
 
 impl Daemon {
+    /// A daemon for `node`. With `funnel` settings it publishes `funnel.services` (from
+    /// `node.toml`) and the services saved in `state_file`, and accepts more over the socket.
+    ///
+    /// # Errors
+    /// The saved services cannot be read (a damaged state file is never overwritten).
+    pub fn new(
+        node: Arc<Node>,
+        funnel: Option<FunnelConfig>,
+        state_file: Option<PathBuf>,
+    ) -> Result<Self, state::StateError> {
+        let saved = match &state_file {
+            Some(p) => state::load(p)?,
+            None => Vec::new(),
+        };
+        let mut services = Services { saved, ..Default::default() };
+        let funnel = funnel.map(|mut cfg| {
+            services.config = std::mem::take(&mut cfg.services);
+            cfg.services = services.all();
+            if !services.saved.is_empty() {
+                info!(count = services.saved.len(), "restoring saved funnel services");
+            }
+            Funnel::start(cfg)
+        });
+        Ok(Daemon { node, funnel, services: tokio::sync::Mutex::new(services), state_file })
+    }
+
     /// Stops the funnel, if one runs, giving its requests up to `grace` to finish.
     pub async fn shutdown(&self, grace: std::time::Duration) {
-        if let Some(funnel) = self.funnel.lock().await.take() {
+        if let Some(funnel) = &self.funnel {
             funnel.shutdown(grace).await;
         }
     }
 
-    /// A daemon for `node`, able to publish through the edge of `funnel_settings`.
-    pub fn new(node: Arc<Node>, funnel_settings: Option<FunnelConfig>) -> Self {
-        Daemon { node, funnel_settings, funnel: tokio::sync::Mutex::new(None) }
+    /// The funnel, when an edge is configured.
+    pub fn funnel(&self) -> Option<&Funnel> {
+        self.funnel.as_ref()
     }
+
+    fn apply(&self, services: &Services) -> Vec<crate::funnel::BrokenService> {
+        self.funnel.as_ref().map(|f| f.set_services(&services.all())).unwrap_or_default()
+    }
+
+    fn save(&self, services: &Services) -> Result<(), String> {
+        match &self.state_file {
+            Some(p) => state::save(p, &services.saved).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    /// Adds a service; `holder` is the control connection a foreground service lives with.
+    async fn add(&self, spec: ServiceSpec, background: bool, holder: u64) -> Result<Vec<String>, String> {
+        let Some(funnel) = &self.funnel else {
+            return Err("no edge configured: start `warren up` with --edge and --funnel-token".into());
+        };
+        let spec = spec.normalized().map_err(|e| e.to_string())?;
+        let mut services = self.services.lock().await;
+        let mut all = services.all();
+        all.push(spec.clone());
+        check_all(&all).map_err(|(id, e)| format!("{id}: {e}"))?;
+        if background {
+            services.saved.push(spec.clone());
+            if let Err(e) = self.save(&services) {
+                services.saved.pop();
+                return Err(format!("cannot save the service: {e}"));
+            }
+        } else {
+            services.foreground.push((holder, spec.clone()));
+        }
+        let broken = self.apply(&services);
+        drop(services);
+        if let Some(b) = broken.iter().find(|b| b.id == spec.id()) {
+            // It cannot be opened: take it back rather than keep a service that never answers.
+            self.remove(&spec.id()).await.ok();
+            return Err(format!("{}: {}", b.id, b.error));
+        }
+        let urls = funnel
+            .wait_registered(Duration::from_secs(15))
+            .await
+            .map_err(|e| format!("funnel not registered yet: {e} (it keeps retrying; see `warren funnel status`)"))?;
+        let path = if spec.path == "/" { "" } else { spec.path.trim_start_matches('/') };
+        Ok(urls.iter().filter(|u| url_port(u) == spec.port).map(|u| format!("{u}{path}")).collect())
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), String> {
+        let mut services = self.services.lock().await;
+        match services.origin_of(id) {
+            None => return Err(format!("no service {id:?} (see `warren funnel status`)")),
+            Some(Origin::Config) => return Err(format!("{id} is defined in the node's config file; edit it there")),
+            Some(Origin::Saved) => {
+                services.saved.retain(|s| s.id() != id);
+                self.save(&services)?;
+            }
+            Some(Origin::Foreground) => services.foreground.retain(|(_, s)| s.id() != id),
+        }
+        self.apply(&services);
+        Ok(())
+    }
+
+    async fn release(&self, holder: u64) {
+        let mut services = self.services.lock().await;
+        let before = services.foreground.len();
+        services.foreground.retain(|(h, _)| *h != holder);
+        if services.foreground.len() != before {
+            self.apply(&services);
+        }
+    }
+
+    async fn reset(&self) -> Result<(), String> {
+        let mut services = self.services.lock().await;
+        services.saved.clear();
+        services.foreground.clear();
+        self.save(&services)?;
+        self.apply(&services);
+        Ok(())
+    }
+
+    async fn funnel_status(&self) -> Value {
+        let Some(funnel) = &self.funnel else { return Value::Null };
+        let services = self.services.lock().await;
+        let mut status = serde_json::to_value(funnel.status()).unwrap_or(Value::Null);
+        if let Some(list) = status.get_mut("services").and_then(Value::as_array_mut) {
+            for s in list {
+                let origin = s.get("id").and_then(Value::as_str).and_then(|id| services.origin_of(id));
+                s["origin"] = serde_json::to_value(origin).unwrap_or(Value::Null);
+            }
+        }
+        status
+    }
+}
+
+/// The port of a public URL (`https://host[:port]/`), 443 when absent.
+fn url_port(url: &str) -> u16 {
+    url.parse::<http::Uri>().ok().and_then(|u| u.port_u16()).unwrap_or(443)
 }
 
 /// Serves the control socket at `path` until `cancel` fires.
@@ -93,6 +264,7 @@ pub async fn serve(daemon: Arc<Daemon>, path: &FsPath, cancel: CancellationToken
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
     let clients = tokio_util::task::TaskTracker::new();
+    let mut holders = 0u64;
     loop {
         let stream = tokio::select! {
             _ = cancel.cancelled() => break,
@@ -105,9 +277,11 @@ pub async fn serve(daemon: Arc<Daemon>, path: &FsPath, cancel: CancellationToken
             },
         };
         let (daemon, cancel) = (daemon.clone(), cancel.clone());
+        holders += 1;
+        let holder = holders;
         clients.spawn(async move {
             tokio::select! {
-                () = handle(daemon, stream) => {}
+                () = handle(daemon, stream, holder) => {}
                 () = cancel.cancelled() => {}
             }
         });
@@ -119,19 +293,57 @@ pub async fn serve(daemon: Arc<Daemon>, path: &FsPath, cancel: CancellationToken
     Ok(())
 }
 
-async fn handle(daemon: Arc<Daemon>, stream: UnixStream) {
+/// What a connection does after an answer.
+enum After {
+    /// Reads the next request.
+    Next,
+    /// Holds a foreground service until the client goes away.
+    Hold,
+    /// Streams the request log until the client goes away.
+    FollowLog,
+}
+
+async fn handle(daemon: Arc<Daemon>, stream: UnixStream, holder: u64) {
     let (read, mut write) = stream.into_split();
     let mut lines = BufReader::new(tokio::io::AsyncReadExt::take(read, MAX_LINE)).lines();
+    let mut holding = false;
     while let Ok(Some(line)) = lines.next_line().await {
-        let answer = match serde_json::from_str::<Request>(&line) {
-            Ok(req) => answer(&daemon, req).await,
-            Err(e) => json!({"ok": false, "error": format!("bad request: {e}")}),
+        let (answer, after) = match serde_json::from_str::<Request>(&line) {
+            Ok(req) => answer(&daemon, req, holder).await,
+            Err(e) => (json!({"ok": false, "error": format!("bad request: {e}")}), After::Next),
         };
         let mut out = answer.to_string();
         out.push('\n');
         if write.write_all(out.as_bytes()).await.is_err() {
-            return;
+            break;
         }
+        match after {
+            After::Next => {}
+            After::Hold => holding = true,
+            After::FollowLog => {
+                let Some(funnel) = daemon.funnel() else { break };
+                let mut log = funnel.subscribe_log();
+                loop {
+                    let entry = tokio::select! {
+                        e = log.recv() => e,
+                        // The client closed its side (or sent more): stop following.
+                        _ = lines.next_line() => break,
+                    };
+                    let line = match entry {
+                        Ok(e) => serde_json::to_string(&e).unwrap_or_default(),
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => json!({"missed": n}).to_string(),
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    };
+                    if write.write_all(format!("{line}\n").as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+                break;
+            }
+        }
+    }
+    if holding {
+        daemon.release(holder).await;
     }
 }
 
@@ -146,28 +358,35 @@ fn err(e: impl std::fmt::Display) -> Value {
     json!({"ok": false, "error": e.to_string()})
 }
 
-async fn answer(daemon: &Daemon, req: Request) -> Value {
+fn done(r: Result<(), String>) -> Value {
+    match r {
+        Ok(()) => json!({"ok": true}),
+        Err(e) => err(e),
+    }
+}
+
+async fn answer(daemon: &Daemon, req: Request, holder: u64) -> (Value, After) {
     let node = &daemon.node;
-    match req {
+    let answer = match req {
         Request::Status => match node.status().await {
             Ok(s) => json!({"ok": true, "status": s}),
             Err(e) => err(e),
         },
         Request::Ping { peer, count } => {
-            let Ok(peer) = PublicKey::from_hex(&peer) else { return err("peer must be 64 hex digits") };
+            let Ok(peer) = PublicKey::from_hex(&peer) else { return (err("peer must be 64 hex digits"), After::Next) };
             let mut pings = Vec::new();
             for _ in 0..count.unwrap_or(1).clamp(1, 100) {
                 match node.ping(peer, Duration::from_secs(3)).await {
                     Ok((path, rtt)) => pings.push(json!({"path": path_str(path), "rtt_ms": rtt.as_secs_f64() * 1e3})),
                     Err(NodeError::Timeout) => pings.push(json!({"path": null, "error": "timeout"})),
-                    Err(e) => return err(e),
+                    Err(e) => return (err(e), After::Next),
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
             json!({"ok": true, "pings": pings})
         }
         Request::Send { peer, data } => {
-            let Ok(peer) = PublicKey::from_hex(&peer) else { return err("peer must be 64 hex digits") };
+            let Ok(peer) = PublicKey::from_hex(&peer) else { return (err("peer must be 64 hex digits"), After::Next) };
             match node.send(peer, Bytes::from(data.into_bytes())).await {
                 Ok(()) => json!({"ok": true}),
                 Err(e) => err(e),
@@ -186,34 +405,69 @@ async fn answer(daemon: &Daemon, req: Request) -> Value {
                 Err(_) => err("timeout"),
             }
         }
-        Request::Funnel { target, port } => {
-            let Some(settings) = &daemon.funnel_settings else {
-                return err("no edge configured: start `warren up` with --edge and --funnel-token");
-            };
-            let target = match parse_target(&target) {
-                Ok(t) => t,
-                Err(e) => return err(e),
-            };
-            let cfg = FunnelConfig { target, ports: vec![port.unwrap_or(443)], ..settings.clone() };
-            let mut slot = daemon.funnel.lock().await;
-            *slot = None; // stops the previous funnel first
-            let funnel = Funnel::start(cfg);
-            let result = funnel.wait_registered(Duration::from_secs(15)).await;
-            *slot = Some(funnel);
-            match result {
-                Ok(urls) => json!({"ok": true, "urls": urls}),
-                Err(e) => {
-                    err(format!("funnel not registered yet: {e} (it keeps retrying; see `warren funnel status`)"))
+        Request::FunnelAdd { service, background } => {
+            let id = service.id();
+            return match daemon.add(service, background, holder).await {
+                Ok(urls) => {
+                    (json!({"ok": true, "id": id, "urls": urls}), if background { After::Next } else { After::Hold })
                 }
+                // A foreground service that was added stays until the client leaves, even
+                // when the edge has not answered yet.
+                Err(e) if !background && daemon.services.lock().await.origin_of(&id) == Some(Origin::Foreground) => {
+                    (err(e), After::Hold)
+                }
+                Err(e) => (err(e), After::Next),
+            };
+        }
+        Request::FunnelOff { id } => done(daemon.remove(&id).await),
+        Request::FunnelReset => done(daemon.reset().await),
+        Request::FunnelStatus => json!({"ok": true, "funnel": daemon.funnel_status().await}),
+        Request::FunnelLog => {
+            if daemon.funnel().is_none() {
+                return (err("no edge configured"), After::Next);
             }
+            return (json!({"ok": true}), After::FollowLog);
         }
-        Request::FunnelStatus => {
-            let slot = daemon.funnel.lock().await;
-            json!({"ok": true, "funnel": slot.as_ref().map(Funnel::status)})
-        }
-        Request::FunnelOff => {
-            *daemon.funnel.lock().await = None;
-            json!({"ok": true})
+    };
+    (answer, After::Next)
+}
+
+/// A client connection to a running node's control socket.
+#[derive(Debug)]
+pub struct Connection {
+    lines: tokio::io::Lines<BufReader<tokio::net::unix::OwnedReadHalf>>,
+    write: tokio::net::unix::OwnedWriteHalf,
+}
+
+impl Connection {
+    /// Connects to the node at `path`.
+    ///
+    /// # Errors
+    /// The socket cannot be reached.
+    pub async fn open(path: &FsPath) -> std::io::Result<Connection> {
+        let (read, write) = UnixStream::connect(path).await?.into_split();
+        Ok(Connection { lines: BufReader::new(read).lines(), write })
+    }
+
+    /// Sends one request and reads its answer.
+    ///
+    /// # Errors
+    /// I/O errors, or an answer that is not JSON.
+    pub async fn call(&mut self, req: &Value) -> std::io::Result<Value> {
+        let mut line = req.to_string();
+        line.push('\n');
+        self.write.write_all(line.as_bytes()).await?;
+        self.next().await?.ok_or_else(|| std::io::Error::other("no answer"))
+    }
+
+    /// The next line the node sends (e.g. a request log entry); `None` when it closed.
+    ///
+    /// # Errors
+    /// I/O errors, or a line that is not JSON.
+    pub async fn next(&mut self) -> std::io::Result<Option<Value>> {
+        match self.lines.next_line().await? {
+            Some(l) => serde_json::from_str(&l).map(Some).map_err(std::io::Error::other),
+            None => Ok(None),
         }
     }
 }
@@ -223,11 +477,5 @@ async fn answer(daemon: &Daemon, req: Request) -> Value {
 /// # Errors
 /// I/O errors, or an answer that is not JSON.
 pub async fn request(path: &FsPath, req: &Value) -> std::io::Result<Value> {
-    let mut stream = UnixStream::connect(path).await?;
-    let mut line = req.to_string();
-    line.push('\n');
-    stream.write_all(line.as_bytes()).await?;
-    let mut lines = BufReader::new(stream).lines();
-    let answer = lines.next_line().await?.ok_or_else(|| std::io::Error::other("no answer"))?;
-    serde_json::from_str(&answer).map_err(std::io::Error::other)
+    Connection::open(path).await?.call(req).await
 }

@@ -1,27 +1,30 @@
-//! The funnel agent: publishes a local HTTP service through an edge.
+//! The funnel agent: publishes the node's services through one or more edges.
 //!
 //! The agent keeps one QUIC connection to each configured edge (several edges of a cluster
 //! behind one DNS name: any of them can then answer for the node, and losing one loses
-//! nothing), registers the node's name with a token on each, and serves every stream an edge
-//! opens as one request to the local target, through one pooled HTTP client. Bodies stream both ways; `101 Switching Protocols` (WebSocket) becomes a raw
-//! two-way copy. The connection is re-established with jittered backoff; the edge replaces the
-//! stale registration of a reconnecting node.
+//! nothing), registers the node's name and public ports with a token on each, and serves every
+//! stream an edge opens as one request to the service whose mount matches
+//! ([`ServiceTable::route`]). Bodies stream both ways; `101 Switching Protocols` (WebSocket)
+//! becomes a raw two-way copy. The connection is re-established with jittered backoff; the
+//! edge replaces the stale registration of a reconnecting node.
+//!
+//! ```text
+//! control stream  node -> edge  Hello { ports }      edge -> node  Welcome { urls } | Refused
+//!                 services change, ports differ:  Hello again on the same stream, same answers
+//! request stream  edge -> node  Request head + body  node -> edge  Response head + body
+//! ```
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Request, StatusCode, Uri};
-use http_body_util::combinators::BoxBody;
+use http::{HeaderName, HeaderValue, Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde::Serialize;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -29,10 +32,10 @@ use warren_common::limits::Backoff;
 use warren_tunnel::{
     is_hop_by_hop, quic_client_config, read_message, respond_text, send_body, write_message, QuicBody,
 };
-use warren_tunnel_proto::{Message, ResponseHead, VERSION};
+use warren_tunnel_proto::{Message, RequestHead, ResponseHead, VERSION};
 
-type Body = BoxBody<Bytes, std::io::Error>;
-type HttpClient = Client<HttpConnector, Body>;
+use crate::services::origin::{no_mount, Body, ServiceTable};
+use crate::services::ServiceSpec;
 
 /// What to publish and where.
 #[derive(Debug, Clone)]
@@ -47,10 +50,8 @@ pub struct FunnelConfig {
     pub token: String,
     /// Node name: the public host is `<name>.<funnel domain>`.
     pub name: String,
-    /// Local target, e.g. `http://127.0.0.1:8080`.
-    pub target: String,
-    /// Public ports to serve on.
-    pub ports: Vec<u16>,
+    /// The services published at start ([`Funnel::set_services`] replaces them).
+    pub services: Vec<ServiceSpec>,
 }
 
 /// One edge's tunnel.
@@ -60,8 +61,34 @@ pub struct EdgeLink {
     pub edge: String,
     /// Registered there now.
     pub connected: bool,
+    /// The tunnel's round-trip time as QUIC measures it, while connected.
+    pub rtt_ms: Option<f64>,
     /// The last failure on this edge, if any.
     pub last_error: Option<String>,
+}
+
+/// One published service.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceStatus {
+    /// Its name (`<port><path>` unless named).
+    pub id: String,
+    /// Public port.
+    pub port: u16,
+    /// Mount path.
+    pub path: String,
+    /// The target, as parsed.
+    pub target: String,
+    /// Requests answered.
+    pub requests: u64,
+}
+
+/// A service that is configured but not served, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct BrokenService {
+    /// Its name.
+    pub id: String,
+    /// Why it could not be opened.
+    pub error: String,
 }
 
 /// The agent's state.
@@ -73,39 +100,47 @@ pub struct FunnelStatus {
     pub edges: Vec<EdgeLink>,
     /// Public URLs, once registered.
     pub urls: Vec<String>,
-    /// The local target.
-    pub target: String,
+    /// The services served.
+    pub services: Vec<ServiceStatus>,
+    /// Services configured but not served.
+    pub broken: Vec<BrokenService>,
     /// The last failure, if any.
     pub last_error: Option<String>,
     /// Requests served.
     pub requests: u64,
 }
 
-/// Parses `8080`, `127.0.0.1:8080` or `http://host:port[/base]` into a target base URL.
-///
-/// # Errors
-/// A message for anything else (https targets are not supported yet).
-pub fn parse_target(s: &str) -> Result<String, String> {
-    if let Ok(port) = s.parse::<u16>() {
-        return Ok(format!("http://127.0.0.1:{port}"));
-    }
-    if s.parse::<SocketAddr>().is_ok() {
-        return Ok(format!("http://{s}"));
-    }
-    if s.starts_with("https://") {
-        return Err("https:// targets are not supported yet; use an http:// target".into());
-    }
-    let uri: Uri = s.parse().map_err(|_| format!("{s:?} is not a port or http:// URL"))?;
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        return Err(format!("{s:?} is not a port or http:// URL"));
-    }
-    Ok(s.trim_end_matches('/').to_owned())
+/// One request the funnel answered, for `warren funnel log`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RequestLog {
+    /// When it started, in seconds since the Unix epoch.
+    pub time: f64,
+    /// The service that answered ("-" when no mount matched).
+    pub service: String,
+    /// Method.
+    pub method: String,
+    /// Public path and query.
+    pub path: String,
+    /// Status sent.
+    pub status: u16,
+    /// Until the response ended, in milliseconds.
+    pub duration_ms: f64,
+    /// The visitor's address.
+    pub visitor: String,
+    /// The public port.
+    pub port: u16,
 }
 
 /// A running funnel agent; dropping it stops it.
 #[derive(Debug)]
 pub struct Funnel {
     status: watch::Receiver<FunnelStatus>,
+    table: watch::Sender<Arc<ServiceTable>>,
+    /// The live tunnel of each edge, for round-trip times.
+    conns: Arc<Vec<Mutex<Option<quinn::Connection>>>>,
+    log: broadcast::Sender<RequestLog>,
+    /// Services configured but not opened.
+    broken: Mutex<Vec<BrokenService>>,
     cancel: CancellationToken,
     /// The edge links and the requests they serve.
     tasks: TaskTracker,
@@ -117,20 +152,73 @@ impl Drop for Funnel {
     }
 }
 
+/// Request log entries kept for a slow `warren funnel log` reader before it misses some.
+const LOG_BUFFER: usize = 1024;
+
 impl Funnel {
-    /// Starts publishing.
+    /// Starts publishing `cfg.services` (a service that cannot be opened is reported in
+    /// [`FunnelStatus::broken`]; the others are served).
     pub fn start(cfg: FunnelConfig) -> Funnel {
         let edges = cfg.edges.iter().map(|e| EdgeLink { edge: e.clone(), ..Default::default() }).collect();
-        let (tx, status) = watch::channel(FunnelStatus { target: cfg.target.clone(), edges, ..Default::default() });
+        let (table, broken) = ServiceTable::open(&cfg.services);
+        let (tx, status) = watch::channel(FunnelStatus { edges, ..Default::default() });
+        for (id, e) in &broken {
+            warn!(service = %id, error = %e, "service not published");
+        }
+        let broken = Mutex::new(broken_list(&broken));
+        let (table, _) = watch::channel(Arc::new(table));
+        let conns = Arc::new(cfg.edges.iter().map(|_| Mutex::new(None)).collect::<Vec<_>>());
+        let (log, _) = broadcast::channel(LOG_BUFFER);
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
-        tasks.spawn(run(cfg, tx, cancel.clone(), tasks.clone()));
-        Funnel { status, cancel, tasks }
+        let agent = Agent { cfg: Arc::new(cfg), conns: conns.clone(), log: log.clone(), tasks: tasks.clone() };
+        tasks.spawn(agent.run(tx, table.subscribe(), cancel.clone()));
+        Funnel { status, table, conns, log, broken, cancel, tasks }
+    }
+
+    /// Replaces the published services. Those that cannot be opened are returned (and left
+    /// out); the others answer from the next request on. When the set of public ports
+    /// changes, each edge is told on the open tunnel.
+    pub fn set_services(&self, specs: &[ServiceSpec]) -> Vec<BrokenService> {
+        let (table, broken) = ServiceTable::open(specs);
+        table.carry_counts_from(&self.table.borrow());
+        for (id, e) in &broken {
+            warn!(service = %id, error = %e, "service not published");
+        }
+        let broken = broken_list(&broken);
+        *self.broken.lock().unwrap_or_else(|e| e.into_inner()) = broken.clone();
+        self.table.send_replace(Arc::new(table));
+        broken
     }
 
     /// The current state.
     pub fn status(&self) -> FunnelStatus {
-        self.status.borrow().clone()
+        let mut s = self.status.borrow().clone();
+        for (link, conn) in s.edges.iter_mut().zip(self.conns.iter()) {
+            let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
+            link.rtt_ms = conn.as_ref().filter(|_| link.connected).map(|c| c.rtt().as_secs_f64() * 1e3);
+        }
+        s.broken = self.broken.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let table = self.table.borrow().clone();
+        s.services = table
+            .services()
+            .iter()
+            .map(|svc| ServiceStatus {
+                id: svc.spec.id(),
+                port: svc.spec.port,
+                path: svc.mount.clone(),
+                target: svc.target.to_string(),
+                requests: svc.requests(),
+            })
+            .collect();
+        let ports = table.ports();
+        s.urls.retain(|u| ports.contains(&url_port(u)));
+        s
+    }
+
+    /// Follows the request log from now on.
+    pub fn subscribe_log(&self) -> broadcast::Receiver<RequestLog> {
+        self.log.subscribe()
     }
 
     /// Waits until registered (returns the public URLs) or `limit` passes (returns the last
@@ -161,48 +249,73 @@ impl Funnel {
         let _ = tokio::time::timeout(grace, self.tasks.wait()).await;
     }
 }
+fn broken_list(broken: &[crate::services::origin::Broken]) -> Vec<BrokenService> {
+    broken.iter().map(|(id, e)| BrokenService { id: id.clone(), error: e.to_string() }).collect()
+}
 
-async fn run(cfg: FunnelConfig, status: watch::Sender<FunnelStatus>, cancel: CancellationToken, tasks: TaskTracker) {
-    if cfg.edges.is_empty() {
-        status.send_modify(|s| s.last_error = Some("no edge configured".into()));
-        return;
-    }
-    let endpoint = match client_endpoint(&cfg) {
-        Ok(e) => e,
-        Err(e) => {
-            status.send_modify(|s| s.last_error = Some(e.to_string()));
+/// The port of a public URL (`https://host[:port]/`), 443 when absent.
+fn url_port(url: &str) -> u16 {
+    url.parse::<http::Uri>().ok().and_then(|u| u.port_u16()).unwrap_or(443)
+}
+
+/// What every edge link shares.
+struct Agent {
+    cfg: Arc<FunnelConfig>,
+    conns: Arc<Vec<Mutex<Option<quinn::Connection>>>>,
+    log: broadcast::Sender<RequestLog>,
+    /// Where each request's task runs.
+    tasks: TaskTracker,
+}
+
+impl Agent {
+    async fn run(
+        self,
+        status: watch::Sender<FunnelStatus>,
+        table: watch::Receiver<Arc<ServiceTable>>,
+        cancel: CancellationToken,
+    ) {
+        if self.cfg.edges.is_empty() {
+            status.send_modify(|s| s.last_error = Some("no edge configured".into()));
             return;
         }
-    };
-    let http: HttpClient =
-        Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build_http();
-    let requests = Arc::new(AtomicU64::new(0));
-    let cfg = Arc::new(cfg);
-    let links = tokio_util::task::TaskTracker::new();
-    for i in 0..cfg.edges.len() {
-        let link =
-            Link { index: i, endpoint: endpoint.clone(), cfg: cfg.clone(), http: http.clone(), tasks: tasks.clone() };
-        links.spawn(link.run(status.clone(), requests.clone(), cancel.clone()));
+        let endpoint = match client_endpoint(&self.cfg) {
+            Ok(e) => e,
+            Err(e) => {
+                status.send_modify(|s| s.last_error = Some(e.to_string()));
+                return;
+            }
+        };
+        let agent = Arc::new(self);
+        let requests = Arc::new(AtomicU64::new(0));
+        let links = TaskTracker::new();
+        for index in 0..agent.cfg.edges.len() {
+            let link = Link { index, endpoint: endpoint.clone(), agent: agent.clone(), requests: requests.clone() };
+            links.spawn(link.run(status.clone(), table.clone(), cancel.clone()));
+        }
+        links.close();
+        links.wait().await;
+        endpoint.close(0u32.into(), b"funnel off");
     }
-    links.close();
-    links.wait().await;
-    endpoint.close(0u32.into(), b"funnel off");
 }
 
 /// Delay between attempts to reach an edge: 200 ms doubling to 30 s, jittered.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+/// Time an edge has to answer a Hello.
+const HELLO_ANSWER: Duration = Duration::from_secs(10);
 
 /// The tunnel to one edge, re-established with jittered backoff.
 struct Link {
     index: usize,
     endpoint: quinn::Endpoint,
-    cfg: Arc<FunnelConfig>,
-    http: HttpClient,
-    /// Where each request's task runs.
-    tasks: TaskTracker,
+    agent: Arc<Agent>,
+    requests: Arc<AtomicU64>,
 }
 
 impl Link {
+    fn edge(&self) -> &str {
+        &self.agent.cfg.edges[self.index]
+    }
+
     fn update(&self, status: &watch::Sender<FunnelStatus>, f: impl FnOnce(&mut FunnelStatus, &mut EdgeLink)) {
         status.send_modify(|s| {
             let mut link = std::mem::take(&mut s.edges[self.index]);
@@ -212,16 +325,36 @@ impl Link {
         });
     }
 
-    async fn run(self, status: watch::Sender<FunnelStatus>, requests: Arc<AtomicU64>, cancel: CancellationToken) {
-        let edge = &self.cfg.edges[self.index];
+    fn set_conn(&self, conn: Option<quinn::Connection>) {
+        *self.agent.conns[self.index].lock().unwrap_or_else(|e| e.into_inner()) = conn;
+    }
+
+    async fn run(
+        self,
+        status: watch::Sender<FunnelStatus>,
+        mut table: watch::Receiver<Arc<ServiceTable>>,
+        cancel: CancellationToken,
+    ) {
         let mut failures = 0u32;
         loop {
+            // Nothing to publish: no tunnel until there is.
+            let waited = tokio::select! {
+                _ = cancel.cancelled() => break,
+                r = table.wait_for(|t| !t.is_empty()) => r.is_ok(),
+            };
+            if !waited {
+                break;
+            }
             let outcome = tokio::select! {
                 _ = cancel.cancelled() => break,
-                r = self.session(&status, &requests) => r,
+                r = self.session(&status, table.clone()) => r,
             };
-            let err = outcome.err().map_or_else(|| "connection to the edge closed".to_owned(), |e| e.to_string());
-            warn!(%edge, error = %err, "funnel disconnected from an edge");
+            self.set_conn(None);
+            let err = match outcome {
+                Ok(()) => "no services left to publish".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            warn!(edge = %self.edge(), error = %err, "funnel disconnected from an edge");
             self.update(&status, |s, link| {
                 link.connected = false;
                 link.last_error = Some(err.clone());
@@ -234,21 +367,40 @@ impl Link {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
+        self.set_conn(None);
+    }
+
+    /// Sends a Hello for `ports` and waits for the edge's answer: the public URLs.
+    async fn hello(
+        &self,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+        ports: Vec<u16>,
+    ) -> Result<Vec<String>, FunnelError> {
+        let cfg = &self.agent.cfg;
+        let hello = Message::Hello { version: VERSION, name: cfg.name.clone(), token: cfg.token.clone(), ports };
+        write_message(send, &hello).await.map_err(FunnelError::Hello)?;
+        let answer = tokio::time::timeout(HELLO_ANSWER, read_message(recv)).await.map_err(|_| FunnelError::Timeout)?;
+        match answer.map_err(FunnelError::NoWelcome)? {
+            Message::Welcome { urls } => Ok(urls),
+            Message::Refused { reason } => Err(FunnelError::Refused(reason)),
+            _ => Err(FunnelError::UnexpectedAnswer),
+        }
     }
 
     async fn session(
         &self,
         status: &watch::Sender<FunnelStatus>,
-        requests: &Arc<AtomicU64>,
+        mut table: watch::Receiver<Arc<ServiceTable>>,
     ) -> Result<(), FunnelError> {
-        let cfg = &self.cfg;
-        let edge = &cfg.edges[self.index];
+        let cfg = &self.agent.cfg;
+        let edge = self.edge();
         let addr = tokio::net::lookup_host(edge)
             .await
-            .map_err(|source| FunnelError::Resolve { edge: edge.clone(), source })?
+            .map_err(|source| FunnelError::Resolve { edge: edge.to_owned(), source })?
             .next()
-            .ok_or_else(|| FunnelError::NoAddress(edge.clone()))?;
-        let host = edge.rsplit_once(':').map_or(edge.as_str(), |(h, _)| h).trim_matches(['[', ']']);
+            .ok_or_else(|| FunnelError::NoAddress(edge.to_owned()))?;
+        let host = edge.rsplit_once(':').map_or(edge, |(h, _)| h).trim_matches(['[', ']']);
         let server_name = cfg.edge_name.clone().unwrap_or_else(|| host.to_owned());
         let connecting = self.endpoint.connect(addr, &server_name)?;
         let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
@@ -256,36 +408,46 @@ impl Link {
             .map_err(|_| FunnelError::Timeout)?
             .map_err(FunnelError::Connection)?;
         let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.map_err(FunnelError::Connection)?;
-        let hello = Message::Hello {
-            version: VERSION,
-            name: cfg.name.clone(),
-            token: cfg.token.clone(),
-            ports: cfg.ports.clone(),
-        };
-        write_message(&mut ctl_send, &hello).await.map_err(FunnelError::Hello)?;
-        match read_message(&mut ctl_recv).await.map_err(FunnelError::NoWelcome)? {
-            Message::Welcome { urls } => {
-                info!(%edge, urls = ?urls, target = %cfg.target, "funnel registered");
-                self.update(status, |s, link| {
-                    link.connected = true;
-                    link.last_error = None;
-                    s.urls = urls;
-                    s.last_error = None;
-                });
-            }
-            Message::Refused { reason } => return Err(FunnelError::Refused(reason)),
-            _ => return Err(FunnelError::UnexpectedAnswer),
-        }
+        let mut ports = table.borrow_and_update().ports();
+        let urls = self.hello(&mut ctl_send, &mut ctl_recv, ports.clone()).await?;
+        self.registered(status, &conn, urls);
         loop {
-            let (send, recv) = conn.accept_bi().await.map_err(FunnelError::Closed)?;
-            let (http, requests, status) = (self.http.clone(), requests.clone(), status.clone());
-            let cfg = self.cfg.clone();
-            self.tasks.spawn(async move {
-                let n = requests.fetch_add(1, Ordering::Relaxed) + 1;
-                status.send_modify(|s| s.requests = n);
-                serve_stream(send, recv, &cfg.target, &http).await;
-            });
+            let (send, recv) = tokio::select! {
+                r = conn.accept_bi() => r.map_err(FunnelError::Closed)?,
+                changed = table.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let now = table.borrow_and_update().ports();
+                    if now.is_empty() {
+                        conn.close(0u32.into(), b"no services");
+                        return Ok(());
+                    }
+                    if now != ports {
+                        ports = now;
+                        let urls = self.hello(&mut ctl_send, &mut ctl_recv, ports.clone()).await?;
+                        self.registered(status, &conn, urls);
+                    }
+                    continue;
+                }
+            };
+            let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
+            status.send_modify(|s| s.requests = n);
+            let table = table.borrow().clone();
+            let log = self.agent.log.clone();
+            self.agent.tasks.spawn(async move { serve_stream(send, recv, table, log).await });
         }
+    }
+
+    fn registered(&self, status: &watch::Sender<FunnelStatus>, conn: &quinn::Connection, urls: Vec<String>) {
+        info!(edge = %self.edge(), urls = ?urls, "funnel registered");
+        self.set_conn(Some(conn.clone()));
+        self.update(status, |s, link| {
+            link.connected = true;
+            link.last_error = None;
+            s.urls = urls;
+            s.last_error = None;
+        });
     }
 }
 
@@ -345,20 +507,62 @@ fn client_endpoint(cfg: &FunnelConfig) -> Result<quinn::Endpoint, FunnelError> {
     endpoint.set_default_client_config(client);
     Ok(endpoint)
 }
-async fn respond_error(send: quinn::SendStream, status: StatusCode, msg: String) {
-    respond_text(send, status.as_u16(), &msg).await;
-}
-
 /// Serves one request stream from the edge.
-async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, target: &str, http: &HttpClient) {
+async fn serve_stream(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    table: Arc<ServiceTable>,
+    log: broadcast::Sender<RequestLog>,
+) {
+    let start = (Instant::now(), SystemTime::now());
     let head = match read_message(&mut recv).await {
         Ok(Message::Request(h)) => h,
-        Ok(_) | Err(_) => return respond_error(send, StatusCode::BAD_REQUEST, "bad tunnel request\n".into()).await,
+        Ok(_) | Err(_) => return respond_text(send, 400, "bad tunnel request\n").await,
     };
-    let Ok(uri) = format!("{target}{}", head.uri).parse::<Uri>() else {
-        return respond_error(send, StatusCode::BAD_REQUEST, "bad request URI\n".into()).await;
+    let routed = table.route(head.port, &head.uri);
+    let service_id = routed.as_ref().map_or_else(|| "-".to_owned(), |(s, _)| s.spec.id());
+    let (status, bytes) = match routed {
+        None => respond(&mut send, None, no_mount()).await,
+        Some((service, rest)) => {
+            let upgrade = head.upgrade;
+            let (body, recv) = if upgrade {
+                (Empty::new().map_err(|never: std::convert::Infallible| match never {}).boxed(), Some(recv))
+            } else {
+                (QuicBody::new(recv).boxed(), None)
+            };
+            let Some(req) = origin_request(&head, &rest, body) else {
+                return respond_text(send, 400, "bad request head\n").await;
+            };
+            match service.serve(req, &head.uri).await {
+                Ok(resp) => respond(&mut send, recv.filter(|_| upgrade), resp).await,
+                Err(e) => {
+                    debug!(service = %service_id, error = %e, "target unavailable");
+                    let msg =
+                        format!("Bad gateway: the node could not reach its local service at {}.\n", service.target);
+                    respond_text(send, 502, &msg).await;
+                    (502, 0)
+                }
+            }
+        }
     };
-    let mut builder = Request::builder().method(head.method.as_str()).uri(uri);
+    let elapsed = start.0.elapsed().as_secs_f64();
+    crate::metrics::request(&service_id, status, bytes, elapsed);
+    let _ = log.send(RequestLog {
+        time: start.1.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+        service: service_id,
+        method: head.method,
+        path: head.uri,
+        status,
+        duration_ms: elapsed * 1e3,
+        visitor: head.visitor,
+        port: head.port,
+    });
+}
+
+/// The request for the origin: the visitor's method and headers (without hop-by-hop ones),
+/// `rest` as its path.
+fn origin_request(head: &RequestHead, rest: &str, body: Body) -> Option<Request<Body>> {
+    let mut builder = Request::builder().method(head.method.as_str()).uri(rest);
     for (n, v) in &head.headers {
         if is_hop_by_hop(n, head.upgrade) {
             continue;
@@ -367,60 +571,42 @@ async fn serve_stream(mut send: quinn::SendStream, mut recv: quinn::RecvStream, 
             builder = builder.header(n, v);
         }
     }
-    let (body, recv) = if head.upgrade {
-        (Empty::new().map_err(|never: std::convert::Infallible| match never {}).boxed(), Some(recv))
-    } else {
-        (QuicBody::new(recv).boxed(), None)
-    };
-    let Ok(req) = builder.body(body) else {
-        return respond_error(send, StatusCode::BAD_REQUEST, "bad request head\n".into()).await;
-    };
-    let resp = match http.request(req).await {
-        Ok(r) => r,
-        Err(e) => {
-            debug!(%target, error = %e, "target unavailable");
-            let msg = format!("Bad gateway: the node could not reach its local service at {target}.\n");
-            return respond_error(send, StatusCode::BAD_GATEWAY, msg).await;
-        }
-    };
-    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS && head.upgrade;
+    builder.body(body).ok()
+}
+
+/// Sends the response head and body to the edge (or, after a `101` to an upgrade request,
+/// bridges the upgraded connection with the stream); returns the status and the body bytes
+/// sent.
+async fn respond(
+    send: &mut quinn::SendStream,
+    upgrade_recv: Option<quinn::RecvStream>,
+    resp: http::Response<Body>,
+) -> (u16, u64) {
+    let status = resp.status().as_u16();
+    let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade_recv.is_some();
     let headers = resp
         .headers()
         .iter()
         .filter(|(n, _)| !is_hop_by_hop(n.as_str(), switching))
         .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
         .collect();
-    let out = ResponseHead { status: resp.status().as_u16(), headers };
-    if write_message(&mut send, &Message::Response(out)).await.is_err() {
-        return;
+    if write_message(send, &Message::Response(ResponseHead { status, headers })).await.is_err() {
+        return (status, 0);
     }
-    match (switching, recv) {
-        (true, Some(recv)) => {
-            let Ok(upgraded) = hyper::upgrade::on(resp).await else { return };
+    match upgrade_recv {
+        Some(recv) if switching => {
+            let Ok(upgraded) = hyper::upgrade::on(resp).await else { return (status, 0) };
             let mut origin = TokioIo::new(upgraded);
             let mut edge = tokio::io::join(recv, send);
-            let _ = tokio::io::copy_bidirectional(&mut origin, &mut edge).await;
+            let copied = tokio::io::copy_bidirectional(&mut origin, &mut edge).await;
+            (status, copied.map_or(0, |(from_origin, _)| from_origin))
         }
-        _ => {
-            let body = resp.into_body().map_err(std::io::Error::other);
-            if let Err(e) = send_body(body, &mut send).await {
+        _ => match send_body(resp.into_body(), send).await {
+            Ok(n) => (status, n),
+            Err(e) => {
                 debug!(error = %e, "response body not fully sent");
+                (status, 0)
             }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn targets() {
-        assert_eq!(parse_target("8080").as_deref(), Ok("http://127.0.0.1:8080"));
-        assert_eq!(parse_target("10.0.0.5:80").as_deref(), Ok("http://10.0.0.5:80"));
-        assert_eq!(parse_target("http://localhost:3000/").as_deref(), Ok("http://localhost:3000"));
-        assert!(parse_target("https://x").is_err());
-        assert!(parse_target("ftp://x").is_err());
-        assert!(parse_target("not a target").is_err());
+        },
     }
 }

@@ -6,12 +6,15 @@
 //! socket; `relay_link`: the home relay connection) and publishes local services through an
 //! edge ([`funnel`]).
 
+pub mod config;
 pub mod control;
 pub mod core;
 pub mod fetch;
 pub mod funnel;
+pub mod metrics;
 pub mod node;
 pub mod regionmap;
 mod relay_link;
+pub mod services;
 
 pub use crate::core::{disco, paths};

@@ -8,12 +8,16 @@ use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
 use rand_core::OsRng;
 use serde_json::json;
+use warren::config::{defaults, NodeFile};
 use warren::funnel::FunnelConfig;
 use warren::node::{Node, NodeConfig};
 use warren::regionmap::RegionMap;
+use warren_common::config::{ConfigDuration, ConfigError};
 use warren_common::runtime::{init_logging, wait_for_signal};
 use warren_relay_client::{ConnectOptions, DerpClient};
 use warren_relay_proto::{Frame, PeerGoneReason, SecretKey, Transport};
+
+mod cli;
 
 /// Warren node client.
 #[derive(Debug, Parser)]
@@ -56,22 +60,14 @@ enum Command {
         #[command(flatten)]
         control: ControlArgs,
     },
-    /// Publish a local service through the edge: `warren funnel 8080`, `warren funnel
-    /// http://127.0.0.1:3000`, `warren funnel status`, `warren funnel off`.
-    Funnel {
-        /// A local port or http:// URL to publish, or `status`, or `off`.
-        target: String,
-        /// Public HTTPS port: 443, 8443 or 10000.
-        #[arg(long, default_value_t = 443)]
-        https_port: u16,
-        #[command(flatten)]
-        control: ControlArgs,
-    },
+    /// Publish a local service through the edge, like `tailscale funnel`: `warren funnel 3000`
+    /// (in the foreground until Ctrl-C), `--bg` to keep it, `status`, `off`, `reset`, `log`.
+    Funnel(cli::funnel::FunnelArgs),
     /// Print this node's public key (creating the key file if needed).
     Key {
-        /// Key file.
-        #[arg(long, default_value = DEFAULT_KEY_FILE)]
-        key_file: PathBuf,
+        /// Key file [default: .warren/node.key].
+        #[arg(long)]
+        key_file: Option<PathBuf>,
     },
     /// Check a relay end to end: two fresh keys log in, ping the relay, exchange packets
     /// through it, and measure round-trip time and one-way throughput.
@@ -103,33 +99,36 @@ struct RelayCheckArgs {
     size: usize,
 }
 
-const DEFAULT_KEY_FILE: &str = ".warren/node.key";
-const DEFAULT_CONTROL: &str = ".warren/warren.sock";
-
 #[derive(Debug, clap::Args)]
 struct ControlArgs {
     /// The running node's control socket.
-    #[arg(long, env = "WARREN_CONTROL", default_value = DEFAULT_CONTROL)]
+    #[arg(long, env = "WARREN_CONTROL", default_value = defaults::CONTROL)]
     control: PathBuf,
 }
 
 #[derive(Debug, clap::Args)]
 struct UpArgs {
+    /// Node config file (node.toml); flags given here override its keys.
+    #[arg(long, short = 'c')]
+    config: Option<PathBuf>,
+    /// Check the config file and flags, then exit (0 valid, 64 invalid) without starting.
+    #[arg(long)]
+    check_config: bool,
     /// Region map listing the relays: a JSON file or an http(s):// URL.
     #[arg(long)]
-    region_map: String,
+    region_map: Option<String>,
     /// PEM file of a CA to trust for relays (e.g. a relay's dev CA).
     #[arg(long)]
     ca: Option<PathBuf>,
-    /// Node key file (created 0600 on first start).
-    #[arg(long, default_value = DEFAULT_KEY_FILE)]
-    key_file: PathBuf,
-    /// UDP address for direct paths and STUN.
-    #[arg(long, default_value = "0.0.0.0:0")]
-    udp: std::net::SocketAddr,
-    /// Seconds between STUN rounds.
-    #[arg(long, default_value_t = 20)]
-    stun_interval: u64,
+    /// Node key file (created 0600 on first start) [default: .warren/node.key].
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// UDP address for direct paths and STUN [default: 0.0.0.0:0].
+    #[arg(long)]
+    udp: Option<std::net::SocketAddr>,
+    /// Seconds between STUN rounds [default: 20].
+    #[arg(long)]
+    stun_interval: Option<u64>,
     /// Never go direct: every packet to a peer goes through the home relay.
     #[arg(long)]
     relay_only: bool,
@@ -149,9 +148,14 @@ struct UpArgs {
     /// Node name for funnel URLs (`<name>.<funnel domain>`); default: the host name.
     #[arg(long)]
     name: Option<String>,
-    #[command(flatten)]
-    control: ControlArgs,
+    /// The control socket [default: .warren/warren.sock].
+    #[arg(long, env = "WARREN_CONTROL")]
+    control: Option<PathBuf>,
 }
+
+/// Exit code for an invalid configuration (EX_CONFIG would be 78; 64 is EX_USAGE, as the
+/// servers use).
+const EXIT_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -165,10 +169,25 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // A bad config file or flag exits with EXIT_CONFIG before anything starts.
+    let settings = match &cli.command {
+        Command::Up(args) => match Settings::read(args) {
+            Ok(_) if args.check_config => {
+                report("config is valid");
+                return ExitCode::SUCCESS;
+            }
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("warren: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        _ => None,
+    };
     let result = rt.block_on(async {
         match cli.command {
             Command::RelayCheck(args) => relay_check(args).await,
-            Command::Up(args) => up(args).await,
+            Command::Up(_) => up(settings.context("settings are read for `up` before the runtime")?).await,
             Command::Status(c) => control(&c, json!({"cmd": "status"})).await,
             Command::Ping { peer, count, control: c } => {
                 control(&c, json!({"cmd": "ping", "peer": peer, "count": count})).await
@@ -179,12 +198,9 @@ fn main() -> ExitCode {
             Command::Recv { timeout_ms, control: c } => {
                 control(&c, json!({"cmd": "recv", "timeout_ms": timeout_ms})).await
             }
-            Command::Funnel { target, https_port, control: c } => match target.as_str() {
-                "status" => control(&c, json!({"cmd": "funnel_status"})).await,
-                "off" => control(&c, json!({"cmd": "funnel_off"})).await,
-                _ => control(&c, json!({"cmd": "funnel", "target": target, "port": https_port})).await,
-            },
+            Command::Funnel(args) => cli::funnel::run(args).await,
             Command::Key { key_file } => {
+                let key_file = key_file.unwrap_or_else(|| defaults::KEY_FILE.into());
                 let key = warren_common::keyfile::load_or_create(&key_file)?;
                 report(&key.public_key().to_hex());
                 Ok(())
@@ -206,43 +222,160 @@ fn report(line: &str) {
     println!("{line}");
 }
 
-async fn up(args: UpArgs) -> anyhow::Result<()> {
-    let secret = warren_common::keyfile::load_or_create(&args.key_file)?;
-    let map = RegionMap::load_from(&args.region_map, args.ca.as_deref()).await?;
+/// `warren up`'s settings: the config file's, overridden by flags.
+#[derive(Debug)]
+struct Settings {
+    region_map: String,
+    ca: Option<PathBuf>,
+    key_file: PathBuf,
+    udp: std::net::SocketAddr,
+    stun_interval: Duration,
+    relay_only: bool,
+    control: PathBuf,
+    funnel: Option<FunnelConfig>,
+    admin: Option<std::net::SocketAddr>,
+}
+
+impl Settings {
+    fn read(args: &UpArgs) -> Result<Settings, ConfigError> {
+        let file = match &args.config {
+            Some(p) => NodeFile::load(p)?,
+            None => NodeFile::default(),
+        };
+        file.check()?;
+        let region_map = args
+            .region_map
+            .clone()
+            .or(file.region_map.clone())
+            .ok_or_else(|| ConfigError::invalid("region_map", "required (in the config file or --region-map)"))?;
+        let udp = match (args.udp, &file.udp) {
+            (Some(a), _) => a,
+            (None, Some(s)) => warren_common::config::socket_addr("udp", s)?,
+            (None, None) => warren_common::config::socket_addr("udp", defaults::UDP)?,
+        };
+        let stun_interval = match args.stun_interval {
+            Some(s) => Duration::from_secs(s.max(1)),
+            None => ConfigDuration::or(file.stun_interval, defaults::STUN_INTERVAL),
+        };
+        let ca = args.ca.clone().or(file.ca_file.clone());
+        let edges = if args.edge.is_empty() { file.funnel.edges.clone() } else { args.edge.clone() };
+        let token = match &args.funnel_token {
+            Some(t) => Some(t.clone()),
+            None => file.token()?,
+        };
+        let funnel =
+            match (edges.is_empty(), token) {
+                (true, _) => None,
+                (false, None) => return Err(ConfigError::invalid(
+                    "funnel.token",
+                    "an edge needs a token (--funnel-token, WARREN_FUNNEL_TOKEN, funnel.token or funnel.token_file)",
+                )),
+                (false, Some(token)) => Some(FunnelConfig {
+                    edges,
+                    edge_name: args.edge_name.clone().or(file.funnel.edge_name.clone()),
+                    ca_file: args.edge_ca.clone().or(file.funnel.edge_ca.clone()).or_else(|| ca.clone()),
+                    token,
+                    name: args.name.clone().or(file.funnel.name.clone()).unwrap_or_else(default_name),
+                    services: file.services.clone(),
+                }),
+            };
+        Ok(Settings {
+            region_map,
+            ca,
+            key_file: args.key_file.clone().or(file.key_file.clone()).unwrap_or_else(|| defaults::KEY_FILE.into()),
+            udp,
+            stun_interval,
+            relay_only: args.relay_only || file.relay_only.unwrap_or(false),
+            control: args.control.clone().or(file.control.clone()).unwrap_or_else(|| defaults::CONTROL.into()),
+            funnel,
+            admin: warren::config::admin_listen(&file.admin)?,
+        })
+    }
+}
+
+async fn up(settings: Settings) -> anyhow::Result<()> {
+    let secret = warren_common::keyfile::load_or_create(&settings.key_file)?;
+    let map = RegionMap::load_from(&settings.region_map, settings.ca.as_deref()).await?;
     let mut cfg = NodeConfig::new(secret, map);
-    cfg.ca_file = args.ca;
-    cfg.udp_bind = args.udp;
-    cfg.stun_interval = Duration::from_secs(args.stun_interval.max(1));
-    cfg.relay_only = args.relay_only;
-    let funnel_settings = match (args.edge.is_empty(), args.funnel_token) {
-        (false, Some(token)) => Some(FunnelConfig {
-            edges: args.edge,
-            edge_name: args.edge_name,
-            ca_file: args.edge_ca.or_else(|| cfg.ca_file.clone()),
-            token,
-            name: args.name.unwrap_or_else(default_name),
-            target: String::new(),
-            ports: vec![443],
-        }),
-        (false, None) => bail!("--edge needs --funnel-token (or WARREN_FUNNEL_TOKEN)"),
-        _ => None,
-    };
+    cfg.ca_file = settings.ca.clone();
+    cfg.udp_bind = settings.udp;
+    cfg.stun_interval = settings.stun_interval;
+    cfg.relay_only = settings.relay_only;
     let node = std::sync::Arc::new(Node::start(cfg).await?);
-    report(&format!("node {} up; control socket {}", node.public_key().to_hex(), args.control.control.display()));
+    report(&format!("node {} up; control socket {}", node.public_key().to_hex(), settings.control.display()));
     let cancel = tokio_util::sync::CancellationToken::new();
-    let daemon = std::sync::Arc::new(warren::control::Daemon::new(node.clone(), funnel_settings));
+    let state_file = warren::services::state::path_for(&settings.key_file);
+    let daemon = warren::control::Daemon::new(node.clone(), settings.funnel, Some(state_file))?;
+    let daemon = std::sync::Arc::new(daemon);
     let ctl = tokio::spawn({
-        let (daemon, cancel, path) = (daemon.clone(), cancel.clone(), args.control.control.clone());
+        let (daemon, cancel, path) = (daemon.clone(), cancel.clone(), settings.control.clone());
         async move { warren::control::serve(daemon, &path, cancel).await }
     });
+    let admin = tokio_util::task::TaskTracker::new();
+    if let Some(addr) = settings.admin {
+        serve_admin(addr, &daemon, &cancel, &admin).await?;
+    }
     wait_for_signal().await;
     cancel.cancel();
     ctl.await.context("control task")?.context("control socket")?;
+    admin.close();
+    admin.wait().await;
     // The funnel's requests get a moment to finish; then the node's tasks end.
     daemon.shutdown(Duration::from_secs(5)).await;
     if tokio::time::timeout(Duration::from_secs(5), node.shutdown()).await.is_err() {
         tracing::warn!("the node's tasks did not end within 5 s");
     }
+    Ok(())
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr`; ready while the home relay is
+/// connected and, when services are published, the funnel is registered on an edge. The
+/// gauges are refreshed every 2 s.
+async fn serve_admin(
+    addr: std::net::SocketAddr,
+    daemon: &std::sync::Arc<warren::control::Daemon>,
+    cancel: &tokio_util::sync::CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
+) -> anyhow::Result<()> {
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    warren::metrics::describe();
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("admin listener {addr}"))?;
+    tracing::info!(admin = %listener.local_addr()?, "admin: /metrics, /healthz, /readyz");
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    tasks.spawn({
+        let (daemon, cancel, ready) = (daemon.clone(), cancel.clone(), ready.clone());
+        async move {
+            loop {
+                let relay = match daemon.node.status().await {
+                    Ok(s) => {
+                        warren::metrics::node_gauges(&s);
+                        s.relay_connected
+                    }
+                    Err(_) => false,
+                };
+                let funnel = daemon.funnel().map(warren::funnel::Funnel::status);
+                if let Some(f) = &funnel {
+                    warren::metrics::funnel_gauges(f);
+                }
+                let published = funnel.is_none_or(|f| f.services.is_empty() || f.connected);
+                ready.store(relay && published, std::sync::atomic::Ordering::Relaxed);
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                }
+            }
+        }
+    });
+    let ready_fn = std::sync::Arc::new(move || ready.load(std::sync::atomic::Ordering::Relaxed));
+    tasks.spawn(warren_common::runtime::serve_admin(
+        listener,
+        Some(prometheus),
+        ready_fn,
+        cancel.clone(),
+        tasks.clone(),
+    ));
     Ok(())
 }
 

@@ -6,6 +6,8 @@
 //! control stream (the node's first bidirectional stream)
 //!   node -> edge  Hello { version, name, token, ports }
 //!   edge -> node  Welcome { urls } | Refused { reason }      then the stream stays open
+//!   node -> edge  Hello again (same name and token): the node's ports change
+//!   edge -> node  Welcome { urls } | Refused { reason }      (Refused keeps the old ports)
 //!
 //! request stream (one bidirectional stream per visitor request, opened by the edge)
 //!   edge -> node  RequestHead, then the request body bytes until the stream ends (FIN)

@@ -38,7 +38,8 @@ pub(crate) struct Tunnel {
     pub(crate) id: u64,
     pub(crate) name: String,
     pub(crate) conn: quinn::Connection,
-    pub(crate) ports: Vec<u16>,
+    /// Public ports the node publishes; a later Hello on the control stream replaces them.
+    pub(crate) ports: RwLock<Vec<u16>>,
     /// Requests in flight on this tunnel.
     pub(crate) streams: Arc<Semaphore>,
     /// Requests per second for this name, when limited.
@@ -46,6 +47,11 @@ pub(crate) struct Tunnel {
 }
 
 impl Tunnel {
+    /// Whether the node publishes `port`.
+    pub(crate) fn publishes(&self, port: u16) -> bool {
+        self.ports.read().unwrap_or_else(|e| e.into_inner()).contains(&port)
+    }
+
     /// Takes one request from the name's rate limit, when it has one.
     fn allow_request(&self) -> bool {
         self.rate
@@ -163,7 +169,7 @@ impl Routes {
     /// the top of this module says.
     pub(crate) async fn open(&self, name: &str, port: u16) -> Result<Opened, RouteError> {
         let tunnel = self.get(name).ok_or(RouteError::Offline)?;
-        if !tunnel.ports.contains(&port) {
+        if !tunnel.publishes(port) {
             return Err(RouteError::PortNotServed);
         }
         if !tunnel.allow_request() {

@@ -50,6 +50,11 @@ impl Shared {
         }
     }
 
+    /// The requested ports this edge serves, in its listeners' order.
+    pub(crate) fn served_ports(&self, requested: &[u16]) -> Vec<u16> {
+        self.public_ports.iter().copied().filter(|p| requested.contains(p)).collect()
+    }
+
     pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }

@@ -1,7 +1,9 @@
 //! The QUIC side: nodes connect, authenticate with a token, and register their name.
 //!
 //! A node's first bidirectional stream is its control stream: Hello in, Welcome or Refused
-//! out. A node that reconnects replaces its previous registration (the old connection is
+//! out. The stream stays open: a later Hello on it (same name and token) replaces the ports
+//! the node publishes and gets its own Welcome, or a Refused that leaves the previous ports in
+//! place. A node that reconnects replaces its previous registration (the old connection is
 //! closed). The registration ends when the connection closes.
 
 use std::net::SocketAddr;
@@ -29,8 +31,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         Ok(Err(e)) => return debug!(%remote, error = %e, "tunnel handshake failed"),
         Err(_) => return debug!(%remote, "tunnel handshake timed out"),
     };
-    let tunnel = match tokio::time::timeout(HELLO_TIMEOUT, register(&shared, &conn, remote)).await {
-        Ok(Some(Registered::Node(t))) => t,
+    let (tunnel, control) = match tokio::time::timeout(HELLO_TIMEOUT, register(&shared, &conn, remote)).await {
+        Ok(Some(Registered::Node(t, control))) => (t, control),
         Ok(Some(Registered::Peer)) => {
             let Some(cluster) = shared.cluster.clone() else { return };
             let tasks = shared.tasks.clone();
@@ -38,7 +40,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         }
         _ => return conn.close(1u32.into(), b"no valid hello"),
     };
-    let reason = conn.closed().await;
+    let reason = tokio::select! {
+        reason = conn.closed() => reason,
+        () = updates(&shared, &tunnel, control) => conn.closed().await,
+    };
     if shared.routes.remove(&tunnel.name, tunnel.id) {
         shared.metrics.tunnels.decrement(1.0);
         if let Some(c) = &shared.cluster {
@@ -50,10 +55,48 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
 
 /// Who a new connection turned out to be.
 enum Registered {
-    /// A node, now registered.
-    Node(Arc<Tunnel>),
+    /// A node, now registered, with its control stream.
+    Node(Arc<Tunnel>, Control),
     /// A sibling edge, authenticated with the cluster key.
     Peer,
+}
+
+/// A node's control stream.
+struct Control {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    token: String,
+}
+
+/// Answers the Hellos a registered node sends to change its ports, until its control stream
+/// ends or carries anything else.
+async fn updates(shared: &Shared, tunnel: &Tunnel, mut control: Control) {
+    loop {
+        let ports = match read_message(&mut control.recv).await {
+            Ok(Message::Hello { version, name, token, ports })
+                if version == VERSION && name == tunnel.name && token == control.token =>
+            {
+                ports
+            }
+            Ok(_) => {
+                debug!(name = %tunnel.name, "unexpected message on a control stream");
+                return;
+            }
+            Err(_) => return,
+        };
+        let served = shared.served_ports(&ports);
+        let answer = if served.is_empty() {
+            Message::Refused { reason: "none of the requested ports is served here".into() }
+        } else {
+            let urls = served.iter().map(|p| shared.config.public_url(&tunnel.name, *p)).collect();
+            info!(name = %tunnel.name, ports = ?served, "node changed its ports");
+            *tunnel.ports.write().unwrap_or_else(|e| e.into_inner()) = served;
+            Message::Welcome { urls }
+        };
+        if write_message(&mut control.send, &answer).await.is_err() {
+            return;
+        }
+    }
 }
 
 async fn refuse_with(send: &mut quinn::SendStream, reason: &str) {
@@ -89,7 +132,7 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
     } else if !shared.config.tokens.iter().any(|t| t.allows(&token, &name)) {
         Err((Registration::Unauthorized, "token not valid for this name"))
     } else {
-        let served: Vec<u16> = shared.public_ports.iter().copied().filter(|p| ports.contains(p)).collect();
+        let served = shared.served_ports(&ports);
         if served.is_empty() {
             Err((Registration::NoPorts, "none of the requested ports is served here"))
         } else {
@@ -108,7 +151,14 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
     let id = shared.routes.next_id();
     let streams = Arc::new(Semaphore::new(shared.config.max_streams_per_tunnel as usize));
     let rate = shared.config.host_rate.map(|r| std::sync::Mutex::new(r.bucket(std::time::Instant::now())));
-    let tunnel = Arc::new(Tunnel { id, name: name.clone(), conn: conn.clone(), ports: ports.clone(), streams, rate });
+    let tunnel = Arc::new(Tunnel {
+        id,
+        name: name.clone(),
+        conn: conn.clone(),
+        ports: std::sync::RwLock::new(ports.clone()),
+        streams,
+        rate,
+    });
     match shared.routes.insert(tunnel.clone()) {
         Some(old) => {
             old.conn.close(2u32.into(), b"replaced by a newer connection");
@@ -127,5 +177,5 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
         shared.background.spawn(async move { acme.ensure(&host).await });
     }
     write_message(&mut send, &Message::Welcome { urls }).await.ok()?;
-    Some(Registered::Node(tunnel))
+    Some(Registered::Node(tunnel, Control { send, recv, token }))
 }

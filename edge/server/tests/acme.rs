@@ -20,6 +20,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use warren::funnel::{Funnel, FunnelConfig};
+use warren::services::ServiceSpec;
 use warren_common::testing::{free_tcp_port, free_udp_port};
 use warren_edge::config::{Config, FileConfig};
 use warren_edge::Edge;
@@ -135,8 +136,7 @@ async fn run_case(challenge: &str) {
         ca_file: Some(root.clone()),
         token: TOKEN.into(),
         name: "web".into(),
-        target: format!("http://{origin}"),
-        ports: vec![public_port],
+        services: vec![ServiceSpec::new(public_port, format!("http://{origin}"))],
     });
     funnel
         .wait_registered(Duration::from_secs(90))

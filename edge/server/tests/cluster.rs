@@ -18,6 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use warren::funnel::{Funnel, FunnelConfig};
+use warren::services::ServiceSpec;
 use warren_common::testing::{free_tcp_port, free_udp_port};
 use warren_edge::store::{RedisStore, Store, StoredCert};
 
@@ -180,8 +181,7 @@ fn funnel(name: &str, edges: &[&EdgeProc], ca: &Path, target: SocketAddr, port: 
         ca_file: Some(PathBuf::from(ca)),
         token: "cluster-node-token".into(),
         name: name.into(),
-        target: format!("http://{target}"),
-        ports: vec![port],
+        services: vec![ServiceSpec::new(port, format!("http://{target}"))],
     })
 }
 

@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use warren::funnel::{Funnel, FunnelConfig};
+use warren::services::ServiceSpec;
 use warren_common::testing::noise;
 use warren_edge::config::{Config, FileConfig};
 use warren_edge::Edge;
@@ -148,8 +149,7 @@ impl Lab {
             ca_file: self.edge.dev_ca_cert().map(Into::into),
             token: token.into(),
             name: name.into(),
-            target,
-            ports: vec![self.port()],
+            services: vec![ServiceSpec::new(self.port(), target)],
         })
     }
 

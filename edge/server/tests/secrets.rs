@@ -7,6 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use warren::funnel::{Funnel, FunnelConfig};
+use warren::services::ServiceSpec;
 use warren_common::testing::{free_tcp_port, free_udp_port};
 
 const TOKEN: &str = "edge-token-that-must-not-leak-7f3a";
@@ -50,8 +51,7 @@ async fn tokens_never_reach_logs_or_metrics() {
             ca_file: Some(dir.path().join("dev-ca.pem")),
             token: token.into(),
             name: "web".into(),
-            target: "http://127.0.0.1:9".into(),
-            ports: vec![public],
+            services: vec![ServiceSpec::new(public, "http://127.0.0.1:9")],
         })
     };
     let good = funnel(TOKEN);

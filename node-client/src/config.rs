@@ -1,0 +1,223 @@
+//! `node.toml`: what `warren up --config` reads. Every key is optional on its own; command-line
+//! flags override the file. `deploy/node.example.toml` documents each key.
+//!
+//! Relative paths in the file (region map, CA files, key, control socket, token file, file
+//! targets) are taken relative to the directory of the file itself, so a node directory can be
+//! moved whole.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use warren_common::config::{load_toml, read_secret_file, AdminFile, ConfigDuration, ConfigError};
+
+use crate::services::{check_all, ServiceSpec};
+
+/// Defaults of the node's settings.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Key file, relative to the working directory.
+    pub const KEY_FILE: &str = ".warren/node.key";
+    /// Control socket, relative to the working directory.
+    pub const CONTROL: &str = ".warren/warren.sock";
+    /// UDP address for direct paths and STUN.
+    pub const UDP: &str = "0.0.0.0:0";
+    /// Between STUN rounds.
+    pub const STUN_INTERVAL: Duration = Duration::from_secs(20);
+    /// The admin listener, when `[admin] enabled = true` names no address.
+    pub const ADMIN_LISTEN: &str = "127.0.0.1:9092";
+}
+
+/// The file as written.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeFile {
+    /// Region map: a JSON file or an `http(s)://` URL.
+    pub region_map: Option<String>,
+    /// PEM file of a CA to trust for relays.
+    pub ca_file: Option<PathBuf>,
+    /// Node key file (created 0600 on first start).
+    pub key_file: Option<PathBuf>,
+    /// The control socket of the running node.
+    pub control: Option<PathBuf>,
+    /// UDP address for direct paths and STUN.
+    pub udp: Option<String>,
+    /// Between STUN rounds, e.g. "20s".
+    pub stun_interval: Option<ConfigDuration>,
+    /// Never go direct.
+    pub relay_only: Option<bool>,
+    /// Funnel settings.
+    #[serde(default)]
+    pub funnel: FunnelFile,
+    /// The node's admin listener (`/metrics`, `/readyz`); off unless enabled.
+    #[serde(default)]
+    pub admin: AdminFile,
+    /// Services published through the funnel.
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceSpec>,
+}
+
+/// `[funnel]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunnelFile {
+    /// Edge tunnel addresses (`host:port`, UDP).
+    #[serde(default)]
+    pub edges: Vec<String>,
+    /// PEM file of a CA to trust for the edges (default: `ca_file`).
+    pub edge_ca: Option<PathBuf>,
+    /// TLS name of the edges, if it differs from the host in `edges`.
+    pub edge_name: Option<String>,
+    /// The token the edge's operator issued (prefer `token_file`).
+    pub token: Option<String>,
+    /// A file holding the token.
+    pub token_file: Option<PathBuf>,
+    /// Node name for funnel URLs (`<name>.<funnel domain>`); default: the host name.
+    pub name: Option<String>,
+}
+
+/// The admin listener's address, when enabled.
+///
+/// # Errors
+/// [`ConfigError::Invalid`] naming `admin.listen`.
+pub fn admin_listen(admin: &AdminFile) -> Result<Option<SocketAddr>, ConfigError> {
+    if admin.enabled != Some(true) {
+        return Ok(None);
+    }
+    let addr = admin.listen.as_deref().unwrap_or(defaults::ADMIN_LISTEN);
+    warren_common::config::socket_addr("admin.listen", addr).map(Some)
+}
+
+impl NodeFile {
+    /// Reads `path`, resolving its relative paths against the file's directory.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file or the key.
+    pub fn load(path: &Path) -> Result<NodeFile, ConfigError> {
+        let mut f: NodeFile = load_toml(path)?;
+        let base = path.parent().unwrap_or_else(|| Path::new("."));
+        f.resolve(base);
+        Ok(f)
+    }
+
+    fn resolve(&mut self, base: &Path) {
+        let join = |p: &mut Option<PathBuf>| {
+            if let Some(v) = p.as_mut().filter(|v| v.is_relative()) {
+                *v = base.join(&*v);
+            }
+        };
+        join(&mut self.ca_file);
+        join(&mut self.key_file);
+        join(&mut self.control);
+        join(&mut self.funnel.edge_ca);
+        join(&mut self.funnel.token_file);
+        if let Some(m) = self.region_map.as_mut().filter(|m| !m.contains("://") && Path::new(m.as_str()).is_relative())
+        {
+            *m = base.join(m.as_str()).display().to_string();
+        }
+        for s in &mut self.services {
+            join(&mut s.ca_file);
+            s.target = resolve_file_target(&s.target, base);
+        }
+    }
+
+    /// Checks what can be checked without the network: values, the services together, the
+    /// token file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key (services by their id).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if let Some(udp) = &self.udp {
+            warren_common::config::socket_addr("udp", udp)?;
+        }
+        if self.stun_interval.is_some_and(|d| d.0 < Duration::from_secs(1)) {
+            return Err(ConfigError::invalid("stun_interval", "at least 1s"));
+        }
+        admin_listen(&self.admin)?;
+        if self.funnel.token.is_some() && self.funnel.token_file.is_some() {
+            return Err(ConfigError::invalid("funnel.token", "give token or token_file, not both"));
+        }
+        self.token()?;
+        check_all(&self.services).map_err(|(id, e)| ConfigError::invalid("service", format!("{id}: {e}")))?;
+        if !self.services.is_empty() && self.funnel.edges.is_empty() {
+            return Err(ConfigError::invalid("funnel.edges", "services are configured but no edge to publish them on"));
+        }
+        Ok(())
+    }
+
+    /// The funnel token, read from `token_file` when given.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming `funnel.token_file`.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        match (&self.funnel.token, &self.funnel.token_file) {
+            (Some(t), _) => Ok(Some(t.clone())),
+            (None, Some(f)) => read_secret_file("funnel.token_file", f).map(Some),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// A file target (`./site`, `file:site`) made absolute against `base`; other targets as they
+/// are.
+fn resolve_file_target(target: &str, base: &Path) -> String {
+    let path = target.strip_prefix("file:").unwrap_or(target);
+    let is_file_target =
+        target.starts_with("file:") || path.starts_with("./") || path.starts_with("../") || path == ".";
+    if is_file_target && Path::new(path).is_relative() {
+        return base.join(path).display().to_string();
+    }
+    target.to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeFile, ConfigError> {
+        let mut f: NodeFile = warren_common::config::parse_toml(text)?;
+        f.resolve(Path::new("/etc/warren"));
+        f.check()?;
+        Ok(f)
+    }
+
+    #[test]
+    fn a_full_file_reads_and_relative_paths_follow_the_file() {
+        let f = parse(
+            "region_map = \"regions.json\"\nkey_file = \"node.key\"\n[funnel]\nedges = [\"edge:7443\"]\ntoken = \"t\"\n\
+             [[service]]\ntarget = \"./site\"\n[[service]]\npath = \"/api\"\ntarget = \"3000\"\n",
+        )
+        .expect("valid");
+        assert_eq!(f.region_map.as_deref(), Some("/etc/warren/regions.json"));
+        assert_eq!(f.key_file.as_deref(), Some(Path::new("/etc/warren/node.key")));
+        assert_eq!(f.services[0].target, "/etc/warren/./site");
+        assert_eq!(f.services[1].target, "3000");
+        assert_eq!(f.token().expect("token").as_deref(), Some("t"));
+        let url = parse("region_map = \"https://x/regions.json\"\n").expect("valid");
+        assert_eq!(url.region_map.as_deref(), Some("https://x/regions.json"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("typo = 1\n", "typo"),
+            ("udp = \"nope\"\n", "udp"),
+            ("stun_interval = \"10ms\"\n", "stun_interval"),
+            ("[admin]\nenabled = true\nlisten = \"x\"\n", "admin.listen"),
+            ("[funnel]\ntoken = \"a\"\ntoken_file = \"b\"\n", "funnel.token"),
+            ("[funnel]\ntoken_file = \"/nonexistent/token\"\n", "funnel.token_file"),
+            ("[funnel]\nedges = [\"e:1\"]\n[[service]]\ntarget = \"ftp://x\"\n", "443/"),
+            (
+                "[funnel]\nedges = [\"e:1\"]\n[[service]]\ntarget = \"1\"\n[[service]]\ntarget = \"2\"\n",
+                "published twice",
+            ),
+            ("[[service]]\ntarget = \"1\"\n", "funnel.edges"),
+        ];
+        for (text, key) in cases {
+            let e = parse(text).expect_err(text).to_string();
+            assert!(e.contains(key), "{text:?}: {e}");
+        }
+    }
+}

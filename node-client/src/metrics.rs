@@ -1,0 +1,60 @@
+//! Node metrics, described once. The `service` label is the service's id (`443/api` or the
+//! name given to it): a set the node's own user defines and keeps small; `edge` is the edge's
+//! index in the node's configuration. No visitor address or host name is ever a label.
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
+
+use crate::funnel::FunnelStatus;
+use crate::node::Status;
+
+/// Describes every metric.
+pub fn describe() {
+    describe_counter!("node_funnel_requests_total", "Funnel requests answered, by service and status class.");
+    describe_counter!("node_funnel_response_bytes_total", Unit::Bytes, "Response body bytes sent, by service.");
+    describe_histogram!(
+        "node_funnel_request_duration_seconds",
+        Unit::Seconds,
+        "From a request's arrival to the end of its response."
+    );
+    describe_gauge!("node_funnel_edges_connected", "Edges the node is registered on.");
+    describe_gauge!("node_funnel_tunnel_rtt_seconds", Unit::Seconds, "Round-trip time of the tunnel, by edge.");
+    describe_gauge!("node_funnel_services", "Services published.");
+    describe_gauge!("node_relay_connected", "1 while the home relay connection is up.");
+    describe_gauge!("node_peers", "Peers known to the node.");
+    describe_gauge!("node_peers_direct", "Peers reached over a direct path.");
+}
+
+/// Counts one answered request.
+pub(crate) fn request(service: &str, status: u16, bytes: u64, seconds: f64) {
+    let class = match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    };
+    counter!("node_funnel_requests_total", "service" => service.to_owned(), "status_class" => class).increment(1);
+    if bytes > 0 {
+        counter!("node_funnel_response_bytes_total", "service" => service.to_owned()).increment(bytes);
+    }
+    histogram!("node_funnel_request_duration_seconds").record(seconds);
+}
+
+/// Sets the gauges from a funnel status snapshot.
+pub fn funnel_gauges(s: &FunnelStatus) {
+    gauge!("node_funnel_edges_connected").set(s.edges.iter().filter(|e| e.connected).count() as f64);
+    gauge!("node_funnel_services").set(s.services.len() as f64);
+    for (i, e) in s.edges.iter().enumerate() {
+        if let Some(rtt) = e.rtt_ms {
+            gauge!("node_funnel_tunnel_rtt_seconds", "edge" => i.to_string()).set(rtt / 1e3);
+        }
+    }
+}
+
+/// Sets the gauges from a node status snapshot.
+pub fn node_gauges(s: &Status) {
+    gauge!("node_relay_connected").set(if s.relay_connected { 1.0 } else { 0.0 });
+    gauge!("node_peers").set(s.peers.len() as f64);
+    let direct = s.peers.iter().filter(|p| p.path.starts_with("direct")).count();
+    gauge!("node_peers_direct").set(direct as f64);
+}
