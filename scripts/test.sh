@@ -12,12 +12,13 @@ if ! python3 -c 'import nacl.public, yaml' 2>/dev/null; then
 fi
 # The NAT lab (node-client/tests/natlab.rs) builds network namespaces with iproute2 and iptables;
 # the ACME tests (edge/server/tests/acme.rs) run Debian's pebble test CA; the edge cluster tests
-# (edge/server/tests/cluster.rs) start their own Debian redis-server on a free loopback port.
+# (edge/server/tests/cluster.rs) start their own Debian redis-server on a free loopback port;
+# the publishing tests (node-client/tests/publish.rs) visit the funnel with curl.
 if [ "$(id -u)" = 0 ] && { ! command -v iptables >/dev/null || ! command -v ip >/dev/null \
-    || ! command -v pebble >/dev/null || ! command -v redis-server >/dev/null; }; then
-    echo "==> installing iproute2, iptables, pebble and redis-server"
+    || ! command -v pebble >/dev/null || ! command -v redis-server >/dev/null || ! command -v curl >/dev/null; }; then
+    echo "==> installing iproute2, iptables, pebble, redis-server and curl"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables pebble redis-server >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables pebble redis-server curl >/dev/null
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "==> installing cargo-nextest"

@@ -123,8 +123,8 @@ impl NodeFile {
         }
     }
 
-    /// Checks what can be checked without the network: values, the services together, the
-    /// token file.
+    /// Checks what can be checked without the network or other files: values and the services
+    /// together. [`NodeFile::token`] reads the token file.
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the key (services by their id).
@@ -139,7 +139,6 @@ impl NodeFile {
         if self.funnel.token.is_some() && self.funnel.token_file.is_some() {
             return Err(ConfigError::invalid("funnel.token", "give token or token_file, not both"));
         }
-        self.token()?;
         check_all(&self.services).map_err(|(id, e)| ConfigError::invalid("service", format!("{id}: {e}")))?;
         if !self.services.is_empty() && self.funnel.edges.is_empty() {
             return Err(ConfigError::invalid("funnel.edges", "services are configured but no edge to publish them on"));
@@ -154,7 +153,13 @@ impl NodeFile {
     pub fn token(&self) -> Result<Option<String>, ConfigError> {
         match (&self.funnel.token, &self.funnel.token_file) {
             (Some(t), _) => Ok(Some(t.clone())),
-            (None, Some(f)) => read_secret_file("funnel.token_file", f).map(Some),
+            (None, Some(f)) => {
+                let token = read_secret_file("funnel.token_file", f)?.trim().to_owned();
+                if token.is_empty() {
+                    return Err(ConfigError::invalid("funnel.token_file", format!("{} is empty", f.display())));
+                }
+                Ok(Some(token))
+            }
             (None, None) => Ok(None),
         }
     }
@@ -180,6 +185,7 @@ mod tests {
         let mut f: NodeFile = warren_common::config::parse_toml(text)?;
         f.resolve(Path::new("/etc/warren"));
         f.check()?;
+        f.token()?;
         Ok(f)
     }
 

@@ -229,14 +229,15 @@ fn render_status(f: &Value) -> String {
         let mut on_port = on_port;
         on_port.sort_by_key(|s| s["path"].as_str().unwrap_or_default().to_owned());
         for s in on_port {
+            let n = s["requests"].as_u64().unwrap_or(0);
             let _ = writeln!(
                 out,
-                "|-- {:<width$}  -> {}   [{}, {}, {} requests]",
+                "|-- {:<width$}  -> {}   [{}, {}, {n} request{}]",
                 s["path"].as_str().unwrap_or("?"),
                 s["target"].as_str().unwrap_or("?"),
                 s["id"].as_str().unwrap_or("?"),
                 s["origin"].as_str().unwrap_or("?"),
-                s["requests"].as_u64().unwrap_or(0),
+                if n == 1 { "" } else { "s" },
             );
         }
         out.push('\n');

@@ -1,0 +1,345 @@
+//! Publishing services the way a user does: `warren up --config node.toml` (the real binary)
+//! with a real relay and edge on loopback, services from the file and from `warren funnel`,
+//! curl as the visitor. The node is restarted and everything answers again.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use warren_edge::config::{Config as EdgeConfig, FileConfig as EdgeFile};
+use warren_edge::Edge;
+use warren_relay::config::{Config, FileConfig};
+use warren_relay::Server;
+use warren_relay_proto::ws::{self, Role, WsDecoder};
+
+const TOKEN: &str = "publish-test-token-0123456789";
+
+/// A child process stopped when the test ends however it ends.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// SIGTERM (or SIGINT), then waits up to 10 s for the exit.
+    fn signal_and_wait(mut self, signal: &str) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args([signal, &self.0.id().to_string()]).status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.0.try_wait() {
+                return status;
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "process did not exit on {signal}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn warren() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_warren"));
+    c.env_remove("WARREN_CONTROL").env_remove("WARREN_FUNNEL_TOKEN");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    warren().args(args).stdin(Stdio::null()).output().expect("warren runs")
+}
+
+struct Lab {
+    dir: tempfile::TempDir,
+    _relay: Server,
+    edge: Edge,
+    control: PathBuf,
+}
+
+impl Lab {
+    fn port(&self, i: usize) -> u16 {
+        self.edge.public_addrs()[i].port()
+    }
+
+    fn edge_ca(&self) -> PathBuf {
+        self.edge.dev_ca_cert().expect("dev ca").to_path_buf()
+    }
+
+    /// `curl` as a visitor of `web.funnel.test` on public listener `i`: status and body.
+    fn curl(&self, i: usize, path: &str, extra: &[&str]) -> (u16, String) {
+        let port = self.port(i);
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--path-as-is", "--cacert"])
+            .arg(self.edge_ca())
+            .args(["--resolve", &format!("web.funnel.test:{port}:127.0.0.1"), "-w", "\n%{http_code}"])
+            .args(extra)
+            .arg(format!("https://web.funnel.test:{port}{path}"))
+            .output()
+            .expect("curl runs (scripts/test.sh installs it)");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    fn funnel(&self, args: &[&str]) -> Output {
+        let control = self.control.display().to_string();
+        let mut all = vec!["funnel"];
+        all.extend_from_slice(args);
+        all.extend(["--control", control.as_str()]);
+        run(&all)
+    }
+
+    fn status_json(&self) -> serde_json::Value {
+        let out = self.funnel(&["status", "--json"]);
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+    }
+
+    fn up(&self, config: &Path) -> Proc {
+        let log = std::fs::File::create(self.dir.path().join("node.log")).expect("log");
+        let child =
+            warren().args(["up", "--config"]).arg(config).stdout(Stdio::null()).stderr(log).spawn().expect("warren up");
+        let mut proc = Proc(child);
+        let start = Instant::now();
+        loop {
+            let s = self.status_json();
+            if s["connected"] == true && s["services"].as_array().is_some_and(|v| !v.is_empty()) {
+                return proc;
+            }
+            let exited = proc.0.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && start.elapsed() < Duration::from_secs(20),
+                "the node did not register its services ({exited:?}): {s}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
+    }
+}
+
+fn until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+async fn start_lab() -> Lab {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path();
+    let relay_toml = format!(
+        "listen = \"127.0.0.1:0\"\nkey_file = \"{}/relay.key\"\n[tls]\nmode = \"dev\"\n[stun]\nlisten = \"127.0.0.1:0\"\n[admin]\nenabled = false\n",
+        state.display()
+    );
+    let mut f = FileConfig::parse(&relay_toml).expect("relay config");
+    f.state_dir = Some(state.join("relay"));
+    let relay = Server::spawn(Config::try_from(f).expect("valid"), None).await.expect("relay starts");
+    let edge_toml = format!(
+        "funnel_domain = \"funnel.test\"\npublic_listen = [\"127.0.0.1:0\", \"127.0.0.1:0\"]\ntunnel_listen = \"127.0.0.1:0\"\n[admin]\nenabled = false\n[shutdown]\ngrace_period = \"500ms\"\n[[tokens]]\ntoken = \"{TOKEN}\"\nnames = [\"web\"]\n"
+    );
+    let mut f = EdgeFile::parse(&edge_toml).expect("edge config");
+    f.state_dir = Some(state.join("edge"));
+    let edge = Edge::spawn(EdgeConfig::try_from(f).expect("valid"), None).await.expect("edge starts");
+    let map = serde_json::json!({"Regions": {"1": {"RegionID": 1, "RegionCode": "r1", "Nodes": [{
+        "Name": "1a", "HostName": "localhost", "IPv4": "127.0.0.1",
+        "DERPPort": relay.http_addr().port(), "STUNPort": relay.stun_addr().expect("stun").port(),
+    }]}}});
+    std::fs::write(state.join("regions.json"), map.to_string()).expect("map");
+    let relay_ca = relay.dev_ca_cert().expect("relay dev ca").to_path_buf();
+    std::fs::copy(relay_ca, state.join("relay-ca.pem")).expect("copy ca");
+    Lab { control: state.join("node/warren.sock"), dir, _relay: relay, edge }
+}
+
+/// An HTTP origin that says what it saw, and answers WebSocket upgrades with an echo.
+async fn start_origin() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|mut req: Request<Incoming>| async move {
+                    if req.headers().contains_key("upgrade") {
+                        let head = warren_common::testing::ws_echo_upgrade(&mut req);
+                        return Ok::<_, std::convert::Infallible>(head.map(|()| Full::new(bytes::Bytes::new())));
+                    }
+                    let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("-").to_owned();
+                    let text = format!("origin saw {} host {host}", req.uri());
+                    Ok(Response::new(Full::new(bytes::Bytes::from(text))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// One WebSocket round trip through the edge on `port`: sends `msg`, returns the echo.
+async fn ws_echo(ca: &Path, port: u16, msg: &str) -> String {
+    let tls = warren_common::tls::client_config(Some(ca)).expect("tls");
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let name = rustls_pki_types::ServerName::try_from("web.funnel.test").expect("name");
+    let mut s = tokio_rustls::TlsConnector::from(Arc::clone(&tls)).connect(name, tcp).await.expect("tls");
+    let req = format!(
+        "GET /chat HTTP/1.1\r\nHost: web.funnel.test:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.expect("write");
+    let mut input = BytesMut::new();
+    let head_end = loop {
+        if let Some(i) = input.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        assert!(s.read_buf(&mut input).await.expect("read") > 0, "closed before the 101");
+    };
+    let head = String::from_utf8_lossy(&input[..head_end]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let _ = input.split_to(head_end);
+    let mut frame = BytesMut::new();
+    ws::encode_frame(&mut frame, ws::opcode::TEXT, msg.as_bytes(), Some([1, 2, 3, 4]));
+    s.write_all(&frame).await.expect("send frame");
+    let (mut dec, mut data) = (WsDecoder::new(Role::Client), BytesMut::new());
+    tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            while let Ok(Some(_)) = dec.decode(&mut input, &mut data) {}
+            if !data.is_empty() {
+                return String::from_utf8_lossy(&data).into_owned();
+            }
+            assert!(s.read_buf(&mut input).await.expect("read") > 0, "closed before the echo");
+        }
+    })
+    .await
+    .expect("echo within 5 s")
+}
+
+fn node_toml(lab: &Lab, origin: SocketAddr, site: &Path) -> String {
+    let (a, b) = (lab.port(0), lab.port(1));
+    format!(
+        "region_map = \"regions.json\"\nca_file = \"relay-ca.pem\"\nkey_file = \"node/node.key\"\ncontrol = \"node/warren.sock\"\nudp = \"127.0.0.1:0\"\n\n\
+         [funnel]\nedges = [\"{tunnel}\"]\nedge_name = \"localhost\"\nedge_ca = \"{ca}\"\ntoken_file = \"token\"\nname = \"web\"\n\n\
+         [[service]]\nport = {a}\npath = \"/\"\ntarget = \"{site}\"\n\n\
+         [[service]]\nport = {a}\npath = \"/api\"\ntarget = \"http://{origin}\"\n\n\
+         [[service]]\nname = \"chat\"\nport = {b}\ntarget = \"http://{origin}\"\nhost_header = \"origin\"\n",
+        tunnel = lab.edge.tunnel_addr(),
+        ca = lab.edge_ca().display(),
+        site = site.display(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn services_from_node_toml_and_the_cli_survive_a_restart() {
+    let lab = start_lab().await;
+    let origin = start_origin().await;
+    let site = lab.dir.path().join("site");
+    std::fs::create_dir_all(site.join("docs")).expect("site");
+    std::fs::write(site.join("index.html"), "<h1>the site</h1>\n").expect("index");
+    std::fs::write(site.join("docs/data.txt"), "0123456789").expect("data");
+    std::fs::write(lab.dir.path().join("token"), format!("{TOKEN}\n")).expect("token");
+    let config = lab.dir.path().join("node.toml");
+    std::fs::write(&config, node_toml(&lab, origin, &site)).expect("node.toml");
+    let (a, b) = (lab.port(0), lab.port(1));
+
+    // The file checks out; a broken copy is refused with the key named and exit 64.
+    let check = run(&["up", "--check-config", "--config", &config.display().to_string()]);
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+    let broken = lab.dir.path().join("broken.toml");
+    let text = std::fs::read_to_string(&config).expect("read").replace("path = \"/api\"", "path = \"api\"");
+    std::fs::write(&broken, text).expect("write");
+    let bad = run(&["up", "--check-config", "--config", &broken.display().to_string()]);
+    assert_eq!(bad.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("service") && stderr.contains("path \"api\": a mount path starts with '/'"), "{stderr}");
+
+    let node = lab.up(&config);
+    // `/` is the directory, `/api` the origin with the mount stripped, 8443-like port the echo.
+    assert_eq!(lab.curl(0, "/", &[]), (200, "<h1>the site</h1>\n".into()));
+    assert_eq!(lab.curl(0, "/docs/data.txt", &["-H", "Range: bytes=2-4"]), (206, "234".into()));
+    assert_eq!(lab.curl(0, "/docs", &[]).0, 301, "a directory without its slash is redirected");
+    assert_eq!(lab.curl(0, "/../token", &[]).0, 400, "no way out of the root");
+    assert_eq!(lab.curl(0, "/%2e%2e/token", &[]).0, 400, "not even encoded");
+    assert_eq!(lab.curl(0, "/nothing-here", &[]).0, 404);
+    let (status, body) = lab.curl(0, "/api/users?id=7", &[]);
+    assert_eq!((status, body.as_str()), (200, "origin saw /users?id=7 host web.funnel.test"));
+    assert_eq!(ws_echo(&lab.edge_ca(), b, "over the funnel").await, "over the funnel");
+    assert_eq!(lab.curl(1, "/anything", &[]).1, format!("origin saw /anything host {origin}"), "host_header = origin");
+
+    // Added from the command line: saved (--bg), and one in the foreground until Ctrl-C.
+    let control = lab.control.display().to_string();
+    let bg = lab.funnel(&["--bg", "--https-port", &a.to_string(), "--set-path", "/hello", "text:hi there"]);
+    assert!(bg.status.success(), "{}", String::from_utf8_lossy(&bg.stderr));
+    assert_eq!(lab.curl(0, "/hello", &[]), (200, "hi there".into()));
+    let fg = Proc(
+        warren()
+            .args([
+                "funnel",
+                "--https-port",
+                &a.to_string(),
+                "--set-path",
+                "/fg",
+                "text:foreground",
+                "--control",
+                &control,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("warren funnel"),
+    );
+    until(Duration::from_secs(10), "the foreground service answers", || {
+        (lab.curl(0, "/fg", &[]) == (200, "foreground".into())).then_some(())
+    });
+    let status = lab.funnel(&["status"]);
+    let tree = String::from_utf8_lossy(&status.stdout).into_owned();
+    eprintln!("warren funnel status:\n{tree}");
+    for line in [
+        format!("https://web.funnel.test:{a}/"),
+        format!("|-- /api    -> http://{origin}"),
+        "foreground, ".to_owned(),
+        format!("[{a}/hello, saved,"),
+        format!("https://web.funnel.test:{b}/"),
+        "[chat, config,".to_owned(),
+    ] {
+        assert!(tree.contains(&line), "status lacks {line:?}:\n{tree}");
+    }
+    assert!(fg.signal_and_wait("-INT").success());
+    until(Duration::from_secs(10), "the foreground service is gone", || {
+        (lab.curl(0, "/fg", &[]).0 == 404).then_some(())
+    });
+
+    // A restart publishes the file's services and the saved one again; not the foreground one.
+    assert!(node.signal_and_wait("-TERM").success(), "{}", lab.log());
+    let node = lab.up(&config);
+    assert_eq!(lab.curl(0, "/", &[]), (200, "<h1>the site</h1>\n".into()));
+    assert_eq!(lab.curl(0, "/api/x", &[]).1, "origin saw /x host web.funnel.test");
+    assert_eq!(lab.curl(0, "/hello", &[]), (200, "hi there".into()));
+    assert_eq!(lab.curl(0, "/fg", &[]).0, 404);
+    assert_eq!(ws_echo(&lab.edge_ca(), b, "after a restart").await, "after a restart");
+
+    // Withdrawn for good; the file's own services cannot be withdrawn from the command line.
+    assert!(lab.funnel(&["off", &format!("{a}/hello")]).status.success());
+    assert_eq!(lab.curl(0, "/hello", &[]).0, 404);
+    let saved = std::fs::read_to_string(lab.dir.path().join("node/services.json")).expect("state file");
+    assert!(!saved.contains("hi there"), "{saved}");
+    let refused = lab.funnel(&["off", "chat"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("config file"));
+    drop(node);
+}
