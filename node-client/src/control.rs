@@ -33,7 +33,7 @@ use warren_relay_proto::PublicKey;
 use crate::core::paths::Path;
 use crate::funnel::{Funnel, FunnelConfig};
 use crate::node::{Node, NodeError};
-use crate::services::{check_all, state, ServiceSpec};
+use crate::services::{check_all, state, ServiceKind, ServiceSpec};
 
 /// Longest request line accepted.
 const MAX_LINE: u64 = 128 << 10;
@@ -172,6 +172,7 @@ impl Daemon {
             return Err("no edge configured: start `warren up` with --edge and --funnel-token".into());
         };
         let spec = spec.normalized().map_err(|e| e.to_string())?;
+        let publishes = funnel.status().publishes;
         let mut services = self.services.lock().await;
         let mut all = services.all();
         all.push(spec.clone());
@@ -196,8 +197,41 @@ impl Daemon {
             .wait_registered(Duration::from_secs(15))
             .await
             .map_err(|e| format!("funnel not registered yet: {e} (it keeps retrying; see `warren funnel status`)"))?;
+        if spec.kind != ServiceKind::Http {
+            return self.raw_granted(funnel, &spec, publishes).await;
+        }
         let path = if spec.path == "/" { "" } else { spec.path.trim_start_matches('/') };
         Ok(urls.iter().filter(|u| url_port(u) == spec.port).map(|u| format!("{u}{path}")).collect())
+    }
+
+    /// Waits until an edge has granted (or refused) the port of a `tcp` or `tls` service.
+    /// Only answers newer than the `publishes`-th count.
+    async fn raw_granted(&self, funnel: &Funnel, spec: &ServiceSpec, publishes: u64) -> Result<Vec<String>, String> {
+        let kind = if spec.kind == ServiceKind::Tcp { "tcp" } else { "tls" };
+        let scheme = format!("{kind}://");
+        let refusal = format!("{kind} {}:", spec.port);
+        let start = tokio::time::Instant::now();
+        loop {
+            let s = funnel.status();
+            if s.publishes <= publishes && start.elapsed() < Duration::from_secs(10) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            let granted: Vec<String> =
+                s.raw_urls.iter().filter(|u| u.starts_with(&scheme) && url_port(u) == spec.port).cloned().collect();
+            if !granted.is_empty() {
+                return Ok(granted);
+            }
+            if let Some(r) = s.refused.iter().find(|r| r.starts_with(&refusal)) {
+                let reason = r.clone();
+                self.remove(&spec.id()).await.ok();
+                return Err(format!("the edge refused it: {reason}"));
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                return Err("no edge granted the port within 10 s (see `warren funnel status`)".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     async fn remove(&self, id: &str) -> Result<(), String> {

@@ -35,7 +35,7 @@ use warren_tunnel::{
 use warren_tunnel_proto::{Message, RequestHead, ResponseHead, VERSION};
 
 use crate::services::origin::{no_mount, Body, ServiceTable};
-use crate::services::ServiceSpec;
+use crate::services::{ServiceKind, ServiceSpec};
 
 /// What to publish and where.
 #[derive(Debug, Clone)]
@@ -72,6 +72,8 @@ pub struct EdgeLink {
 pub struct ServiceStatus {
     /// Its name (`<port><path>` unless named).
     pub id: String,
+    /// `http`, `tcp` or `tls`.
+    pub kind: ServiceKind,
     /// Public port.
     pub port: u16,
     /// Mount path.
@@ -100,6 +102,12 @@ pub struct FunnelStatus {
     pub edges: Vec<EdgeLink>,
     /// Public URLs, once registered.
     pub urls: Vec<String>,
+    /// TCP and TLS-passthrough URLs the edges granted (`tcp://host:port`, `tls://host:port`).
+    pub raw_urls: Vec<String>,
+    /// TCP and TLS-passthrough ports an edge refused, with its reason.
+    pub refused: Vec<String>,
+    /// Answers to Publish received so far (to tell a fresh answer from an old one).
+    pub publishes: u64,
     /// The services served.
     pub services: Vec<ServiceStatus>,
     /// Services configured but not served.
@@ -205,9 +213,13 @@ impl Funnel {
             .iter()
             .map(|svc| ServiceStatus {
                 id: svc.spec.id(),
+                kind: svc.spec.kind,
                 port: svc.spec.port,
                 path: svc.mount.clone(),
-                target: svc.target.to_string(),
+                target: match svc.raw().is_some_and(crate::services::raw::Raw::ends_tls) {
+                    true => format!("{} (TLS ends on the node)", svc.target),
+                    false => svc.target.to_string(),
+                },
                 requests: svc.requests(),
             })
             .collect();
@@ -249,6 +261,11 @@ impl Funnel {
         let _ = tokio::time::timeout(grace, self.tasks.wait()).await;
     }
 }
+/// The TCP ports and TLS-passthrough ports a table asks for.
+fn raw_wish(t: &ServiceTable) -> (Vec<u16>, Vec<u16>) {
+    (t.ports_of(ServiceKind::Tcp), t.ports_of(ServiceKind::Tls))
+}
+
 fn broken_list(broken: &[crate::services::origin::Broken]) -> Vec<BrokenService> {
     broken.iter().map(|(id, e)| BrokenService { id: id.clone(), error: e.to_string() }).collect()
 }
@@ -408,9 +425,15 @@ impl Link {
             .map_err(|_| FunnelError::Timeout)?
             .map_err(FunnelError::Connection)?;
         let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.map_err(FunnelError::Connection)?;
-        let mut ports = table.borrow_and_update().ports();
+        let (mut ports, mut raw) = {
+            let t = table.borrow_and_update();
+            (t.ports(), raw_wish(&t))
+        };
         let urls = self.hello(&mut ctl_send, &mut ctl_recv, ports.clone()).await?;
         self.registered(status, &conn, urls);
+        if raw != (Vec::new(), Vec::new()) {
+            self.publish(status, &mut ctl_send, &mut ctl_recv, &raw).await?;
+        }
         loop {
             let (send, recv) = tokio::select! {
                 r = conn.accept_bi() => r.map_err(FunnelError::Closed)?,
@@ -418,8 +441,11 @@ impl Link {
                     if changed.is_err() {
                         return Ok(());
                     }
-                    let now = table.borrow_and_update().ports();
-                    if now.is_empty() {
+                    let (now, now_raw, empty) = {
+                        let t = table.borrow_and_update();
+                        (t.ports(), raw_wish(&t), t.is_empty())
+                    };
+                    if empty {
                         conn.close(0u32.into(), b"no services");
                         return Ok(());
                     }
@@ -427,6 +453,10 @@ impl Link {
                         ports = now;
                         let urls = self.hello(&mut ctl_send, &mut ctl_recv, ports.clone()).await?;
                         self.registered(status, &conn, urls);
+                    }
+                    if now_raw != raw {
+                        raw = now_raw;
+                        self.publish(status, &mut ctl_send, &mut ctl_recv, &raw).await?;
                     }
                     continue;
                 }
@@ -437,6 +467,32 @@ impl Link {
             let log = self.agent.log.clone();
             self.agent.tasks.spawn(async move { serve_stream(send, recv, table, log).await });
         }
+    }
+
+    /// Asks the edge for the TCP and TLS-passthrough ports in `wish`; records what it grants.
+    async fn publish(
+        &self,
+        status: &watch::Sender<FunnelStatus>,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+        wish: &(Vec<u16>, Vec<u16>),
+    ) -> Result<(), FunnelError> {
+        let msg = Message::Publish { tcp: wish.0.clone(), tls: wish.1.clone() };
+        write_message(send, &msg).await.map_err(FunnelError::Hello)?;
+        let answer = tokio::time::timeout(HELLO_ANSWER, read_message(recv)).await.map_err(|_| FunnelError::Timeout)?;
+        let Message::Published { urls, refused } = answer.map_err(FunnelError::NoWelcome)? else {
+            return Err(FunnelError::UnexpectedAnswer);
+        };
+        for r in &refused {
+            warn!(edge = %self.edge(), refused = %r, "the edge refused a port");
+        }
+        info!(edge = %self.edge(), urls = ?urls, "raw services published");
+        status.send_modify(|s| {
+            s.raw_urls = urls;
+            s.refused = refused;
+            s.publishes += 1;
+        });
+        Ok(())
     }
 
     fn registered(&self, status: &watch::Sender<FunnelStatus>, conn: &quinn::Connection, urls: Vec<String>) {
@@ -517,6 +573,7 @@ async fn serve_stream(
     let start = (Instant::now(), SystemTime::now());
     let head = match read_message(&mut recv).await {
         Ok(Message::Request(h)) => h,
+        Ok(Message::Connect(c)) => return serve_connection(c, send, recv, &table, &log).await,
         Ok(_) | Err(_) => return respond_text(send, 400, "bad tunnel request\n").await,
     };
     let routed = table.route(head.port, &head.uri);
@@ -552,6 +609,49 @@ async fn serve_stream(
         service: service_id,
         method: head.method,
         path: head.uri,
+        status,
+        duration_ms: elapsed * 1e3,
+        visitor: head.visitor,
+        port: head.port,
+    });
+}
+
+/// Joins a visitor's TCP connection (or passed-through TLS session) to its service.
+async fn serve_connection(
+    head: warren_tunnel_proto::ConnectHead,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    table: &ServiceTable,
+    log: &broadcast::Sender<RequestLog>,
+) {
+    let start = (Instant::now(), SystemTime::now());
+    let kind = match head.kind {
+        warren_tunnel_proto::ConnKind::Tcp => ServiceKind::Tcp,
+        warren_tunnel_proto::ConnKind::Tls => ServiceKind::Tls,
+    };
+    let Some(service) = table.route_conn(kind, head.port) else {
+        debug!(port = head.port, "a connection for a port no service holds");
+        let _ = send.reset(0u32.into());
+        return;
+    };
+    let Some(raw) = service.raw() else { return };
+    service.count();
+    let id = service.spec.id();
+    let result = raw.join(&head, tokio::io::join(recv, send)).await;
+    let (status, bytes) = match result {
+        Ok(n) => (200, n),
+        Err(e) => {
+            warn!(service = %id, error = %e, "connection not joined to its target");
+            (502, 0)
+        }
+    };
+    let elapsed = start.0.elapsed().as_secs_f64();
+    crate::metrics::request(&id, status, bytes, elapsed);
+    let _ = log.send(RequestLog {
+        time: start.1.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+        service: id,
+        method: if kind == ServiceKind::Tcp { "TCP".into() } else { "TLS".into() },
+        path: head.sni,
         status,
         duration_ms: elapsed * 1e3,
         visitor: head.visitor,

@@ -64,6 +64,9 @@ struct Lab {
     _relay: Server,
     edge: Edge,
     control: PathBuf,
+    /// Edge ports offered for TCP services.
+    tcp_port: u16,
+    proxied_port: u16,
 }
 
 impl Lab {
@@ -77,10 +80,15 @@ impl Lab {
 
     /// `curl` as a visitor of `web.funnel.test` on public listener `i`: status and body.
     fn curl(&self, i: usize, path: &str, extra: &[&str]) -> (u16, String) {
+        self.curl_trusting(&self.edge_ca(), i, path, extra)
+    }
+
+    /// As [`Lab::curl`], trusting only the CA in `ca`.
+    fn curl_trusting(&self, ca: &Path, i: usize, path: &str, extra: &[&str]) -> (u16, String) {
         let port = self.port(i);
         let out = Command::new("curl")
             .args(["-sS", "--max-time", "10", "--path-as-is", "--cacert"])
-            .arg(self.edge_ca())
+            .arg(ca)
             .args(["--resolve", &format!("web.funnel.test:{port}:127.0.0.1"), "-w", "\n%{http_code}"])
             .args(extra)
             .arg(format!("https://web.funnel.test:{port}{path}"))
@@ -151,8 +159,10 @@ async fn start_lab() -> Lab {
     let mut f = FileConfig::parse(&relay_toml).expect("relay config");
     f.state_dir = Some(state.join("relay"));
     let relay = Server::spawn(Config::try_from(f).expect("valid"), None).await.expect("relay starts");
+    let tcp_port = warren_common::testing::free_tcp_port();
+    let proxied_port = warren_common::testing::free_tcp_port();
     let edge_toml = format!(
-        "funnel_domain = \"funnel.test\"\npublic_listen = [\"127.0.0.1:0\", \"127.0.0.1:0\"]\ntunnel_listen = \"127.0.0.1:0\"\n[admin]\nenabled = false\n[shutdown]\ngrace_period = \"500ms\"\n[[tokens]]\ntoken = \"{TOKEN}\"\nnames = [\"web\"]\n"
+        "funnel_domain = \"funnel.test\"\npublic_listen = [\"127.0.0.1:0\", \"127.0.0.1:0\", \"127.0.0.1:0\"]\ntunnel_listen = \"127.0.0.1:0\"\n[admin]\nenabled = false\n[shutdown]\ngrace_period = \"500ms\"\n[tcp]\nports = [\"{tcp_port}\", \"{proxied_port}\"]\nlisten_ip = \"127.0.0.1\"\n[[tokens]]\ntoken = \"{TOKEN}\"\nnames = [\"web\"]\n"
     );
     let mut f = EdgeFile::parse(&edge_toml).expect("edge config");
     f.state_dir = Some(state.join("edge"));
@@ -164,7 +174,7 @@ async fn start_lab() -> Lab {
     std::fs::write(state.join("regions.json"), map.to_string()).expect("map");
     let relay_ca = relay.dev_ca_cert().expect("relay dev ca").to_path_buf();
     std::fs::copy(relay_ca, state.join("relay-ca.pem")).expect("copy ca");
-    Lab { control: state.join("node/warren.sock"), dir, _relay: relay, edge }
+    Lab { control: state.join("node/warren.sock"), dir, _relay: relay, edge, tcp_port, proxied_port }
 }
 
 /// An HTTP origin that says what it saw, and answers WebSocket upgrades with an echo.
@@ -230,18 +240,81 @@ async fn ws_echo(ca: &Path, port: u16, msg: &str) -> String {
     .expect("echo within 5 s")
 }
 
-fn node_toml(lab: &Lab, origin: SocketAddr, site: &Path) -> String {
-    let (a, b) = (lab.port(0), lab.port(1));
+fn node_toml(lab: &Lab, origin: SocketAddr, site: &Path, node_cert: &(PathBuf, PathBuf)) -> String {
+    let (a, b, c) = (lab.port(0), lab.port(1), lab.port(2));
     format!(
         "region_map = \"regions.json\"\nca_file = \"relay-ca.pem\"\nkey_file = \"node/node.key\"\ncontrol = \"node/warren.sock\"\nudp = \"127.0.0.1:0\"\n\n\
          [funnel]\nedges = [\"{tunnel}\"]\nedge_name = \"localhost\"\nedge_ca = \"{ca}\"\ntoken_file = \"token\"\nname = \"web\"\n\n\
          [[service]]\nport = {a}\npath = \"/\"\ntarget = \"{site}\"\n\n\
          [[service]]\nport = {a}\npath = \"/api\"\ntarget = \"http://{origin}\"\n\n\
-         [[service]]\nname = \"chat\"\nport = {b}\ntarget = \"http://{origin}\"\nhost_header = \"origin\"\n",
+         [[service]]\nname = \"chat\"\nport = {b}\ntarget = \"http://{origin}\"\nhost_header = \"origin\"\n\n\
+         [[service]]\nkind = \"tls\"\nport = {c}\ntarget = \"{origin}\"\ncert_file = \"{cert}\"\nkey_file = \"{key}\"\n",
+        cert = node_cert.0.display(),
+        key = node_cert.1.display(),
         tunnel = lab.edge.tunnel_addr(),
         ca = lab.edge_ca().display(),
         site = site.display(),
     )
+}
+
+/// A TCP target that reads a PROXY v2 header (TCP over IPv4) and answers with the addresses
+/// in it.
+async fn start_proxy_header_reader() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            let mut h = [0u8; 28];
+            if tcp.read_exact(&mut h).await.is_err()
+                || &h[..12] != b"\r\n\r\n\0\r\nQUIT\n"
+                || h[12..16] != [0x21, 0x11, 0, 12]
+            {
+                continue;
+            }
+            let ip = |b: &[u8]| std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]);
+            let port = |b: &[u8]| u16::from_be_bytes([b[0], b[1]]);
+            let text = format!(
+                "visitor {}:{} reached {}:{}",
+                ip(&h[16..20]),
+                port(&h[24..26]),
+                ip(&h[20..24]),
+                port(&h[26..28])
+            );
+            let _ = tcp.write_all(text.as_bytes()).await;
+        }
+    });
+    addr
+}
+
+/// A Debian redis-server on a free loopback port; `None` (that part is skipped) when it is
+/// not installed, unless `WARREN_REQUIRE_REDIS` is set.
+fn start_redis(dir: &Path) -> Option<(Proc, u16)> {
+    if Command::new("redis-server").arg("--version").output().is_err() {
+        assert!(std::env::var_os("WARREN_REQUIRE_REDIS").is_none(), "redis-server is required but missing");
+        eprintln!("skipped the TCP service: redis-server is not installed");
+        return None;
+    }
+    let port = warren_common::testing::free_tcp_port();
+    let child = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    let proc = Proc(child);
+    until(Duration::from_secs(10), "redis-server answers", || (redis_ping(port) == "PONG").then_some(()));
+    Some((proc, port))
+}
+
+/// `redis-cli -p <port> PING`, the real client.
+fn redis_ping(port: u16) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "PING"])
+        .output()
+        .expect("redis-cli runs (Debian's redis-tools comes with redis-server)");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -253,8 +326,14 @@ async fn services_from_node_toml_and_the_cli_survive_a_restart() {
     std::fs::write(site.join("index.html"), "<h1>the site</h1>\n").expect("index");
     std::fs::write(site.join("docs/data.txt"), "0123456789").expect("data");
     std::fs::write(lab.dir.path().join("token"), format!("{TOKEN}\n")).expect("token");
+    // The TLS-passthrough service's certificate comes from the node's own CA, not the edge's.
+    let node_ca = warren_common::tls::DevCa::open_or_create(&lab.dir.path().join("node-ca")).expect("node ca");
+    let (cert, key) = node_ca.issue_pem(&["web.funnel.test".into()]).expect("issue");
+    let node_cert = (lab.dir.path().join("node-cert.pem"), lab.dir.path().join("node-key.pem"));
+    std::fs::write(&node_cert.0, cert).expect("cert");
+    std::fs::write(&node_cert.1, key).expect("key");
     let config = lab.dir.path().join("node.toml");
-    std::fs::write(&config, node_toml(&lab, origin, &site)).expect("node.toml");
+    std::fs::write(&config, node_toml(&lab, origin, &site, &node_cert)).expect("node.toml");
     let (a, b) = (lab.port(0), lab.port(1));
 
     // The file checks out; a broken copy is refused with the key named and exit 64.
@@ -280,6 +359,28 @@ async fn services_from_node_toml_and_the_cli_survive_a_restart() {
     assert_eq!((status, body.as_str()), (200, "origin saw /users?id=7 host web.funnel.test"));
     assert_eq!(ws_echo(&lab.edge_ca(), b, "over the funnel").await, "over the funnel");
     assert_eq!(lab.curl(1, "/anything", &[]).1, format!("origin saw /anything host {origin}"), "host_header = origin");
+    // TLS on the third port is the node's: its certificate verifies against the node's CA
+    // and not against the edge's.
+    let passed = lab.curl_trusting(&node_ca.ca_cert_path, 2, "/through", &["--http1.1"]);
+    assert_eq!(passed, (200, "origin saw /through host web.funnel.test:".to_owned() + &lab.port(2).to_string()));
+    assert_eq!(lab.curl(2, "/through", &[]).0, 0, "the edge's CA does not vouch for the node's certificate");
+    let redis = start_redis(lab.dir.path());
+    if let Some((_, redis_port)) = &redis {
+        let tcp = lab.funnel(&["--bg", "--tcp", &lab.tcp_port.to_string(), &redis_port.to_string()]);
+        assert!(tcp.status.success(), "{}", String::from_utf8_lossy(&tcp.stderr));
+        assert_eq!(redis_ping(lab.tcp_port), "PONG");
+    }
+
+    // A TCP target behind --proxy-protocol learns the visitor's address from the v2 header.
+    let header_reader = start_proxy_header_reader().await;
+    let proxied =
+        lab.funnel(&["--bg", "--proxy-protocol", "--tcp", &lab.proxied_port.to_string(), &header_reader.to_string()]);
+    assert!(proxied.status.success(), "{}", String::from_utf8_lossy(&proxied.stderr));
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", lab.proxied_port)).expect("connect");
+    let visitor = tcp.local_addr().expect("addr");
+    let mut seen = String::new();
+    std::io::Read::read_to_string(&mut tcp, &mut seen).expect("read");
+    assert_eq!(seen, format!("visitor {visitor} reached 127.0.0.1:{}", lab.proxied_port));
 
     // Added from the command line: saved (--bg), and one in the foreground until Ctrl-C.
     let control = lab.control.display().to_string();
@@ -332,6 +433,11 @@ async fn services_from_node_toml_and_the_cli_survive_a_restart() {
     assert_eq!(lab.curl(0, "/hello", &[]), (200, "hi there".into()));
     assert_eq!(lab.curl(0, "/fg", &[]).0, 404);
     assert_eq!(ws_echo(&lab.edge_ca(), b, "after a restart").await, "after a restart");
+    let passed = lab.curl_trusting(&node_ca.ca_cert_path, 2, "/again", &["--http1.1"]);
+    assert_eq!(passed.0, 200, "TLS passthrough after a restart");
+    if redis.is_some() {
+        assert_eq!(redis_ping(lab.tcp_port), "PONG", "the saved TCP service after a restart");
+    }
 
     // Withdrawn for good; the file's own services cannot be withdrawn from the command line.
     assert!(lab.funnel(&["off", &format!("{a}/hello")]).status.success());

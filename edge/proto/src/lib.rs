@@ -9,10 +9,18 @@
 //!   node -> edge  Hello again (same name and token): the node's ports change
 //!   edge -> node  Welcome { urls } | Refused { reason }      (Refused keeps the old ports)
 //!
+//!   node -> edge  Publish { tcp, tls }   raw TCP ports and TLS-passthrough ports wanted
+//!   edge -> node  Published { urls, refused }   (again whenever the node's wish changes)
+//!
 //! request stream (one bidirectional stream per visitor request, opened by the edge)
 //!   edge -> node  RequestHead, then the request body bytes until the stream ends (FIN)
 //!   node -> edge  ResponseHead, then the response body bytes until FIN
 //!   after a 101 response both directions carry the upgraded connection's raw bytes
+//!
+//! connection stream (one per visitor TCP connection to a TCP or TLS-passthrough port)
+//!   edge -> node  Connect { kind, port, visitor, local, sni }
+//!   then both directions carry the visitor's raw bytes (for TLS: the whole TLS session, from
+//!   its ClientHello on); either side finishing or resetting ends the connection
 //! ```
 //!
 //! peer link (one edge forwarding visitors to a sibling edge that holds the node's tunnel)
@@ -99,6 +107,50 @@ pub enum Message {
         /// The cluster key.
         key: String,
     },
+    /// `0x07` node -> edge, on the control stream after Welcome: `tcp list<u16> | tls
+    /// list<u16>`, the raw TCP ports and the TLS-passthrough public ports the node wants now.
+    Publish {
+        /// Edge ports whose TCP connections go to the node as they are.
+        tcp: Vec<u16>,
+        /// Public HTTPS ports on which TLS for the node's name is passed through, not
+        /// terminated.
+        tls: Vec<u16>,
+    },
+    /// `0x08` edge -> node: `urls list<str> | refused list<str>`, what is published now
+    /// (`tcp://host:port`, `tls://host:port`) and a reason for each port refused.
+    Published {
+        /// Granted, as URLs.
+        urls: Vec<String>,
+        /// `"<kind> <port>: <why>"` for each refused port.
+        refused: Vec<String>,
+    },
+    /// `0x09` edge -> node, first on a connection stream: `kind u8 | port u16 | visitor str |
+    /// local str | sni str`.
+    Connect(ConnectHead),
+}
+
+/// What a connection stream carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnKind {
+    /// `1`: raw TCP.
+    Tcp,
+    /// `2`: a TLS session passed through (the node sees the visitor's ClientHello).
+    Tls,
+}
+
+/// A visitor's TCP connection as the edge accepted it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectHead {
+    /// Raw TCP or TLS passthrough.
+    pub kind: ConnKind,
+    /// The edge port the visitor connected to.
+    pub port: u16,
+    /// The visitor's address, `ip:port`.
+    pub visitor: String,
+    /// The edge's address the visitor reached, `ip:port` (for a PROXY protocol header).
+    pub local: String,
+    /// The TLS server name (TLS passthrough), or empty.
+    pub sni: String,
 }
 
 /// A visitor's request as the edge received it.
@@ -140,6 +192,9 @@ impl Message {
             Message::Request(_) => 0x04,
             Message::Response(_) => 0x05,
             Message::PeerHello { .. } => 0x06,
+            Message::Publish { .. } => 0x07,
+            Message::Published { .. } => 0x08,
+            Message::Connect(_) => 0x09,
         }
     }
 
@@ -196,6 +251,24 @@ impl Message {
                 out.put_u16(*version);
                 put_str(out, key)?;
             }
+            Message::Publish { tcp, tls } => {
+                put_ports(out, tcp)?;
+                put_ports(out, tls)?;
+            }
+            Message::Published { urls, refused } => {
+                put_strs(out, urls)?;
+                put_strs(out, refused)?;
+            }
+            Message::Connect(c) => {
+                out.put_u8(match c.kind {
+                    ConnKind::Tcp => 1,
+                    ConnKind::Tls => 2,
+                });
+                out.put_u16(c.port);
+                put_str(out, &c.visitor)?;
+                put_str(out, &c.local)?;
+                put_str(out, &c.sni)?;
+            }
         }
         Ok(())
     }
@@ -248,6 +321,19 @@ impl Message {
             }),
             0x05 => Message::Response(ResponseHead { status: get_u16(&mut r)?, headers: get_headers(&mut r)? }),
             0x06 => Message::PeerHello { version: get_u16(&mut r)?, key: get_str(&mut r)? },
+            0x07 => Message::Publish { tcp: get_ports(&mut r)?, tls: get_ports(&mut r)? },
+            0x08 => Message::Published { urls: get_strs(&mut r)?, refused: get_strs(&mut r)? },
+            0x09 => Message::Connect(ConnectHead {
+                kind: match get_u8(&mut r)? {
+                    1 => ConnKind::Tcp,
+                    2 => ConnKind::Tls,
+                    _ => return Err(TunnelError::Malformed("unknown connection kind")),
+                },
+                port: get_u16(&mut r)?,
+                visitor: get_str(&mut r)?,
+                local: get_str(&mut r)?,
+                sni: get_str(&mut r)?,
+            }),
             _ => return Err(TunnelError::Malformed("unknown message type")),
         };
         if !r.is_empty() {
@@ -260,6 +346,27 @@ impl Message {
 fn put_count(out: &mut BytesMut, n: usize) -> Result<(), TunnelError> {
     out.put_u16(u16::try_from(n).map_err(|_| TunnelError::ProtocolViolation("list too long"))?);
     Ok(())
+}
+
+fn put_ports(out: &mut BytesMut, ports: &[u16]) -> Result<(), TunnelError> {
+    put_count(out, ports.len())?;
+    ports.iter().for_each(|p| out.put_u16(*p));
+    Ok(())
+}
+
+fn put_strs(out: &mut BytesMut, v: &[String]) -> Result<(), TunnelError> {
+    put_count(out, v.len())?;
+    v.iter().try_for_each(|s| put_str(out, s))
+}
+
+fn get_ports(r: &mut &[u8]) -> Result<Vec<u16>, TunnelError> {
+    let n = get_u16(r)?;
+    (0..n).map(|_| get_u16(r)).collect()
+}
+
+fn get_strs(r: &mut &[u8]) -> Result<Vec<String>, TunnelError> {
+    let n = get_u16(r)?;
+    (0..n).map(|_| get_str(r)).collect()
 }
 
 fn put_bytes(out: &mut BytesMut, b: &[u8]) -> Result<(), TunnelError> {
@@ -346,6 +453,18 @@ mod tests {
             }),
             Message::Response(ResponseHead { status: 101, headers: vec![("upgrade".into(), b"websocket".to_vec())] }),
             Message::PeerHello { version: 1, key: "cluster-key-0123456789".into() },
+            Message::Publish { tcp: vec![20001, 20002], tls: vec![443] },
+            Message::Published {
+                urls: vec!["tcp://node1.funnel.example:20001".into()],
+                refused: vec!["tcp 20002: taken by another node".into()],
+            },
+            Message::Connect(ConnectHead {
+                kind: ConnKind::Tls,
+                port: 443,
+                visitor: "192.0.2.1:5555".into(),
+                local: "198.51.100.7:443".into(),
+                sni: "node1.funnel.example".into(),
+            }),
         ]
     }
 
@@ -359,6 +478,14 @@ mod tests {
         let mut b = BytesMut::new();
         Message::PeerHello { version: 1, key: "k".into() }.encode(&mut b).expect("encodes");
         assert_eq!(hex(&b), "0000000606000100016b");
+        let mut b = BytesMut::new();
+        Message::Publish { tcp: vec![5432], tls: vec![] }.encode(&mut b).expect("encodes");
+        assert_eq!(hex(&b), "0000000707000115380000");
+        let mut b = BytesMut::new();
+        let connect =
+            ConnectHead { kind: ConnKind::Tcp, port: 5432, visitor: "v".into(), local: "l".into(), sni: String::new() };
+        Message::Connect(connect).encode(&mut b).expect("encodes");
+        assert_eq!(hex(&b), "0000000c0901153800017600016c0000");
     }
 
     fn hex(b: &[u8]) -> String {
@@ -405,7 +532,7 @@ mod tests {
         }
 
         #[test]
-        fn perturbed_messages_never_panic(i in 0usize..6, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
+        fn perturbed_messages_never_panic(i in 0usize..9, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
             let mut wire = BytesMut::new();
             sample()[i].encode(&mut wire).expect("encodes");
             for (pos, x) in flips {

@@ -6,7 +6,8 @@
 //! request becomes one bidirectional QUIC stream to the node ([`proxy`]), opened through the
 //! route table (`routes`: one `Routes::open` and one `RouteError` for the proxy and for
 //! requests forwarded by a sibling). Several edges can share certificates and routes in Redis
-//! and forward to each other (`cluster`).
+//! and forward to each other (`cluster`). Raw TCP ports and TLS for a name can be passed to a
+//! node without terminating anything here (`passthrough`).
 
 pub mod acme;
 pub mod certs;
@@ -14,6 +15,7 @@ mod cluster;
 pub mod config;
 pub mod der;
 pub mod metrics;
+mod passthrough;
 mod proxy;
 mod routes;
 pub mod server;

@@ -40,6 +40,8 @@ pub(crate) struct Tunnel {
     pub(crate) conn: quinn::Connection,
     /// Public ports the node publishes; a later Hello on the control stream replaces them.
     pub(crate) ports: RwLock<Vec<u16>>,
+    /// Public ports on which TLS for this name is passed through to the node (Publish).
+    pub(crate) tls_ports: RwLock<Vec<u16>>,
     /// Requests in flight on this tunnel.
     pub(crate) streams: Arc<Semaphore>,
     /// Requests per second for this name, when limited.
@@ -50,6 +52,28 @@ impl Tunnel {
     /// Whether the node publishes `port`.
     pub(crate) fn publishes(&self, port: u16) -> bool {
         self.ports.read().unwrap_or_else(|e| e.into_inner()).contains(&port)
+    }
+
+    /// Whether TLS for this name on `port` is passed through to the node.
+    pub(crate) fn passes_tls(&self, port: u16) -> bool {
+        self.tls_ports.read().unwrap_or_else(|e| e.into_inner()).contains(&port)
+    }
+
+    /// Opens a stream to the node within its limits (rate, streams in flight, deadline).
+    ///
+    /// # Errors
+    /// [`RouteError::RateLimited`], [`RouteError::Busy`], [`RouteError::NodeTimeout`] or
+    /// [`RouteError::NodeUnreachable`].
+    pub(crate) async fn open_stream(&self) -> Result<Opened, RouteError> {
+        if !self.allow_request() {
+            return Err(RouteError::RateLimited);
+        }
+        let permit = self.streams.clone().try_acquire_owned().map_err(|_| RouteError::Busy)?;
+        let (send, recv) = tokio::time::timeout(defaults::OPEN_TIMEOUT, self.conn.open_bi())
+            .await
+            .map_err(|_| RouteError::NodeTimeout)?
+            .map_err(|_| RouteError::NodeUnreachable)?;
+        Ok(Opened { permit, send, recv })
     }
 
     /// Takes one request from the name's rate limit, when it has one.
@@ -158,6 +182,8 @@ pub(crate) fn name_in<'a>(host: &'a str, domain: &str) -> Option<&'a str> {
 pub(crate) struct Routes {
     map: RwLock<HashMap<String, Arc<Tunnel>>>,
     next_id: AtomicU64,
+    /// Tunnels with TLS passthrough ports: while none, visitors' ClientHellos are not peeked.
+    tls_holders: AtomicU64,
 }
 
 impl Routes {
@@ -172,18 +198,11 @@ impl Routes {
         if !tunnel.publishes(port) {
             return Err(RouteError::PortNotServed);
         }
-        if !tunnel.allow_request() {
-            return Err(RouteError::RateLimited);
-        }
-        let permit = tunnel.streams.clone().try_acquire_owned().map_err(|_| RouteError::Busy)?;
-        let (send, recv) = tokio::time::timeout(defaults::OPEN_TIMEOUT, tunnel.conn.open_bi())
-            .await
-            .map_err(|_| RouteError::NodeTimeout)?
-            .map_err(|_| RouteError::NodeUnreachable)?;
-        Ok(Opened { permit, send, recv })
+        tunnel.open_stream().await
     }
 
-    fn get(&self, name: &str) -> Option<Arc<Tunnel>> {
+    /// The tunnel registered as `name`.
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<Tunnel>> {
         self.map.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
 
@@ -205,6 +224,22 @@ impl Routes {
             return true;
         }
         false
+    }
+
+    /// Sets the TLS passthrough ports of `tunnel`.
+    pub(crate) fn set_tls_ports(&self, tunnel: &Tunnel, ports: Vec<u16>) {
+        let mut held = tunnel.tls_ports.write().unwrap_or_else(|e| e.into_inner());
+        match (held.is_empty(), ports.is_empty()) {
+            (true, false) => self.tls_holders.fetch_add(1, Ordering::Relaxed),
+            (false, true) => self.tls_holders.fetch_sub(1, Ordering::Relaxed),
+            _ => 0,
+        };
+        *held = ports;
+    }
+
+    /// Whether any node passes TLS through (then visitors' ClientHellos are read first).
+    pub(crate) fn any_tls_passthrough(&self) -> bool {
+        self.tls_holders.load(Ordering::Relaxed) > 0
     }
 
     /// Names of the registered nodes.

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -19,12 +20,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use warren_common::limits::{AcceptGate, ConnSlot, LogLimiter, Rejected};
 use warren_common::tls::{self as ctls, DevCa};
+use warren_tunnel_proto::{ConnKind, ConnectHead};
 
 use crate::acme::Acme;
 use crate::certs::{CertStore, ACME_TLS_ALPN};
 use crate::cluster::Cluster;
 use crate::config::{Challenge, Config, TlsMode};
 use crate::metrics::{EdgeMetrics, Limited};
+use crate::passthrough::{passthrough_for, read_client_hello, Prefixed};
 use crate::proxy::{self, ConnInfo};
 use crate::routes::Routes;
 use crate::state::Shared;
@@ -194,6 +197,7 @@ impl Edge {
             cluster: cluster.clone(),
             endpoint: endpoint.clone(),
             draining: AtomicBool::new(false),
+            tcp_ports: crate::passthrough::TcpPorts::default(),
         });
         let stop_accepting = CancellationToken::new();
         let accept_loops = TaskTracker::new();
@@ -277,6 +281,7 @@ impl Edge {
         self.shared.draining.store(true, Ordering::Relaxed);
         info!(grace = ?grace, "draining: no new visitors; in-flight requests may finish");
         self.stop_accepting.cancel();
+        self.shared.tcp_ports.close_all();
         self.accept_loops.close();
         self.shared.tasks.close();
         let drained = async {
@@ -381,7 +386,38 @@ fn serve_visitor(
     let background = shared.background.clone();
     background.spawn(async move {
         let _slot = slot;
-        let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await {
+        // A node passing TLS through for its name gets the session as it is; everyone else
+        // gets the edge's TLS, the ClientHello read so far replayed into it.
+        let handshake = async {
+            let mut tcp = tcp;
+            if !shared.routes.any_tls_passthrough() {
+                return Some(Err(Prefixed::new(Bytes::new(), tcp)));
+            }
+            let (hello, sni) = read_client_hello(&mut tcp).await.ok()?;
+            let passing = sni.and_then(|sni| passthrough_for(&shared, &sni, port).map(|t| (t, sni)));
+            Some(match passing {
+                Some((tunnel, sni)) => Ok((tunnel, sni, tcp, hello.freeze())),
+                None => Err(Prefixed::new(hello.freeze(), tcp)),
+            })
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let tcp = match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(Some(Ok((tunnel, sni, tcp, hello)))) => {
+                let head = ConnectHead {
+                    kind: ConnKind::Tls,
+                    port,
+                    visitor: visitor.to_string(),
+                    local: tcp.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+                    sni,
+                };
+                let tasks = shared.tasks.clone();
+                tasks.spawn(async move { crate::passthrough::bridge(&shared, &tunnel, head, tcp, hello).await });
+                return;
+            }
+            Ok(Some(Err(tcp))) => tcp,
+            _ => return shared.metrics.tls_failures.increment(1),
+        };
+        let stream = match tokio::time::timeout_at(deadline, tls.accept(tcp)).await {
             Ok(Ok(s)) => s,
             _ => return shared.metrics.tls_failures.increment(1),
         };

@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     /// Keeps limit logs to one line per few seconds under a flood.
     pub(crate) limit_log: LogLimiter,
     pub(crate) draining: AtomicBool,
+    /// TCP ports nodes hold.
+    pub(crate) tcp_ports: crate::passthrough::TcpPorts,
 }
 
 impl Shared {

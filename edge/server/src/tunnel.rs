@@ -44,6 +44,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         reason = conn.closed() => reason,
         () = updates(&shared, &tunnel, control) => conn.closed().await,
     };
+    shared.tcp_ports.release(tunnel.id, |_| true);
+    shared.routes.set_tls_ports(&tunnel, Vec::new());
     if shared.routes.remove(&tunnel.name, tunnel.id) {
         shared.metrics.tunnels.decrement(1.0);
         if let Some(c) = &shared.cluster {
@@ -68,15 +70,22 @@ struct Control {
     token: String,
 }
 
-/// Answers the Hellos a registered node sends to change its ports, until its control stream
-/// ends or carries anything else.
-async fn updates(shared: &Shared, tunnel: &Tunnel, mut control: Control) {
+/// Answers what a registered node sends on its control stream (Hellos changing its ports,
+/// Publish for TCP and TLS passthrough), until the stream ends or carries anything else.
+async fn updates(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, mut control: Control) {
     loop {
         let ports = match read_message(&mut control.recv).await {
             Ok(Message::Hello { version, name, token, ports })
                 if version == VERSION && name == tunnel.name && token == control.token =>
             {
                 ports
+            }
+            Ok(Message::Publish { tcp, tls }) => {
+                let answer = publish(shared, tunnel, &tcp, &tls).await;
+                if write_message(&mut control.send, &answer).await.is_err() {
+                    return;
+                }
+                continue;
             }
             Ok(_) => {
                 debug!(name = %tunnel.name, "unexpected message on a control stream");
@@ -85,7 +94,7 @@ async fn updates(shared: &Shared, tunnel: &Tunnel, mut control: Control) {
             Err(_) => return,
         };
         let served = shared.served_ports(&ports);
-        let answer = if served.is_empty() {
+        let answer = if served.is_empty() && !ports.is_empty() {
             Message::Refused { reason: "none of the requested ports is served here".into() }
         } else {
             let urls = served.iter().map(|p| shared.config.public_url(&tunnel.name, *p)).collect();
@@ -97,6 +106,25 @@ async fn updates(shared: &Shared, tunnel: &Tunnel, mut control: Control) {
             return;
         }
     }
+}
+
+/// Grants what it can of a node's TCP and TLS-passthrough wishes.
+async fn publish(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, tcp: &[u16], tls: &[u16]) -> Message {
+    let host = format!("{}.{}", tunnel.name, shared.config.funnel_domain);
+    let (granted, mut refused) = crate::passthrough::TcpPorts::publish(shared, tunnel, tcp).await;
+    let mut urls: Vec<String> = granted.iter().map(|p| format!("tcp://{host}:{p}")).collect();
+    let mut passing = Vec::new();
+    for &port in tls {
+        if shared.public_ports.contains(&port) {
+            passing.push(port);
+            urls.push(format!("tls://{host}:{port}"));
+        } else {
+            refused.push(format!("tls {port}: not a public port of this edge"));
+        }
+    }
+    info!(name = %tunnel.name, tcp = ?granted, tls = ?passing, "node published raw services");
+    shared.routes.set_tls_ports(tunnel, passing);
+    Message::Published { urls, refused }
 }
 
 async fn refuse_with(send: &mut quinn::SendStream, reason: &str) {
@@ -132,8 +160,9 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
     } else if !shared.config.tokens.iter().any(|t| t.allows(&token, &name)) {
         Err((Registration::Unauthorized, "token not valid for this name"))
     } else {
+        // A node with only TCP or TLS-passthrough services asks for no HTTPS port.
         let served = shared.served_ports(&ports);
-        if served.is_empty() {
+        if served.is_empty() && !ports.is_empty() {
             Err((Registration::NoPorts, "none of the requested ports is served here"))
         } else {
             Ok(served)
@@ -156,6 +185,7 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
         name: name.clone(),
         conn: conn.clone(),
         ports: std::sync::RwLock::new(ports.clone()),
+        tls_ports: std::sync::RwLock::new(Vec::new()),
         streams,
         rate,
     });

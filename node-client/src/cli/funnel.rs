@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
 use warren::control::Connection;
-use warren::services::{HostHeader, ServiceSpec, DEFAULT_PORT};
+use warren::services::{HostHeader, ServiceKind, ServiceSpec, DEFAULT_PORT};
 
 use crate::{report, ControlArgs};
 
@@ -51,9 +51,26 @@ struct AddArgs {
     /// PEM file of a CA to trust for an https:// target.
     #[arg(long)]
     ca_file: Option<PathBuf>,
-    /// A name for the service (default `<port><path>`).
+    /// A name for the service (default `<port><path>`, `tcp:<port>`, `tls:<port>`).
     #[arg(long)]
     name: Option<String>,
+    /// A raw TCP service on this edge port (one the edge's operator offers for TCP); the
+    /// target is a port or host:port.
+    #[arg(long, conflicts_with_all = ["tls_passthrough", "set_path"])]
+    tcp: Option<u16>,
+    /// Pass TLS for this node's name on this public port through the edge unopened: TLS ends
+    /// on the node (--cert-file/--key-file) or at the target.
+    #[arg(long, conflicts_with = "set_path")]
+    tls_passthrough: Option<u16>,
+    /// The node's certificate chain (PEM) for --tls-passthrough.
+    #[arg(long, requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    /// The key (PEM) of --cert-file.
+    #[arg(long, requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    /// Start each TCP connection to the target with a PROXY protocol v2 header.
+    #[arg(long)]
+    proxy_protocol: bool,
     /// Keep it: saved with the node and published again after a restart; returns at once.
     #[arg(long)]
     bg: bool,
@@ -157,14 +174,24 @@ async fn add(a: AddArgs, control: &ControlArgs) -> anyhow::Result<()> {
         }
         _ => target,
     };
+    let here = |p: PathBuf| std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p);
+    let (kind, port) = match (a.tcp, a.tls_passthrough) {
+        (Some(p), _) => (ServiceKind::Tcp, p),
+        (None, Some(p)) => (ServiceKind::Tls, p),
+        (None, None) => (ServiceKind::Http, a.https_port),
+    };
     let spec = ServiceSpec {
         name: a.name,
-        port: a.https_port,
+        kind,
+        cert_file: a.cert_file.map(here),
+        key_file: a.key_file.map(here),
+        proxy_protocol: a.proxy_protocol,
+        port,
         path: a.set_path,
         target,
         strip_path: !a.keep_path,
         host_header,
-        ca_file: a.ca_file.map(|p| std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p)),
+        ca_file: a.ca_file.map(here),
     };
     spec.check()?;
     let mut conn = connect(control).await?;
@@ -178,7 +205,11 @@ async fn add(a: AddArgs, control: &ControlArgs) -> anyhow::Result<()> {
     for u in &urls {
         report(u);
     }
-    report(&format!("|-- {} -> {}\n", spec.path, warren::services::Target::parse(&spec.target)?));
+    let (target, _) = spec.check()?;
+    match kind {
+        ServiceKind::Http => report(&format!("|-- {} -> {target}\n", spec.path)),
+        _ => report(&format!("|-- {target}\n")),
+    }
     if a.bg {
         report(&format!("Saved with the node. Turn it off with `warren funnel off {}`.", spec.id()));
         return Ok(());
@@ -210,10 +241,11 @@ fn render_status(f: &Value) -> String {
         return "No funnel: start `warren up` with an edge and a token.".into();
     }
     let mut out = String::new();
-    let services = f["services"].as_array().cloned().unwrap_or_default();
+    let all = f["services"].as_array().cloned().unwrap_or_default();
+    let (services, raw): (Vec<Value>, Vec<Value>) = all.into_iter().partition(|s| s["kind"] == "http");
     let urls: Vec<&str> =
         f["urls"].as_array().map(|u| u.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
-    if services.is_empty() {
+    if services.is_empty() && raw.is_empty() {
         out.push_str("Nothing is published. Try `warren funnel 3000`.\n");
     }
     let mut ports: Vec<u64> = services.iter().filter_map(|s| s["port"].as_u64()).collect();
@@ -242,10 +274,33 @@ fn render_status(f: &Value) -> String {
         }
         out.push('\n');
     }
-    if let Some(broken) = f["broken"].as_array().filter(|b| !b.is_empty()) {
+    let raw_urls: Vec<&str> =
+        f["raw_urls"].as_array().map(|u| u.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    for s in &raw {
+        let kind = s["kind"].as_str().unwrap_or("?");
+        let port = s["port"].as_u64().unwrap_or(0);
+        let url = raw_urls
+            .iter()
+            .find(|u| u.starts_with(&format!("{kind}://")) && url_port(u) == port)
+            .map_or_else(|| format!("({kind} {port}: not granted by an edge yet)"), |u| (*u).to_owned());
+        let n = s["requests"].as_u64().unwrap_or(0);
+        let _ = writeln!(
+            out,
+            "{url}\n|-- {}   [{}, {}, {n} connection{}]\n",
+            s["target"].as_str().unwrap_or("?"),
+            s["id"].as_str().unwrap_or("?"),
+            s["origin"].as_str().unwrap_or("?"),
+            if n == 1 { "" } else { "s" },
+        );
+    }
+    let refused = f["refused"].as_array().cloned().unwrap_or_default();
+    if let Some(broken) = f["broken"].as_array().filter(|b| !b.is_empty() || !refused.is_empty()) {
         out.push_str("Not served:\n");
         for b in broken {
             let _ = writeln!(out, "  {}: {}", b["id"].as_str().unwrap_or("?"), b["error"].as_str().unwrap_or("?"));
+        }
+        for r in refused.iter().filter_map(Value::as_str) {
+            let _ = writeln!(out, "  refused by the edge: {r}");
         }
         out.push('\n');
     }
@@ -312,10 +367,13 @@ mod tests {
             "connected": true,
             "urls": ["https://web.funnel.test/", "https://web.funnel.test:8443/"],
             "services": [
-                {"id": "443/", "port": 443, "path": "/", "target": "files /srv/site", "requests": 2, "origin": "config"},
-                {"id": "443/api", "port": 443, "path": "/api", "target": "http://127.0.0.1:3000", "requests": 5, "origin": "saved"},
-                {"id": "8443/", "port": 8443, "path": "/", "target": "http://127.0.0.1:9000", "requests": 0, "origin": "foreground"},
+                {"id": "443/", "kind": "http", "port": 443, "path": "/", "target": "files /srv/site", "requests": 2, "origin": "config"},
+                {"id": "443/api", "kind": "http", "port": 443, "path": "/api", "target": "http://127.0.0.1:3000", "requests": 5, "origin": "saved"},
+                {"id": "8443/", "kind": "http", "port": 8443, "path": "/", "target": "http://127.0.0.1:9000", "requests": 0, "origin": "foreground"},
+                {"id": "tcp:20001", "kind": "tcp", "port": 20001, "path": "/", "target": "tcp://127.0.0.1:6379", "requests": 1, "origin": "saved"},
             ],
+            "raw_urls": ["tcp://web.funnel.test:20001"],
+            "refused": ["tls 8443: not a public port of this edge"],
             "broken": [{"id": "10000/", "error": "cannot open /nope"}],
             "edges": [{"edge": "127.0.0.1:7443", "connected": true, "rtt_ms": 0.42}],
             "requests": 7,
@@ -326,7 +384,8 @@ mod tests {
             |-- /api  -> http://127.0.0.1:3000   [443/api, saved, 5 requests]\n\n\
             https://web.funnel.test:8443/\n\
             |-- /  -> http://127.0.0.1:9000   [8443/, foreground, 0 requests]\n\n\
-            Not served:\n  10000/: cannot open /nope\n\n\
+            tcp://web.funnel.test:20001\n|-- tcp://127.0.0.1:6379   [tcp:20001, saved, 1 connection]\n\n\
+            Not served:\n  10000/: cannot open /nope\n  refused by the edge: tls 8443: not a public port of this edge\n\n\
             Edges:\n  127.0.0.1:7443  connected, rtt 0.4 ms\nRequests: 7";
         assert_eq!(text, expected);
         assert_eq!(clock(3723.004), "01:02:03.004Z");

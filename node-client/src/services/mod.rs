@@ -15,6 +15,7 @@
 
 pub mod files;
 pub mod origin;
+pub mod raw;
 pub mod state;
 
 use std::fmt;
@@ -26,13 +27,37 @@ use serde::{Deserialize, Serialize};
 /// Public ports an edge serves HTTPS on by default.
 pub const DEFAULT_PORT: u16 = 443;
 
+/// What kind of traffic a service takes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceKind {
+    /// HTTP requests on a public HTTPS port (TLS ends at the edge), routed by path.
+    #[default]
+    Http,
+    /// Raw TCP connections to an edge port the operator offers for TCP.
+    Tcp,
+    /// TLS connections for the node's name on a public port, passed through by the edge
+    /// unopened: TLS ends on the node (with `cert_file`/`key_file`) or at the target.
+    Tls,
+}
+
+impl ServiceKind {
+    fn is_http(&self) -> bool {
+        *self == ServiceKind::Http
+    }
+}
+
 /// One published service, as written by the user.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
-    /// A name to refer to it by (`warren funnel off <name>`); default `<port><path>`.
+    /// A name to refer to it by (`warren funnel off <name>`); default `<port><path>`
+    /// (`tcp:<port>`, `tls:<port>` for the raw kinds).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// `http` (default), `tcp` or `tls`.
+    #[serde(default, skip_serializing_if = "ServiceKind::is_http")]
+    pub kind: ServiceKind,
     /// Public HTTPS port on the edge.
     #[serde(default = "default_port")]
     pub port: u16,
@@ -51,6 +76,17 @@ pub struct ServiceSpec {
     /// Extra CA (PEM) to trust for an `https://` target, besides the system roots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// `tls`: the node's certificate chain (PEM); with `key_file` the node ends TLS itself and
+    /// passes the plain stream to the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<PathBuf>,
+    /// `tls`: the key of `cert_file` (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<PathBuf>,
+    /// `tcp` and `tls`: begin each connection to the target with a PROXY protocol v2 header
+    /// carrying the visitor's address.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub proxy_protocol: bool,
 }
 
 fn default_port() -> u16 {
@@ -124,6 +160,8 @@ pub enum Target {
     Files(PathBuf),
     /// A fixed text answer.
     Text(String),
+    /// A TCP address (`tcp` and `tls` services).
+    Tcp(String),
 }
 
 /// How an HTTP origin is reached.
@@ -163,6 +201,9 @@ pub enum ServiceError {
     /// Port 0.
     #[error("port 0 is not a public port")]
     Port,
+    /// Settings that do not go together.
+    #[error("{0}")]
+    Conflict(String),
     /// Two services claim the same port and path.
     #[error("{0} is published twice")]
     Duplicate(String),
@@ -175,6 +216,27 @@ pub enum ServiceError {
 }
 
 impl Target {
+    /// Parses the target of a `tcp` or `tls` service: `5432`, `host:port` or
+    /// `tcp://host:port`.
+    ///
+    /// # Errors
+    /// [`ServiceError::Target`].
+    pub fn parse_tcp(s: &str) -> Result<Target, ServiceError> {
+        let bad = |why| ServiceError::Target { target: s.to_owned(), why };
+        let rest = s.strip_prefix("tcp://").unwrap_or(s);
+        if let Ok(port) = rest.parse::<u16>() {
+            return match port {
+                0 => Err(bad("port 0")),
+                p => Ok(Target::Tcp(format!("127.0.0.1:{p}"))),
+            };
+        }
+        let bracketed = rest.starts_with('[') && rest.contains("]:");
+        if looks_like_host_port(rest) || bracketed {
+            return Ok(Target::Tcp(rest.to_owned()));
+        }
+        Err(bad("a tcp or tls service needs a port, host:port or tcp://host:port"))
+    }
+
     /// Parses a target:
     ///
     /// | written                          | target                              |
@@ -274,6 +336,7 @@ impl fmt::Display for Target {
             Target::Unix { socket } => write!(f, "unix:{}", socket.display()),
             Target::Files(p) => write!(f, "files {}", p.display()),
             Target::Text(t) => write!(f, "text {:?}", truncate(t, 40)),
+            Target::Tcp(a) => write!(f, "tcp://{a}"),
         }
     }
 }
@@ -310,6 +373,10 @@ impl ServiceSpec {
     pub fn new(port: u16, target: impl Into<String>) -> ServiceSpec {
         ServiceSpec {
             name: None,
+            kind: ServiceKind::Http,
+            cert_file: None,
+            key_file: None,
+            proxy_protocol: false,
             port,
             path: "/".into(),
             target: target.into(),
@@ -326,9 +393,19 @@ impl ServiceSpec {
         self
     }
 
-    /// The name it is referred to by: the given one, or `<port><path>` (`443/`, `443/api`).
+    /// A raw `tcp` or `tls` service of `target` on `port`.
+    pub fn raw(kind: ServiceKind, port: u16, target: impl Into<String>) -> ServiceSpec {
+        ServiceSpec { kind, ..ServiceSpec::new(port, target) }
+    }
+
+    /// The name it is referred to by: the given one, or `<port><path>` (`443/`, `443/api`),
+    /// `tcp:<port>`, `tls:<port>`.
     pub fn id(&self) -> String {
-        self.name.clone().unwrap_or_else(|| format!("{}{}", self.port, self.path))
+        self.name.clone().unwrap_or_else(|| match self.kind {
+            ServiceKind::Http => format!("{}{}", self.port, self.path),
+            ServiceKind::Tcp => format!("tcp:{}", self.port),
+            ServiceKind::Tls => format!("tls:{}", self.port),
+        })
     }
 
     /// Checks everything that can be checked without I/O, and returns the parsed target and
@@ -346,7 +423,24 @@ impl ServiceSpec {
                 return Err(ServiceError::Name(name.clone()));
             }
         }
-        Ok((Target::parse(&self.target)?, clean_mount(&self.path)?))
+        if self.kind.is_http() {
+            if self.cert_file.is_some() || self.key_file.is_some() || self.proxy_protocol {
+                return Err(ServiceError::Conflict(
+                    "cert_file, key_file and proxy_protocol belong to tcp and tls services".into(),
+                ));
+            }
+            return Ok((Target::parse(&self.target)?, clean_mount(&self.path)?));
+        }
+        if self.path != "/" {
+            return Err(ServiceError::Conflict("a tcp or tls service takes the whole port: no path".into()));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(ServiceError::Conflict("cert_file and key_file go together".into()));
+        }
+        if self.kind == ServiceKind::Tcp && self.cert_file.is_some() {
+            return Err(ServiceError::Conflict("cert_file is for tls services".into()));
+        }
+        Ok((Target::parse_tcp(&self.target)?, "/".into()))
     }
 
     /// The same service with its mount path cleaned (`/api/` -> `/api`), or why not.
@@ -386,8 +480,22 @@ pub fn check_all(specs: &[ServiceSpec]) -> Result<(), (String, ServiceError)> {
     let mut names = std::collections::HashSet::new();
     for s in specs {
         let (_, mount) = s.check().map_err(|e| (s.id(), e))?;
-        if !seen.insert((s.port, mount.clone())) {
+        // HTTP and TLS passthrough share the public ports: one kind per port. TCP ports are
+        // the edge's others.
+        let key = match s.kind {
+            ServiceKind::Tcp => (1, s.port, String::new()),
+            _ => (0, s.port, mount.clone()),
+        };
+        if !seen.insert(key) {
             return Err((s.id(), ServiceError::Duplicate(format!("port {} path {mount}", s.port))));
+        }
+        let clash =
+            |other: &ServiceSpec| other.kind != ServiceKind::Tcp && other.kind != s.kind && other.port == s.port;
+        if s.kind != ServiceKind::Tcp && specs.iter().any(clash) {
+            return Err((
+                s.id(),
+                ServiceError::Conflict(format!("port {} cannot carry both HTTP services and TLS passthrough", s.port)),
+            ));
         }
         if !names.insert(s.id()) {
             return Err((s.id(), ServiceError::Duplicate(format!("the name {}", s.id()))));
@@ -452,6 +560,26 @@ mod tests {
         let named = ServiceSpec { name: Some("bad name".into()), ..a.clone() };
         assert!(matches!(check_all(&[named]), Err((_, ServiceError::Name(_)))));
         assert_eq!(ServiceSpec { port: 0, ..a }.check(), Err(ServiceError::Port));
+    }
+
+    #[test]
+    fn raw_services_take_a_whole_port() {
+        let tcp = ServiceSpec::raw(ServiceKind::Tcp, 20001, "6379");
+        assert_eq!(tcp.check().map(|t| t.0), Ok(Target::Tcp("127.0.0.1:6379".into())));
+        assert_eq!(tcp.id(), "tcp:20001");
+        assert_eq!(Target::parse_tcp("tcp://db:5432"), Ok(Target::Tcp("db:5432".into())));
+        assert_eq!(Target::parse_tcp("[::1]:22"), Ok(Target::Tcp("[::1]:22".into())));
+        assert!(Target::parse_tcp("http://x:1").is_err());
+        let tls = ServiceSpec::raw(ServiceKind::Tls, 443, "8443");
+        let http = ServiceSpec::new(443, "3000").at("/api");
+        assert!(matches!(check_all(&[tls.clone(), http]), Err((_, ServiceError::Conflict(_)))));
+        assert_eq!(check_all(&[tls.clone(), tcp.clone(), ServiceSpec::raw(ServiceKind::Tcp, 443, "22")]), Ok(()));
+        assert!(matches!(check_all(&[tcp.clone(), tcp.clone()]), Err((_, ServiceError::Duplicate(_)))));
+        let half = ServiceSpec { cert_file: Some("c.pem".into()), ..tls.clone() };
+        assert!(matches!(half.check(), Err(ServiceError::Conflict(_))));
+        assert!(matches!(ServiceSpec { path: "/x".into(), ..tcp.clone() }.check(), Err(ServiceError::Conflict(_))));
+        let proxied_http = ServiceSpec { proxy_protocol: true, ..ServiceSpec::new(443, "1") };
+        assert!(matches!(proxied_http.check(), Err(ServiceError::Conflict(_))));
     }
 
     #[test]

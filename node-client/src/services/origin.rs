@@ -21,7 +21,8 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
 use super::files::{self, Files};
-use super::{under_mount, HostHeader, HttpKind, ServiceError, ServiceSpec, Target};
+use super::raw::Raw;
+use super::{under_mount, HostHeader, HttpKind, ServiceError, ServiceKind, ServiceSpec, Target};
 
 /// Request and response bodies on the node.
 pub type Body = BoxBody<Bytes, io::Error>;
@@ -51,6 +52,7 @@ enum Origin {
     Unix(UnixClient),
     Files(Files),
     Text(Bytes),
+    Raw(Raw),
 }
 
 /// Why an origin did not answer.
@@ -84,6 +86,7 @@ impl Service {
             }
             Target::Files(path) => Origin::Files(Files::open(path)?),
             Target::Text(t) => Origin::Text(Bytes::from(t.clone())),
+            Target::Tcp(addr) => Origin::Raw(Raw::open(addr, spec)?),
         };
         Ok(Service { spec: spec.clone(), mount, target, origin, requests: AtomicU64::new(0) })
     }
@@ -120,7 +123,21 @@ impl Service {
                 r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
                 Ok(r)
             }
+            Origin::Raw(_) => Ok(no_mount()),
         }
+    }
+
+    /// The raw side of a `tcp` or `tls` service.
+    pub fn raw(&self) -> Option<&Raw> {
+        match &self.origin {
+            Origin::Raw(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Counts a connection as a request.
+    pub(crate) fn count(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
     }
 
     fn set_host(&self, req: &mut Request<Body>, origin: Option<&str>) {
@@ -270,7 +287,7 @@ impl ServiceTable {
         let mut seen = std::collections::HashSet::new();
         for spec in specs {
             match Service::open(spec) {
-                Ok(s) if !seen.insert((s.spec.port, s.mount.clone())) => {
+                Ok(s) if !seen.insert((s.spec.kind == ServiceKind::Tcp, s.spec.port, s.mount.clone())) => {
                     broken.push((spec.id(), ServiceError::Duplicate(format!("port {} path {}", s.spec.port, s.mount))));
                 }
                 Ok(s) => services.push(Arc::new(s)),
@@ -295,13 +312,24 @@ impl ServiceTable {
     pub fn route(&self, port: u16, path_and_query: &str) -> Option<(Arc<Service>, String)> {
         self.services
             .iter()
-            .filter(|s| s.spec.port == port)
+            .filter(|s| s.spec.port == port && s.spec.kind == ServiceKind::Http)
             .find_map(|s| under_mount(&s.mount, path_and_query, s.spec.strip_path).map(|rest| (s.clone(), rest)))
     }
 
-    /// The public ports with at least one service, ascending.
+    /// The `kind` service on `port`, for a connection.
+    pub fn route_conn(&self, kind: ServiceKind, port: u16) -> Option<Arc<Service>> {
+        self.services.iter().find(|s| s.spec.kind == kind && s.spec.port == port).cloned()
+    }
+
+    /// The public HTTPS ports with at least one HTTP service, ascending.
     pub fn ports(&self) -> Vec<u16> {
-        let mut ports: Vec<u16> = self.services.iter().map(|s| s.spec.port).collect();
+        self.ports_of(ServiceKind::Http)
+    }
+
+    /// The ports of the `kind` services, ascending.
+    pub fn ports_of(&self, kind: ServiceKind) -> Vec<u16> {
+        let mut ports: Vec<u16> = self.services.iter().filter(|s| s.spec.kind == kind).map(|s| s.spec.port).collect();
+        ports.sort_unstable();
         ports.dedup();
         ports
     }

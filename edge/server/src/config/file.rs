@@ -42,6 +42,21 @@ pub struct FileConfig {
     /// Several edges sharing state.
     #[serde(default)]
     pub cluster: ClusterFile,
+    /// Raw TCP services.
+    #[serde(default)]
+    pub tcp: TcpFile,
+}
+
+/// `[tcp]`: edge ports nodes may publish raw TCP services on (`warren funnel --tcp`), each
+/// held by one node at a time and listened on only while it is.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpFile {
+    /// Ports and ranges, e.g. `["5432", "20000-20099"]`; empty (the default): no TCP services.
+    #[serde(default)]
+    pub ports: Vec<String>,
+    /// Address the TCP listeners bind, default `0.0.0.0`.
+    pub listen_ip: Option<String>,
 }
 
 /// `[cluster]`: edges behind one DNS name share certificates, locks and routes in Redis, and

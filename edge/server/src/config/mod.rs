@@ -221,6 +221,44 @@ pub struct Config {
     pub grace_period: Duration,
     /// Cluster settings, when several edges share state.
     pub cluster: Option<ClusterConfig>,
+    /// Raw TCP services.
+    pub tcp: TcpConfig,
+}
+
+/// Where raw TCP services may be published.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpConfig {
+    /// Inclusive port ranges nodes may ask for.
+    pub ranges: Vec<(u16, u16)>,
+    /// Address the listeners bind.
+    pub listen_ip: std::net::IpAddr,
+}
+
+impl TcpConfig {
+    /// Whether a node may publish a TCP service on `port`.
+    pub fn allows(&self, port: u16) -> bool {
+        self.ranges.iter().any(|(a, b)| (*a..=*b).contains(&port))
+    }
+
+    fn from_file(f: &file::TcpFile) -> Result<TcpConfig, ConfigError> {
+        let mut ranges = Vec::new();
+        for r in &f.ports {
+            let bad = || ConfigError::invalid("tcp.ports", format!("{r:?} is not a port or a range like 20000-20099"));
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            let (a, b) = (a.trim().parse::<u16>().map_err(|_| bad())?, b.trim().parse::<u16>().map_err(|_| bad())?);
+            if a == 0 || b < a {
+                return Err(bad());
+            }
+            ranges.push((a, b));
+        }
+        let listen_ip = match &f.listen_ip {
+            Some(ip) => {
+                ip.parse().map_err(|_| ConfigError::invalid("tcp.listen_ip", format!("{ip:?} is not an IP")))?
+            }
+            None => std::net::IpAddr::from([0, 0, 0, 0]),
+        };
+        Ok(TcpConfig { ranges, listen_ip })
+    }
 }
 
 /// Whether `name` is a valid DNS label (a node name).
@@ -282,7 +320,9 @@ impl TryFrom<FileConfig> for Config {
             true => Some(socket_addr("admin.listen", f.admin.listen.as_deref().unwrap_or(defaults::ADMIN_LISTEN))?),
             false => None,
         };
+        let tcp = TcpConfig::from_file(&f.tcp)?;
         Ok(Config {
+            tcp,
             hostname: f.hostname.unwrap_or_else(|| "localhost".into()),
             funnel_domain,
             state_dir: f.state_dir.unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR)),
