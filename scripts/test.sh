@@ -5,10 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # The handshake vector and the interop client are checked against PyNaCl (libsodium); the
-# deploy manifests are parsed with PyYAML.
-if ! python3 -c 'import nacl.public, yaml' 2>/dev/null; then
-    echo "==> installing PyNaCl and PyYAML"
-    python3 -m pip install --quiet --disable-pip-version-check pynacl pyyaml
+# deploy manifests are parsed with PyYAML; gRPC through the funnel is called with grpcio.
+if ! python3 -c 'import nacl.public, yaml, grpc' 2>/dev/null; then
+    echo "==> installing PyNaCl, PyYAML and grpcio"
+    python3 -m pip install --quiet --disable-pip-version-check pynacl pyyaml grpcio
 fi
 # The NAT lab (node-client/tests/natlab.rs) builds network namespaces with iproute2 and iptables;
 # the ACME tests (edge/server/tests/acme.rs) run Debian's pebble test CA; the edge cluster tests
@@ -47,7 +47,7 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 echo "==> tests"
-export WARREN_REQUIRE_PYNACL=1
+export WARREN_REQUIRE_PYNACL=1 WARREN_REQUIRE_GRPC=1
 # As root (CI), the NAT lab must run; elsewhere it skips with a message.
 if [ "$(id -u)" = 0 ]; then export WARREN_REQUIRE_NETNS=1 WARREN_REQUIRE_PEBBLE=1 WARREN_REQUIRE_REDIS=1; fi
 # The NAT lab runs the relay and node binaries in namespaces.

@@ -30,10 +30,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 use warren_common::limits::Backoff;
 use warren_tunnel::{
-    is_hop_by_hop, quic_client_config, read_message, respond_text, send_body, write_message, QuicBody,
+    is_hop_by_hop, quic_client_config, read_message, respond_text, send_body, send_framed_body, te_is_trailers,
+    write_message, QuicBody,
 };
 use warren_tunnel_proto::{Message, RequestHead, ResponseHead, VERSION};
 
+use crate::services::files::text;
 use crate::services::origin::{no_mount, Body, ServiceTable};
 use crate::services::{ServiceKind, ServiceSpec};
 
@@ -579,7 +581,7 @@ async fn serve_stream(
     let routed = table.route(head.port, &head.uri);
     let service_id = routed.as_ref().map_or_else(|| "-".to_owned(), |(s, _)| s.spec.id());
     let (status, bytes) = match routed {
-        None => respond(&mut send, None, no_mount()).await,
+        None => respond(&mut send, None, head.trailers, no_mount()).await,
         Some((service, rest)) => {
             let upgrade = head.upgrade;
             let (body, recv) = if upgrade {
@@ -588,15 +590,17 @@ async fn serve_stream(
                 (QuicBody::new(recv).boxed(), None)
             };
             let Some(req) = origin_request(&head, &rest, body) else {
-                return respond_text(send, 400, "bad request head\n").await;
+                let page = text(StatusCode::BAD_REQUEST, "bad request head\n");
+                respond(&mut send, None, head.trailers, page).await;
+                return;
             };
             match service.serve(req, &head.uri).await {
-                Ok(resp) => respond(&mut send, recv.filter(|_| upgrade), resp).await,
+                Ok(resp) => respond(&mut send, recv.filter(|_| upgrade), head.trailers, resp).await,
                 Err(e) => {
                     debug!(service = %service_id, error = %e, "target unavailable");
                     let msg =
                         format!("Bad gateway: the node could not reach its local service at {}.\n", service.target);
-                    respond_text(send, 502, &msg).await;
+                    respond(&mut send, None, head.trailers, text(StatusCode::BAD_GATEWAY, &msg)).await;
                     (502, 0)
                 }
             }
@@ -664,7 +668,9 @@ async fn serve_connection(
 fn origin_request(head: &RequestHead, rest: &str, body: Body) -> Option<Request<Body>> {
     let mut builder = Request::builder().method(head.method.as_str()).uri(rest);
     for (n, v) in &head.headers {
-        if is_hop_by_hop(n, head.upgrade) {
+        // `te: trailers` is the one hop-by-hop header that goes on: gRPC origins need it.
+        let trailers = head.trailers && n.eq_ignore_ascii_case("te") && te_is_trailers(v);
+        if is_hop_by_hop(n, head.upgrade) && !trailers {
             continue;
         }
         if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(n.as_bytes()), HeaderValue::from_bytes(v)) {
@@ -676,20 +682,24 @@ fn origin_request(head: &RequestHead, rest: &str, body: Body) -> Option<Request<
 
 /// Sends the response head and body to the edge (or, after a `101` to an upgrade request,
 /// bridges the upgraded connection with the stream); returns the status and the body bytes
-/// sent.
+/// sent. `framed`: the edge asked for a framed body, which carries trailers.
 async fn respond(
     send: &mut quinn::SendStream,
     upgrade_recv: Option<quinn::RecvStream>,
+    framed: bool,
     resp: http::Response<Body>,
 ) -> (u16, u64) {
     let status = resp.status().as_u16();
     let switching = resp.status() == StatusCode::SWITCHING_PROTOCOLS && upgrade_recv.is_some();
-    let headers = resp
+    let mut headers: Vec<_> = resp
         .headers()
         .iter()
         .filter(|(n, _)| !is_hop_by_hop(n.as_str(), switching))
         .map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec()))
         .collect();
+    if framed && hyper::body::Body::is_end_stream(resp.body()) {
+        headers.push((warren_tunnel_proto::END_STREAM.to_owned(), Vec::new()));
+    }
     if write_message(send, &Message::Response(ResponseHead { status, headers })).await.is_err() {
         return (status, 0);
     }
@@ -701,6 +711,13 @@ async fn respond(
             let copied = tokio::io::copy_bidirectional(&mut origin, &mut edge).await;
             (status, copied.map_or(0, |(from_origin, _)| from_origin))
         }
+        _ if framed => match send_framed_body(resp.into_body(), send).await {
+            Ok(n) => (status, n),
+            Err(e) => {
+                debug!(error = %e, "response body not fully sent");
+                (status, 0)
+            }
+        },
         _ => match send_body(resp.into_body(), send).await {
             Ok(n) => (status, n),
             Err(e) => {

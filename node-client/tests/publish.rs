@@ -449,3 +449,65 @@ async fn services_from_node_toml_and_the_cli_survive_a_restart() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("config file"));
     drop(node);
 }
+
+/// Whether Python's grpcio is there; without it the gRPC test is skipped, unless
+/// `WARREN_REQUIRE_GRPC` is set (scripts/test.sh installs it and sets it).
+fn grpcio_available() -> bool {
+    let ok = Command::new("python3").args(["-c", "import grpc"]).status().is_ok_and(|s| s.success());
+    if !ok {
+        assert!(std::env::var_os("WARREN_REQUIRE_GRPC").is_none(), "Python grpcio is required but missing");
+        eprintln!("skipped: Python grpcio is not installed (pip install grpcio)");
+    }
+    ok
+}
+
+/// gRPC through the funnel: a Python grpcio client over TLS to the edge, an h2c grpcio server
+/// behind the node. Trailers (grpc-status, custom metadata) and streamed replies arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_calls_arrive_with_their_trailers() {
+    if !grpcio_available() {
+        return;
+    }
+    let lab = start_lab().await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/grpc_echo.py");
+    let mut server = Command::new("python3")
+        .arg(&script)
+        .arg("serve")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 grpc server");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(server.stdout.take().expect("stdout")), &mut line)
+        .expect("port line");
+    let _server = Proc(server);
+    let origin_port: u16 = line.trim().parse().expect("the server prints its port");
+    let a = lab.port(0);
+    let funnel = warren::funnel::Funnel::start(warren::funnel::FunnelConfig {
+        edges: vec![lab.edge.tunnel_addr().to_string()],
+        edge_name: Some("localhost".into()),
+        ca_file: Some(lab.edge_ca()),
+        token: TOKEN.into(),
+        name: "web".into(),
+        services: vec![warren::services::ServiceSpec::new(a, format!("h2c://127.0.0.1:{origin_port}"))],
+    });
+    funnel.wait_registered(Duration::from_secs(10)).await.expect("registered");
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(["call", &a.to_string()])
+        .arg(lab.edge_ca())
+        .arg(format!("web.funnel.test:{a}"))
+        .output()
+        .expect("python3 grpc client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        [
+            "say: echo: hello grpc trailer=kept code=OK",
+            "count: ['part 0', 'part 1', 'part 2']",
+            "fail: NOT_FOUND no such thing",
+        ]
+    );
+    funnel.shutdown(Duration::from_secs(1)).await;
+}

@@ -16,6 +16,10 @@
 //!   edge -> node  RequestHead, then the request body bytes until the stream ends (FIN)
 //!   node -> edge  ResponseHead, then the response body bytes until FIN
 //!   after a 101 response both directions carry the upgraded connection's raw bytes
+//!   with RequestHead.trailers (version 2; the visitor sent `te: trailers`, e.g. gRPC) the
+//!   response body is framed instead: Data { bytes }*, at most one Trailers { headers }, FIN;
+//!   a framed response known to be empty carries the pseudo-header [`END_STREAM`] in its head
+//!   (gRPC's trailers-only answers: the visitor then gets one HEADERS frame that ends the stream)
 //!
 //! connection stream (one per visitor TCP connection to a TCP or TLS-passthrough port)
 //!   edge -> node  Connect { kind, port, visitor, local, sni }
@@ -39,8 +43,17 @@ use bytes::{Buf, BufMut, BytesMut};
 
 /// ALPN of the tunnel.
 pub const ALPN: &[u8] = b"warren-tunnel/1";
-/// Protocol version sent in Hello.
-pub const VERSION: u16 = 1;
+/// Protocol version sent in Hello. Version 2 adds [`RequestHead::trailers`] and the framed
+/// response body; an edge accepts every version from [`MIN_VERSION`] and uses version 2
+/// features only with nodes that sent version 2.
+pub const VERSION: u16 = 2;
+/// Oldest protocol version still accepted.
+pub const MIN_VERSION: u16 = 1;
+/// Pseudo-header of a framed response head whose body is empty (no HTTP header name starts
+/// with ':', so it cannot clash with one).
+pub const END_STREAM: &str = ":end-stream";
+/// Largest body chunk in one [`Message::Data`].
+pub const MAX_DATA: usize = 60 << 10;
 /// Largest message (heads only: bodies are raw stream bytes).
 pub const MAX_MESSAGE_LEN: usize = 64 << 10;
 /// Most headers in one head.
@@ -96,7 +109,7 @@ pub enum Message {
         reason: String,
     },
     /// `0x04` edge -> node: `method str | uri str | headers | visitor str | port u16 | sni str |
-    /// tls_version str | upgrade u8`.
+    /// tls_version str | flags u8` (bit 0 upgrade, bit 1 trailers; version 1 sent 0 or 1).
     Request(RequestHead),
     /// `0x05` node -> edge: `status u16 | headers`.
     Response(ResponseHead),
@@ -127,6 +140,10 @@ pub enum Message {
     /// `0x09` edge -> node, first on a connection stream: `kind u8 | port u16 | visitor str |
     /// local str | sni str`.
     Connect(ConnectHead),
+    /// `0x0a` node -> edge, in a framed response body: `bytes bytes` (at most [`MAX_DATA`]).
+    Data(Vec<u8>),
+    /// `0x0b` node -> edge, last in a framed response body: `headers`.
+    Trailers(Vec<Header>),
 }
 
 /// What a connection stream carries.
@@ -172,6 +189,8 @@ pub struct RequestHead {
     pub tls_version: String,
     /// Whether the visitor asked for a connection upgrade (e.g. WebSocket).
     pub upgrade: bool,
+    /// Whether the visitor takes trailers (`te: trailers`): the response body is then framed.
+    pub trailers: bool,
 }
 
 /// The origin's response head.
@@ -195,6 +214,8 @@ impl Message {
             Message::Publish { .. } => 0x07,
             Message::Published { .. } => 0x08,
             Message::Connect(_) => 0x09,
+            Message::Data(_) => 0x0a,
+            Message::Trailers(_) => 0x0b,
         }
     }
 
@@ -241,7 +262,7 @@ impl Message {
                 out.put_u16(h.port);
                 put_str(out, &h.sni)?;
                 put_str(out, &h.tls_version)?;
-                out.put_u8(u8::from(h.upgrade));
+                out.put_u8(u8::from(h.upgrade) | (u8::from(h.trailers) << 1));
             }
             Message::Response(h) => {
                 out.put_u16(h.status);
@@ -269,6 +290,13 @@ impl Message {
                 put_str(out, &c.local)?;
                 put_str(out, &c.sni)?;
             }
+            Message::Data(d) => {
+                if d.len() > MAX_DATA {
+                    return Err(TunnelError::ProtocolViolation("data chunk over the limit"));
+                }
+                put_bytes(out, d)?;
+            }
+            Message::Trailers(h) => put_headers(out, h)?,
         }
         Ok(())
     }
@@ -309,16 +337,25 @@ impl Message {
                 Message::Welcome { urls: (0..n).map(|_| get_str(&mut r)).collect::<Result<_, _>>()? }
             }
             0x03 => Message::Refused { reason: get_str(&mut r)? },
-            0x04 => Message::Request(RequestHead {
-                method: get_str(&mut r)?,
-                uri: get_str(&mut r)?,
-                headers: get_headers(&mut r)?,
-                visitor: get_str(&mut r)?,
-                port: get_u16(&mut r)?,
-                sni: get_str(&mut r)?,
-                tls_version: get_str(&mut r)?,
-                upgrade: get_u8(&mut r)? != 0,
-            }),
+            0x04 => {
+                let mut head = RequestHead {
+                    method: get_str(&mut r)?,
+                    uri: get_str(&mut r)?,
+                    headers: get_headers(&mut r)?,
+                    visitor: get_str(&mut r)?,
+                    port: get_u16(&mut r)?,
+                    sni: get_str(&mut r)?,
+                    tls_version: get_str(&mut r)?,
+                    ..Default::default()
+                };
+                let flags = get_u8(&mut r)?;
+                if flags & !0b11 != 0 {
+                    return Err(TunnelError::Malformed("unknown request flags"));
+                }
+                head.upgrade = flags & 1 != 0;
+                head.trailers = flags & 2 != 0;
+                Message::Request(head)
+            }
             0x05 => Message::Response(ResponseHead { status: get_u16(&mut r)?, headers: get_headers(&mut r)? }),
             0x06 => Message::PeerHello { version: get_u16(&mut r)?, key: get_str(&mut r)? },
             0x07 => Message::Publish { tcp: get_ports(&mut r)?, tls: get_ports(&mut r)? },
@@ -334,6 +371,14 @@ impl Message {
                 local: get_str(&mut r)?,
                 sni: get_str(&mut r)?,
             }),
+            0x0a => {
+                let data = get_bytes(&mut r)?;
+                if data.len() > MAX_DATA {
+                    return Err(TunnelError::ProtocolViolation("data chunk over the limit"));
+                }
+                Message::Data(data)
+            }
+            0x0b => Message::Trailers(get_headers(&mut r)?),
             _ => return Err(TunnelError::Malformed("unknown message type")),
         };
         if !r.is_empty() {
@@ -450,6 +495,7 @@ mod tests {
                 sni: "node1.funnel.example".into(),
                 tls_version: "TLSv1.3".into(),
                 upgrade: false,
+                trailers: true,
             }),
             Message::Response(ResponseHead { status: 101, headers: vec![("upgrade".into(), b"websocket".to_vec())] }),
             Message::PeerHello { version: 1, key: "cluster-key-0123456789".into() },
@@ -465,6 +511,8 @@ mod tests {
                 local: "198.51.100.7:443".into(),
                 sni: "node1.funnel.example".into(),
             }),
+            Message::Data(b"a chunk of a framed body".to_vec()),
+            Message::Trailers(vec![("grpc-status".into(), b"0".to_vec())]),
         ]
     }
 
@@ -522,6 +570,13 @@ mod tests {
         assert!(matches!(Message::decode(&mut over), Err(TunnelError::ProtocolViolation(_))));
         let mut trailing = BytesMut::from(&[0, 0, 0, 4, 0x03, 0, 0, 9][..]);
         assert!(Message::decode(&mut trailing).is_err());
+        assert!(Message::Data(vec![0; MAX_DATA + 1]).encode(&mut BytesMut::new()).is_err());
+        let mut big = BytesMut::new();
+        big.put_u32(3 + MAX_DATA as u32 + 1);
+        big.put_u8(0x0a);
+        big.put_u16(MAX_DATA as u16 + 1);
+        big.put_bytes(0, MAX_DATA + 1);
+        assert!(matches!(Message::decode(&mut big), Err(TunnelError::ProtocolViolation(_))));
     }
 
     proptest! {
@@ -532,7 +587,7 @@ mod tests {
         }
 
         #[test]
-        fn perturbed_messages_never_panic(i in 0usize..9, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
+        fn perturbed_messages_never_panic(i in 0usize..11, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
             let mut wire = BytesMut::new();
             sample()[i].encode(&mut wire).expect("encodes");
             for (pos, x) in flips {

@@ -338,7 +338,7 @@ async fn forwarded(cluster: Arc<Cluster>, local: LocalRoutes, peer_send: SendStr
         return refuse(peer_send, RouteError::Offline).await;
     };
     let (_permit, mut node_send, node_recv) = match local.routes.open(name, head.port).await {
-        Ok(Opened { permit, send, recv }) => (permit, send, recv),
+        Ok(Opened { permit, send, recv, .. }) => (permit, send, recv),
         Err(e) => return refuse(peer_send, e).await,
     };
     if write_message(&mut node_send, &Message::Request(head)).await.is_err() {

@@ -20,8 +20,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
-use warren_tunnel::{is_hop_by_hop, read_message, send_body, write_message, QuicBody};
-use warren_tunnel_proto::{Message, RequestHead};
+use warren_tunnel::{is_hop_by_hop, read_message, send_body, te_is_trailers, write_message, FramedBody, QuicBody};
+use warren_tunnel_proto::{Message, RequestHead, END_STREAM};
 
 use crate::cluster::ForwardError;
 use crate::metrics::Limited;
@@ -79,9 +79,14 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-fn request_head(req: &Request<Incoming>, info: &ConnInfo, host: &str, upgrade: bool) -> RequestHead {
+/// The head sent to the node. `trailers`: the visitor takes trailers and the node frames its
+/// response body (protocol version 2), so `te: trailers` goes on to the origin.
+fn request_head(req: &Request<Incoming>, info: &ConnInfo, host: &str, upgrade: bool, trailers: bool) -> RequestHead {
     let mut headers: Vec<(String, Vec<u8>)> = Vec::with_capacity(req.headers().len() + 5);
     let mut xff = None;
+    if trailers {
+        headers.push(("te".into(), b"trailers".to_vec()));
+    }
     for (n, v) in req.headers() {
         let name = n.as_str();
         if is_hop_by_hop(name, upgrade) || name.eq_ignore_ascii_case("forwarded") || name.starts_with("x-forwarded-") {
@@ -114,7 +119,13 @@ fn request_head(req: &Request<Incoming>, info: &ConnInfo, host: &str, upgrade: b
         sni: info.sni.clone(),
         tls_version: info.tls_version.clone(),
         upgrade,
+        trailers,
     }
+}
+
+/// Whether the visitor said it takes trailers (`te: trailers`, as gRPC clients do).
+fn takes_trailers(req: &Request<Incoming>) -> bool {
+    req.headers().get_all(header::TE).iter().any(|v| te_is_trailers(v.as_bytes()))
 }
 
 async fn proxy(
@@ -126,12 +137,14 @@ async fn proxy(
     let name = name_in(&host, &shared.config.funnel_domain).ok_or(RouteError::UnknownHost)?;
     let upgrade = is_upgrade(&req);
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (permit, mut send, mut recv) = match shared.routes.open(name, info.port).await {
-        Ok(Opened { permit, send, recv }) => (Some(permit), send, recv),
+    // Trailers need a framed response, which nodes speak from version 2; requests forwarded
+    // to a sibling edge go without (the node behind it may be older).
+    let (permit, mut send, mut recv, framed) = match shared.routes.open(name, info.port).await {
+        Ok(Opened { permit, send, recv, version }) => (Some(permit), send, recv, version >= 2 && takes_trailers(&req)),
         // Another edge of the cluster may hold the tunnel; it applies the node's limits.
         Err(RouteError::Offline) => match &shared.cluster {
             Some(cluster) => match cluster.open(&shared.endpoint, name).await {
-                Ok((send, recv)) => (None, send, recv),
+                Ok((send, recv)) => (None, send, recv, false),
                 Err(ForwardError::NoRoute) => return Err(RouteError::Offline),
                 Err(ForwardError::Unreachable) => return Err(RouteError::NodeUnreachable),
             },
@@ -139,7 +152,7 @@ async fn proxy(
         },
         Err(e) => return Err(e),
     };
-    let head = request_head(&req, info, &host, upgrade);
+    let head = request_head(&req, info, &host, upgrade, framed);
     write_message(&mut send, &Message::Request(head)).await.map_err(|_| RouteError::NodeUnreachable)?;
     let body = req.into_body();
     // Once the response has been streamed out in full (or the visitor left), the request is
@@ -174,6 +187,7 @@ async fn proxy(
     let switching = status == StatusCode::SWITCHING_PROTOCOLS && upgrade;
     let mut resp = Response::new(Empty::new().map_err(|never: Infallible| match never {}).boxed());
     *resp.status_mut() = status;
+    let empty = framed && head.headers.iter().any(|(n, _)| n == END_STREAM);
     for (n, v) in &head.headers {
         if is_hop_by_hop(n, switching) {
             continue;
@@ -192,6 +206,9 @@ async fn proxy(
                 let _ = tokio::io::copy_bidirectional(&mut visitor, &mut node).await;
             });
         }
+        // A known-empty body stays Empty, so the visitor's HTTP/2 stream ends with the headers.
+        _ if empty => drop((permit, response_done)),
+        _ if framed => *resp.body_mut() = FramedBody::with_guard(recv, (permit, response_done.drop_guard())).boxed(),
         _ => *resp.body_mut() = QuicBody::with_guard(recv, (permit, response_done.drop_guard())).boxed(),
     }
     Ok(resp)

@@ -38,6 +38,8 @@ pub(crate) struct Tunnel {
     pub(crate) id: u64,
     pub(crate) name: String,
     pub(crate) conn: quinn::Connection,
+    /// The tunnel protocol version the node spoke in its Hello.
+    pub(crate) version: u16,
     /// Public ports the node publishes; a later Hello on the control stream replaces them.
     pub(crate) ports: RwLock<Vec<u16>>,
     /// Public ports on which TLS for this name is passed through to the node (Publish).
@@ -73,7 +75,7 @@ impl Tunnel {
             .await
             .map_err(|_| RouteError::NodeTimeout)?
             .map_err(|_| RouteError::NodeUnreachable)?;
-        Ok(Opened { permit, send, recv })
+        Ok(Opened { permit, send, recv, version: self.version })
     }
 
     /// Takes one request from the name's rate limit, when it has one.
@@ -90,6 +92,8 @@ pub(crate) struct Opened {
     pub(crate) permit: OwnedSemaphorePermit,
     pub(crate) send: SendStream,
     pub(crate) recv: RecvStream,
+    /// The node's tunnel protocol version.
+    pub(crate) version: u16,
 }
 
 /// Why a request could not reach a node, with the status and page it earns.

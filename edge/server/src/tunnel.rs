@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::Semaphore;
 use tracing::{debug, info};
 use warren_tunnel::{read_message, write_message};
-use warren_tunnel_proto::{Message, VERSION};
+use warren_tunnel_proto::{Message, MIN_VERSION, VERSION};
 
 use crate::config::valid_name;
 use crate::metrics::Registration;
@@ -76,7 +76,7 @@ async fn updates(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, mut control: Contro
     loop {
         let ports = match read_message(&mut control.recv).await {
             Ok(Message::Hello { version, name, token, ports })
-                if version == VERSION && name == tunnel.name && token == control.token =>
+                if version == tunnel.version && name == tunnel.name && token == control.token =>
             {
                 ports
             }
@@ -140,7 +140,8 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
     let (version, name, token, ports) = match read_message(&mut recv).await {
         Ok(Message::Hello { version, name, token, ports }) => (version, name, token, ports),
         Ok(Message::PeerHello { version, key }) => {
-            let ok = version == VERSION && shared.cluster.as_ref().is_some_and(|c| c.key_matches(&key));
+            let ok = (MIN_VERSION..=VERSION).contains(&version)
+                && shared.cluster.as_ref().is_some_and(|c| c.key_matches(&key));
             if !ok {
                 refuse(Registration::Unauthorized);
                 info!(%remote, "sibling edge refused: not a cluster member or wrong key");
@@ -155,7 +156,7 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
             return None;
         }
     };
-    let verdict = if version != VERSION || !valid_name(&name) {
+    let verdict = if !(MIN_VERSION..=VERSION).contains(&version) || !valid_name(&name) {
         Err((Registration::BadHello, "unsupported version or invalid name"))
     } else if !shared.config.tokens.iter().any(|t| t.allows(&token, &name)) {
         Err((Registration::Unauthorized, "token not valid for this name"))
@@ -184,6 +185,7 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
         id,
         name: name.clone(),
         conn: conn.clone(),
+        version,
         ports: std::sync::RwLock::new(ports.clone()),
         tls_ports: std::sync::RwLock::new(Vec::new()),
         streams,

@@ -99,6 +99,101 @@ impl Body for QuicBody {
     }
 }
 
+/// A hyper body read from a framed stream: [`Message::Data`] chunks, at most one
+/// [`Message::Trailers`], then the end of the stream. Like [`QuicBody`], a few frames are read
+/// ahead of the consumer at most.
+#[derive(Debug)]
+pub struct FramedBody {
+    rx: mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>,
+}
+
+impl FramedBody {
+    /// Starts reading `recv`, keeping `guard` alive until the stream is done.
+    pub fn with_guard<G: Send + 'static>(mut recv: RecvStream, guard: G) -> Self {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut trailers_seen = false;
+            loop {
+                let item = match read_message(&mut recv).await {
+                    Ok(Message::Data(d)) if !trailers_seen => Ok(Frame::data(Bytes::from(d))),
+                    Ok(Message::Trailers(h)) if !trailers_seen => {
+                        trailers_seen = true;
+                        Ok(Frame::trailers(header_map(&h)))
+                    }
+                    // The end of the stream at a message boundary is the end of the body.
+                    Err(ReadMessageError::Stream(quinn::ReadExactError::FinishedEarly(0))) => return,
+                    Ok(_) => Err(std::io::Error::other("unexpected message in a framed body")),
+                    Err(e) => Err(std::io::Error::other(e)),
+                };
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        FramedBody { rx }
+    }
+}
+
+impl Body for FramedBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// Headers as a map, skipping any a map cannot hold.
+pub fn header_map(h: &[warren_tunnel_proto::Header]) -> http::HeaderMap {
+    let mut map = http::HeaderMap::with_capacity(h.len());
+    for (n, v) in h {
+        if let (Ok(n), Ok(v)) = (http::HeaderName::from_bytes(n.as_bytes()), http::HeaderValue::from_bytes(v)) {
+            map.append(n, v);
+        }
+    }
+    map
+}
+
+/// Streams `body` into `send` framed (Data chunks, then its trailers if it has any) and
+/// finishes the stream. Returns the data bytes sent.
+///
+/// # Errors
+/// A body error or a stream write error (the stream is reset then).
+pub async fn send_framed_body<B>(mut body: B, send: &mut SendStream) -> std::io::Result<u64>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    let mut sent = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => {
+                let _ = send.reset(0u32.into());
+                return Err(std::io::Error::other(e.to_string()));
+            }
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                for chunk in data.chunks(warren_tunnel_proto::MAX_DATA) {
+                    write_message(send, &Message::Data(chunk.to_vec())).await?;
+                }
+                sent += data.len() as u64;
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    let h = trailers.iter().map(|(n, v)| (n.as_str().to_owned(), v.as_bytes().to_vec())).collect();
+                    write_message(send, &Message::Trailers(h)).await?;
+                }
+            }
+        }
+    }
+    send.finish().map_err(std::io::Error::other)?;
+    Ok(sent)
+}
+
 /// Streams `body` into `send` and finishes the stream. Returns the bytes sent.
 ///
 /// # Errors
@@ -182,6 +277,12 @@ pub enum QuicConfigError {
     /// The TLS configuration offers no cipher suite QUIC can start with.
     #[error("TLS config unusable for QUIC: {0}")]
     Quic(#[from] quinn::crypto::rustls::NoInitialCipherSuite),
+}
+
+/// Whether `value` of a `te` header asks for trailers (the one TE value HTTP/2 allows, which
+/// gRPC requires end to end).
+pub fn te_is_trailers(value: &[u8]) -> bool {
+    value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
 }
 
 /// HTTP/1.1 hop-by-hop headers, which a proxy must not forward.
