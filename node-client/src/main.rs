@@ -330,7 +330,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
 
 /// Serves `/metrics`, `/healthz` and `/readyz` on `addr`; ready while the home relay is
 /// connected and, when services are published, the funnel is registered on an edge. The
-/// gauges are refreshed every 2 s.
+/// gauges and the readiness are refreshed every second.
 async fn serve_admin(
     addr: std::net::SocketAddr,
     daemon: &std::sync::Arc<warren::control::Daemon>,
@@ -363,7 +363,7 @@ async fn serve_admin(
                 ready.store(relay && published, std::sync::atomic::Ordering::Relaxed);
                 tokio::select! {
                     () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
         }

@@ -16,6 +16,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use warren::services::ServiceSpec;
 use warren_edge::config::{Config as EdgeConfig, FileConfig as EdgeFile};
 use warren_edge::Edge;
 use warren_relay::config::{Config, FileConfig};
@@ -240,10 +241,11 @@ async fn ws_echo(ca: &Path, port: u16, msg: &str) -> String {
     .expect("echo within 5 s")
 }
 
-fn node_toml(lab: &Lab, origin: SocketAddr, site: &Path, node_cert: &(PathBuf, PathBuf)) -> String {
+fn node_toml(lab: &Lab, origin: SocketAddr, site: &Path, node_cert: &(PathBuf, PathBuf), admin: u16) -> String {
     let (a, b, c) = (lab.port(0), lab.port(1), lab.port(2));
     format!(
         "region_map = \"regions.json\"\nca_file = \"relay-ca.pem\"\nkey_file = \"node/node.key\"\ncontrol = \"node/warren.sock\"\nudp = \"127.0.0.1:0\"\n\n\
+         [admin]\nenabled = true\nlisten = \"127.0.0.1:{admin}\"\n\n\
          [funnel]\nedges = [\"{tunnel}\"]\nedge_name = \"localhost\"\nedge_ca = \"{ca}\"\ntoken_file = \"token\"\nname = \"web\"\n\n\
          [[service]]\nport = {a}\npath = \"/\"\ntarget = \"{site}\"\n\n\
          [[service]]\nport = {a}\npath = \"/api\"\ntarget = \"http://{origin}\"\n\n\
@@ -255,6 +257,17 @@ fn node_toml(lab: &Lab, origin: SocketAddr, site: &Path, node_cert: &(PathBuf, P
         ca = lab.edge_ca().display(),
         site = site.display(),
     )
+}
+
+/// A plain HTTP/1.1 GET on loopback (the node's admin listener): the whole answer.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read as _, Write as _};
+    let Ok(mut tcp) = std::net::TcpStream::connect(("127.0.0.1", port)) else { return String::new() };
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(5)));
+    let _ = write!(tcp, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    let mut out = String::new();
+    let _ = tcp.read_to_string(&mut out);
+    out
 }
 
 /// A TCP target that reads a PROXY v2 header (TCP over IPv4) and answers with the addresses
@@ -333,7 +346,8 @@ async fn services_from_node_toml_and_the_cli_survive_a_restart() {
     std::fs::write(&node_cert.0, cert).expect("cert");
     std::fs::write(&node_cert.1, key).expect("key");
     let config = lab.dir.path().join("node.toml");
-    std::fs::write(&config, node_toml(&lab, origin, &site, &node_cert)).expect("node.toml");
+    let admin = warren_common::testing::free_tcp_port();
+    std::fs::write(&config, node_toml(&lab, origin, &site, &node_cert, admin)).expect("node.toml");
     let (a, b) = (lab.port(0), lab.port(1));
 
     // The file checks out; a broken copy is refused with the key named and exit 64.
@@ -371,6 +385,51 @@ async fn services_from_node_toml_and_the_cli_survive_a_restart() {
         assert_eq!(redis_ping(lab.tcp_port), "PONG");
     }
 
+    // The owner's view: Prometheus metrics and readiness on the admin listener, and the
+    // request log as it happens.
+    let metrics = http_get(admin, "/metrics");
+    for line in [
+        format!("node_funnel_requests_total{{service=\"{a}/api\",status_class=\"2xx\"}} 1"),
+        "node_relay_connected 1".into(),
+    ] {
+        assert!(metrics.contains(&line), "/metrics lacks {line:?}:\n{metrics}");
+    }
+    until(Duration::from_secs(5), "/readyz says ready (relay and edge connected)", || {
+        http_get(admin, "/readyz").starts_with("HTTP/1.1 200").then_some(())
+    });
+    let control = lab.control.display().to_string();
+    let mut follower = Proc(
+        warren()
+            .args(["funnel", "log", "--json", "--control", &control])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("warren funnel log"),
+    );
+    let mut log_lines = std::io::BufReader::new(follower.0.stdout.take().expect("stdout"));
+    // The follower is subscribed once its first request shows; keep asking until then.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        while std::io::BufRead::read_line(&mut log_lines, &mut line).is_ok_and(|n| n > 0) {
+            if tx.send(std::mem::take(&mut line)).is_err() {
+                return;
+            }
+        }
+    });
+    let entry = until(Duration::from_secs(10), "the request log shows a request", || {
+        lab.curl(0, "/api/logged?x=1", &[]);
+        rx.recv_timeout(Duration::from_millis(200)).ok()
+    });
+    let entry: serde_json::Value = serde_json::from_str(&entry).expect("a JSON log line");
+    assert_eq!(
+        (entry["service"].as_str(), entry["path"].as_str()),
+        (Some(format!("{a}/api").as_str()), Some("/api/logged?x=1"))
+    );
+    assert_eq!((entry["status"].as_u64(), entry["method"].as_str()), (Some(200), Some("GET")));
+    assert!(entry["visitor"].as_str().is_some_and(|v| v.starts_with("127.0.0.1:")), "{entry}");
+    drop(follower);
+
     // A TCP target behind --proxy-protocol learns the visitor's address from the v2 header.
     let header_reader = start_proxy_header_reader().await;
     let proxied =
@@ -383,7 +442,6 @@ async fn services_from_node_toml_and_the_cli_survive_a_restart() {
     assert_eq!(seen, format!("visitor {visitor} reached 127.0.0.1:{}", lab.proxied_port));
 
     // Added from the command line: saved (--bg), and one in the foreground until Ctrl-C.
-    let control = lab.control.display().to_string();
     let bg = lab.funnel(&["--bg", "--https-port", &a.to_string(), "--set-path", "/hello", "text:hi there"]);
     assert!(bg.status.success(), "{}", String::from_utf8_lossy(&bg.stderr));
     assert_eq!(lab.curl(0, "/hello", &[]), (200, "hi there".into()));
@@ -509,5 +567,85 @@ async fn grpc_calls_arrive_with_their_trailers() {
             "fail: NOT_FOUND no such thing",
         ]
     );
+    funnel.shutdown(Duration::from_secs(1)).await;
+}
+
+/// An HTTPS origin with a certificate for `localhost` from its own CA in `dir`: the address
+/// and that CA's file.
+async fn start_tls_origin(dir: &Path) -> (SocketAddr, PathBuf) {
+    let ca = warren_common::tls::DevCa::open_or_create(dir).expect("origin ca");
+    let tls = tokio_rustls::TlsAcceptor::from(ca.server_config(&["localhost".into()]).expect("cert"));
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = tls.accept(tcp).await else { return };
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let text = format!("tls origin saw {}", req.uri());
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(bytes::Bytes::from(text))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    (addr, ca.ca_cert_path)
+}
+
+/// An HTTP origin on a Unix socket.
+fn start_unix_origin(path: &Path) {
+    let l = tokio::net::UnixListener::bind(path).expect("bind unix socket");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let text = format!("unix origin saw {}", req.uri());
+                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(bytes::Bytes::from(text))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+}
+
+/// HTTPS origins (verified with a given CA, refused without it, or not verified at all), a
+/// Unix socket origin and a missing one, side by side on one public port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_and_unix_targets_answer_and_a_missing_socket_is_named() {
+    let lab = start_lab().await;
+    let (tls_origin, origin_ca) = start_tls_origin(&lab.dir.path().join("origin-ca")).await;
+    let socket = lab.dir.path().join("app.sock");
+    start_unix_origin(&socket);
+    let a = lab.port(0);
+    let svc = |path: &str, target: String| ServiceSpec::new(a, target).at(path);
+    let services = vec![
+        ServiceSpec {
+            ca_file: Some(origin_ca.clone()),
+            ..svc("/verified", format!("https://localhost:{}/base", tls_origin.port()))
+        },
+        svc("/unverified", format!("https://localhost:{}", tls_origin.port())),
+        svc("/insecure", format!("https+insecure://127.0.0.1:{}", tls_origin.port())),
+        svc("/unix", format!("unix:{}", socket.display())),
+        svc("/gone", format!("unix:{}", lab.dir.path().join("missing.sock").display())),
+    ];
+    let funnel = warren::funnel::Funnel::start(warren::funnel::FunnelConfig {
+        edges: vec![lab.edge.tunnel_addr().to_string()],
+        edge_name: Some("localhost".into()),
+        ca_file: Some(lab.edge_ca()),
+        token: TOKEN.into(),
+        name: "web".into(),
+        services,
+    });
+    funnel.wait_registered(Duration::from_secs(10)).await.expect("registered");
+    assert_eq!(lab.curl(0, "/verified/x?q=1", &[]), (200, "tls origin saw /base/x?q=1".into()));
+    let (status, page) = lab.curl(0, "/unverified/x", &[]);
+    assert_eq!(status, 502, "an origin certificate no trusted CA vouches for is refused: {page}");
+    assert_eq!(lab.curl(0, "/insecure/y", &[]), (200, "tls origin saw /y".into()));
+    assert_eq!(lab.curl(0, "/unix/z", &[]), (200, "unix origin saw /z".into()));
+    let (status, page) = lab.curl(0, "/gone/", &[]);
+    assert_eq!(status, 502);
+    assert!(page.contains("missing.sock"), "the page names the target: {page}");
+    assert_eq!(lab.curl(0, "/elsewhere", &[]).0, 404, "no mount matches: the node answers 404");
     funnel.shutdown(Duration::from_secs(1)).await;
 }
