@@ -4,7 +4,6 @@
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit};
 
-use crate::funnel::FunnelStatus;
 use crate::node::Status;
 
 /// Describes every metric.
@@ -40,14 +39,13 @@ pub(crate) fn request(service: &str, status: u16, bytes: u64, seconds: f64) {
     histogram!("node_funnel_request_duration_seconds").record(seconds);
 }
 
-/// Sets the gauges from a funnel status snapshot.
-pub fn funnel_gauges(s: &FunnelStatus) {
-    gauge!("node_funnel_edges_connected").set(s.edges.iter().filter(|e| e.connected).count() as f64);
-    gauge!("node_funnel_services").set(s.services.len() as f64);
-    for (i, e) in s.edges.iter().enumerate() {
-        if let Some(rtt) = e.rtt_ms {
-            gauge!("node_funnel_tunnel_rtt_seconds", "edge" => i.to_string()).set(rtt / 1e3);
-        }
+/// Sets the funnel's gauges: edges connected, services published, and the round-trip time of
+/// each edge's tunnel (by the edge's index), in milliseconds.
+pub fn funnel_gauges(edges_connected: usize, services: usize, rtt_ms: impl Iterator<Item = (usize, f64)>) {
+    gauge!("node_funnel_edges_connected").set(edges_connected as f64);
+    gauge!("node_funnel_services").set(services as f64);
+    for (i, rtt) in rtt_ms {
+        gauge!("node_funnel_tunnel_rtt_seconds", "edge" => i.to_string()).set(rtt / 1e3);
     }
 }
 

@@ -21,6 +21,7 @@ mod routes;
 pub mod server;
 mod state;
 pub mod store;
+mod tcp_ports;
 mod tunnel;
 
 pub use config::Config;

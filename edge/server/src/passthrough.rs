@@ -12,11 +12,10 @@
 //!         anything else -> the edge's own TLS, replaying the bytes it read
 //! ```
 
-use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -35,84 +34,41 @@ use crate::state::Shared;
 /// Largest ClientHello read while looking for the server name.
 const MAX_CLIENT_HELLO: usize = 16 << 10;
 
-/// TCP ports held by nodes.
-#[derive(Debug, Default)]
-pub(crate) struct TcpPorts {
-    held: Mutex<HashMap<u16, Held>>,
-}
-
-#[derive(Debug)]
-struct Held {
-    name: String,
-    tunnel: u64,
-    stop: CancellationToken,
-}
-
-impl TcpPorts {
-    /// Makes `want` the TCP ports `tunnel` holds: new ones are listened on (when allowed and
-    /// free), ones no longer wanted are closed. Returns the granted ports and a reason for
-    /// each refused one.
-    pub(crate) async fn publish(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, want: &[u16]) -> (Vec<u16>, Vec<String>) {
-        let ports = &shared.tcp_ports;
-        ports.release(tunnel.id, |p| !want.contains(&p));
-        let (mut granted, mut refused) = (Vec::new(), Vec::new());
-        for &port in want {
-            if !shared.config.tcp.allows(port) {
-                refused.push(format!("tcp {port}: not a TCP port this edge offers"));
+/// Makes `want` the TCP ports `tunnel` holds: new ones are listened on (when allowed and
+/// free), ones no longer wanted are closed. Returns the granted ports and a reason for
+/// each refused one.
+pub(crate) async fn publish_tcp(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, want: &[u16]) -> (Vec<u16>, Vec<String>) {
+    let ports = &shared.tcp_ports;
+    ports.release(tunnel.id, |p| !want.contains(&p));
+    let (mut granted, mut refused) = (Vec::new(), Vec::new());
+    for &port in want {
+        if !shared.config.tcp.allows(port) {
+            refused.push(format!("tcp {port}: not a TCP port this edge offers"));
+            continue;
+        }
+        if let Some(owner) = ports.owner(port) {
+            if owner == tunnel.id {
+                granted.push(port);
+            } else {
+                refused.push(format!("tcp {port}: held by another node"));
+            }
+            continue;
+        }
+        let addr = SocketAddr::new(shared.config.tcp.listen_ip, port);
+        let listener = match TcpListener::bind(addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                refused.push(format!("tcp {port}: cannot listen: {e}"));
                 continue;
             }
-            if let Some(owner) = ports.owner(port) {
-                if owner == tunnel.id {
-                    granted.push(port);
-                } else {
-                    refused.push(format!("tcp {port}: held by another node"));
-                }
-                continue;
-            }
-            let addr = SocketAddr::new(shared.config.tcp.listen_ip, port);
-            let listener = match TcpListener::bind(addr).await {
-                Ok(l) => l,
-                Err(e) => {
-                    refused.push(format!("tcp {port}: cannot listen: {e}"));
-                    continue;
-                }
-            };
-            let stop = CancellationToken::new();
-            let held = Held { name: tunnel.name.clone(), tunnel: tunnel.id, stop: stop.clone() };
-            ports.held.lock().unwrap_or_else(|e| e.into_inner()).insert(port, held);
-            info!(name = %tunnel.name, port, "TCP service published");
-            shared.background.spawn(accept_loop(shared.clone(), listener, port, stop));
-            granted.push(port);
-        }
-        (granted, refused)
+        };
+        let stop = CancellationToken::new();
+        ports.insert(port, &tunnel.name, tunnel.id, stop.clone());
+        info!(name = %tunnel.name, port, "TCP service published");
+        shared.background.spawn(accept_loop(shared.clone(), listener, port, stop));
+        granted.push(port);
     }
-
-    fn owner(&self, port: u16) -> Option<u64> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).get(&port).map(|h| h.tunnel)
-    }
-
-    /// Closes the ports of tunnel `id` for which `drop` says so.
-    pub(crate) fn release(&self, id: u64, drop: impl Fn(u16) -> bool) {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).retain(|port, h| {
-            let keep = h.tunnel != id || !drop(*port);
-            if !keep {
-                h.stop.cancel();
-                info!(name = %h.name, port, "TCP service withdrawn");
-            }
-            keep
-        });
-    }
-
-    /// Closes every listener (shutdown).
-    pub(crate) fn close_all(&self) {
-        for h in self.held.lock().unwrap_or_else(|e| e.into_inner()).values() {
-            h.stop.cancel();
-        }
-    }
-
-    fn holder(&self, port: u16) -> Option<(String, u64)> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).get(&port).map(|h| (h.name.clone(), h.tunnel))
-    }
+    (granted, refused)
 }
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: u16, stop: CancellationToken) {

@@ -197,7 +197,7 @@ impl Edge {
             cluster: cluster.clone(),
             endpoint: endpoint.clone(),
             draining: AtomicBool::new(false),
-            tcp_ports: crate::passthrough::TcpPorts::default(),
+            tcp_ports: crate::tcp_ports::TcpPorts::default(),
         });
         let stop_accepting = CancellationToken::new();
         let accept_loops = TaskTracker::new();

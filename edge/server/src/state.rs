@@ -40,7 +40,7 @@ pub(crate) struct Shared {
     pub(crate) limit_log: LogLimiter,
     pub(crate) draining: AtomicBool,
     /// TCP ports nodes hold.
-    pub(crate) tcp_ports: crate::passthrough::TcpPorts,
+    pub(crate) tcp_ports: crate::tcp_ports::TcpPorts,
 }
 
 impl Shared {

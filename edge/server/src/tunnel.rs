@@ -111,7 +111,7 @@ async fn updates(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, mut control: Contro
 /// Grants what it can of a node's TCP and TLS-passthrough wishes.
 async fn publish(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, tcp: &[u16], tls: &[u16]) -> Message {
     let host = format!("{}.{}", tunnel.name, shared.config.funnel_domain);
-    let (granted, mut refused) = crate::passthrough::TcpPorts::publish(shared, tunnel, tcp).await;
+    let (granted, mut refused) = crate::passthrough::publish_tcp(shared, tunnel, tcp).await;
     let mut urls: Vec<String> = granted.iter().map(|p| format!("tcp://{host}:{p}")).collect();
     let mut passing = Vec::new();
     for &port in tls {
