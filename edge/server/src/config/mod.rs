@@ -410,6 +410,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tcp_ports_are_ranges_and_bad_ones_are_named() {
+        let parse = |t: &str| FileConfig::parse(t).and_then(Config::try_from);
+        let c = parse("[tcp]\nports = [\"5432\", \"20000-20009\"]\nlisten_ip = \"127.0.0.1\"\n").expect("valid");
+        assert!(c.tcp.allows(5432) && c.tcp.allows(20000) && c.tcp.allows(20009));
+        assert!(!c.tcp.allows(20010) && !c.tcp.allows(443));
+        assert!(!parse("").expect("valid").tcp.allows(5432), "no TCP ports unless configured");
+        for bad in ["ports = [\"0\"]", "ports = [\"9-1\"]", "ports = [\"x\"]", "listen_ip = \"nope\""] {
+            let e = parse(&format!("[tcp]\n{bad}\n")).expect_err(bad).to_string();
+            assert!(e.contains("tcp."), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn defaults_and_validation() {
         let c = Config::try_from(FileConfig::parse("").expect("parses")).expect("valid");
         assert_eq!(c.public_listen.len(), 3);
