@@ -26,6 +26,8 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("edge_config", edge_config),
     ("region_map", region_map),
     ("http_head", http_head),
+    ("static_request", static_request),
+    ("node_config", node_config),
 ];
 
 /// DERP frames, as the relay and client read them (any split of the stream).
@@ -121,4 +123,36 @@ pub fn region_map(data: &[u8]) {
 /// The first HTTP request head on the relay's DERP port.
 pub fn http_head(data: &[u8]) {
     warren_relay::fuzzing::http_head(data);
+}
+
+/// A visitor's path and `Range` header as a static-file target reads them: the first line is
+/// the path, the second the header. A decoded path never climbs out of the root, and a range
+/// stays inside the file.
+pub fn static_request(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let mut lines = text.splitn(2, '\n');
+    let path = lines.next().unwrap_or_default();
+    if let Some(p) = warren::services::files::decode_path(path) {
+        assert!(p.components().all(|c| matches!(c, std::path::Component::Normal(_))), "{p:?} from {path:?}");
+    }
+    let len = data.len() as u64;
+    if let warren::services::files::Range::Satisfiable(a, b) =
+        warren::services::files::parse_range(lines.next().unwrap_or_default(), len)
+    {
+        assert!(a < b && b <= len, "{a}..{b} of {len}");
+    }
+}
+
+/// `node.toml` and the saved services file, and each service's target and mount.
+pub fn node_config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else { return };
+    if let Ok(f) = warren_common::config::parse_toml::<warren::config::NodeFile>(text) {
+        let _ = f.check();
+    }
+    if let Ok(spec) = serde_json::from_str::<warren::services::ServiceSpec>(text) {
+        let _ = spec.check();
+    }
+    let _ = warren::services::Target::parse(text);
+    let _ = warren::services::Target::parse_tcp(text);
+    let _ = warren::services::clean_mount(text);
 }

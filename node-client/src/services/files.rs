@@ -158,8 +158,9 @@ impl Files {
     }
 }
 
-/// A percent-decoded path under the root, or `None` if it is malformed or climbs out.
-fn decode_path(path: &str) -> Option<PathBuf> {
+/// A visitor's path, percent-decoded, as a path under the root; `None` if it is malformed
+/// (bad escapes, not UTF-8, NUL or `\\`) or climbs out (`..`).
+pub fn decode_path(path: &str) -> Option<PathBuf> {
     let raw = path.as_bytes();
     let mut out = Vec::with_capacity(raw.len());
     let mut i = 0;
@@ -190,7 +191,7 @@ fn decode_path(path: &str) -> Option<PathBuf> {
 
 /// What a `Range` header asks of a file of `len` bytes.
 #[derive(Debug, PartialEq, Eq)]
-enum Range {
+pub enum Range {
     /// Not one byte range we serve (several ranges, other units): send the whole file.
     Ignored,
     /// Bytes `start..end`.
@@ -199,7 +200,9 @@ enum Range {
     Unsatisfiable,
 }
 
-fn parse_range(v: &str, len: u64) -> Range {
+/// Reads a `Range` header for a file of `len` bytes: one `bytes=` range is served, anything
+/// else is the whole file.
+pub fn parse_range(v: &str, len: u64) -> Range {
     let Some(spec) = v.trim().strip_prefix("bytes=") else { return Range::Ignored };
     if spec.contains(',') {
         return Range::Ignored;
