@@ -113,7 +113,9 @@ $bin/warren up --region-map "$state/map.json" --ca "$state/relay/dev-ca.pem" --e
     --edge-name localhost --edge-ca "$state/edge/dev-ca.pem" --funnel-token dev --name demo \
     --key-file "$state/node.key" --control "$state/node.sock" 2>"$state/node.log" & pids+=($!)
 for _ in $(seq 100); do [ -S "$state/node.sock" ] && break; sleep 0.1; done
-$bin/warren funnel 18781 --https-port 10443 --control "$state/node.sock" >/dev/null
+# Builds with `warren funnel --bg` keep the service saved and return; older ones always returned.
+bg=$($bin/warren funnel --help | grep -q -- '--bg' && echo --bg || true)
+$bin/warren funnel $bg 18781 --https-port 10443 --control "$state/node.sock" >/dev/null
 wait_port 19443
 caddy_root="$state/caddy/caddy/pki/authorities/local/root.crt"
 for _ in $(seq 100); do [ -s "$caddy_root" ] && break; sleep 0.1; done
