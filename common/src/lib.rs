@@ -4,6 +4,7 @@
 //! only.
 
 pub mod config;
+pub mod io;
 pub mod keyfile;
 pub mod limits;
 pub mod runtime;

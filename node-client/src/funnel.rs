@@ -572,7 +572,7 @@ async fn serve_stream(
     table: Arc<ServiceTable>,
     log: broadcast::Sender<RequestLog>,
 ) {
-    let start = (Instant::now(), SystemTime::now());
+    let began = Began::now();
     let head = match read_message(&mut recv).await {
         Ok(Message::Request(h)) => h,
         Ok(Message::Connect(c)) => return serve_connection(c, send, recv, &table, &log).await,
@@ -606,18 +606,31 @@ async fn serve_stream(
             }
         }
     };
-    let elapsed = start.0.elapsed().as_secs_f64();
-    crate::metrics::request(&service_id, status, bytes, elapsed);
-    let _ = log.send(RequestLog {
-        time: start.1.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
-        service: service_id,
-        method: head.method,
-        path: head.uri,
-        status,
-        duration_ms: elapsed * 1e3,
-        visitor: head.visitor,
-        port: head.port,
-    });
+    let (method, path, visitor, port) = (head.method, head.uri, head.visitor, head.port);
+    let entry = RequestLog { service: service_id, method, path, status, visitor, port, time: 0.0, duration_ms: 0.0 };
+    began.done(&log, entry, bytes);
+}
+
+/// When a request or connection began, for its metrics and its log entry.
+struct Began {
+    at: Instant,
+    wall: SystemTime,
+}
+
+impl Began {
+    fn now() -> Self {
+        Began { at: Instant::now(), wall: SystemTime::now() }
+    }
+
+    /// Counts the answer (`bytes` of body sent) and sends its log entry, whose `time` and
+    /// `duration_ms` are filled in here.
+    fn done(self, log: &broadcast::Sender<RequestLog>, mut entry: RequestLog, bytes: u64) {
+        let elapsed = self.at.elapsed().as_secs_f64();
+        crate::metrics::request(&entry.service, entry.status, bytes, elapsed);
+        entry.time = self.wall.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        entry.duration_ms = elapsed * 1e3;
+        let _ = log.send(entry);
+    }
 }
 
 /// Joins a visitor's TCP connection (or passed-through TLS session) to its service.
@@ -628,7 +641,7 @@ async fn serve_connection(
     table: &ServiceTable,
     log: &broadcast::Sender<RequestLog>,
 ) {
-    let start = (Instant::now(), SystemTime::now());
+    let began = Began::now();
     let kind = match head.kind {
         warren_tunnel_proto::ConnKind::Tcp => ServiceKind::Tcp,
         warren_tunnel_proto::ConnKind::Tls => ServiceKind::Tls,
@@ -649,18 +662,10 @@ async fn serve_connection(
             (502, 0)
         }
     };
-    let elapsed = start.0.elapsed().as_secs_f64();
-    crate::metrics::request(&id, status, bytes, elapsed);
-    let _ = log.send(RequestLog {
-        time: start.1.duration_since(SystemTime::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
-        service: id,
-        method: if kind == ServiceKind::Tcp { "TCP".into() } else { "TLS".into() },
-        path: head.sni,
-        status,
-        duration_ms: elapsed * 1e3,
-        visitor: head.visitor,
-        port: head.port,
-    });
+    let method = if kind == ServiceKind::Tcp { "TCP" } else { "TLS" }.to_owned();
+    let (path, visitor, port) = (head.sni, head.visitor, head.port);
+    let entry = RequestLog { service: id, method, path, status, visitor, port, time: 0.0, duration_ms: 0.0 };
+    began.done(log, entry, bytes);
 }
 
 /// The request for the origin: the visitor's method and headers (without hop-by-hop ones),

@@ -14,16 +14,13 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use warren_common::limits::Rejected;
 use warren_tunnel::write_message;
 use warren_tunnel_proto::{ConnKind, ConnectHead, Message};
 
@@ -84,16 +81,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, port: u16, stop
                 }
             },
         };
-        let slot = match shared.visitor_gate.admit(visitor.ip(), std::time::Instant::now()) {
-            Ok(slot) => slot,
-            Err(why) => {
-                shared.limited(match why {
-                    Rejected::AcceptRate => Limited::AcceptRate,
-                    Rejected::PerIp => Limited::PerIp,
-                });
-                continue;
-            }
-        };
+        let Some(slot) = shared.admit_visitor(visitor.ip()) else { continue };
         let Some((name, id)) = shared.tcp_ports.holder(port) else { return };
         let Some(tunnel) = shared.routes.get(&name).filter(|t| t.id == id) else { continue };
         let shared2 = shared.clone();
@@ -179,47 +167,10 @@ pub(crate) fn passthrough_for(shared: &Shared, sni: &str, port: u16) -> Option<A
     shared.routes.get(name).filter(|t| t.passes_tls(port))
 }
 
-/// A stream that first yields bytes already read from it.
-#[derive(Debug)]
-pub(crate) struct Prefixed<S> {
-    prefix: Bytes,
-    inner: S,
-}
-
-impl<S> Prefixed<S> {
-    pub(crate) fn new(prefix: Bytes, inner: S) -> Self {
-        Prefixed { prefix, inner }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use warren_common::io::Prefixed;
+
     use super::*;
 
     #[tokio::test]

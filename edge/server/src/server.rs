@@ -18,7 +18,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use warren_common::limits::{AcceptGate, ConnSlot, LogLimiter, Rejected};
+use warren_common::io::Prefixed;
+use warren_common::limits::{AcceptGate, ConnSlot, LogLimiter};
 use warren_common::tls::{self as ctls, DevCa};
 use warren_tunnel_proto::{ConnKind, ConnectHead};
 
@@ -27,7 +28,7 @@ use crate::certs::{CertStore, ACME_TLS_ALPN};
 use crate::cluster::Cluster;
 use crate::config::{Challenge, Config, TlsMode};
 use crate::metrics::{EdgeMetrics, Limited};
-use crate::passthrough::{passthrough_for, read_client_hello, Prefixed};
+use crate::passthrough::{passthrough_for, read_client_hello};
 use crate::proxy::{self, ConnInfo};
 use crate::routes::Routes;
 use crate::state::Shared;
@@ -356,16 +357,7 @@ async fn public_loop(listener: TcpListener, port: u16, tls: TlsAcceptor, shared:
                 }
             },
         };
-        let slot = match shared.visitor_gate.admit(visitor.ip(), std::time::Instant::now()) {
-            Ok(slot) => slot,
-            Err(why) => {
-                shared.limited(match why {
-                    Rejected::AcceptRate => Limited::AcceptRate,
-                    Rejected::PerIp => Limited::PerIp,
-                });
-                continue;
-            }
-        };
+        let Some(slot) = shared.admit_visitor(visitor.ip()) else { continue };
         let _ = tcp.set_nodelay(true);
         serve_visitor(tcp, visitor, port, tls.clone(), shared.clone(), &graceful, slot);
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tokio_util::task::TaskTracker;
 use tracing::warn;
-use warren_common::limits::{AcceptGate, LogLimiter, TokenBucket};
+use warren_common::limits::{AcceptGate, ConnSlot, LogLimiter, Rejected, TokenBucket};
 
 use crate::acme::Acme;
 use crate::cluster::{Cluster, LocalRoutes};
@@ -49,6 +49,21 @@ impl Shared {
         self.metrics.limited(why);
         if let Some(held_back) = self.limit_log.allow() {
             warn!(reason = why.label(), held_back, "turned away by a limit (logged at most every 10 s)");
+        }
+    }
+
+    /// Admits a visitor connection from `ip` (accept rate, connections per address), or counts
+    /// why not.
+    pub(crate) fn admit_visitor(&self, ip: std::net::IpAddr) -> Option<ConnSlot> {
+        match self.visitor_gate.admit(ip, std::time::Instant::now()) {
+            Ok(slot) => Some(slot),
+            Err(why) => {
+                self.limited(match why {
+                    Rejected::AcceptRate => Limited::AcceptRate,
+                    Rejected::PerIp => Limited::PerIp,
+                });
+                None
+            }
         }
     }
 

@@ -376,7 +376,7 @@ where
     let transport = match web::route(&head) {
         // Boxed: an HTTP/1 server connection is large, and most connections are DERP.
         Route::Http => {
-            Box::pin(serve_hyper(shared.clone(), web::Prefixed::new(buf.freeze(), io))).await;
+            Box::pin(serve_hyper(shared.clone(), warren_common::io::Prefixed::new(buf.freeze(), io))).await;
             return None;
         }
         Route::Reject(status, msg) => {
