@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use warren_relay_proto::PublicKey;
 
 use crate::core::paths::Path;
-use crate::funnel::{Funnel, FunnelConfig};
+use crate::funnel::{url_port, Funnel, FunnelConfig};
 use crate::node::{Node, NodeError};
 use crate::services::{check_all, state, ServiceKind, ServiceSpec};
 
@@ -279,11 +279,6 @@ impl Daemon {
         }
         status
     }
-}
-
-/// The port of a public URL (`https://host[:port]/`), 443 when absent.
-fn url_port(url: &str) -> u16 {
-    url.parse::<http::Uri>().ok().and_then(|u| u.port_u16()).unwrap_or(443)
 }
 
 /// Serves the control socket at `path` until `cancel` fires.

@@ -272,8 +272,8 @@ fn broken_list(broken: &[crate::services::origin::Broken]) -> Vec<BrokenService>
     broken.iter().map(|(id, e)| BrokenService { id: id.clone(), error: e.to_string() }).collect()
 }
 
-/// The port of a public URL (`https://host[:port]/`), 443 when absent.
-fn url_port(url: &str) -> u16 {
+/// The port of a public URL (`https://host[:port]/`, `tcp://host:port`), 443 when absent.
+pub fn url_port(url: &str) -> u16 {
     url.parse::<http::Uri>().ok().and_then(|u| u.port_u16()).unwrap_or(443)
 }
 

@@ -100,6 +100,18 @@ impl Lab {
         (code.trim().parse().unwrap_or(0), body.to_owned())
     }
 
+    /// A funnel agent in this process for `web`, publishing `services` through the edge.
+    fn funnel_agent(&self, services: Vec<ServiceSpec>) -> warren::funnel::Funnel {
+        warren::funnel::Funnel::start(warren::funnel::FunnelConfig {
+            edges: vec![self.edge.tunnel_addr().to_string()],
+            edge_name: Some("localhost".into()),
+            ca_file: Some(self.edge_ca()),
+            token: TOKEN.into(),
+            name: "web".into(),
+            services,
+        })
+    }
+
     fn funnel(&self, args: &[&str]) -> Output {
         let control = self.control.display().to_string();
         let mut all = vec!["funnel"];
@@ -541,14 +553,7 @@ async fn grpc_calls_arrive_with_their_trailers() {
     let _server = Proc(server);
     let origin_port: u16 = line.trim().parse().expect("the server prints its port");
     let a = lab.port(0);
-    let funnel = warren::funnel::Funnel::start(warren::funnel::FunnelConfig {
-        edges: vec![lab.edge.tunnel_addr().to_string()],
-        edge_name: Some("localhost".into()),
-        ca_file: Some(lab.edge_ca()),
-        token: TOKEN.into(),
-        name: "web".into(),
-        services: vec![warren::services::ServiceSpec::new(a, format!("h2c://127.0.0.1:{origin_port}"))],
-    });
+    let funnel = lab.funnel_agent(vec![ServiceSpec::new(a, format!("h2c://127.0.0.1:{origin_port}"))]);
     funnel.wait_registered(Duration::from_secs(10)).await.expect("registered");
     let out = Command::new("python3")
         .arg(&script)
@@ -629,14 +634,7 @@ async fn https_and_unix_targets_answer_and_a_missing_socket_is_named() {
         svc("/unix", format!("unix:{}", socket.display())),
         svc("/gone", format!("unix:{}", lab.dir.path().join("missing.sock").display())),
     ];
-    let funnel = warren::funnel::Funnel::start(warren::funnel::FunnelConfig {
-        edges: vec![lab.edge.tunnel_addr().to_string()],
-        edge_name: Some("localhost".into()),
-        ca_file: Some(lab.edge_ca()),
-        token: TOKEN.into(),
-        name: "web".into(),
-        services,
-    });
+    let funnel = lab.funnel_agent(services);
     funnel.wait_registered(Duration::from_secs(10)).await.expect("registered");
     assert_eq!(lab.curl(0, "/verified/x?q=1", &[]), (200, "tls origin saw /base/x?q=1".into()));
     let (status, page) = lab.curl(0, "/unverified/x", &[]);

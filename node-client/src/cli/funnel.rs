@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
 use warren::control::Connection;
+use warren::funnel::url_port;
 use warren::services::{HostHeader, ServiceKind, ServiceSpec, DEFAULT_PORT};
 
 use crate::{report, ControlArgs};
@@ -253,7 +254,7 @@ fn render_status(f: &Value) -> String {
     for port in ports {
         let url = urls
             .iter()
-            .find(|u| url_port(u) == port)
+            .find(|u| u64::from(url_port(u)) == port)
             .map_or_else(|| format!("(port {port}: not registered on an edge yet)"), |u| (*u).to_owned());
         let _ = writeln!(out, "{url}");
         let on_port: Vec<&Value> = services.iter().filter(|s| s["port"].as_u64() == Some(port)).collect();
@@ -281,7 +282,7 @@ fn render_status(f: &Value) -> String {
         let port = s["port"].as_u64().unwrap_or(0);
         let url = raw_urls
             .iter()
-            .find(|u| u.starts_with(&format!("{kind}://")) && url_port(u) == port)
+            .find(|u| u.starts_with(&format!("{kind}://")) && u64::from(url_port(u)) == port)
             .map_or_else(|| format!("({kind} {port}: not granted by an edge yet)"), |u| (*u).to_owned());
         let n = s["requests"].as_u64().unwrap_or(0);
         let _ = writeln!(
@@ -314,10 +315,6 @@ fn render_status(f: &Value) -> String {
     }
     let _ = write!(out, "Requests: {}", f["requests"].as_u64().unwrap_or(0));
     out
-}
-
-fn url_port(url: &str) -> u64 {
-    url.parse::<http::Uri>().ok().and_then(|u| u.port_u16()).map_or(443, u64::from)
 }
 
 async fn log(control: &ControlArgs, json: bool) -> anyhow::Result<()> {
