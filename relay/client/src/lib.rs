@@ -1,7 +1,7 @@
 //! A DERP v2 client: connect, log in, send and receive packets.
 //!
 //! ```text
-//! connect(url) -> TCP -> TLS (https) -> GET /derp Upgrade: DERP | websocket
+//! connect(url) -> TCP (direct, or CONNECT through an HTTP proxy) -> TLS (https) -> GET /derp Upgrade: DERP | websocket
 //!              -> 101 (skipped with fast start) -> ServerKey -> ClientInfo -> ServerInfo
 //! ```
 //!
@@ -59,6 +59,17 @@ pub enum ClientError {
     /// The operation did not finish in time.
     #[error("timed out")]
     Timeout,
+    /// The HTTP proxy in the way failed or refused.
+    #[error(transparent)]
+    Proxy(#[from] warren_common::proxy::ProxyError),
+    /// The TLS handshake through a proxy failed: perhaps the proxy intercepts TLS.
+    #[error("TLS through proxy {proxy}: {source} (does the proxy intercept TLS?)")]
+    ProxiedTls {
+        /// The proxy.
+        proxy: String,
+        /// The handshake error.
+        source: std::io::Error,
+    },
 }
 
 impl ClientError {
@@ -67,7 +78,8 @@ impl ClientError {
         match self {
             ClientError::Url(_) => "url",
             ClientError::Io(_) => "io",
-            ClientError::Tls(_) | ClientError::ServerName(_) => "tls",
+            ClientError::Tls(_) | ClientError::ServerName(_) | ClientError::ProxiedTls { .. } => "tls",
+            ClientError::Proxy(_) => "proxy",
             ClientError::Upgrade(_) => "upgrade",
             ClientError::Protocol(_) => "protocol",
             ClientError::Unexpected(_) => "unexpected",
@@ -96,6 +108,9 @@ pub struct ConnectOptions {
     pub connect_addr: Option<std::net::SocketAddr>,
     /// Local address to connect from (e.g. one of many 127.0.0.x for load tests).
     pub bind_ip: Option<std::net::IpAddr>,
+    /// Reach the relay through this HTTP proxy (CONNECT); `connect_addr` and `bind_ip` are
+    /// then unused.
+    pub proxy: Option<warren_common::proxy::Proxy>,
 }
 
 impl Default for ConnectOptions {
@@ -108,6 +123,7 @@ impl Default for ConnectOptions {
             timeout: Duration::from_secs(10),
             connect_addr: None,
             bind_ip: None,
+            proxy: None,
         }
     }
 }
@@ -154,6 +170,26 @@ impl DerpClient {
     }
 
     async fn connect_inner(url: &RelayUrl, secret: &SecretKey, opts: &ConnectOptions) -> Result<Self, ClientError> {
+        let io: Box<dyn Io> = match &opts.proxy {
+            Some(proxy) => Box::new(proxy.connect(&url.host, url.port, opts.timeout).await?),
+            None => Box::new(Self::dial(url, opts).await?),
+        };
+        let io: Box<dyn Io> = if url.tls {
+            let connector = tokio_rustls::TlsConnector::from(client_config(opts.ca_file.as_deref())?);
+            let name = ServerName::try_from(url.host.clone()).map_err(|_| ClientError::ServerName(url.host.clone()))?;
+            match (connector.connect(name, io).await, &opts.proxy) {
+                (Ok(tls), _) => Box::new(tls),
+                (Err(source), Some(p)) => return Err(ClientError::ProxiedTls { proxy: p.to_string(), source }),
+                (Err(e), None) => return Err(e.into()),
+            }
+        } else {
+            io
+        };
+        Self::login(io, url, secret, opts).await
+    }
+
+    /// A direct TCP connection to the relay.
+    async fn dial(url: &RelayUrl, opts: &ConnectOptions) -> Result<TcpStream, ClientError> {
         let tcp = match (opts.connect_addr, opts.bind_ip) {
             (Some(addr), None) => TcpStream::connect(addr).await?,
             (None, None) => TcpStream::connect((url.host.as_str(), url.port)).await?,
@@ -172,14 +208,7 @@ impl DerpClient {
             }
         };
         tcp.set_nodelay(true)?;
-        let io: Box<dyn Io> = if url.tls {
-            let connector = tokio_rustls::TlsConnector::from(client_config(opts.ca_file.as_deref())?);
-            let name = ServerName::try_from(url.host.clone()).map_err(|_| ClientError::ServerName(url.host.clone()))?;
-            Box::new(connector.connect(name, tcp).await?)
-        } else {
-            Box::new(tcp)
-        };
-        Self::login(io, url, secret, opts).await
+        Ok(tcp)
     }
 
     async fn login(
