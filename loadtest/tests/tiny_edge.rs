@@ -86,6 +86,7 @@ async fn edge_scenario_counts_answers_and_failures() {
         token: "t0ken-for-the-test".into(),
         name: "web".into(),
         services: vec![ServiceSpec::new(edge.public_addrs()[0].port(), format!("http://{target}"))],
+        transport: Default::default(),
     });
     funnel.wait_registered(Duration::from_secs(10)).await.expect("registered");
 
@@ -114,6 +115,7 @@ async fn edge_scenario_counts_answers_and_failures() {
         token: "t0ken-for-the-test".into(),
         name: "gone".into(),
         services: vec![ServiceSpec::new(edge.public_addrs()[0].port(), format!("http://{echo}"))],
+        transport: Default::default(),
     });
     ws_funnel.wait_registered(Duration::from_secs(10)).await.expect("registered");
     let port = edge.public_addrs()[0].port();

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use warren_common::config::{load_toml, read_secret_file, AdminFile, ConfigDuration, ConfigError};
 
+use crate::net::{ProxyChoice, TransportMode, TransportSettings};
 use crate::services::{check_all, ServiceSpec};
 
 /// Defaults of the node's settings.
@@ -48,6 +49,9 @@ pub struct NodeFile {
     pub stun_interval: Option<ConfigDuration>,
     /// Never go direct.
     pub relay_only: Option<bool>,
+    /// HTTP proxy for the relay and the edges' TCP tunnels, `http://[user:password@]host:port`;
+    /// `"none"` ignores `HTTPS_PROXY`/`ALL_PROXY`; absent: those variables decide.
+    pub proxy: Option<String>,
     /// Funnel settings.
     #[serde(default)]
     pub funnel: FunnelFile,
@@ -76,6 +80,51 @@ pub struct FunnelFile {
     pub token_file: Option<PathBuf>,
     /// Node name for funnel URLs (`<name>.<funnel domain>`); default: the host name.
     pub name: Option<String>,
+    /// `auto` (QUIC, else TCP+TLS, back to QUIC when it works), `quic` or `tcp`.
+    pub transport: Option<TransportMode>,
+    /// The edges' public port, where they take TCP tunnels (default 443).
+    pub tcp_port: Option<u16>,
+    /// Silence after which an edge counts as dead, e.g. "4s".
+    pub dead_after: Option<ConfigDuration>,
+    /// How long QUIC may take to connect before `auto` tries TCP, e.g. "3s".
+    pub quic_fallback_after: Option<ConfigDuration>,
+    /// Between tries of QUIC while `auto` runs on TCP, e.g. "10s".
+    pub quic_retry: Option<ConfigDuration>,
+}
+
+impl FunnelFile {
+    /// The transport settings, `proxy` being the file's (or the flag's) proxy setting.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key.
+    pub fn transport(&self, proxy: Option<&str>) -> Result<TransportSettings, ConfigError> {
+        let d = TransportSettings::default();
+        let within = |key: &'static str, v: Option<ConfigDuration>, default: Duration, min: Duration, max: Duration| {
+            let v = ConfigDuration::or(v, default);
+            if v < min || v > max {
+                return Err(ConfigError::invalid(key, format!("between {min:?} and {max:?}")));
+            }
+            Ok(v)
+        };
+        let second = Duration::from_secs(1);
+        Ok(TransportSettings {
+            mode: self.transport.unwrap_or(d.mode),
+            tcp_port: match self.tcp_port.unwrap_or(d.tcp_port) {
+                0 => return Err(ConfigError::invalid("funnel.tcp_port", "a port from 1 to 65535")),
+                p => p,
+            },
+            proxy: ProxyChoice::parse(proxy).map_err(|e| ConfigError::invalid("proxy", e.to_string()))?,
+            dead_after: within("funnel.dead_after", self.dead_after, d.dead_after, second, Duration::from_secs(600))?,
+            quic_fallback_after: within(
+                "funnel.quic_fallback_after",
+                self.quic_fallback_after,
+                d.quic_fallback_after,
+                Duration::from_millis(200),
+                Duration::from_secs(60),
+            )?,
+            quic_retry: within("funnel.quic_retry", self.quic_retry, d.quic_retry, second, Duration::from_secs(3600))?,
+        })
+    }
 }
 
 /// The admin listener's address, when enabled.
@@ -136,6 +185,7 @@ impl NodeFile {
             return Err(ConfigError::invalid("stun_interval", "at least 1s"));
         }
         admin_listen(&self.admin)?;
+        self.funnel.transport(self.proxy.as_deref())?;
         if self.funnel.token.is_some() && self.funnel.token_file.is_some() {
             return Err(ConfigError::invalid("funnel.token", "give token or token_file, not both"));
         }
@@ -220,6 +270,11 @@ mod tests {
                 "published twice",
             ),
             ("[[service]]\ntarget = \"1\"\n", "funnel.edges"),
+            ("proxy = \"socks5://p:1\"\n", "proxy"),
+            ("[funnel]\ntransport = \"udp\"\n", "transport"),
+            ("[funnel]\ntcp_port = 0\n", "funnel.tcp_port"),
+            ("[funnel]\ndead_after = \"100ms\"\n", "funnel.dead_after"),
+            ("[funnel]\nquic_retry = \"2h\"\n", "funnel.quic_retry"),
         ];
         for (text, key) in cases {
             let e = parse(text).expect_err(text).to_string();

@@ -31,10 +31,11 @@ use tracing::{debug, info, warn};
 use warren_common::limits::Backoff;
 use warren_tunnel::{
     is_hop_by_hop, quic_client_config, read_message, respond_text, send_body, send_framed_body, te_is_trailers,
-    write_message, QuicBody,
+    write_message, KeepAlive, Link, LinkError, RecvStream, SendStream, StreamBody, TcpLink, Transport,
 };
 use warren_tunnel_proto::{Message, RequestHead, ResponseHead, VERSION};
 
+use crate::net::{TransportMode, TransportSettings};
 use crate::services::files::text;
 use crate::services::origin::{no_mount, Body, ServiceTable};
 use crate::services::{ServiceKind, ServiceSpec};
@@ -54,6 +55,8 @@ pub struct FunnelConfig {
     pub name: String,
     /// The services published at start ([`Funnel::set_services`] replaces them).
     pub services: Vec<ServiceSpec>,
+    /// Transport, proxy and keep-alive settings of the tunnels.
+    pub transport: TransportSettings,
 }
 
 /// One edge's tunnel.
@@ -63,7 +66,12 @@ pub struct EdgeLink {
     pub edge: String,
     /// Registered there now.
     pub connected: bool,
-    /// The tunnel's round-trip time as QUIC measures it, while connected.
+    /// `quic` or `tcp`, while connected.
+    pub transport: Option<String>,
+    /// The HTTP proxy a TCP tunnel goes through, if any.
+    pub proxy: Option<String>,
+    /// The tunnel's round-trip time (QUIC's estimate; on TCP the last keep-alive's), while
+    /// connected.
     pub rtt_ms: Option<f64>,
     /// The last failure on this edge, if any.
     pub last_error: Option<String>,
@@ -147,7 +155,7 @@ pub struct Funnel {
     status: watch::Receiver<FunnelStatus>,
     table: watch::Sender<Arc<ServiceTable>>,
     /// The live tunnel of each edge, for round-trip times.
-    conns: Arc<Vec<Mutex<Option<quinn::Connection>>>>,
+    conns: Arc<Vec<Mutex<Option<Link>>>>,
     log: broadcast::Sender<RequestLog>,
     /// Services configured but not opened.
     broken: Mutex<Vec<BrokenService>>,
@@ -206,7 +214,7 @@ impl Funnel {
         let mut s = self.status.borrow().clone();
         for (link, conn) in s.edges.iter_mut().zip(self.conns.iter()) {
             let conn = conn.lock().unwrap_or_else(|e| e.into_inner());
-            link.rtt_ms = conn.as_ref().filter(|_| link.connected).map(|c| c.rtt().as_secs_f64() * 1e3);
+            link.rtt_ms = conn.as_ref().filter(|_| link.connected).and_then(Link::rtt).map(|d| d.as_secs_f64() * 1e3);
         }
         s.broken = self.broken.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let table = self.table.borrow().clone();
@@ -280,7 +288,7 @@ pub fn url_port(url: &str) -> u16 {
 /// What every edge link shares.
 struct Agent {
     cfg: Arc<FunnelConfig>,
-    conns: Arc<Vec<Mutex<Option<quinn::Connection>>>>,
+    conns: Arc<Vec<Mutex<Option<Link>>>>,
     log: broadcast::Sender<RequestLog>,
     /// Where each request's task runs.
     tasks: TaskTracker,
@@ -308,7 +316,13 @@ impl Agent {
         let requests = Arc::new(AtomicU64::new(0));
         let links = TaskTracker::new();
         for index in 0..agent.cfg.edges.len() {
-            let link = Link { index, endpoint: endpoint.clone(), agent: agent.clone(), requests: requests.clone() };
+            let link = EdgeTunnel {
+                index,
+                endpoint: endpoint.clone(),
+                agent: agent.clone(),
+                requests: requests.clone(),
+                udp_blocked: std::sync::atomic::AtomicBool::new(agent.cfg.transport.mode == TransportMode::Tcp),
+            };
             links.spawn(link.run(status.clone(), table.clone(), cancel.clone()));
         }
         links.close();
@@ -321,18 +335,45 @@ impl Agent {
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
 /// Time an edge has to answer a Hello.
 const HELLO_ANSWER: Duration = Duration::from_secs(10);
+/// Time a connection to an edge (QUIC handshake; TCP, proxy and TLS) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session this long proves the edge healthy: the next reconnect starts at the shortest
+/// delay again.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// Longest a tunnel that was moved off keeps serving the requests it still carries.
+const MOVED_DRAIN: Duration = Duration::from_secs(40);
 
-/// The tunnel to one edge, re-established with jittered backoff.
-struct Link {
+/// The tunnel to one edge, re-established with jittered backoff, on the transport the
+/// settings allow (see [`EdgeTunnel::dial`]).
+struct EdgeTunnel {
     index: usize,
     endpoint: quinn::Endpoint,
     agent: Arc<Agent>,
     requests: Arc<AtomicU64>,
+    /// `auto` found QUIC blocked: reconnects start with TCP (QUIC is tried in the background).
+    udp_blocked: std::sync::atomic::AtomicBool,
 }
 
-impl Link {
+/// How a session on a tunnel ended without an error.
+enum SessionEnd {
+    /// Nothing left to publish.
+    NoServices,
+    /// QUIC works again: the session goes on on this new tunnel.
+    Moved(Link),
+}
+
+impl EdgeTunnel {
     fn edge(&self) -> &str {
         &self.agent.cfg.edges[self.index]
+    }
+
+    fn host(&self) -> &str {
+        let edge = self.edge();
+        edge.rsplit_once(':').map_or(edge, |(h, _)| h).trim_matches(['[', ']'])
+    }
+
+    fn server_name(&self) -> String {
+        self.agent.cfg.edge_name.clone().unwrap_or_else(|| self.host().to_owned())
     }
 
     fn update(&self, status: &watch::Sender<FunnelStatus>, f: impl FnOnce(&mut FunnelStatus, &mut EdgeLink)) {
@@ -344,7 +385,7 @@ impl Link {
         });
     }
 
-    fn set_conn(&self, conn: Option<quinn::Connection>) {
+    fn set_conn(&self, conn: Option<Link>) {
         *self.agent.conns[self.index].lock().unwrap_or_else(|e| e.into_inner()) = conn;
     }
 
@@ -355,6 +396,7 @@ impl Link {
         cancel: CancellationToken,
     ) {
         let mut failures = 0u32;
+        let mut moved_to: Option<Link> = None;
         loop {
             // Nothing to publish: no tunnel until there is.
             let waited = tokio::select! {
@@ -364,22 +406,38 @@ impl Link {
             if !waited {
                 break;
             }
-            let outcome = tokio::select! {
-                _ = cancel.cancelled() => break,
-                r = self.session(&status, table.clone()) => r,
+            let link = match moved_to.take() {
+                Some(link) => Ok(link),
+                None => tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    r = self.dial() => r,
+                },
+            };
+            let began = Instant::now();
+            let outcome = match link {
+                Ok(link) => tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    r = self.session(&status, table.clone(), link) => r,
+                },
+                Err(e) => Err(e),
             };
             self.set_conn(None);
             let err = match outcome {
-                Ok(()) => "no services left to publish".to_owned(),
+                Ok(SessionEnd::Moved(link)) => {
+                    moved_to = Some(link);
+                    continue;
+                }
+                Ok(SessionEnd::NoServices) => "no services left to publish".to_owned(),
                 Err(e) => e.to_string(),
             };
             warn!(edge = %self.edge(), error = %err, "funnel disconnected from an edge");
             self.update(&status, |s, link| {
                 link.connected = false;
+                link.transport = None;
                 link.last_error = Some(err.clone());
                 s.last_error = Some(err);
             });
-            failures += 1;
+            failures = if began.elapsed() >= HEALTHY_SESSION { 1 } else { failures + 1 };
             let delay = BACKOFF.delay(failures);
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -389,17 +447,103 @@ impl Link {
         self.set_conn(None);
     }
 
+    /// A tunnel to the edge on the transport the settings pick. `auto` tries QUIC first, for
+    /// at most `quic_fallback_after`, then TCP; once QUIC failed that way, TCP comes first
+    /// (QUIC is then retried in the background by the session).
+    async fn dial(&self) -> Result<Link, FunnelError> {
+        let t = &self.agent.cfg.transport;
+        match t.mode {
+            TransportMode::Quic => self.dial_quic(CONNECT_TIMEOUT).await,
+            TransportMode::Tcp => self.dial_tcp().await,
+            TransportMode::Auto if self.udp_blocked.load(Ordering::Relaxed) => match self.dial_tcp().await {
+                Ok(link) => Ok(link),
+                Err(tcp) => self.dial_quic(t.quic_fallback_after).await.map_err(|quic| FunnelError::both(quic, tcp)),
+            },
+            TransportMode::Auto => match self.dial_quic(t.quic_fallback_after).await {
+                Ok(link) => Ok(link),
+                Err(quic) => {
+                    info!(edge = %self.edge(), error = %quic, "QUIC did not connect; trying the TCP tunnel");
+                    let link = self.dial_tcp().await.map_err(|tcp| FunnelError::both(quic, tcp))?;
+                    self.udp_blocked.store(true, Ordering::Relaxed);
+                    Ok(link)
+                }
+            },
+        }
+    }
+
+    /// A QUIC connection to the edge's tunnel port, within `limit`.
+    async fn dial_quic(&self, limit: Duration) -> Result<Link, FunnelError> {
+        let edge = self.edge();
+        let addr = tokio::net::lookup_host(edge)
+            .await
+            .map_err(|source| FunnelError::Resolve { edge: edge.to_owned(), source })?
+            .next()
+            .ok_or_else(|| FunnelError::NoAddress(edge.to_owned()))?;
+        let connecting = self.endpoint.connect(addr, &self.server_name())?;
+        let conn = tokio::time::timeout(limit, connecting)
+            .await
+            .map_err(|_| FunnelError::Timeout(limit))?
+            .map_err(FunnelError::Connection)?;
+        Ok(Link::Quic(conn))
+    }
+
+    /// A TCP+TLS tunnel to the edge's public port, through the proxy when one is set.
+    async fn dial_tcp(&self) -> Result<Link, FunnelError> {
+        let cfg = &self.agent.cfg;
+        let (host, port) = (self.host(), cfg.transport.tcp_port);
+        let target = format!("{host}:{port}");
+        let proxy = cfg.transport.proxy.for_host(host)?;
+        let dial = async {
+            let (io, remote): (Box<dyn Io>, SocketAddr) = match &proxy {
+                Some(p) => {
+                    let tcp = p.connect(host, port, CONNECT_TIMEOUT).await?;
+                    let remote = tcp
+                        .get_ref()
+                        .peer_addr()
+                        .map_err(|source| FunnelError::Tcp { target: p.to_string(), source })?;
+                    (Box::new(tcp), remote)
+                }
+                None => {
+                    let tcp = tokio::net::TcpStream::connect((host, port))
+                        .await
+                        .map_err(|source| FunnelError::Tcp { target: target.clone(), source })?;
+                    let _ = tcp.set_nodelay(true);
+                    let remote =
+                        tcp.peer_addr().map_err(|source| FunnelError::Tcp { target: target.clone(), source })?;
+                    (Box::new(tcp), remote)
+                }
+            };
+            let tls = warren_tunnel::tcp_client_config(cfg.ca_file.as_deref()).map_err(FunnelError::TlsConfig)?;
+            let name = rustls_pki_types::ServerName::try_from(self.server_name())
+                .map_err(|_| FunnelError::BadName(self.server_name()))?;
+            let via = proxy.as_ref().map(|p| p.to_string());
+            let tls = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, io)
+                .await
+                .map_err(|source| FunnelError::Tls { target: target.clone(), via: via.clone(), source })?;
+            if tls.get_ref().1.alpn_protocol() != Some(warren_tunnel_proto::ALPN_TCP) {
+                return Err(FunnelError::NoTcpTunnel(target.clone()));
+            }
+            let keep_alive = KeepAlive::dead_after(cfg.transport.dead_after);
+            let link = TcpLink::node(tls, remote, keep_alive, PEER_STREAMS).await.map_err(FunnelError::Closed)?;
+            Ok(Link::Tcp(link))
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, dial).await.map_err(|_| FunnelError::Timeout(CONNECT_TIMEOUT))?
+    }
+
     /// Sends a Hello for `ports` and waits for the edge's answer: the public URLs.
     async fn hello(
         &self,
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
         ports: Vec<u16>,
     ) -> Result<Vec<String>, FunnelError> {
         let cfg = &self.agent.cfg;
         let hello = Message::Hello { version: VERSION, name: cfg.name.clone(), token: cfg.token.clone(), ports };
         write_message(send, &hello).await.map_err(FunnelError::Hello)?;
-        let answer = tokio::time::timeout(HELLO_ANSWER, read_message(recv)).await.map_err(|_| FunnelError::Timeout)?;
+        let answer = tokio::time::timeout(HELLO_ANSWER, read_message(recv))
+            .await
+            .map_err(|_| FunnelError::Timeout(HELLO_ANSWER))?;
         match answer.map_err(FunnelError::NoWelcome)? {
             Message::Welcome { urls } => Ok(urls),
             Message::Refused { reason } => Err(FunnelError::Refused(reason)),
@@ -411,50 +555,57 @@ impl Link {
         &self,
         status: &watch::Sender<FunnelStatus>,
         mut table: watch::Receiver<Arc<ServiceTable>>,
-    ) -> Result<(), FunnelError> {
-        let cfg = &self.agent.cfg;
-        let edge = self.edge();
-        let addr = tokio::net::lookup_host(edge)
+        link: Link,
+    ) -> Result<SessionEnd, FunnelError> {
+        let control = tokio::time::timeout(HELLO_ANSWER, link.open_control())
             .await
-            .map_err(|source| FunnelError::Resolve { edge: edge.to_owned(), source })?
-            .next()
-            .ok_or_else(|| FunnelError::NoAddress(edge.to_owned()))?;
-        let host = edge.rsplit_once(':').map_or(edge, |(h, _)| h).trim_matches(['[', ']']);
-        let server_name = cfg.edge_name.clone().unwrap_or_else(|| host.to_owned());
-        let connecting = self.endpoint.connect(addr, &server_name)?;
-        let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
-            .await
-            .map_err(|_| FunnelError::Timeout)?
-            .map_err(FunnelError::Connection)?;
-        let (mut ctl_send, mut ctl_recv) = conn.open_bi().await.map_err(FunnelError::Connection)?;
+            .map_err(|_| FunnelError::Timeout(HELLO_ANSWER))?;
+        let (mut ctl_send, mut ctl_recv) = control.map_err(FunnelError::Closed)?;
         let (mut ports, mut raw) = {
             let t = table.borrow_and_update();
             (t.ports(), raw_wish(&t))
         };
         let urls = self.hello(&mut ctl_send, &mut ctl_recv, ports.clone()).await?;
-        self.registered(status, &conn, urls);
+        self.registered(status, &link, urls);
         if raw != (Vec::new(), Vec::new()) {
             self.publish(status, &mut ctl_send, &mut ctl_recv, &raw).await?;
         }
+        // On TCP in `auto`, QUIC is tried again now and then; the session moves once it works.
+        let retry_quic = self.agent.cfg.transport.mode == TransportMode::Auto && link.transport() == Transport::Tcp;
+        let mut quic_back = std::pin::pin!(async {
+            if !retry_quic {
+                return std::future::pending().await;
+            }
+            self.quic_again().await
+        });
         loop {
             let (send, recv) = tokio::select! {
-                r = conn.accept_bi() => r.map_err(FunnelError::Closed)?,
+                r = link.accept() => r.map_err(FunnelError::Closed)?,
+                quic = &mut quic_back => {
+                    info!(edge = %self.edge(), "QUIC works again: moving the tunnel back to it");
+                    self.udp_blocked.store(false, Ordering::Relaxed);
+                    // Requests already on the TCP tunnel finish there; the edge closes it then.
+                    let (requests, agent) = (self.requests.clone(), self.agent.clone());
+                    let old = link.clone();
+                    self.agent.tasks.spawn(drain_moved(old, table.clone(), agent, requests, status.clone()));
+                    return Ok(SessionEnd::Moved(quic));
+                }
                 changed = table.changed() => {
                     if changed.is_err() {
-                        return Ok(());
+                        return Ok(SessionEnd::NoServices);
                     }
                     let (now, now_raw, empty) = {
                         let t = table.borrow_and_update();
                         (t.ports(), raw_wish(&t), t.is_empty())
                     };
                     if empty {
-                        conn.close(0u32.into(), b"no services");
-                        return Ok(());
+                        link.close(0, "no services");
+                        return Ok(SessionEnd::NoServices);
                     }
                     if now != ports {
                         ports = now;
                         let urls = self.hello(&mut ctl_send, &mut ctl_recv, ports.clone()).await?;
-                        self.registered(status, &conn, urls);
+                        self.registered(status, &link, urls);
                     }
                     if now_raw != raw {
                         raw = now_raw;
@@ -463,11 +614,20 @@ impl Link {
                     continue;
                 }
             };
-            let n = self.requests.fetch_add(1, Ordering::Relaxed) + 1;
-            status.send_modify(|s| s.requests = n);
-            let table = table.borrow().clone();
-            let log = self.agent.log.clone();
-            self.agent.tasks.spawn(async move { serve_stream(send, recv, table, log).await });
+            serve_accepted(&self.agent, &self.requests, status, &table, send, recv);
+        }
+    }
+
+    /// Tries QUIC every `quic_retry` (jittered) until a connection comes up.
+    async fn quic_again(&self) -> Link {
+        let t = &self.agent.cfg.transport;
+        let every = Backoff::new(t.quic_retry, t.quic_retry);
+        loop {
+            tokio::time::sleep(every.delay(0)).await;
+            match self.dial_quic(t.quic_fallback_after).await {
+                Ok(link) => return link,
+                Err(e) => debug!(edge = %self.edge(), error = %e, "QUIC still does not connect"),
+            }
         }
     }
 
@@ -475,13 +635,15 @@ impl Link {
     async fn publish(
         &self,
         status: &watch::Sender<FunnelStatus>,
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
         wish: &(Vec<u16>, Vec<u16>),
     ) -> Result<(), FunnelError> {
         let msg = Message::Publish { tcp: wish.0.clone(), tls: wish.1.clone() };
         write_message(send, &msg).await.map_err(FunnelError::Hello)?;
-        let answer = tokio::time::timeout(HELLO_ANSWER, read_message(recv)).await.map_err(|_| FunnelError::Timeout)?;
+        let answer = tokio::time::timeout(HELLO_ANSWER, read_message(recv))
+            .await
+            .map_err(|_| FunnelError::Timeout(HELLO_ANSWER))?;
         let Message::Published { urls, refused } = answer.map_err(FunnelError::NoWelcome)? else {
             return Err(FunnelError::UnexpectedAnswer);
         };
@@ -497,15 +659,66 @@ impl Link {
         Ok(())
     }
 
-    fn registered(&self, status: &watch::Sender<FunnelStatus>, conn: &quinn::Connection, urls: Vec<String>) {
-        info!(edge = %self.edge(), urls = ?urls, "funnel registered");
-        self.set_conn(Some(conn.clone()));
-        self.update(status, |s, link| {
-            link.connected = true;
-            link.last_error = None;
+    fn registered(&self, status: &watch::Sender<FunnelStatus>, link: &Link, urls: Vec<String>) {
+        let transport = link.transport();
+        let proxy = match transport {
+            Transport::Tcp => {
+                self.agent.cfg.transport.proxy.for_host(self.host()).ok().flatten().map(|p| p.to_string())
+            }
+            Transport::Quic => None,
+        };
+        info!(edge = %self.edge(), %transport, proxy = ?proxy, urls = ?urls, "funnel registered");
+        self.set_conn(Some(link.clone()));
+        self.update(status, |s, e| {
+            e.connected = true;
+            e.transport = Some(transport.as_str().to_owned());
+            e.proxy = proxy;
+            e.last_error = None;
             s.urls = urls;
             s.last_error = None;
         });
+    }
+}
+
+/// Any byte stream a TCP tunnel runs over (a TCP connection, or one through a proxy).
+trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Io for T {}
+
+/// Streams the edge may open at once on a tunnel (the node opens only its control stream).
+const PEER_STREAMS: u32 = 4096;
+
+/// Counts a request stream the edge opened and serves it in its own task.
+fn serve_accepted(
+    agent: &Agent,
+    requests: &AtomicU64,
+    status: &watch::Sender<FunnelStatus>,
+    table: &watch::Receiver<Arc<ServiceTable>>,
+    send: SendStream,
+    recv: RecvStream,
+) {
+    let n = requests.fetch_add(1, Ordering::Relaxed) + 1;
+    status.send_modify(|s| s.requests = n);
+    let table = table.borrow().clone();
+    let log = agent.log.clone();
+    agent.tasks.spawn(async move { serve_stream(send, recv, table, log).await });
+}
+
+/// Serves what the edge still sends on a tunnel the node moved off, until the edge closes it
+/// (once its requests there have finished) or [`MOVED_DRAIN`] passes.
+async fn drain_moved(
+    old: Link,
+    table: watch::Receiver<Arc<ServiceTable>>,
+    agent: Arc<Agent>,
+    requests: Arc<AtomicU64>,
+    status: watch::Sender<FunnelStatus>,
+) {
+    let serve = async {
+        while let Ok((send, recv)) = old.accept().await {
+            serve_accepted(&agent, &requests, &status, &table, send, recv);
+        }
+    };
+    if tokio::time::timeout(MOVED_DRAIN, serve).await.is_err() {
+        old.close(0, "moved to another transport");
     }
 }
 
@@ -527,18 +740,56 @@ pub enum FunnelError {
     /// The CA file or TLS settings are unusable.
     #[error("QUIC client config: {0}")]
     Config(#[from] warren_tunnel::QuicConfigError),
+    /// The CA file is unusable (TCP tunnel).
+    #[error("TLS client config: {0}")]
+    TlsConfig(warren_common::tls::TlsError),
     /// No UDP socket for QUIC.
     #[error("cannot bind UDP: {0}")]
     Bind(std::io::Error),
     /// The QUIC dial could not start (e.g. an invalid server name).
     #[error("QUIC connect: {0}")]
     Connect(#[from] quinn::ConnectError),
-    /// The edge did not complete the QUIC handshake in time.
-    #[error("edge did not answer within 10 s")]
-    Timeout,
+    /// The edge did not answer in time.
+    #[error("edge did not answer within {0:?}")]
+    Timeout(Duration),
     /// The QUIC connection failed (handshake refused, certificate, lost).
     #[error("QUIC connection: {0}")]
     Connection(quinn::ConnectionError),
+    /// No TCP connection to the edge's public port.
+    #[error("cannot connect to {target}: {source}")]
+    Tcp {
+        /// `host:port`.
+        target: String,
+        /// The connect error.
+        source: std::io::Error,
+    },
+    /// The HTTP proxy failed or refused.
+    #[error(transparent)]
+    Proxy(#[from] warren_common::proxy::ProxyError),
+    /// The TLS handshake of the TCP tunnel failed.
+    #[error("TLS with {target}{}: {source}{}", via.as_ref().map(|p| format!(" through proxy {p}")).unwrap_or_default(), if via.is_some() { " (does the proxy intercept TLS?)" } else { "" })]
+    Tls {
+        /// `host:port`.
+        target: String,
+        /// The proxy in the way, if any.
+        via: Option<String>,
+        /// The handshake error.
+        source: std::io::Error,
+    },
+    /// The edge's name is not a valid TLS server name.
+    #[error("invalid TLS server name {0:?}")]
+    BadName(String),
+    /// The edge's public port did not accept the TCP tunnel's ALPN.
+    #[error("{0} does not take TCP tunnels (an older edge, or tunnel_tcp = false there)")]
+    NoTcpTunnel(String),
+    /// QUIC and then TCP both failed.
+    #[error("QUIC: {quic}; TCP: {tcp}")]
+    Both {
+        /// Why QUIC failed.
+        quic: Box<FunnelError>,
+        /// Why TCP failed.
+        tcp: Box<FunnelError>,
+    },
     /// The Hello could not be sent.
     #[error("hello: {0}")]
     Hello(std::io::Error),
@@ -551,14 +802,21 @@ pub enum FunnelError {
     /// The edge answered with another message.
     #[error("unexpected answer from the edge")]
     UnexpectedAnswer,
-    /// The registered tunnel closed.
+    /// The tunnel closed (or did not start).
     #[error("tunnel closed: {0}")]
-    Closed(quinn::ConnectionError),
+    Closed(LinkError),
+}
+
+impl FunnelError {
+    fn both(quic: FunnelError, tcp: FunnelError) -> Self {
+        FunnelError::Both { quic: Box::new(quic), tcp: Box::new(tcp) }
+    }
 }
 
 fn client_endpoint(cfg: &FunnelConfig) -> Result<quinn::Endpoint, FunnelError> {
     // The edge opens one stream per request; the node opens only its control stream.
-    let client = quic_client_config(cfg.ca_file.as_deref(), 4096)?;
+    let keep_alive = KeepAlive::dead_after(cfg.transport.dead_after);
+    let client = quic_client_config(cfg.ca_file.as_deref(), PEER_STREAMS, keep_alive)?;
     let mut endpoint = quinn::Endpoint::client(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
         .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))))
         .map_err(FunnelError::Bind)?;
@@ -567,8 +825,8 @@ fn client_endpoint(cfg: &FunnelConfig) -> Result<quinn::Endpoint, FunnelError> {
 }
 /// Serves one request stream from the edge.
 async fn serve_stream(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut send: SendStream,
+    mut recv: RecvStream,
     table: Arc<ServiceTable>,
     log: broadcast::Sender<RequestLog>,
 ) {
@@ -587,7 +845,7 @@ async fn serve_stream(
             let (body, recv) = if upgrade {
                 (Empty::new().map_err(|never: std::convert::Infallible| match never {}).boxed(), Some(recv))
             } else {
-                (QuicBody::new(recv).boxed(), None)
+                (StreamBody::new(recv).boxed(), None)
             };
             let Some(req) = origin_request(&head, &rest, body) else {
                 let page = text(StatusCode::BAD_REQUEST, "bad request head\n");
@@ -636,8 +894,8 @@ impl Began {
 /// Joins a visitor's TCP connection (or passed-through TLS session) to its service.
 async fn serve_connection(
     head: warren_tunnel_proto::ConnectHead,
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    mut send: SendStream,
+    recv: RecvStream,
     table: &ServiceTable,
     log: &broadcast::Sender<RequestLog>,
 ) {
@@ -648,7 +906,7 @@ async fn serve_connection(
     };
     let Some(service) = table.route_conn(kind, head.port) else {
         debug!(port = head.port, "a connection for a port no service holds");
-        let _ = send.reset(0u32.into());
+        send.reset();
         return;
     };
     let Some(raw) = service.raw() else { return };
@@ -689,8 +947,8 @@ fn origin_request(head: &RequestHead, rest: &str, body: Body) -> Option<Request<
 /// bridges the upgraded connection with the stream); returns the status and the body bytes
 /// sent. `framed`: the edge asked for a framed body, which carries trailers.
 async fn respond(
-    send: &mut quinn::SendStream,
-    upgrade_recv: Option<quinn::RecvStream>,
+    send: &mut SendStream,
+    upgrade_recv: Option<RecvStream>,
     framed: bool,
     resp: http::Response<Body>,
 ) -> (u16, u64) {

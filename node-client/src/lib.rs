@@ -12,6 +12,7 @@ pub mod core;
 pub mod fetch;
 pub mod funnel;
 pub mod metrics;
+pub mod net;
 pub mod node;
 pub mod regionmap;
 mod relay_link;

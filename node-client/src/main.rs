@@ -142,6 +142,17 @@ struct UpArgs {
     /// TLS name of the edge, if it differs from the host in --edge.
     #[arg(long)]
     edge_name: Option<String>,
+    /// Tunnel transport to the edges: auto (QUIC, else TCP+TLS on the edge's public port,
+    /// back to QUIC when it works), quic or tcp [default: auto].
+    #[arg(long, value_enum)]
+    transport: Option<warren::net::TransportMode>,
+    /// The edges' public port, where they take TCP tunnels [default: 443].
+    #[arg(long)]
+    edge_tcp_port: Option<u16>,
+    /// HTTP proxy for the relay and the edges' TCP tunnels (http://[user:password@]host:port;
+    /// "none" ignores HTTPS_PROXY and ALL_PROXY) [default: from HTTPS_PROXY, ALL_PROXY].
+    #[arg(long)]
+    proxy: Option<String>,
     /// Token the edge's operator issued for this node's name.
     #[arg(long, env = "WARREN_FUNNEL_TOKEN", hide_env_values = true)]
     funnel_token: Option<String>,
@@ -233,6 +244,8 @@ struct Settings {
     relay_only: bool,
     control: PathBuf,
     funnel: Option<FunnelConfig>,
+    /// The proxy setting (for the relay here; the funnel has its own copy).
+    proxy: warren::net::ProxyChoice,
     admin: Option<std::net::SocketAddr>,
 }
 
@@ -258,6 +271,10 @@ impl Settings {
             None => ConfigDuration::or(file.stun_interval, defaults::STUN_INTERVAL),
         };
         let ca = args.ca.clone().or(file.ca_file.clone());
+        let mut funnel_file = file.funnel.clone();
+        funnel_file.transport = args.transport.or(funnel_file.transport);
+        funnel_file.tcp_port = args.edge_tcp_port.or(funnel_file.tcp_port);
+        let transport = funnel_file.transport(args.proxy.as_deref().or(file.proxy.as_deref()))?;
         let edges = if args.edge.is_empty() { file.funnel.edges.clone() } else { args.edge.clone() };
         let token = match &args.funnel_token {
             Some(t) => Some(t.clone()),
@@ -277,6 +294,7 @@ impl Settings {
                     token,
                     name: args.name.clone().or(file.funnel.name.clone()).unwrap_or_else(default_name),
                     services: file.services.clone(),
+                    transport: transport.clone(),
                 }),
             };
         Ok(Settings {
@@ -288,6 +306,7 @@ impl Settings {
             relay_only: args.relay_only || file.relay_only.unwrap_or(false),
             control: args.control.clone().or(file.control.clone()).unwrap_or_else(|| defaults::CONTROL.into()),
             funnel,
+            proxy: transport.proxy,
             admin: warren::config::admin_listen(&file.admin)?,
         })
     }
@@ -301,6 +320,7 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     cfg.udp_bind = settings.udp;
     cfg.stun_interval = settings.stun_interval;
     cfg.relay_only = settings.relay_only;
+    cfg.proxy = settings.proxy.clone();
     let node = std::sync::Arc::new(Node::start(cfg).await?);
     report(&format!("node {} up; control socket {}", node.public_key().to_hex(), settings.control.display()));
     let cancel = tokio_util::sync::CancellationToken::new();

@@ -47,6 +47,8 @@ pub struct NodeConfig {
     /// Never use direct paths: advertise no endpoints, send no direct pings, ignore direct
     /// datagrams. Every packet goes through the relay.
     pub relay_only: bool,
+    /// The HTTP proxy setting for relay connections.
+    pub proxy: crate::net::ProxyChoice,
 }
 
 impl NodeConfig {
@@ -60,6 +62,7 @@ impl NodeConfig {
             stun_interval: Duration::from_secs(20),
             rehome_interval: Duration::from_secs(30),
             relay_only: false,
+            proxy: crate::net::ProxyChoice::FromEnv,
         }
     }
 }
@@ -129,6 +132,7 @@ impl Node {
         let relay = RelayTask {
             secret: config.secret.clone(),
             ca_file: config.ca_file.clone(),
+            proxy: config.proxy.clone(),
             home: home_rx,
             events: relay_events_tx,
             out: relay_out,

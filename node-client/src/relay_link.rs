@@ -31,6 +31,7 @@ pub(crate) enum RelayEvent {
 pub(crate) struct RelayTask {
     pub(crate) secret: SecretKey,
     pub(crate) ca_file: Option<PathBuf>,
+    pub(crate) proxy: crate::net::ProxyChoice,
     pub(crate) home: watch::Receiver<Option<HomeTarget>>,
     pub(crate) events: mpsc::Sender<RelayEvent>,
     pub(crate) out: mpsc::Receiver<(PublicKey, Bytes)>,
@@ -38,6 +39,15 @@ pub(crate) struct RelayTask {
 }
 
 impl RelayTask {
+    /// Connects to the home relay, through the proxy when one is set for its host.
+    async fn connect(&self, target: &HomeTarget) -> Result<DerpClient, warren_relay_client::ClientError> {
+        let url = warren_common::url::RelayUrl::parse(&target.url)?;
+        let proxy = self.proxy.for_host(&url.host)?;
+        let opts =
+            ConnectOptions { ca_file: self.ca_file.clone(), connect_addr: target.addr, proxy, ..Default::default() };
+        DerpClient::connect_url(&url, &self.secret, &opts).await
+    }
+
     pub(crate) async fn run(mut self) {
         let mut failures = 0u32;
         loop {
@@ -49,11 +59,9 @@ impl RelayTask {
                 }
                 continue;
             };
-            let opts =
-                ConnectOptions { ca_file: self.ca_file.clone(), connect_addr: target.addr, ..Default::default() };
             let connected = tokio::select! {
                 _ = self.cancel.cancelled() => return,
-                c = DerpClient::connect(&target.url, &self.secret, &opts) => c,
+                c = self.connect(&target) => c,
             };
             let wait = match connected {
                 Ok(mut client) => {

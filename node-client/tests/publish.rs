@@ -109,6 +109,7 @@ impl Lab {
             token: TOKEN.into(),
             name: "web".into(),
             services,
+            transport: Default::default(),
         })
     }
 

@@ -41,8 +41,10 @@
 
 use bytes::{Buf, BufMut, BytesMut};
 
-/// ALPN of the tunnel.
+/// ALPN of the tunnel over QUIC.
 pub const ALPN: &[u8] = b"warren-tunnel/1";
+/// ALPN of the tunnel over TCP+TLS (HTTP/2 inside, on the edge's public port).
+pub const ALPN_TCP: &[u8] = b"warren-tunnel-tcp/1";
 /// Protocol version sent in Hello. Version 2 adds [`RequestHead::trailers`] and the framed
 /// response body; an edge accepts every version from [`MIN_VERSION`] and uses version 2
 /// features only with nodes that sent version 2.

@@ -13,12 +13,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quinn::{RecvStream, SendStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use warren_common::limits::LogLimiter;
-use warren_tunnel::{read_message, respond_text, write_message};
+use warren_tunnel::{read_message, respond_text, write_message, RecvStream, SendStream};
 use warren_tunnel_proto::{Message, RequestHead, VERSION};
 
 use crate::config::{defaults, ClusterConfig};
@@ -135,13 +134,10 @@ impl Cluster {
     ) -> Result<Cluster, ClusterSetupError> {
         let store = crate::store::RedisStore::new(&settings.redis_url).map_err(ClusterSetupError::Store)?;
         let ca = settings.ca_file.as_deref().or(dev_ca);
-        let mut client = warren_tunnel::quic_client_config(ca, 4)?;
         // Siblings are close: a link whose sibling died is known dead within PEER_IDLE, so a
         // request forwarded into it fails fast instead of waiting for its response deadline.
-        let mut transport = warren_tunnel::transport_config(4);
-        transport.keep_alive_interval(Some(PEER_IDLE / 3));
-        transport.max_idle_timeout(quinn::IdleTimeout::try_from(PEER_IDLE).ok());
-        client.transport_config(Arc::new(transport));
+        let keep_alive = warren_tunnel::KeepAlive { interval: PEER_IDLE / 3, dead_after: PEER_IDLE };
+        let client = warren_tunnel::quic_client_config(ca, 4, keep_alive)?;
         Ok(Cluster {
             store: Arc::new(store),
             me: format!("{hostname}@{}", settings.advertise),
@@ -237,9 +233,9 @@ impl Cluster {
         for peer in peers.iter().filter(|p| !self.down.contains_key(*p)) {
             let failure = match self.link(endpoint, peer).await {
                 Ok(conn) => match conn.open_bi().await {
-                    Ok(streams) => {
+                    Ok((send, recv)) => {
                         self.forwarded_out.increment(1);
-                        return Ok(streams);
+                        return Ok((send.into(), recv.into()));
                     }
                     Err(e) => PeerLinkError::Connection(e),
                 },
@@ -274,7 +270,8 @@ impl Cluster {
         }
         let dial = async {
             let conn = endpoint.connect_with(self.client.clone(), addr, server_name)?.await?;
-            let (mut send, mut recv) = conn.open_bi().await?;
+            let (send, recv) = conn.open_bi().await?;
+            let (mut send, mut recv) = (SendStream::from(send), RecvStream::from(recv));
             let hello = Message::PeerHello { version: VERSION, key: self.settings.key.expose().to_owned() };
             write_message(&mut send, &hello).await.map_err(PeerLinkError::Write)?;
             match read_message(&mut recv).await? {
@@ -317,7 +314,7 @@ pub(crate) async fn serve_peer(
             Ok(s) => s,
             Err(e) => return info!(%remote, reason = %e, "sibling edge link closed"),
         };
-        tasks.spawn(forwarded(cluster.clone(), local.clone(), send, recv));
+        tasks.spawn(forwarded(cluster.clone(), local.clone(), send.into(), recv.into()));
     }
 }
 
@@ -357,10 +354,10 @@ async fn refuse(peer_send: SendStream, e: RouteError) {
 /// stop of the reading side), so neither end mistakes a cut stream for a complete one.
 async fn splice(mut from: RecvStream, mut to: SendStream) {
     loop {
-        match from.read_chunk(64 << 10, true).await {
+        match from.read_chunk(64 << 10).await {
             Ok(Some(chunk)) => {
-                if to.write_chunk(chunk.bytes).await.is_err() {
-                    let _ = from.stop(0u32.into());
+                if to.write_chunk(chunk).await.is_err() {
+                    from.stop();
                     return;
                 }
             }
@@ -369,7 +366,7 @@ async fn splice(mut from: RecvStream, mut to: SendStream) {
                 return;
             }
             Err(_) => {
-                let _ = to.reset(0u32.into());
+                to.reset();
                 return;
             }
         }

@@ -43,8 +43,10 @@ pub(crate) async fn publish_tcp(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, want
             refused.push(format!("tcp {port}: not a TCP port this edge offers"));
             continue;
         }
-        if let Some(owner) = ports.owner(port) {
-            if owner == tunnel.id {
+        if let Some((holder, owner)) = ports.holder(port) {
+            // A node that reconnected takes its ports over from its previous tunnel.
+            if owner == tunnel.id || holder == tunnel.name {
+                ports.adopt(port, tunnel.id);
                 granted.push(port);
             } else {
                 refused.push(format!("tcp {port}: held by another node"));

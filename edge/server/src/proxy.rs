@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
-use warren_tunnel::{is_hop_by_hop, read_message, send_body, te_is_trailers, write_message, FramedBody, QuicBody};
+use warren_tunnel::{is_hop_by_hop, read_message, send_body, te_is_trailers, write_message, FramedBody, StreamBody};
 use warren_tunnel_proto::{Message, RequestHead, END_STREAM};
 
 use crate::cluster::ForwardError;
@@ -169,7 +169,7 @@ async fn proxy(
                     debug!(error = %e, "request body not fully sent");
                 },
                 _ = done.cancelled() => {
-                    let _ = send.reset(0u32.into());
+                    send.reset();
                     debug!("response complete before the request body: upload abandoned");
                 }
             }
@@ -209,7 +209,7 @@ async fn proxy(
         // A known-empty body stays Empty, so the visitor's HTTP/2 stream ends with the headers.
         _ if empty => drop((permit, response_done)),
         _ if framed => *resp.body_mut() = FramedBody::with_guard(recv, (permit, response_done.drop_guard())).boxed(),
-        _ => *resp.body_mut() = QuicBody::with_guard(recv, (permit, response_done.drop_guard())).boxed(),
+        _ => *resp.body_mut() = StreamBody::with_guard(recv, (permit, response_done.drop_guard())).boxed(),
     }
     Ok(resp)
 }

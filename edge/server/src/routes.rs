@@ -17,15 +17,16 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
-use quinn::{RecvStream, SendStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use warren_common::limits::TokenBucket;
+use warren_tunnel::{Link, RecvStream, SendStream};
 
 use crate::config::{defaults, valid_name};
 
@@ -37,7 +38,8 @@ pub(crate) type Body = BoxBody<Bytes, std::io::Error>;
 pub(crate) struct Tunnel {
     pub(crate) id: u64,
     pub(crate) name: String,
-    pub(crate) conn: quinn::Connection,
+    /// The tunnel, on whichever transport the node came in.
+    pub(crate) conn: Link,
     /// The tunnel protocol version the node spoke in its Hello.
     pub(crate) version: u16,
     /// Public ports the node publishes; a later Hello on the control stream replaces them.
@@ -71,7 +73,7 @@ impl Tunnel {
             return Err(RouteError::RateLimited);
         }
         let permit = self.streams.clone().try_acquire_owned().map_err(|_| RouteError::Busy)?;
-        let (send, recv) = tokio::time::timeout(defaults::OPEN_TIMEOUT, self.conn.open_bi())
+        let (send, recv) = tokio::time::timeout(defaults::OPEN_TIMEOUT, self.conn.open())
             .await
             .map_err(|_| RouteError::NodeTimeout)?
             .map_err(|_| RouteError::NodeUnreachable)?;
@@ -188,6 +190,8 @@ pub(crate) struct Routes {
     next_id: AtomicU64,
     /// Tunnels with TLS passthrough ports: while none, visitors' ClientHellos are not peeked.
     tls_holders: AtomicU64,
+    /// Replaced tunnels still finishing their requests.
+    retiring: std::sync::Mutex<Vec<std::sync::Weak<Tunnel>>>,
 }
 
 impl Routes {
@@ -256,10 +260,26 @@ impl Routes {
         self.map.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Closes every tunnel (shutdown).
+    /// Closes a replaced tunnel once the `max` stream slots of its requests are all free
+    /// again (they have finished), or after `limit`.
+    pub(crate) async fn retire(self: Arc<Self>, old: Arc<Tunnel>, max: u32, limit: Duration) {
+        self.retiring.lock().unwrap_or_else(|e| e.into_inner()).push(Arc::downgrade(&old));
+        let idle = old.streams.clone().acquire_many_owned(max);
+        tokio::select! {
+            _ = tokio::time::timeout(limit, idle) => old.conn.close(2, "replaced by a newer connection"),
+            _ = old.conn.closed() => {}
+        }
+        let gone = Arc::as_ptr(&old);
+        self.retiring.lock().unwrap_or_else(|e| e.into_inner()).retain(|t| t.strong_count() > 0 && t.as_ptr() != gone);
+    }
+
+    /// Closes every tunnel, the retiring ones too (shutdown).
     pub(crate) fn close_all(&self) {
         for t in self.map.read().unwrap_or_else(|e| e.into_inner()).values() {
-            t.conn.close(0u32.into(), b"edge shutting down");
+            t.conn.close(0, "edge shutting down");
+        }
+        for t in self.retiring.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(std::sync::Weak::upgrade) {
+            t.conn.close(0, "edge shutting down");
         }
     }
 }

@@ -27,7 +27,7 @@ use crate::acme::Acme;
 use crate::certs::{CertStore, ACME_TLS_ALPN};
 use crate::cluster::Cluster;
 use crate::config::{Challenge, Config, TlsMode};
-use crate::metrics::{EdgeMetrics, Limited};
+use crate::metrics::EdgeMetrics;
 use crate::passthrough::{passthrough_for, read_client_hello};
 use crate::proxy::{self, ConnInfo};
 use crate::routes::Routes;
@@ -140,6 +140,10 @@ impl Edge {
             c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
             if alpn_challenge {
                 c.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+            }
+            // Nodes whose network blocks UDP tunnel here over TCP (browsers never offer it).
+            if config.tunnel_tcp {
+                c.alpn_protocols.push(warren_tunnel_proto::ALPN_TCP.to_vec());
             }
             TlsAcceptor::from(Arc::new(c))
         };
@@ -314,7 +318,8 @@ fn tunnel_endpoint(config: &Config, store: Arc<CertStore>) -> Result<quinn::Endp
     tls.alpn_protocols = vec![warren_tunnel_proto::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::new(tls))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    server.transport_config(Arc::new(warren_tunnel::transport_config(4)));
+    let keep_alive = warren_tunnel::KeepAlive::dead_after(config.tunnel_dead_after);
+    server.transport_config(Arc::new(warren_tunnel::transport_config(4, keep_alive)));
     quinn::Endpoint::server(server, config.tunnel_listen).map_err(|source| EdgeError::Bind {
         what: "tunnel",
         addr: config.tunnel_listen,
@@ -331,10 +336,7 @@ async fn tunnel_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>, stop: Cance
                 None => return,
             },
         };
-        let allowed =
-            shared.tunnel_rate.lock().unwrap_or_else(|e| e.into_inner()).try_take(std::time::Instant::now(), 1.0);
-        if !allowed {
-            shared.limited(Limited::TunnelRate);
+        if !shared.admit_tunnel() {
             incoming.refuse();
             continue;
         }
@@ -414,6 +416,14 @@ fn serve_visitor(
             _ => return shared.metrics.tls_failures.increment(1),
         };
         let (_, conn) = stream.get_ref();
+        if conn.alpn_protocol() == Some(warren_tunnel_proto::ALPN_TCP) {
+            // A node's tunnel, not a visitor: it counts against the tunnel handshake rate.
+            drop(_slot);
+            if !shared.admit_tunnel() {
+                return;
+            }
+            return crate::tunnel::serve_tcp(shared, stream, visitor).await;
+        }
         let info = Arc::new(ConnInfo {
             visitor,
             port,

@@ -67,6 +67,16 @@ impl Shared {
         }
     }
 
+    /// Takes one node tunnel handshake from the rate, or counts that it was over.
+    pub(crate) fn admit_tunnel(&self) -> bool {
+        let allowed =
+            self.tunnel_rate.lock().unwrap_or_else(|e| e.into_inner()).try_take(std::time::Instant::now(), 1.0);
+        if !allowed {
+            self.limited(Limited::TunnelRate);
+        }
+        allowed
+    }
+
     /// The requested ports this edge serves, in its listeners' order.
     pub(crate) fn served_ports(&self, requested: &[u16]) -> Vec<u16> {
         self.public_ports.iter().copied().filter(|p| requested.contains(p)).collect()

@@ -26,9 +26,11 @@ impl TcpPorts {
         self.held.lock().unwrap_or_else(|e| e.into_inner()).insert(port, held);
     }
 
-    /// The tunnel holding `port`.
-    pub(crate) fn owner(&self, port: u16) -> Option<u64> {
-        self.held.lock().unwrap_or_else(|e| e.into_inner()).get(&port).map(|h| h.tunnel)
+    /// Makes tunnel `tunnel` (the same node's newer one) the holder of `port`.
+    pub(crate) fn adopt(&self, port: u16, tunnel: u64) {
+        if let Some(h) = self.held.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&port) {
+            h.tunnel = tunnel;
+        }
     }
 
     /// Closes the ports of tunnel `id` for which `drop` says so.

@@ -1,18 +1,22 @@
-//! The QUIC side: nodes connect, authenticate with a token, and register their name.
+//! The tunnel side: nodes connect (QUIC on the tunnel port, or TCP+TLS on a public port with
+//! the TCP tunnel's ALPN), authenticate with a token, and register their name.
 //!
-//! A node's first bidirectional stream is its control stream: Hello in, Welcome or Refused
-//! out. The stream stays open: a later Hello on it (same name and token) replaces the ports
-//! the node publishes and gets its own Welcome, or a Refused that leaves the previous ports in
-//! place. A node that reconnects replaces its previous registration (the old connection is
-//! closed). The registration ends when the connection closes.
+//! A node's control stream comes first (see `warren_tunnel::link`): Hello in, Welcome or
+//! Refused out. The stream stays open: a later Hello on it (same name and token) replaces the
+//! ports the node publishes and gets its own Welcome, or a Refused that leaves the previous
+//! ports in place. A node that reconnects (or moves to another transport) replaces its
+//! previous registration: new requests go to the new tunnel at once, and the old one is closed
+//! once the requests it carries have finished, or after [`REPLACED_DRAIN`]. The registration
+//! ends when the tunnel closes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tracing::{debug, info};
-use warren_tunnel::{read_message, write_message};
+use warren_tunnel::{read_message, write_message, KeepAlive, Link, SendStream, TcpLink};
 use warren_tunnel_proto::{Message, MIN_VERSION, VERSION};
 
 use crate::config::valid_name;
@@ -22,6 +26,13 @@ use crate::state::Shared;
 
 /// Time a new connection has to send its Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a replaced tunnel is kept for the requests it still carries.
+pub(crate) const REPLACED_DRAIN: Duration = Duration::from_secs(30);
+
+/// The edge's side of the tunnels' keep-alives.
+pub(crate) fn keep_alive(shared: &Shared) -> KeepAlive {
+    KeepAlive::dead_after(shared.config.tunnel_dead_after)
+}
 
 /// Handles one incoming QUIC connection until it closes.
 pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
@@ -31,18 +42,35 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
         Ok(Err(e)) => return debug!(%remote, error = %e, "tunnel handshake failed"),
         Err(_) => return debug!(%remote, "tunnel handshake timed out"),
     };
-    let (tunnel, control) = match tokio::time::timeout(HELLO_TIMEOUT, register(&shared, &conn, remote)).await {
+    serve_link(shared, Link::Quic(conn), remote).await;
+}
+
+/// Handles a TLS session on a public port that asked for the TCP tunnel, until it closes.
+pub(crate) async fn serve_tcp<T>(shared: Arc<Shared>, io: T, remote: SocketAddr)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let link = match tokio::time::timeout(HELLO_TIMEOUT, TcpLink::edge(io, remote, keep_alive(&shared))).await {
+        Ok(Ok(l)) => l,
+        Ok(Err(e)) => return debug!(%remote, error = %e, "TCP tunnel did not start"),
+        Err(_) => return debug!(%remote, "TCP tunnel handshake timed out"),
+    };
+    serve_link(shared, Link::Tcp(link), remote).await;
+}
+
+async fn serve_link(shared: Arc<Shared>, link: Link, remote: SocketAddr) {
+    let (tunnel, control) = match tokio::time::timeout(HELLO_TIMEOUT, register(&shared, &link, remote)).await {
         Ok(Some(Registered::Node(t, control))) => (t, control),
-        Ok(Some(Registered::Peer)) => {
+        Ok(Some(Registered::Peer(conn))) => {
             let Some(cluster) = shared.cluster.clone() else { return };
             let tasks = shared.tasks.clone();
             return crate::cluster::serve_peer(cluster, shared.local_routes(), conn, remote, tasks).await;
         }
-        _ => return conn.close(1u32.into(), b"no valid hello"),
+        _ => return link.close(1, "no valid hello"),
     };
     let reason = tokio::select! {
-        reason = conn.closed() => reason,
-        () = updates(&shared, &tunnel, control) => conn.closed().await,
+        reason = link.closed() => reason,
+        () = updates(&shared, &tunnel, control) => link.closed().await,
     };
     shared.tcp_ports.release(tunnel.id, |_| true);
     shared.routes.set_tls_ports(&tunnel, Vec::new());
@@ -52,21 +80,21 @@ pub(crate) async fn serve(shared: Arc<Shared>, incoming: quinn::Incoming) {
             c.withdraw(std::slice::from_ref(&tunnel.name)).await;
         }
     }
-    info!(name = %tunnel.name, %remote, %reason, "node tunnel closed");
+    info!(name = %tunnel.name, %remote, transport = %link.transport(), %reason, "node tunnel closed");
 }
 
 /// Who a new connection turned out to be.
 enum Registered {
     /// A node, now registered, with its control stream.
     Node(Arc<Tunnel>, Control),
-    /// A sibling edge, authenticated with the cluster key.
-    Peer,
+    /// A sibling edge, authenticated with the cluster key (siblings link over QUIC only).
+    Peer(quinn::Connection),
 }
 
 /// A node's control stream.
 struct Control {
-    send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    send: SendStream,
+    recv: warren_tunnel::RecvStream,
     token: String,
 }
 
@@ -127,29 +155,32 @@ async fn publish(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, tcp: &[u16], tls: &
     Message::Published { urls, refused }
 }
 
-async fn refuse_with(send: &mut quinn::SendStream, reason: &str) {
+async fn refuse_with(send: &mut SendStream, reason: &str) {
     let _ = write_message(send, &Message::Refused { reason: reason.into() }).await;
     let _ = send.finish();
     // Give the Refused a moment to leave before the connection closes.
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr) -> Option<Registered> {
-    let (mut send, mut recv) = conn.accept_bi().await.ok()?;
+async fn register(shared: &Shared, link: &Link, remote: SocketAddr) -> Option<Registered> {
+    let (mut send, mut recv) = link.accept_control().await.ok()?;
     let refuse = |r: Registration| shared.metrics.registration(r);
     let (version, name, token, ports) = match read_message(&mut recv).await {
         Ok(Message::Hello { version, name, token, ports }) => (version, name, token, ports),
         Ok(Message::PeerHello { version, key }) => {
             let ok = (MIN_VERSION..=VERSION).contains(&version)
                 && shared.cluster.as_ref().is_some_and(|c| c.key_matches(&key));
-            if !ok {
-                refuse(Registration::Unauthorized);
-                info!(%remote, "sibling edge refused: not a cluster member or wrong key");
-                refuse_with(&mut send, "not a member of this cluster").await;
-                return None;
-            }
+            let conn = match link {
+                Link::Quic(c) if ok => c.clone(),
+                _ => {
+                    refuse(Registration::Unauthorized);
+                    info!(%remote, "sibling edge refused: not a cluster member, wrong key or not on QUIC");
+                    refuse_with(&mut send, "not a member of this cluster").await;
+                    return None;
+                }
+            };
             write_message(&mut send, &Message::Welcome { urls: Vec::new() }).await.ok()?;
-            return Some(Registered::Peer);
+            return Some(Registered::Peer(conn));
         }
         _ => {
             refuse(Registration::BadHello);
@@ -184,7 +215,7 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
     let tunnel = Arc::new(Tunnel {
         id,
         name: name.clone(),
-        conn: conn.clone(),
+        conn: link.clone(),
         version,
         ports: std::sync::RwLock::new(ports.clone()),
         tls_ports: std::sync::RwLock::new(Vec::new()),
@@ -193,14 +224,15 @@ async fn register(shared: &Shared, conn: &quinn::Connection, remote: SocketAddr)
     });
     match shared.routes.insert(tunnel.clone()) {
         Some(old) => {
-            old.conn.close(2u32.into(), b"replaced by a newer connection");
-            info!(%name, %remote, "node reconnected; previous tunnel replaced");
+            info!(%name, %remote, transport = %link.transport(), "node reconnected; previous tunnel replaced");
+            let max = shared.config.max_streams_per_tunnel;
+            shared.background.spawn(shared.routes.clone().retire(old, max, REPLACED_DRAIN));
         }
         None => shared.metrics.tunnels.increment(1.0),
     }
     let urls: Vec<String> = ports.iter().map(|p| shared.config.public_url(&name, *p)).collect();
     shared.metrics.registration(Registration::Ok);
-    info!(%name, %remote, urls = ?urls, "node registered");
+    info!(%name, %remote, transport = %link.transport(), urls = ?urls, "node registered");
     if let Some(c) = &shared.cluster {
         c.announce(&name).await;
     }

@@ -137,6 +137,7 @@ async fn run_case(challenge: &str) {
         token: TOKEN.into(),
         name: "web".into(),
         services: vec![ServiceSpec::new(public_port, format!("http://{origin}"))],
+        transport: Default::default(),
     });
     funnel
         .wait_registered(Duration::from_secs(90))

@@ -182,6 +182,7 @@ fn funnel(name: &str, edges: &[&EdgeProc], ca: &Path, target: SocketAddr, port: 
         token: "cluster-node-token".into(),
         name: name.into(),
         services: vec![ServiceSpec::new(port, format!("http://{target}"))],
+        transport: Default::default(),
     })
 }
 
@@ -190,9 +191,11 @@ async fn peer_hello(tunnel: SocketAddr, ca: &Path, key: &str) -> Result<(), Stri
     use warren_tunnel::{quic_client_config, read_message, write_message};
     use warren_tunnel_proto::{Message, VERSION};
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("endpoint");
-    endpoint.set_default_client_config(quic_client_config(Some(ca), 4).expect("client config"));
+    let keep_alive = warren_tunnel::KeepAlive::dead_after(Duration::from_secs(30));
+    endpoint.set_default_client_config(quic_client_config(Some(ca), 4, keep_alive).expect("client config"));
     let conn = endpoint.connect(tunnel, "localhost").expect("connect").await.map_err(|e| e.to_string())?;
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let (mut send, mut recv) = (warren_tunnel::SendStream::from(send), warren_tunnel::RecvStream::from(recv));
     let hello = Message::PeerHello { version: VERSION, key: key.into() };
     write_message(&mut send, &hello).await.map_err(|e| e.to_string())?;
     let answer = tokio::time::timeout(Duration::from_secs(5), read_message(&mut recv)).await;

@@ -150,6 +150,7 @@ impl Lab {
             token: token.into(),
             name: name.into(),
             services: vec![ServiceSpec::new(self.port(), target)],
+            transport: Default::default(),
         })
     }
 

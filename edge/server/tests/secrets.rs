@@ -52,6 +52,7 @@ async fn tokens_never_reach_logs_or_metrics() {
             token: token.into(),
             name: "web".into(),
             services: vec![ServiceSpec::new(public, "http://127.0.0.1:9")],
+            transport: Default::default(),
         })
     };
     let good = funnel(TOKEN);

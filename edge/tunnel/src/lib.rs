@@ -1,5 +1,6 @@
-//! Async glue between QUIC streams, tunnel messages and hyper bodies, used by both ends of the
-//! node-edge tunnel.
+//! Async glue between tunnel streams, tunnel messages and hyper bodies, used by both ends of
+//! the node-edge tunnel, and the tunnel's two transports ([`link`]: QUIC, or HTTP/2 over
+//! TCP+TLS).
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -7,9 +8,14 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame};
-use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
 use warren_tunnel_proto::{Message, TunnelError, MAX_MESSAGE_LEN};
+
+pub mod link;
+pub mod stream;
+
+pub use link::{KeepAlive, Link, LinkError, TcpLink, Transport};
+pub use stream::{ReadExactError, RecvStream, SendStream};
 
 /// Largest chunk read from a stream at once.
 const CHUNK: usize = 64 << 10;
@@ -20,7 +26,7 @@ const CHUNK: usize = 64 << 10;
 pub enum ReadMessageError {
     /// The stream ended early or failed.
     #[error("stream: {0}")]
-    Stream(#[from] quinn::ReadExactError),
+    Stream(#[from] ReadExactError),
     /// The bytes were not a valid message.
     #[error(transparent)]
     Tunnel(#[from] TunnelError),
@@ -33,7 +39,7 @@ pub enum ReadMessageError {
 pub async fn write_message(send: &mut SendStream, msg: &Message) -> std::io::Result<()> {
     let mut buf = BytesMut::new();
     msg.encode(&mut buf).map_err(std::io::Error::other)?;
-    send.write_all(&buf).await.map_err(std::io::Error::other)
+    send.write_all(&buf).await
 }
 
 /// Reads exactly one message (no byte after it is consumed).
@@ -54,14 +60,14 @@ pub async fn read_message(recv: &mut RecvStream) -> Result<Message, ReadMessageE
     Message::decode(&mut buf)?.ok_or(ReadMessageError::Tunnel(TunnelError::Malformed("incomplete message")))
 }
 
-/// A hyper body streaming the rest of a QUIC receive stream, chunk by chunk without copying.
+/// A hyper body streaming the rest of a tunnel stream, chunk by chunk without copying.
 /// Back-pressure: at most a few chunks are read ahead of the consumer.
 #[derive(Debug)]
-pub struct QuicBody {
+pub struct StreamBody {
     rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
 }
 
-impl QuicBody {
+impl StreamBody {
     /// Starts streaming `recv`.
     pub fn new(recv: RecvStream) -> Self {
         Self::with_guard(recv, ())
@@ -74,10 +80,10 @@ impl QuicBody {
         tokio::spawn(async move {
             let _guard = guard;
             loop {
-                let item = match recv.read_chunk(CHUNK, true).await {
-                    Ok(Some(chunk)) => Ok(chunk.bytes),
+                let item = match recv.read_chunk(CHUNK).await {
+                    Ok(Some(chunk)) => Ok(chunk),
                     Ok(None) => return,
-                    Err(e) => Err(std::io::Error::other(e)),
+                    Err(e) => Err(e),
                 };
                 let failed = item.is_err();
                 // The consumer went away: stop reading (dropping `recv` tells the peer).
@@ -86,11 +92,11 @@ impl QuicBody {
                 }
             }
         });
-        QuicBody { rx }
+        StreamBody { rx }
     }
 }
 
-impl Body for QuicBody {
+impl Body for StreamBody {
     type Data = Bytes;
     type Error = std::io::Error;
 
@@ -100,7 +106,7 @@ impl Body for QuicBody {
 }
 
 /// A hyper body read from a framed stream: [`Message::Data`] chunks, at most one
-/// [`Message::Trailers`], then the end of the stream. Like [`QuicBody`], a few frames are read
+/// [`Message::Trailers`], then the end of the stream. Like [`StreamBody`], a few frames are read
 /// ahead of the consumer at most.
 #[derive(Debug)]
 pub struct FramedBody {
@@ -122,7 +128,7 @@ impl FramedBody {
                         Ok(Frame::trailers(header_map(&h)))
                     }
                     // The end of the stream at a message boundary is the end of the body.
-                    Err(ReadMessageError::Stream(quinn::ReadExactError::FinishedEarly(0))) => return,
+                    Err(ReadMessageError::Stream(ReadExactError::FinishedEarly(0))) => return,
                     Ok(_) => Err(std::io::Error::other("unexpected message in a framed body")),
                     Err(e) => Err(std::io::Error::other(e)),
                 };
@@ -171,7 +177,7 @@ where
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
-                let _ = send.reset(0u32.into());
+                send.reset();
                 return Err(std::io::Error::other(e.to_string()));
             }
         };
@@ -190,7 +196,7 @@ where
             }
         }
     }
-    send.finish().map_err(std::io::Error::other)?;
+    send.finish()?;
     Ok(sent)
 }
 
@@ -208,32 +214,30 @@ where
         let frame = match frame {
             Ok(f) => f,
             Err(e) => {
-                let _ = send.reset(0u32.into());
+                send.reset();
                 return Err(std::io::Error::other(e.to_string()));
             }
         };
         if let Ok(data) = frame.into_data() {
             sent += data.len() as u64;
-            send.write_chunk(data).await.map_err(std::io::Error::other)?;
+            send.write_chunk(data).await?;
         }
     }
-    send.finish().map_err(std::io::Error::other)?;
+    send.finish()?;
     Ok(sent)
 }
 
 /// QUIC transport settings of the tunnel, both ends: large flow-control windows so one stream
-/// is not capped at a few MB/s, keep-alives so NAT mappings stay open, and `peer_streams`
-/// bidirectional streams the peer may open.
-pub fn transport_config(peer_streams: u32) -> quinn::TransportConfig {
+/// is not capped at a few MB/s, keep-alives (which also keep NAT mappings open) and the idle
+/// timeout from `keep_alive`, and `peer_streams` bidirectional streams the peer may open.
+pub fn transport_config(peer_streams: u32, keep_alive: KeepAlive) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(peer_streams.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.stream_receive_window((16u32 << 20).into());
     t.receive_window((64u32 << 20).into());
     t.send_window(64 << 20);
-    t.keep_alive_interval(Some(std::time::Duration::from_secs(10)));
-    // 30 s fits in the idle-timeout VarInt; the conversion cannot fail.
-    t.max_idle_timeout(quinn::IdleTimeout::try_from(std::time::Duration::from_secs(30)).ok());
+    keep_alive.apply(&mut t);
     t
 }
 
@@ -258,13 +262,27 @@ pub async fn respond_text(mut send: SendStream, status: u16, text: &str) {
 pub fn quic_client_config(
     ca_file: Option<&std::path::Path>,
     peer_streams: u32,
+    keep_alive: KeepAlive,
 ) -> Result<quinn::ClientConfig, QuicConfigError> {
     let mut tls = (*warren_common::tls::client_config(ca_file)?).clone();
     tls.alpn_protocols = vec![warren_tunnel_proto::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
     let mut client = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
-    client.transport_config(std::sync::Arc::new(transport_config(peer_streams)));
+    client.transport_config(std::sync::Arc::new(transport_config(peer_streams, keep_alive)));
     Ok(client)
+}
+
+/// A TLS client configuration for the TCP tunnel (ALPN [`warren_tunnel_proto::ALPN_TCP`]),
+/// trusting the system roots plus `ca_file`.
+///
+/// # Errors
+/// When `ca_file` is unusable.
+pub fn tcp_client_config(
+    ca_file: Option<&std::path::Path>,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, warren_common::tls::TlsError> {
+    let mut tls = (*warren_common::tls::client_config(ca_file)?).clone();
+    tls.alpn_protocols = vec![warren_tunnel_proto::ALPN_TCP.to_vec()];
+    Ok(std::sync::Arc::new(tls))
 }
 
 /// Why a QUIC client configuration could not be built.

@@ -21,6 +21,12 @@ pub struct FileConfig {
     pub public_listen: Option<Vec<String>>,
     /// QUIC tunnel listener (UDP).
     pub tunnel_listen: Option<String>,
+    /// Take node tunnels over TCP+TLS on the public ports too (ALPN `warren-tunnel-tcp/1`),
+    /// for nodes whose network blocks UDP. Default true.
+    pub tunnel_tcp: Option<bool>,
+    /// A node tunnel silent this long is closed as dead, e.g. "30s" (nodes may ask for less:
+    /// on QUIC the shorter idle timeout of the two ends applies).
+    pub tunnel_dead_after: Option<ConfigDuration>,
     /// TLS.
     #[serde(default)]
     pub tls: TlsFile,

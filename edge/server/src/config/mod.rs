@@ -29,6 +29,8 @@ pub mod defaults {
     pub const FUNNEL_DOMAIN: &str = "funnel.localhost";
     /// Time for the node to answer a request with its response head.
     pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+    /// Silence after which a node tunnel is closed as dead.
+    pub const TUNNEL_DEAD_AFTER: Duration = Duration::from_secs(30);
     /// Time to open a stream to a node.
     pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
     /// Requests in flight per tunnel.
@@ -199,6 +201,10 @@ pub struct Config {
     pub public_listen: Vec<SocketAddr>,
     /// Tunnel listener.
     pub tunnel_listen: SocketAddr,
+    /// Whether nodes may tunnel over TCP+TLS on the public ports.
+    pub tunnel_tcp: bool,
+    /// Silence after which a node tunnel is closed as dead.
+    pub tunnel_dead_after: Duration,
     /// TLS.
     pub tls: TlsMode,
     /// Node tokens.
@@ -328,6 +334,13 @@ impl TryFrom<FileConfig> for Config {
             state_dir: f.state_dir.unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR)),
             public_listen,
             tunnel_listen: socket_addr("tunnel_listen", f.tunnel_listen.as_deref().unwrap_or(defaults::TUNNEL_LISTEN))?,
+            tunnel_tcp: f.tunnel_tcp.unwrap_or(true),
+            tunnel_dead_after: match ConfigDuration::or(f.tunnel_dead_after, defaults::TUNNEL_DEAD_AFTER) {
+                d if d < Duration::from_secs(1) || d > Duration::from_secs(600) => {
+                    return Err(ConfigError::invalid("tunnel_dead_after", "between 1s and 600s"))
+                }
+                d => d,
+            },
             tls,
             tokens,
             admin_listen,
