@@ -48,11 +48,18 @@ impl KeepAlive {
         KeepAlive { interval: dead_after / 4, dead_after }
     }
 
+    /// How long an unanswered keep-alive may wait: the idle timer restarts at the first
+    /// keep-alive sent after the last sign of life, up to `interval` later, so waiting
+    /// `dead_after - interval` from there keeps the whole silence within `dead_after`.
+    fn answer_within(&self) -> Duration {
+        self.dead_after.saturating_sub(self.interval).max(self.interval)
+    }
+
     /// Applies the settings to a QUIC transport (keep-alive interval and idle timeout; the idle
     /// timeout in use is the smaller of the two ends').
     pub fn apply(&self, t: &mut quinn::TransportConfig) {
         t.keep_alive_interval(Some(self.interval));
-        t.max_idle_timeout(quinn::IdleTimeout::try_from(self.dead_after).ok());
+        t.max_idle_timeout(quinn::IdleTimeout::try_from(self.answer_within()).ok());
     }
 }
 
@@ -395,7 +402,7 @@ async fn drive(
 /// `dead_after`).
 async fn keep_alives(ping: Option<h2::PingPong>, keep_alive: KeepAlive, state: &State) -> String {
     let Some(mut ping) = ping else { return std::future::pending().await };
-    let wait = keep_alive.dead_after.saturating_sub(keep_alive.interval).max(keep_alive.interval);
+    let wait = keep_alive.answer_within();
     loop {
         let sent = Instant::now();
         match tokio::time::timeout(wait, ping.ping(h2::Ping::opaque())).await {
