@@ -13,12 +13,15 @@ fi
 # The NAT lab (node-client/tests/natlab.rs) builds network namespaces with iproute2 and iptables;
 # the ACME tests (edge/server/tests/acme.rs) run Debian's pebble test CA; the edge cluster tests
 # (edge/server/tests/cluster.rs) start their own Debian redis-server on a free loopback port;
-# the publishing tests (node-client/tests/publish.rs) visit the funnel with curl.
+# the publishing tests (node-client/tests/publish.rs) visit the funnel with curl; the tunnel
+# and relay go through a real forward proxy, tinyproxy (edge/server/tests/transports.rs,
+# node-client/tests/proxylab.rs).
 if [ "$(id -u)" = 0 ] && { ! command -v iptables >/dev/null || ! command -v ip >/dev/null \
-    || ! command -v pebble >/dev/null || ! command -v redis-server >/dev/null || ! command -v curl >/dev/null; }; then
-    echo "==> installing iproute2, iptables, pebble, redis-server and curl"
+    || ! command -v pebble >/dev/null || ! command -v redis-server >/dev/null || ! command -v curl >/dev/null \
+    || ! command -v tinyproxy >/dev/null; }; then
+    echo "==> installing iproute2, iptables, pebble, redis-server, curl and tinyproxy"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables pebble redis-server curl >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables pebble redis-server curl tinyproxy >/dev/null
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "==> installing cargo-nextest"
@@ -49,7 +52,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> tests"
 export WARREN_REQUIRE_PYNACL=1 WARREN_REQUIRE_GRPC=1
 # As root (CI), the NAT lab must run; elsewhere it skips with a message.
-if [ "$(id -u)" = 0 ]; then export WARREN_REQUIRE_NETNS=1 WARREN_REQUIRE_PEBBLE=1 WARREN_REQUIRE_REDIS=1; fi
+if [ "$(id -u)" = 0 ]; then
+    export WARREN_REQUIRE_NETNS=1 WARREN_REQUIRE_PEBBLE=1 WARREN_REQUIRE_REDIS=1 WARREN_REQUIRE_PROXY=1
+fi
 # The NAT lab runs the relay and node binaries in namespaces.
 cargo build --workspace --bins --locked
 cargo test --workspace --locked --doc --quiet

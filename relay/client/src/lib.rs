@@ -108,8 +108,8 @@ pub struct ConnectOptions {
     pub connect_addr: Option<std::net::SocketAddr>,
     /// Local address to connect from (e.g. one of many 127.0.0.x for load tests).
     pub bind_ip: Option<std::net::IpAddr>,
-    /// Reach the relay through this HTTP proxy (CONNECT); `connect_addr` and `bind_ip` are
-    /// then unused.
+    /// Reach the relay through this HTTP proxy (CONNECT to `connect_addr` when set, else to the
+    /// URL's host); `bind_ip` is then unused.
     pub proxy: Option<warren_common::proxy::Proxy>,
 }
 
@@ -171,7 +171,11 @@ impl DerpClient {
 
     async fn connect_inner(url: &RelayUrl, secret: &SecretKey, opts: &ConnectOptions) -> Result<Self, ClientError> {
         let io: Box<dyn Io> = match &opts.proxy {
-            Some(proxy) => Box::new(proxy.connect(&url.host, url.port, opts.timeout).await?),
+            // The proxy is asked for the address the region map gives, when it gives one.
+            Some(proxy) => match opts.connect_addr {
+                Some(a) => Box::new(proxy.connect(&a.ip().to_string(), a.port(), opts.timeout).await?),
+                None => Box::new(proxy.connect(&url.host, url.port, opts.timeout).await?),
+            },
             None => Box::new(Self::dial(url, opts).await?),
         };
         let io: Box<dyn Io> = if url.tls {
