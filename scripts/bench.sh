@@ -2,7 +2,8 @@
 # Benchmarks with their baselines in one run, all on 127.0.0.1 (release build):
 #   relay: closed loop, a paced sweep up to 0.1 % loss, p99 at half that load, bulk vs a plain
 #          TCP forwarder (socat), idle RSS per client;
-#   edge:  funnel vs the origin directly vs Caddy as a TLS reverse proxy (HTTP/1.1 and HTTP/2).
+#   edge:  funnel vs the origin directly vs Caddy as a TLS reverse proxy (HTTP/1.1 and HTTP/2),
+#          and the funnel's TCP tunnel vs its QUIC tunnel.
 # Figures are for reading as ratios within one run; the machine is shared and noisy.
 # Usage: scripts/bench.sh [--quick] [--idle N] [--bin DIR] [--only relay|edge]
 #   --bin DIR   run the binaries in DIR (warren-relay, warren-edge, warren, warren-loadtest)
@@ -131,4 +132,24 @@ echo "--- HTTP/2, 4 connections x 8 streams, closed loop"
 $L edge "${E[@]}" --connections 4 --http2 --streams 8
 echo "--- one connection, one request at a time (added latency)"
 $L edge "${E[@]}" --connections 1
+# The TCP tunnel (HTTP/2 over TLS on the edge's public port) against the QUIC tunnel: a
+# second node publishing the same origin with --transport tcp, its URL first, the QUIC
+# node's as the baseline.
+if $bin/warren up --help | grep -q -- '--transport'; then
+    $bin/warren up --region-map "$state/map.json" --ca "$state/relay/dev-ca.pem" --edge 127.0.0.1:17443 \
+        --edge-name localhost --edge-ca "$state/edge/dev-ca.pem" --funnel-token dev --name demotcp \
+        --transport tcp --edge-tcp-port 10443 \
+        --key-file "$state/node-tcp.key" --control "$state/node-tcp.sock" 2>"$state/node-tcp.log" & pids+=($!)
+    for _ in $(seq 100); do [ -S "$state/node-tcp.sock" ] && break; sleep 0.1; done
+    $bin/warren funnel --bg 18781 --https-port 10443 --control "$state/node-tcp.sock" >/dev/null
+    T=(--url https://demotcp.funnel.localhost:10443/index.html --ca "$state/cas.pem"
+       --resolve demotcp.funnel.localhost:10443:127.0.0.1 --resolve demo.funnel.localhost:10443:127.0.0.1
+       --baseline https://demo.funnel.localhost:10443/index.html --seconds "$SECONDS_PER")
+    echo "--- tunnel transports: TCP (url) vs QUIC (baseline), HTTP/1.1, 16 connections"
+    $L edge "${T[@]}" --connections 16
+    echo "--- tunnel transports: TCP (url) vs QUIC (baseline), one connection"
+    $L edge "${T[@]}" --connections 1
+    echo "--- tunnel transports: TCP (url) vs QUIC (baseline), HTTP/2, 4 connections x 8 streams"
+    $L edge "${T[@]}" --connections 4 --http2 --streams 8
+fi
 nginx -c "$state/nginx.conf" -s stop 2>/dev/null || true

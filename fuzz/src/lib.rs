@@ -28,6 +28,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("http_head", http_head),
     ("static_request", static_request),
     ("node_config", node_config),
+    ("proxy_answer", proxy_answer),
 ];
 
 /// DERP frames, as the relay and client read them (any split of the stream).
@@ -155,4 +156,20 @@ pub fn node_config(data: &[u8]) {
     let _ = warren::services::Target::parse(text);
     let _ = warren::services::Target::parse_tcp(text);
     let _ = warren::services::clean_mount(text);
+}
+
+/// A proxy's answer to CONNECT, and proxy URLs and `NO_PROXY` lists from operators.
+pub fn proxy_answer(data: &[u8]) {
+    match warren_common::proxy::parse_answer(data) {
+        Ok(Some(a)) => assert!(a.head_len <= data.len()),
+        Ok(None) => assert!(data.len() < warren_common::proxy::MAX_ANSWER),
+        Err(_) => {}
+    }
+    let text = String::from_utf8_lossy(data);
+    if let Ok(p) = warren_common::proxy::Proxy::parse(&text) {
+        let shown = p.to_string();
+        assert!(shown.starts_with("http://"), "{shown}");
+    }
+    let (list, host) = text.split_once('\n').unwrap_or((&text, "example.com"));
+    let _ = warren_common::proxy::no_proxy_matches(list, host);
 }

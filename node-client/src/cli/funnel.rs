@@ -307,11 +307,16 @@ fn render_status(f: &Value) -> String {
     }
     out.push_str("Edges:\n");
     for e in f["edges"].as_array().cloned().unwrap_or_default() {
-        let state = if e["connected"].as_bool() == Some(true) { "connected" } else { "not connected" };
+        let connected = e["connected"].as_bool() == Some(true);
+        let state = if connected { "connected" } else { "not connected" };
+        let over = match (e["transport"].as_str().filter(|_| connected), e["proxy"].as_str()) {
+            (Some(t), Some(p)) => format!(" over {t} via proxy {p}"),
+            (Some(t), None) => format!(" over {t}"),
+            (None, _) => String::new(),
+        };
         let rtt = e["rtt_ms"].as_f64().map(|r| format!(", rtt {r:.1} ms")).unwrap_or_default();
-        let err =
-            e["last_error"].as_str().filter(|_| state != "connected").map(|r| format!(" ({r})")).unwrap_or_default();
-        let _ = writeln!(out, "  {}  {state}{rtt}{err}", e["edge"].as_str().unwrap_or("?"));
+        let err = e["last_error"].as_str().filter(|_| !connected).map(|r| format!(" ({r})")).unwrap_or_default();
+        let _ = writeln!(out, "  {}  {state}{over}{rtt}{err}", e["edge"].as_str().unwrap_or("?"));
     }
     let _ = write!(out, "Requests: {}", f["requests"].as_u64().unwrap_or(0));
     out
@@ -386,5 +391,15 @@ mod tests {
             Edges:\n  127.0.0.1:7443  connected, rtt 0.4 ms\nRequests: 7";
         assert_eq!(text, expected);
         assert_eq!(clock(3723.004), "01:02:03.004Z");
+        let edges = json!({"edges": [
+            {"edge": "a:7443", "connected": true, "transport": "quic", "rtt_ms": 1.0},
+            {"edge": "b:7443", "connected": true, "transport": "tcp", "proxy": "http://p:3128", "rtt_ms": 2.5},
+            {"edge": "c:7443", "connected": false, "last_error": "QUIC: timed out; TCP: refused"},
+        ], "requests": 0});
+        assert_eq!(
+            render_status(&edges),
+            "Nothing is published. Try `warren funnel 3000`.\nEdges:\n  a:7443  connected over quic, rtt 1.0 ms\n  b:7443  connected over tcp via proxy http://p:3128, rtt 2.5 ms\n  \
+             c:7443  not connected (QUIC: timed out; TCP: refused)\nRequests: 0"
+        );
     }
 }
