@@ -136,10 +136,11 @@ $L edge "${E[@]}" --connections 1
 # second node publishing the same origin with --transport tcp, its URL first, the QUIC
 # node's as the baseline.
 if $bin/warren up --help | grep -q -- '--transport'; then
+    mkdir -p "$state/tcp"   # its own services.json (it sits beside the key)
     $bin/warren up --region-map "$state/map.json" --ca "$state/relay/dev-ca.pem" --edge 127.0.0.1:17443 \
         --edge-name localhost --edge-ca "$state/edge/dev-ca.pem" --funnel-token dev --name demotcp \
         --transport tcp --edge-tcp-port 10443 \
-        --key-file "$state/node-tcp.key" --control "$state/node-tcp.sock" 2>"$state/node-tcp.log" & pids+=($!)
+        --key-file "$state/tcp/node.key" --control "$state/node-tcp.sock" 2>"$state/node-tcp.log" & pids+=($!)
     for _ in $(seq 100); do [ -S "$state/node-tcp.sock" ] && break; sleep 0.1; done
     $bin/warren funnel --bg 18781 --https-port 10443 --control "$state/node-tcp.sock" >/dev/null
     T=(--url https://demotcp.funnel.localhost:10443/index.html --ca "$state/cas.pem"

@@ -1,9 +1,12 @@
 //! Sans-IO messages of the tunnel between a node and an edge.
 //!
-//! The node opens one QUIC connection to the edge (ALPN [`ALPN`]). Streams:
+//! The node opens one QUIC connection to the edge (ALPN [`ALPN`]), or, where UDP does not
+//! pass, one TLS connection to the edge's public port (ALPN [`ALPN_TCP`]) carrying HTTP/2 in
+//! which the edge is the client: there the edge opens every stream, the control stream first
+//! (`warren_tunnel::link` has the details). The streams carry the same messages either way:
 //!
 //! ```text
-//! control stream (the node's first bidirectional stream)
+//! control stream (QUIC: the node's first bidirectional stream; TCP: the edge's first stream)
 //!   node -> edge  Hello { version, name, token, ports }
 //!   edge -> node  Welcome { urls } | Refused { reason }      then the stream stays open
 //!   node -> edge  Hello again (same name and token): the node's ports change

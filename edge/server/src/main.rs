@@ -15,7 +15,7 @@ use warren_edge::Edge;
 const EXIT_CONFIG: u8 = 64;
 
 /// Warren edge (Funnel): serves https://<node>.<funnel domain> for nodes that tunnel to it
-/// over QUIC.
+/// over QUIC, or over TCP+TLS on the public ports where UDP is blocked.
 ///
 /// Settings come from the TOML file given with --config; flags override the file.
 #[derive(Debug, Parser)]

@@ -61,6 +61,7 @@ pub fn describe() {
     describe_counter!("edge_requests_total", "Visitor requests answered, by status class");
     describe_histogram!("edge_request_duration_seconds", Unit::Seconds, "Time from request to response head");
     describe_gauge!("edge_tunnels", "Node tunnels connected");
+    describe_gauge!("edge_tcp_tunnels", "Node tunnels on the TCP transport (from networks without UDP)");
     describe_counter!("edge_tunnel_registrations_total", "Node registrations, by result");
     describe_counter!("edge_tls_handshake_failures_total", "Visitor TLS handshakes that failed");
     describe_counter!("edge_acme_orders_total", "ACME certificate orders, by result");
@@ -76,6 +77,7 @@ pub struct EdgeMetrics {
     requests: [Counter; 5],
     pub(crate) duration: Histogram,
     pub(crate) tunnels: Gauge,
+    pub(crate) tcp_tunnels: Gauge,
     pub(crate) tls_failures: Counter,
     registrations: [Counter; 4],
     limited: [Counter; 4],
@@ -89,6 +91,7 @@ impl EdgeMetrics {
                 .map(|c| metrics::counter!("edge_requests_total", "status_class" => c)),
             duration: metrics::histogram!("edge_request_duration_seconds"),
             tunnels: metrics::gauge!("edge_tunnels"),
+            tcp_tunnels: metrics::gauge!("edge_tcp_tunnels"),
             tls_failures: metrics::counter!("edge_tls_handshake_failures_total"),
             registrations: Registration::ALL
                 .map(|r| metrics::counter!("edge_tunnel_registrations_total", "result" => r.label())),

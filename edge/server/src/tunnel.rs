@@ -16,7 +16,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tracing::{debug, info};
-use warren_tunnel::{read_message, write_message, KeepAlive, Link, SendStream, TcpLink};
+use warren_tunnel::{read_message, write_message, KeepAlive, Link, SendStream, TcpLink, Transport};
 use warren_tunnel_proto::{Message, MIN_VERSION, VERSION};
 
 use crate::config::valid_name;
@@ -68,10 +68,17 @@ async fn serve_link(shared: Arc<Shared>, link: Link, remote: SocketAddr) {
         }
         _ => return link.close(1, "no valid hello"),
     };
+    let tcp = link.transport() == Transport::Tcp;
+    if tcp {
+        shared.metrics.tcp_tunnels.increment(1.0);
+    }
     let reason = tokio::select! {
         reason = link.closed() => reason,
         () = updates(&shared, &tunnel, control) => link.closed().await,
     };
+    if tcp {
+        shared.metrics.tcp_tunnels.decrement(1.0);
+    }
     shared.tcp_ports.release(tunnel.id, |_| true);
     shared.routes.set_tls_ports(&tunnel, Vec::new());
     if shared.routes.remove(&tunnel.name, tunnel.id) {

@@ -39,7 +39,7 @@ pub enum ReadMessageError {
 pub async fn write_message(send: &mut SendStream, msg: &Message) -> std::io::Result<()> {
     let mut buf = BytesMut::new();
     msg.encode(&mut buf).map_err(std::io::Error::other)?;
-    send.write_all(&buf).await
+    send.write_chunk(buf.freeze()).await
 }
 
 /// Reads exactly one message (no byte after it is consumed).
