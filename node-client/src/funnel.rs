@@ -517,10 +517,14 @@ impl EdgeTunnel {
             let name = rustls_pki_types::ServerName::try_from(self.server_name())
                 .map_err(|_| FunnelError::BadName(self.server_name()))?;
             let via = proxy.as_ref().map(|p| p.to_string());
-            let tls = tokio_rustls::TlsConnector::from(tls)
-                .connect(name, io)
-                .await
-                .map_err(|source| FunnelError::Tls { target: target.clone(), via: via.clone(), source })?;
+            let tls = match tokio_rustls::TlsConnector::from(tls).connect(name, io).await {
+                Ok(tls) => tls,
+                // An edge that does not offer the TCP tunnel's ALPN refuses the handshake.
+                Err(e) if e.to_string().contains("NoApplicationProtocol") => {
+                    return Err(FunnelError::NoTcpTunnel(target.clone()))
+                }
+                Err(source) => return Err(FunnelError::Tls { target: target.clone(), via: via.clone(), source }),
+            };
             if tls.get_ref().1.alpn_protocol() != Some(warren_tunnel_proto::ALPN_TCP) {
                 return Err(FunnelError::NoTcpTunnel(target.clone()));
             }

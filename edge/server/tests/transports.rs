@@ -108,9 +108,14 @@ struct Lab {
 }
 
 async fn lab() -> Lab {
+    lab_with("").await
+}
+
+/// An edge with extra top-level settings.
+async fn lab_with(extra: &str) -> Lab {
     let dir = tempfile::tempdir().expect("tempdir");
     let toml = format!(
-        "funnel_domain = \"funnel.test\"\npublic_listen = [\"127.0.0.1:0\"]\ntunnel_listen = \"127.0.0.1:0\"\n[admin]\nenabled = false\n[[tokens]]\ntoken = \"{TOKEN}\"\nnames = [\"web\"]\n"
+        "funnel_domain = \"funnel.test\"\npublic_listen = [\"127.0.0.1:0\"]\ntunnel_listen = \"127.0.0.1:0\"\n{extra}\n[admin]\nenabled = false\n[[tokens]]\ntoken = \"{TOKEN}\"\nnames = [\"web\"]\n"
     );
     let mut f = FileConfig::parse(&toml).expect("config");
     f.state_dir = Some(dir.path().to_path_buf());
@@ -500,4 +505,19 @@ async fn a_real_proxy_with_basic_auth_carries_the_tcp_tunnel() {
     assert_eq!(lab.request("GET", "/hello", Bytes::new()).await, (StatusCode::OK, "hello over any transport".into()));
     let upload = Bytes::from(vec![3u8; 2 << 20]);
     assert_eq!(lab.request("POST", "/count", upload).await, (StatusCode::OK, (2u64 << 20).to_string()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_without_tcp_tunnels_says_so_and_quic_still_works() {
+    let lab = lab_with("tunnel_tcp = false").await;
+    let funnel = lab.funnel(lab.edge.tunnel_addr(), lab.transport(TransportMode::Tcp));
+    wait_status(&funnel, Duration::from_secs(10), "no TCP tunnels there", |s| {
+        s.last_error.as_deref().is_some_and(|e| e.contains("does not take TCP tunnels"))
+    })
+    .await;
+    funnel.shutdown(Duration::from_secs(1)).await;
+    let funnel = lab.funnel(lab.edge.tunnel_addr(), lab.transport(TransportMode::Auto));
+    funnel.wait_registered(Duration::from_secs(10)).await.expect("registered over QUIC");
+    assert!(transport_is(&funnel.status(), "quic"));
+    assert_eq!(lab.request("GET", "/hello", Bytes::new()).await.0, StatusCode::OK);
 }
