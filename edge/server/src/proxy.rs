@@ -196,6 +196,7 @@ async fn proxy(
             resp.headers_mut().append(n, v);
         }
     }
+    let stall = shared.config.stalled_reader;
     match (switching, on_upgrade, send) {
         (true, Some(on_upgrade), Some(send)) => {
             shared.tasks.spawn(async move {
@@ -208,8 +209,10 @@ async fn proxy(
         }
         // A known-empty body stays Empty, so the visitor's HTTP/2 stream ends with the headers.
         _ if empty => drop((permit, response_done)),
-        _ if framed => *resp.body_mut() = FramedBody::with_guard(recv, (permit, response_done.drop_guard())).boxed(),
-        _ => *resp.body_mut() = StreamBody::with_guard(recv, (permit, response_done.drop_guard())).boxed(),
+        _ if framed => {
+            *resp.body_mut() = FramedBody::with_guard(recv, (permit, response_done.drop_guard()), stall).boxed()
+        }
+        _ => *resp.body_mut() = StreamBody::with_guard(recv, (permit, response_done.drop_guard()), stall).boxed(),
     }
     Ok(resp)
 }

@@ -521,3 +521,50 @@ async fn an_edge_without_tcp_tunnels_says_so_and_quic_still_works() {
     assert!(transport_is(&funnel.status(), "quic"));
     assert_eq!(lab.request("GET", "/hello", Bytes::new()).await.0, StatusCode::OK);
 }
+
+/// Opens `n` downloads of /big whose bodies are never read; keeps them open.
+type Held = (hyper::client::conn::http1::SendRequest<OriginBody>, Response<Incoming>);
+
+async fn stalled_downloads(lab: &Lab, n: usize) -> Vec<Held> {
+    let mut held = Vec::new();
+    for _ in 0..n {
+        let mut v = lab.visitor().await;
+        let req =
+            Request::get("/big").header("host", "web.funnel.test").body(Full::new(Bytes::new()).boxed()).expect("req");
+        let resp = tokio::time::timeout(Duration::from_secs(10), v.send_request(req)).await.expect("head").expect("ok");
+        assert_eq!(resp.status(), StatusCode::OK);
+        held.push((v, resp));
+    }
+    held
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_visitors_who_stop_reading_do_not_stall_the_tunnel_on_either_transport() {
+    for mode in [TransportMode::Quic, TransportMode::Tcp] {
+        let lab = lab().await;
+        let funnel = lab.funnel(lab.edge.tunnel_addr(), lab.transport(mode));
+        funnel.wait_registered(Duration::from_secs(10)).await.expect("registered");
+        // Each holds a full stream window unread at the edge; 24 of them were once enough to
+        // use up the tunnel's connection window.
+        let held = stalled_downloads(&lab, 24).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let answer = tokio::time::timeout(Duration::from_secs(5), lab.request("GET", "/hello", Bytes::new())).await;
+        assert_eq!(answer.map(|a| a.0).ok(), Some(StatusCode::OK), "{mode:?}: the tunnel still answers");
+        drop(held);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_stalled_past_the_limit_loses_its_response_as_an_error() {
+    let lab = lab_with("[limits]\nstalled_reader = \"1s\"").await;
+    let funnel = lab.funnel(lab.edge.tunnel_addr(), lab.transport(TransportMode::Tcp));
+    funnel.wait_registered(Duration::from_secs(10)).await.expect("registered");
+    let mut held = stalled_downloads(&lab, 1).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The edge gave up on the stalled response: reading it now ends in an error, not a
+    // complete-looking body.
+    let (_conn, resp) = held.pop().expect("one");
+    let read = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect()).await.expect("ends");
+    assert!(read.is_err(), "a cut response is an error to the visitor");
+    assert_eq!(lab.request("GET", "/hello", Bytes::new()).await.0, StatusCode::OK);
+}

@@ -4,6 +4,7 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -19,6 +20,11 @@ pub use stream::{ReadExactError, RecvStream, SendStream};
 
 /// Largest chunk read from a stream at once.
 const CHUNK: usize = 64 << 10;
+
+/// Longest a streamed body waits, by default, for its reader to take the next chunk. Past it
+/// the stream is reset: its unread bytes stop holding the tunnel's connection window (nginx's
+/// `send_timeout` plays the same part).
+pub const STALLED_READER: Duration = Duration::from_secs(30);
 
 /// Why a tunnel message could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -64,35 +70,20 @@ pub async fn read_message(recv: &mut RecvStream) -> Result<Message, ReadMessageE
 /// Back-pressure: at most a few chunks are read ahead of the consumer.
 #[derive(Debug)]
 pub struct StreamBody {
-    rx: mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    feed: Feed,
 }
 
 impl StreamBody {
-    /// Starts streaming `recv`.
+    /// Starts streaming `recv` (a reader that stalls for [`STALLED_READER`] loses it).
     pub fn new(recv: RecvStream) -> Self {
-        Self::with_guard(recv, ())
+        Self::with_guard(recv, (), STALLED_READER)
     }
 
     /// Starts streaming `recv`, keeping `guard` alive until the stream is done (e.g. a permit
-    /// that counts the request as in flight).
-    pub fn with_guard<G: Send + 'static>(mut recv: RecvStream, guard: G) -> Self {
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            let _guard = guard;
-            loop {
-                let item = match recv.read_chunk(CHUNK).await {
-                    Ok(Some(chunk)) => Ok(chunk),
-                    Ok(None) => return,
-                    Err(e) => Err(e),
-                };
-                let failed = item.is_err();
-                // The consumer went away: stop reading (dropping `recv` tells the peer).
-                if tx.send(item).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        StreamBody { rx }
+    /// that counts the request as in flight); a reader that takes nothing for `stall` loses
+    /// the stream.
+    pub fn with_guard<G: Send + 'static>(recv: RecvStream, guard: G, stall: Duration) -> Self {
+        StreamBody { feed: Feed::start(Raw(recv), guard, stall) }
     }
 }
 
@@ -101,7 +92,7 @@ impl Body for StreamBody {
     type Error = std::io::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(Frame::data)))
+        self.feed.poll(cx)
     }
 }
 
@@ -110,35 +101,14 @@ impl Body for StreamBody {
 /// ahead of the consumer at most.
 #[derive(Debug)]
 pub struct FramedBody {
-    rx: mpsc::Receiver<Result<Frame<Bytes>, std::io::Error>>,
+    feed: Feed,
 }
 
 impl FramedBody {
-    /// Starts reading `recv`, keeping `guard` alive until the stream is done.
-    pub fn with_guard<G: Send + 'static>(mut recv: RecvStream, guard: G) -> Self {
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            let _guard = guard;
-            let mut trailers_seen = false;
-            loop {
-                let item = match read_message(&mut recv).await {
-                    Ok(Message::Data(d)) if !trailers_seen => Ok(Frame::data(Bytes::from(d))),
-                    Ok(Message::Trailers(h)) if !trailers_seen => {
-                        trailers_seen = true;
-                        Ok(Frame::trailers(header_map(&h)))
-                    }
-                    // The end of the stream at a message boundary is the end of the body.
-                    Err(ReadMessageError::Stream(ReadExactError::FinishedEarly(0))) => return,
-                    Ok(_) => Err(std::io::Error::other("unexpected message in a framed body")),
-                    Err(e) => Err(std::io::Error::other(e)),
-                };
-                let failed = item.is_err();
-                if tx.send(item).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        FramedBody { rx }
+    /// Starts reading `recv`, keeping `guard` alive until the stream is done, for a reader
+    /// that takes something at least every `stall`.
+    pub fn with_guard<G: Send + 'static>(recv: RecvStream, guard: G, stall: Duration) -> Self {
+        FramedBody { feed: Feed::start(Framed { recv, trailers_seen: false }, guard, stall) }
     }
 }
 
@@ -147,7 +117,84 @@ impl Body for FramedBody {
     type Error = std::io::Error;
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        self.rx.poll_recv(cx)
+        self.feed.poll(cx)
+    }
+}
+
+/// Where a body's frames come from.
+trait Source: Send + 'static {
+    /// The next frame; `None` at the end.
+    fn next(&mut self) -> impl std::future::Future<Output = Option<std::io::Result<Frame<Bytes>>>> + Send;
+}
+
+/// The stream's bytes as they come.
+struct Raw(RecvStream);
+
+impl Source for Raw {
+    async fn next(&mut self) -> Option<std::io::Result<Frame<Bytes>>> {
+        self.0.read_chunk(CHUNK).await.transpose().map(|r| r.map(Frame::data))
+    }
+}
+
+/// Data and Trailers messages.
+struct Framed {
+    recv: RecvStream,
+    trailers_seen: bool,
+}
+
+impl Source for Framed {
+    async fn next(&mut self) -> Option<std::io::Result<Frame<Bytes>>> {
+        Some(match read_message(&mut self.recv).await {
+            Ok(Message::Data(d)) if !self.trailers_seen => Ok(Frame::data(Bytes::from(d))),
+            Ok(Message::Trailers(h)) if !self.trailers_seen => {
+                self.trailers_seen = true;
+                Ok(Frame::trailers(header_map(&h)))
+            }
+            // The end of the stream at a message boundary is the end of the body.
+            Err(ReadMessageError::Stream(ReadExactError::FinishedEarly(0))) => return None,
+            Ok(_) => Err(std::io::Error::other("unexpected message in a framed body")),
+            Err(e) => Err(std::io::Error::other(e)),
+        })
+    }
+}
+
+/// Frames a task reads ahead of a body's reader: a few at most, and none once the reader has
+/// not taken one for the stall limit (the stream is dropped then, and the body ends with an
+/// error rather than looking complete).
+#[derive(Debug)]
+struct Feed {
+    rx: mpsc::Receiver<std::io::Result<Frame<Bytes>>>,
+    stalled: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Feed {
+    fn start<S: Source, G: Send + 'static>(mut source: S, guard: G, stall: Duration) -> Feed {
+        let (tx, rx) = mpsc::channel(4);
+        let stalled = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stalled.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            while let Some(item) = source.next().await {
+                let failed = item.is_err();
+                match tokio::time::timeout(stall, tx.send(item)).await {
+                    Ok(Ok(())) if !failed => {}
+                    // The reader went away, or the stream failed: stop (dropping the stream
+                    // tells the peer).
+                    Ok(_) => return,
+                    Err(_) => return flag.store(true, std::sync::atomic::Ordering::Relaxed),
+                }
+            }
+        });
+        Feed { rx, stalled }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Option<std::io::Result<Frame<Bytes>>>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(None) if self.stalled.load(std::sync::atomic::Ordering::Relaxed) => {
+                Poll::Ready(Some(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the reader stopped reading"))))
+            }
+            other => other,
+        }
     }
 }
 
@@ -234,8 +281,8 @@ pub fn transport_config(peer_streams: u32, keep_alive: KeepAlive) -> quinn::Tran
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(peer_streams.into());
     t.max_concurrent_uni_streams(0u32.into());
-    t.stream_receive_window((16u32 << 20).into());
-    t.receive_window((64u32 << 20).into());
+    t.stream_receive_window(link::STREAM_WINDOW.into());
+    t.receive_window(link::CONNECTION_WINDOW.into());
     t.send_window(64 << 20);
     keep_alive.apply(&mut t);
     t

@@ -143,6 +143,9 @@ impl fmt::Debug for TokenFile {
 pub struct LimitsFile {
     /// e.g. "60s".
     pub response_timeout: Option<ConfigDuration>,
+    /// A visitor that takes no byte of a response for this long loses it, e.g. "30s": what it
+    /// left unread stops holding the node's tunnel window.
+    pub stalled_reader: Option<ConfigDuration>,
     /// Requests in flight per tunnel.
     pub max_streams_per_tunnel: Option<u32>,
     /// Visitor requests per second per funnel name (0 or absent: unlimited); over it, 429.

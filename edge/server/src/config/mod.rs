@@ -213,6 +213,8 @@ pub struct Config {
     pub admin_listen: Option<SocketAddr>,
     /// Response head deadline.
     pub response_timeout: Duration,
+    /// Longest a visitor may take no byte of a response.
+    pub stalled_reader: Duration,
     /// Requests in flight per tunnel.
     pub max_streams_per_tunnel: u32,
     /// Requests per funnel name, if limited.
@@ -345,6 +347,12 @@ impl TryFrom<FileConfig> for Config {
             tokens,
             admin_listen,
             response_timeout: ConfigDuration::or(f.limits.response_timeout, defaults::RESPONSE_TIMEOUT),
+            stalled_reader: match ConfigDuration::or(f.limits.stalled_reader, warren_tunnel::STALLED_READER) {
+                d if d < Duration::from_millis(100) => {
+                    return Err(ConfigError::invalid("limits.stalled_reader", "at least 100ms"))
+                }
+                d => d,
+            },
             max_streams_per_tunnel: match f.limits.max_streams_per_tunnel.unwrap_or(defaults::MAX_STREAMS_PER_TUNNEL) {
                 n @ 1..=MAX_STREAMS_LIMIT => n,
                 n => {
