@@ -377,9 +377,7 @@ async fn serve_admin(
                 };
                 let funnel = daemon.funnel().map(warren::funnel::Funnel::status);
                 if let Some(f) = &funnel {
-                    let connected = f.edges.iter().filter(|e| e.connected).count();
-                    let rtts = f.edges.iter().enumerate().filter_map(|(i, e)| e.rtt_ms.map(|r| (i, r)));
-                    warren::metrics::funnel_gauges(connected, f.services.len(), rtts);
+                    warren::metrics::funnel_gauges(f);
                 }
                 let published = funnel.is_none_or(|f| f.services.is_empty() || f.connected);
                 ready.store(relay && published, std::sync::atomic::Ordering::Relaxed);

@@ -16,6 +16,7 @@ pub fn describe() {
         "From a request's arrival to the end of its response."
     );
     describe_gauge!("node_funnel_edges_connected", "Edges the node is registered on.");
+    describe_gauge!("node_funnel_edges_tcp", "Edges the node is registered on over the TCP tunnel (UDP blocked).");
     describe_gauge!("node_funnel_tunnel_rtt_seconds", Unit::Seconds, "Round-trip time of the tunnel, by edge.");
     describe_gauge!("node_funnel_services", "Services published.");
     describe_gauge!("node_relay_connected", "1 while the home relay connection is up.");
@@ -39,12 +40,15 @@ pub(crate) fn request(service: &str, status: u16, bytes: u64, seconds: f64) {
     histogram!("node_funnel_request_duration_seconds").record(seconds);
 }
 
-/// Sets the funnel's gauges: edges connected, services published, and the round-trip time of
-/// each edge's tunnel (by the edge's index), in milliseconds.
-pub fn funnel_gauges(edges_connected: usize, services: usize, rtt_ms: impl Iterator<Item = (usize, f64)>) {
-    gauge!("node_funnel_edges_connected").set(edges_connected as f64);
-    gauge!("node_funnel_services").set(services as f64);
-    for (i, rtt) in rtt_ms {
+/// Sets the funnel's gauges: edges connected (and how many of them over the TCP tunnel),
+/// services published, and the round-trip time of each edge's tunnel (by the edge's index).
+pub fn funnel_gauges(f: &crate::funnel::FunnelStatus) {
+    let connected = f.edges.iter().filter(|e| e.connected);
+    gauge!("node_funnel_edges_connected").set(connected.clone().count() as f64);
+    let tcp = connected.filter(|e| e.transport.as_deref() == Some("tcp")).count();
+    gauge!("node_funnel_edges_tcp").set(tcp as f64);
+    gauge!("node_funnel_services").set(f.services.len() as f64);
+    for (i, rtt) in f.edges.iter().enumerate().filter_map(|(i, e)| e.rtt_ms.map(|r| (i, r))) {
         gauge!("node_funnel_tunnel_rtt_seconds", "edge" => i.to_string()).set(rtt / 1e3);
     }
 }

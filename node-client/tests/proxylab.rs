@@ -238,7 +238,8 @@ fn a_node_behind_a_udp_blocking_proxy_network_publishes_over_tcp_and_moves_back_
         format!(
             "region_map = \"map.json\"\nca_file = \"srv/relay/dev-ca.pem\"\nkey_file = \"node.key\"\ncontrol = \"node.sock\"\nproxy = \"http://10.77.0.1:8888\"\n\
              [funnel]\nedges = [\"10.77.0.1:7443\"]\nedge_name = \"edge.lab\"\nedge_ca = \"srv/edge/dev-ca.pem\"\ntoken = \"{TOKEN}\"\nname = \"web\"\n\
-             quic_fallback_after = \"2s\"\nquic_retry = \"2s\"\n[[service]]\ntarget = \"./site\"\n"
+             quic_fallback_after = \"2s\"\nquic_retry = \"2s\"\n[admin]\nenabled = true\nlisten = \"127.0.0.1:9092\"\n\
+             [[service]]\ntarget = \"./site\"\n"
         ),
     )
     .expect("node config");
@@ -278,6 +279,19 @@ fn a_node_behind_a_udp_blocking_proxy_network_publishes_over_tcp_and_moves_back_
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert_eq!(curl(&lab), "published through a proxy\n");
+    // The node's own metrics say it is on the TCP tunnel (gauges refresh every second).
+    let tcp_gauge = |lab: &Lab| {
+        let out = lab.exec("node", &["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9092/metrics"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find(|l| l.starts_with("node_funnel_edges_tcp "))
+            .map(str::to_owned)
+    };
+    wait_for(
+        Duration::from_secs(10),
+        || tcp_gauge(&lab).as_deref() == Some("node_funnel_edges_tcp 1"),
+        || format!("metrics: {:?}", tcp_gauge(&lab)),
+    );
     // The proxy was the only way: the node's namespace cannot open the edge's port itself.
     let direct = lab.exec("node", &["bash", "-c", "exec 3<>/dev/tcp/10.77.0.1/443"]);
     assert!(!direct.status.success(), "the node's network lets TCP past the proxy");
@@ -290,6 +304,11 @@ fn a_node_behind_a_udp_blocking_proxy_network_publishes_over_tcp_and_moves_back_
         || format!("not back on QUIC: {}\n{}", control(&sock, json!({"cmd": "funnel_status"})), lab.log("node.log")),
     );
     assert_eq!(curl(&lab), "published through a proxy\n");
+    wait_for(
+        Duration::from_secs(10),
+        || tcp_gauge(&lab).as_deref() == Some("node_funnel_edges_tcp 0"),
+        || format!("metrics: {:?}", tcp_gauge(&lab)),
+    );
     eprintln!(
         "figure: node start to funnel on TCP via tinyproxy {:.2} s (quic_fallback_after 2 s); UDP allowed to back on QUIC {:.2} s (quic_retry 2 s, jittered 1-3 s)",
         fell_back.as_secs_f64(),
