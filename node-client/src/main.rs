@@ -377,7 +377,10 @@ async fn serve_admin(
                 };
                 let funnel = daemon.funnel().map(warren::funnel::Funnel::status);
                 if let Some(f) = &funnel {
-                    warren::metrics::funnel_gauges(f);
+                    let connected: Vec<_> = f.edges.iter().filter(|e| e.connected).collect();
+                    let tcp = connected.iter().filter(|e| e.transport.as_deref() == Some("tcp")).count();
+                    let rtts = f.edges.iter().enumerate().filter_map(|(i, e)| e.rtt_ms.map(|r| (i, r)));
+                    warren::metrics::funnel_gauges(connected.len(), tcp, f.services.len(), rtts);
                 }
                 let published = funnel.is_none_or(|f| f.services.is_empty() || f.connected);
                 ready.store(relay && published, std::sync::atomic::Ordering::Relaxed);

@@ -40,15 +40,19 @@ pub(crate) fn request(service: &str, status: u16, bytes: u64, seconds: f64) {
     histogram!("node_funnel_request_duration_seconds").record(seconds);
 }
 
-/// Sets the funnel's gauges: edges connected (and how many of them over the TCP tunnel),
-/// services published, and the round-trip time of each edge's tunnel (by the edge's index).
-pub fn funnel_gauges(f: &crate::funnel::FunnelStatus) {
-    let connected = f.edges.iter().filter(|e| e.connected);
-    gauge!("node_funnel_edges_connected").set(connected.clone().count() as f64);
-    let tcp = connected.filter(|e| e.transport.as_deref() == Some("tcp")).count();
-    gauge!("node_funnel_edges_tcp").set(tcp as f64);
-    gauge!("node_funnel_services").set(f.services.len() as f64);
-    for (i, rtt) in f.edges.iter().enumerate().filter_map(|(i, e)| e.rtt_ms.map(|r| (i, r))) {
+/// Sets the funnel's gauges: edges connected and how many of them over the TCP tunnel,
+/// services published, and the round-trip time of each edge's tunnel (by the edge's index),
+/// in milliseconds.
+pub fn funnel_gauges(
+    edges_connected: usize,
+    edges_tcp: usize,
+    services: usize,
+    rtt_ms: impl Iterator<Item = (usize, f64)>,
+) {
+    gauge!("node_funnel_edges_connected").set(edges_connected as f64);
+    gauge!("node_funnel_edges_tcp").set(edges_tcp as f64);
+    gauge!("node_funnel_services").set(services as f64);
+    for (i, rtt) in rtt_ms {
         gauge!("node_funnel_tunnel_rtt_seconds", "edge" => i.to_string()).set(rtt / 1e3);
     }
 }
