@@ -321,7 +321,7 @@ impl Agent {
                 endpoint: endpoint.clone(),
                 agent: agent.clone(),
                 requests: requests.clone(),
-                udp_blocked: std::sync::atomic::AtomicBool::new(agent.cfg.transport.mode == TransportMode::Tcp),
+                udp_blocked: std::sync::atomic::AtomicBool::new(false),
             };
             links.spawn(link.run(status.clone(), table.clone(), cancel.clone()));
         }
@@ -520,9 +520,7 @@ impl EdgeTunnel {
             let tls = match tokio_rustls::TlsConnector::from(tls).connect(name, io).await {
                 Ok(tls) => tls,
                 // An edge that does not offer the TCP tunnel's ALPN refuses the handshake.
-                Err(e) if e.to_string().contains("NoApplicationProtocol") => {
-                    return Err(FunnelError::NoTcpTunnel(target.clone()))
-                }
+                Err(e) if refused_alpn(&e) => return Err(FunnelError::NoTcpTunnel(target.clone())),
                 Err(source) => return Err(FunnelError::Tls { target: target.clone(), via: via.clone(), source }),
             };
             if tls.get_ref().1.alpn_protocol() != Some(warren_tunnel_proto::ALPN_TCP) {
@@ -682,6 +680,12 @@ impl EdgeTunnel {
             s.last_error = None;
         });
     }
+}
+
+/// Whether a TLS handshake failed because the server offers none of the client's ALPNs.
+fn refused_alpn(e: &std::io::Error) -> bool {
+    let no_alpn = rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol);
+    e.get_ref().and_then(|inner| inner.downcast_ref::<rustls::Error>()) == Some(&no_alpn)
 }
 
 /// Any byte stream a TCP tunnel runs over (a TCP connection, or one through a proxy).
