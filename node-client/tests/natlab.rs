@@ -18,11 +18,13 @@
 //! `WARREN_REQUIRE_NETNS=1` (CI sets it) makes that a failure.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use netns::{bin, control, wait_for, Netns};
 use serde_json::{json, Value};
+
+mod netns;
 
 const NODE_PORT: u16 = 41641;
 const PACKETS: u32 = 40;
@@ -44,62 +46,27 @@ impl Nat {
     }
 }
 
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn lab_available() -> bool {
-    let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    let tools = ["ip", "iptables"].iter().all(|t| Command::new(t).arg("-V").output().is_ok_and(|o| o.status.success()));
-    if root && tools {
-        return true;
-    }
-    if std::env::var_os("WARREN_REQUIRE_NETNS").is_some_and(|v| v == "1") {
-        panic!("the NAT lab needs root, iproute2 and iptables (WARREN_REQUIRE_NETNS=1)");
-    }
-    eprintln!("skipping the NAT lab: needs root, iproute2 and iptables");
-    false
-}
-
-fn bin(name: &str) -> PathBuf {
-    // Binaries of the workspace live next to this package's own.
-    let here = PathBuf::from(env!("CARGO_BIN_EXE_warren"));
-    let path = here.with_file_name(name);
-    assert!(path.exists(), "{} not built: run `cargo build --workspace --bins` first", path.display());
-    path
-}
-
+/// The NAT lab: [`Netns`] plus what this lab does with it.
 struct Lab {
-    ns: Vec<String>,
-    children: Vec<Child>,
-    dir: tempfile::TempDir,
-    prefix: String,
+    net: Netns,
 }
 
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in self.ns.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
+impl std::ops::Deref for Lab {
+    type Target = Netns;
+    fn deref(&self) -> &Netns {
+        &self.net
+    }
+}
+
+impl std::ops::DerefMut for Lab {
+    fn deref_mut(&mut self) -> &mut Netns {
+        &mut self.net
     }
 }
 
 impl Lab {
     fn new(a: Nat, b: Nat) -> Lab {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let prefix = format!("wl{}x{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
-        let mut lab = Lab { ns: Vec::new(), children: Vec::new(), dir: tempfile::tempdir().expect("tempdir"), prefix };
-        for n in ["inet", "natA", "nodeA", "natB", "nodeB"] {
-            let name = lab.name(n);
-            run(&["ip", "netns", "add", &name]);
-            lab.ns.push(name);
-            lab.ip(n, &["link", "set", "dev", "lo", "up"]);
-        }
+        let lab = Lab { net: Netns::new("wl", &["inet", "natA", "nodeA", "natB", "nodeB"]) };
         lab.link("inet", "toa", "198.18.1.1/24", "natA", "wan", "198.18.1.2/24");
         lab.link("inet", "tob", "198.18.2.1/24", "natB", "wan", "198.18.2.2/24");
         lab.link("natA", "lan", "10.1.0.1/24", "nodeA", "eth0", "10.1.0.2/24");
@@ -115,33 +82,6 @@ impl Lab {
         lab.nat("natA", a, "10.1.0.2", "198.18.1.2");
         lab.nat("natB", b, "10.2.0.2", "198.18.2.2");
         lab
-    }
-
-    fn name(&self, n: &str) -> String {
-        format!("{}{n}", self.prefix)
-    }
-
-    fn ip(&self, ns: &str, args: &[&str]) {
-        let name = self.name(ns);
-        let mut v = vec!["ip", "-n", &name];
-        v.extend_from_slice(args);
-        run(&v);
-    }
-
-    fn exec(&self, ns: &str, args: &[&str]) {
-        let name = self.name(ns);
-        let mut v = vec!["ip", "netns", "exec", &name];
-        v.extend_from_slice(args);
-        run(&v);
-    }
-
-    fn link(&self, ns1: &str, if1: &str, addr1: &str, ns2: &str, if2: &str, addr2: &str) {
-        let (n1, n2) = (self.name(ns1), self.name(ns2));
-        run(&["ip", "link", "add", "name", if1, "netns", &n1, "type", "veth", "peer", "name", if2, "netns", &n2]);
-        self.ip(ns1, &["addr", "add", addr1, "dev", if1]);
-        self.ip(ns2, &["addr", "add", addr2, "dev", if2]);
-        self.ip(ns1, &["link", "set", "dev", if1, "up"]);
-        self.ip(ns2, &["link", "set", "dev", if2, "up"]);
     }
 
     fn nat(&self, ns: &str, kind: Nat, inside: &str, public: &str) {
@@ -207,28 +147,6 @@ impl Lab {
             ns,
             &["iptables", "-A", "INPUT", "-i", "wan", "-m", "conntrack", "--ctstate", "NEW,INVALID", "-j", "DROP"],
         );
-    }
-
-    fn spawn(&mut self, ns: &str, log: &str, args: &[&str]) {
-        let name = self.name(ns);
-        let log = std::fs::File::create(self.dir.path().join(log)).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &name])
-            .args(args)
-            .env("RUST_LOG", "info,warren=debug")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn");
-        self.children.push(child);
-    }
-
-    fn path(&self, f: &str) -> PathBuf {
-        self.dir.path().join(f)
-    }
-
-    fn log(&self, f: &str) -> String {
-        std::fs::read_to_string(self.path(f)).unwrap_or_default()
     }
 
     /// Two relays sharing one dev CA, and the region map: region 1 is the home relay, region 2
@@ -313,19 +231,6 @@ impl Lab {
     }
 }
 
-fn wait_for(limit: Duration, mut ok: impl FnMut() -> bool, msg: impl Fn() -> String) {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "{}", msg());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn control(sock: &Path, req: Value) -> Value {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(warren::control::request(sock, &req)).unwrap_or(Value::Null)
-}
-
 fn status(sock: &Path) -> Value {
     control(sock, json!({"cmd": "status"}))["status"].clone()
 }
@@ -408,7 +313,7 @@ fn report(a: Nat, b: Nat, o: &Outcome) {
 }
 
 fn case(a: Nat, b: Nat, want_direct: bool) {
-    if !lab_available() {
+    if !netns::available("NAT lab", &[]) {
         return;
     }
     let mut lab = Lab::new(a, b);
@@ -446,7 +351,7 @@ fn symmetric_to_symmetric_stays_on_the_relay() {
 
 #[test]
 fn cut_direct_path_fails_over_to_the_relay() {
-    if !lab_available() {
+    if !netns::available("NAT lab", &[]) {
         return;
     }
     let mut lab = Lab::new(Nat::PortRestricted, Nat::PortRestricted);

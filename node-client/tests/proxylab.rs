@@ -14,150 +14,36 @@
 //! Needs root, iproute2, iptables and tinyproxy: without them it skips, unless
 //! `WARREN_REQUIRE_NETNS=1` (CI sets it) makes that a failure.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use netns::{bin, control, wait_for, Netns};
+use serde_json::json;
+
+mod netns;
 
 const TOKEN: &str = "proxylab-token-0123456789";
 
-fn run(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+/// The lab: [`Netns`] with its two namespaces linked and the node's firewall in place.
+fn lab() -> Netns {
+    let lab = Netns::new("wp", &["srv", "node"]);
+    lab.link("srv", "up0", "10.77.0.1/24", "node", "eth0", "10.77.0.2/24");
+    // The node's network: no UDP at all, TCP only to the proxy.
+    for rule in [
+        "-A OUTPUT -o lo -j ACCEPT",
+        "-A OUTPUT -p udp -j DROP",
+        "-A OUTPUT -p tcp -d 10.77.0.1 --dport 8888 -j ACCEPT",
+        "-A OUTPUT -p tcp -j REJECT --reject-with tcp-reset",
+    ] {
+        iptables(&lab, "node", rule);
+    }
+    lab
 }
 
-fn available() -> bool {
-    let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-    let tools = ["ip", "iptables"].iter().all(|t| Command::new(t).arg("-V").output().is_ok_and(|o| o.status.success()))
-        && Command::new("tinyproxy").arg("-v").output().is_ok();
-    if root && tools {
-        return true;
-    }
-    if std::env::var_os("WARREN_REQUIRE_NETNS").is_some_and(|v| v == "1") {
-        panic!("the proxy lab needs root, iproute2, iptables and tinyproxy (WARREN_REQUIRE_NETNS=1)");
-    }
-    eprintln!("skipping the proxy lab: needs root, iproute2, iptables and tinyproxy");
-    false
-}
-
-fn bin(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_BIN_EXE_warren")).with_file_name(name);
-    assert!(path.exists(), "{} not built: run `cargo build --workspace --bins` first", path.display());
-    path.display().to_string()
-}
-
-struct Lab {
-    ns: Vec<String>,
-    children: Vec<Child>,
-    dir: tempfile::TempDir,
-    prefix: String,
-}
-
-impl Drop for Lab {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for ns in self.ns.iter().rev() {
-            let _ = Command::new("ip").args(["netns", "del", ns]).output();
-        }
-    }
-}
-
-impl Lab {
-    fn new() -> Lab {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let prefix = format!("wp{}x{}", std::process::id() % 100_000, N.fetch_add(1, Ordering::Relaxed));
-        let mut lab = Lab { ns: Vec::new(), children: Vec::new(), dir: tempfile::tempdir().expect("tempdir"), prefix };
-        for n in ["srv", "node"] {
-            let name = lab.name(n);
-            run(&["ip", "netns", "add", &name]);
-            lab.ns.push(name);
-            lab.ip(n, &["link", "set", "dev", "lo", "up"]);
-        }
-        let (srv, node) = (lab.name("srv"), lab.name("node"));
-        run(&[
-            "ip", "link", "add", "name", "up0", "netns", &srv, "type", "veth", "peer", "name", "eth0", "netns", &node,
-        ]);
-        lab.ip("srv", &["addr", "add", "10.77.0.1/24", "dev", "up0"]);
-        lab.ip("node", &["addr", "add", "10.77.0.2/24", "dev", "eth0"]);
-        lab.ip("srv", &["link", "set", "dev", "up0", "up"]);
-        lab.ip("node", &["link", "set", "dev", "eth0", "up"]);
-        // The node's network: no UDP at all, TCP only to the proxy.
-        for rule in [
-            "-A OUTPUT -o lo -j ACCEPT",
-            "-A OUTPUT -p udp -j DROP",
-            "-A OUTPUT -p tcp -d 10.77.0.1 --dport 8888 -j ACCEPT",
-            "-A OUTPUT -p tcp -j REJECT --reject-with tcp-reset",
-        ] {
-            lab.iptables("node", rule);
-        }
-        lab
-    }
-
-    fn name(&self, n: &str) -> String {
-        format!("{}{n}", self.prefix)
-    }
-
-    fn ip(&self, ns: &str, args: &[&str]) {
-        let name = self.name(ns);
-        let mut v = vec!["ip", "-n", &name];
-        v.extend_from_slice(args);
-        run(&v);
-    }
-
-    fn exec(&self, ns: &str, args: &[&str]) -> std::process::Output {
-        Command::new("ip").args(["netns", "exec", &self.name(ns)]).args(args).output().expect("ip netns exec")
-    }
-
-    fn iptables(&self, ns: &str, rule: &str) {
-        let mut args = vec!["iptables"];
-        args.extend(rule.split(' '));
-        let out = self.exec(ns, &args);
-        assert!(out.status.success(), "iptables {rule}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-
-    fn spawn(&mut self, ns: &str, log: &str, args: &[&str]) {
-        let log = std::fs::File::create(self.path(log)).expect("log file");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.name(ns)])
-            .args(args)
-            .env("RUST_LOG", "info,warren=debug")
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .env_remove("ALL_PROXY")
-            .env_remove("all_proxy")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("spawn");
-        self.children.push(child);
-    }
-
-    fn path(&self, f: &str) -> PathBuf {
-        self.dir.path().join(f)
-    }
-
-    fn log(&self, f: &str) -> String {
-        std::fs::read_to_string(self.path(f)).unwrap_or_default()
-    }
-}
-
-fn wait_for(limit: Duration, mut ok: impl FnMut() -> bool, msg: impl Fn() -> String) -> Duration {
-    let start = Instant::now();
-    while !ok() {
-        assert!(start.elapsed() < limit, "{}", msg());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
-}
-
-fn control(sock: &Path, req: Value) -> Value {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    rt.block_on(warren::control::request(sock, &req)).unwrap_or(Value::Null)
+fn iptables(lab: &Netns, ns: &str, rule: &str) {
+    let mut args = vec!["iptables"];
+    args.extend(rule.split(' '));
+    lab.exec(ns, &args);
 }
 
 fn edge_transport(sock: &Path) -> Option<String> {
@@ -168,10 +54,10 @@ fn edge_transport(sock: &Path) -> Option<String> {
 
 #[test]
 fn a_node_behind_a_udp_blocking_proxy_network_publishes_over_tcp_and_moves_back_to_quic() {
-    if !available() {
+    if !netns::available("proxy lab", &["tinyproxy"]) {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = lab();
     let state = lab.path("srv");
     std::fs::create_dir_all(&state).expect("state dir");
     let st = state.display().to_string();
@@ -181,7 +67,7 @@ fn a_node_behind_a_udp_blocking_proxy_network_publishes_over_tcp_and_moves_back_
         "srv",
         "relay.log",
         &[
-            &bin("warren-relay"),
+            &bin("warren-relay").display().to_string(),
             "--dev",
             "--state-dir",
             &format!("{st}/relay"),
@@ -208,7 +94,7 @@ fn a_node_behind_a_udp_blocking_proxy_network_publishes_over_tcp_and_moves_back_
     )
     .expect("edge config");
     let edge_conf = edge_conf.display().to_string();
-    lab.spawn("srv", "edge.log", &[&bin("warren-edge"), "--config", &edge_conf]);
+    lab.spawn("srv", "edge.log", &[&bin("warren-edge").display().to_string(), "--config", &edge_conf]);
     wait_for(Duration::from_secs(15), || lab.log("edge.log").contains("edge listening"), || lab.log("edge.log"));
     // The proxy.
     let proxy_conf = lab.path("tinyproxy.conf");
@@ -221,7 +107,7 @@ fn a_node_behind_a_udp_blocking_proxy_network_publishes_over_tcp_and_moves_back_
     lab.spawn("srv", "tinyproxy.log", &["tinyproxy", "-d", "-c", &proxy_conf]);
     wait_for(
         Duration::from_secs(10),
-        || lab.exec("srv", &["bash", "-c", "exec 3<>/dev/tcp/10.77.0.1/8888"]).status.success(),
+        || lab.output("srv", &["bash", "-c", "exec 3<>/dev/tcp/10.77.0.1/8888"]).status.success(),
         || format!("tinyproxy did not start: {}", lab.log("tinyproxy.log")),
     );
     // The site the node publishes: a file, so nothing else needs a port in the node's namespace.
@@ -261,8 +147,8 @@ fn a_node_behind_a_udp_blocking_proxy_network_publishes_over_tcp_and_moves_back_
     let fell_back = started.elapsed();
     let funnel = control(&sock, json!({"cmd": "funnel_status"}));
     assert_eq!(funnel["funnel"]["edges"][0]["proxy"], "http://10.77.0.1:8888", "{funnel}");
-    let curl = |lab: &Lab| {
-        let out = lab.exec(
+    let curl = |lab: &Netns| {
+        let out = lab.output(
             "srv",
             &[
                 "curl",
@@ -280,8 +166,8 @@ fn a_node_behind_a_udp_blocking_proxy_network_publishes_over_tcp_and_moves_back_
     };
     assert_eq!(curl(&lab), "published through a proxy\n");
     // The node's own metrics say it is on the TCP tunnel (gauges refresh every second).
-    let tcp_gauge = |lab: &Lab| {
-        let out = lab.exec("node", &["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9092/metrics"]);
+    let tcp_gauge = |lab: &Netns| {
+        let out = lab.output("node", &["curl", "-sS", "--max-time", "5", "http://127.0.0.1:9092/metrics"]);
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .find(|l| l.starts_with("node_funnel_edges_tcp "))
@@ -293,11 +179,11 @@ fn a_node_behind_a_udp_blocking_proxy_network_publishes_over_tcp_and_moves_back_
         || format!("metrics: {:?}", tcp_gauge(&lab)),
     );
     // The proxy was the only way: the node's namespace cannot open the edge's port itself.
-    let direct = lab.exec("node", &["bash", "-c", "exec 3<>/dev/tcp/10.77.0.1/443"]);
+    let direct = lab.output("node", &["bash", "-c", "exec 3<>/dev/tcp/10.77.0.1/443"]);
     assert!(!direct.status.success(), "the node's network lets TCP past the proxy");
     // UDP passes again: back to QUIC.
-    lab.iptables("node", "-D OUTPUT -p udp -j DROP");
-    lab.iptables("node", "-I OUTPUT 1 -p udp -d 10.77.0.1 --dport 7443 -j ACCEPT");
+    iptables(&lab, "node", "-D OUTPUT -p udp -j DROP");
+    iptables(&lab, "node", "-I OUTPUT 1 -p udp -d 10.77.0.1 --dport 7443 -j ACCEPT");
     let moved = wait_for(
         Duration::from_secs(30),
         || edge_transport(&sock).as_deref() == Some("quic"),

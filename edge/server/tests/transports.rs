@@ -337,9 +337,9 @@ async fn auto_falls_back_to_tcp_when_udp_is_blocked_and_moves_back_when_it_passe
     assert!(start.elapsed() < Duration::from_secs(30));
 }
 
-/// A fake proxy that answers every connection with `answer` (after reading the request
-/// head), counting the connections.
-async fn fake_proxy(answer: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
+/// A fake proxy: reads each connection's request head, writes `answer`, then hands the
+/// connection to `then` (a TLS acceptor, or nothing); counts the connections.
+async fn fake_proxy(answer: &'static [u8], then: Option<tokio_rustls::TlsAcceptor>) -> (SocketAddr, Arc<AtomicUsize>) {
     let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = l.local_addr().expect("addr");
     let count = Arc::new(AtomicUsize::new(0));
@@ -347,11 +347,15 @@ async fn fake_proxy(answer: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>) {
     tokio::spawn(async move {
         while let Ok((mut tcp, _)) = l.accept().await {
             c.fetch_add(1, Ordering::Relaxed);
+            let then = then.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 4096];
                 let _ = tcp.read(&mut buf).await;
                 let _ = tcp.write_all(answer).await;
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                match then {
+                    Some(acceptor) => drop(acceptor.accept(tcp).await),
+                    None => tokio::time::sleep(Duration::from_secs(2)).await,
+                }
             });
         }
     });
@@ -371,31 +375,15 @@ async fn intercepting_proxy() -> (SocketAddr, Arc<AtomicUsize>) {
         .with_single_cert(chain, key)
         .expect("cert");
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    let count = Arc::new(AtomicUsize::new(0));
-    let c = count.clone();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = l.accept().await {
-            c.fetch_add(1, Ordering::Relaxed);
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 4096];
-                let _ = tcp.read(&mut buf).await;
-                let _ = tcp.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n").await;
-                let _ = acceptor.accept(tcp).await;
-            });
-        }
-    });
-    (addr, count)
+    fake_proxy(b"HTTP/1.1 200 Connection established\r\n\r\n", Some(acceptor)).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_proxies_give_errors_naming_them_and_the_agent_keeps_trying() {
     let lab = lab().await;
     let (refusing, refusing_n) =
-        fake_proxy(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n").await;
-    let (garbage, garbage_n) = fake_proxy(b"SSH-2.0-OpenSSH_9.2p1\r\n\x00\x01\x02").await;
+        fake_proxy(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n", None).await;
+    let (garbage, garbage_n) = fake_proxy(b"SSH-2.0-OpenSSH_9.2p1\r\n\x00\x01\x02", None).await;
     let (mitm, mitm_n) = intercepting_proxy().await;
     let down = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
