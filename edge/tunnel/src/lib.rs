@@ -209,6 +209,22 @@ pub fn header_map(h: &[warren_tunnel_proto::Header]) -> http::HeaderMap {
     map
 }
 
+/// The body's next frame; on a body error the stream is reset (the peer must not take a
+/// cut body for a whole one) and the error returned.
+async fn next_frame<B>(body: &mut B, send: &mut SendStream) -> std::io::Result<Option<Frame<Bytes>>>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    match body.frame().await.transpose() {
+        Ok(f) => Ok(f),
+        Err(e) => {
+            send.reset();
+            Err(std::io::Error::other(e.to_string()))
+        }
+    }
+}
+
 /// Streams `body` into `send` framed (Data chunks, then its trailers if it has any) and
 /// finishes the stream. Returns the data bytes sent.
 ///
@@ -220,14 +236,7 @@ where
     B::Error: std::fmt::Display,
 {
     let mut sent = 0u64;
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(f) => f,
-            Err(e) => {
-                send.reset();
-                return Err(std::io::Error::other(e.to_string()));
-            }
-        };
+    while let Some(frame) = next_frame(&mut body, send).await? {
         match frame.into_data() {
             Ok(data) => {
                 for chunk in data.chunks(warren_tunnel_proto::MAX_DATA) {
@@ -257,14 +266,7 @@ where
     B::Error: std::fmt::Display,
 {
     let mut sent = 0u64;
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(f) => f,
-            Err(e) => {
-                send.reset();
-                return Err(std::io::Error::other(e.to_string()));
-            }
-        };
+    while let Some(frame) = next_frame(&mut body, send).await? {
         if let Ok(data) = frame.into_data() {
             sent += data.len() as u64;
             send.write_chunk(data).await?;
