@@ -122,3 +122,29 @@ pub fn ws_echo_upgrade(req: &mut hyper::Request<hyper::body::Incoming>) -> hyper
     }
     r
 }
+
+/// Serves HTTP/1.1 (with upgrades) on a fresh loopback port with `handler`, one task per
+/// connection, for as long as the test runs; returns the address (a test origin).
+pub async fn http_origin<F, Fut, B>(handler: F) -> std::net::SocketAddr
+where
+    F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<hyper::Response<B>, std::convert::Infallible>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a test origin");
+    let addr = l.local_addr().expect("origin address");
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let svc = hyper::service::service_fn(handler.clone());
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    addr
+}

@@ -7,8 +7,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use warren::funnel::{Funnel, FunnelConfig};
 use warren::services::ServiceSpec;
@@ -18,41 +16,20 @@ use warren_loadtest::edge::{run, EdgeScenario};
 
 /// A WebSocket echo origin (upgrade on any path, echo every text message).
 async fn ws_origin() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|mut req: hyper::Request<hyper::body::Incoming>| async move {
-                    let r = warren_common::testing::ws_echo_upgrade(&mut req);
-                    Ok::<_, Infallible>(r.map(|()| Full::new(Bytes::new())))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .with_upgrades()
-                    .await;
-            });
-        }
-    });
-    addr
+    warren_common::testing::http_origin(|mut req: hyper::Request<hyper::body::Incoming>| async move {
+        let r = warren_common::testing::ws_echo_upgrade(&mut req);
+        Ok::<_, Infallible>(r.map(|()| Full::new(Bytes::new())))
+    })
+    .await
 }
 
 /// An origin that reads the whole body and answers with its length.
 async fn origin() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let n = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
-                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(n.to_string()))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
-            });
-        }
-    });
-    addr
+    warren_common::testing::http_origin(|req: hyper::Request<hyper::body::Incoming>| async move {
+        let n = req.into_body().collect().await.map(|b| b.to_bytes().len()).unwrap_or(0);
+        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(n.to_string()))))
+    })
+    .await
 }
 
 fn scenario(edge: &Edge, name: &str, http2: bool, body_size: usize, max: u64) -> EdgeScenario {

@@ -13,9 +13,8 @@ use std::time::{Duration, Instant};
 
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use warren::funnel::{Funnel, FunnelConfig};
 use warren::net::{ProxyChoice, TransportMode, TransportSettings};
 use warren::services::ServiceSpec;
@@ -88,19 +87,10 @@ fn start_edge(state: &Path, ip: &str, port: u16) -> EdgeProc {
 }
 
 async fn start_origin() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(bytes::Bytes::from("alive"))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
-            });
-        }
-    });
-    addr
+    warren_common::testing::http_origin(|_req| async {
+        Ok::<_, std::convert::Infallible>(Response::new(Full::new(bytes::Bytes::from("alive"))))
+    })
+    .await
 }
 
 /// GET https://web.funnel.test/ at `ip:port`; the status, or 0 when no answer came.

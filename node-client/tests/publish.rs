@@ -193,28 +193,16 @@ async fn start_lab() -> Lab {
 
 /// An HTTP origin that says what it saw, and answers WebSocket upgrades with an echo.
 async fn start_origin() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|mut req: Request<Incoming>| async move {
-                    if req.headers().contains_key("upgrade") {
-                        let head = warren_common::testing::ws_echo_upgrade(&mut req);
-                        return Ok::<_, std::convert::Infallible>(head.map(|()| Full::new(bytes::Bytes::new())));
-                    }
-                    let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("-").to_owned();
-                    let text = format!("origin saw {} host {host}", req.uri());
-                    Ok(Response::new(Full::new(bytes::Bytes::from(text))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), svc)
-                    .with_upgrades()
-                    .await;
-            });
+    warren_common::testing::http_origin(|mut req: Request<Incoming>| async move {
+        if req.headers().contains_key("upgrade") {
+            let head = warren_common::testing::ws_echo_upgrade(&mut req);
+            return Ok::<_, std::convert::Infallible>(head.map(|()| Full::new(bytes::Bytes::new())));
         }
-    });
-    addr
+        let host = req.headers().get("host").and_then(|h| h.to_str().ok()).unwrap_or("-").to_owned();
+        let text = format!("origin saw {} host {host}", req.uri());
+        Ok(Response::new(Full::new(bytes::Bytes::from(text))))
+    })
+    .await
 }
 
 /// One WebSocket round trip through the edge on `port`: sends `msg`, returns the echo.

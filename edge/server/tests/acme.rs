@@ -16,9 +16,8 @@ use common::{pebble_available, start_redis, Pebble};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use warren::funnel::{Funnel, FunnelConfig};
 use warren::services::ServiceSpec;
 use warren_common::testing::{free_tcp_port, free_udp_port};
@@ -28,21 +27,10 @@ use warren_edge::Edge;
 const TOKEN: &str = "acme-test-token";
 
 async fn start_origin() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let svc = service_fn(|_req| async {
-                    Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(
-                        b"hello over ACME",
-                    ))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
-            });
-        }
-    });
-    addr
+    warren_common::testing::http_origin(|_req| async {
+        Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from_static(b"hello over ACME"))))
+    })
+    .await
 }
 
 /// Connects as a visitor of `host`, trusting only pebble's root, until the edge has its

@@ -172,7 +172,7 @@ impl Link {
     /// [`LinkError`] when the tunnel is closed.
     pub async fn open_control(&self) -> Result<(SendStream, RecvStream), LinkError> {
         match self {
-            Link::Quic(c) => c.open_bi().await.map(|(s, r)| (s.into(), r.into())).map_err(LinkError::from),
+            Link::Quic(_) => self.open().await,
             Link::Tcp(t) => t.accept().await,
         }
     }
@@ -184,7 +184,7 @@ impl Link {
     /// [`LinkError`] when the tunnel is closed.
     pub async fn accept_control(&self) -> Result<(SendStream, RecvStream), LinkError> {
         match self {
-            Link::Quic(c) => c.accept_bi().await.map(|(s, r)| (s.into(), r.into())).map_err(LinkError::from),
+            Link::Quic(_) => self.accept().await,
             Link::Tcp(t) => {
                 let control = t.inner.control.lock().unwrap_or_else(|e| e.into_inner()).take();
                 control.ok_or_else(|| LinkError::tcp("control stream already taken"))
