@@ -494,23 +494,14 @@ impl EdgeTunnel {
         let target = format!("{host}:{port}");
         let proxy = cfg.transport.proxy.for_host(host)?;
         let dial = async {
-            let (io, remote): (Box<dyn Io>, SocketAddr) = match &proxy {
-                Some(p) => {
-                    let tcp = p.connect(host, port, CONNECT_TIMEOUT).await?;
-                    let remote = tcp
-                        .get_ref()
-                        .peer_addr()
-                        .map_err(|source| FunnelError::Tcp { target: p.to_string(), source })?;
-                    (Box::new(tcp), remote)
-                }
+            let io: Box<dyn Io> = match &proxy {
+                Some(p) => Box::new(p.connect(host, port, CONNECT_TIMEOUT).await?),
                 None => {
                     let tcp = tokio::net::TcpStream::connect((host, port))
                         .await
                         .map_err(|source| FunnelError::Tcp { target: target.clone(), source })?;
                     let _ = tcp.set_nodelay(true);
-                    let remote =
-                        tcp.peer_addr().map_err(|source| FunnelError::Tcp { target: target.clone(), source })?;
-                    (Box::new(tcp), remote)
+                    Box::new(tcp)
                 }
             };
             let tls = warren_tunnel::tcp_client_config(cfg.ca_file.as_deref()).map_err(FunnelError::TlsConfig)?;
@@ -527,7 +518,7 @@ impl EdgeTunnel {
                 return Err(FunnelError::NoTcpTunnel(target.clone()));
             }
             let keep_alive = KeepAlive::dead_after(cfg.transport.dead_after);
-            let link = TcpLink::node(tls, remote, keep_alive, PEER_STREAMS).await.map_err(FunnelError::Closed)?;
+            let link = TcpLink::node(tls, keep_alive, PEER_STREAMS).await.map_err(FunnelError::Closed)?;
             Ok(Link::Tcp(link))
         };
         tokio::time::timeout(CONNECT_TIMEOUT, dial).await.map_err(|_| FunnelError::Timeout(CONNECT_TIMEOUT))?

@@ -50,7 +50,7 @@ pub(crate) async fn serve_tcp<T>(shared: Arc<Shared>, io: T, remote: SocketAddr)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let link = match tokio::time::timeout(HELLO_TIMEOUT, TcpLink::edge(io, remote, keep_alive(&shared))).await {
+    let link = match tokio::time::timeout(HELLO_TIMEOUT, TcpLink::edge(io, keep_alive(&shared))).await {
         Ok(Ok(l)) => l,
         Ok(Err(e)) => return debug!(%remote, error = %e, "TCP tunnel did not start"),
         Err(_) => return debug!(%remote, "TCP tunnel handshake timed out"),

@@ -14,7 +14,6 @@
 //! idle timeout do the same job there; [`KeepAlive`] sets both.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -128,14 +127,6 @@ impl Link {
         }
     }
 
-    /// The peer's address (for a proxied TCP tunnel: the proxy's).
-    pub fn remote_address(&self) -> SocketAddr {
-        match self {
-            Link::Quic(c) => c.remote_address(),
-            Link::Tcp(t) => t.inner.state.remote,
-        }
-    }
-
     /// The round-trip time: QUIC's estimate, or the last keep-alive's on TCP.
     pub fn rtt(&self) -> Option<Duration> {
         match self {
@@ -236,7 +227,6 @@ impl Drop for TcpInner {
 /// What the connection's task shares with the handles.
 #[derive(Debug)]
 struct State {
-    remote: SocketAddr,
     rtt: Mutex<Option<Duration>>,
     /// Why the tunnel closed, once it has.
     ended: watch::Sender<Option<Arc<str>>>,
@@ -278,7 +268,7 @@ impl TcpLink {
     ///
     /// # Errors
     /// [`LinkError`] when the HTTP/2 connection cannot start.
-    pub async fn edge<T>(io: T, remote: SocketAddr, keep_alive: KeepAlive) -> Result<TcpLink, LinkError>
+    pub async fn edge<T>(io: T, keep_alive: KeepAlive) -> Result<TcpLink, LinkError>
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -290,7 +280,7 @@ impl TcpLink {
             .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| LinkError::tcp(format!("HTTP/2 handshake: {e}")))?;
-        let state = new_state(remote);
+        let state = new_state();
         let ping = conn.ping_pong();
         let work = async move {
             match conn.await {
@@ -313,12 +303,7 @@ impl TcpLink {
     ///
     /// # Errors
     /// [`LinkError`] when the HTTP/2 connection cannot start.
-    pub async fn node<T>(
-        io: T,
-        remote: SocketAddr,
-        keep_alive: KeepAlive,
-        peer_streams: u32,
-    ) -> Result<TcpLink, LinkError>
+    pub async fn node<T>(io: T, keep_alive: KeepAlive, peer_streams: u32) -> Result<TcpLink, LinkError>
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -331,7 +316,7 @@ impl TcpLink {
             .handshake::<_, Bytes>(io)
             .await
             .map_err(|e| LinkError::tcp(format!("HTTP/2 handshake: {e}")))?;
-        let state = new_state(remote);
+        let state = new_state();
         let ping = conn.ping_pong();
         let (tx, accepted) = mpsc::unbounded_channel();
         let work = async move {
@@ -380,8 +365,8 @@ impl TcpLink {
     }
 }
 
-fn new_state(remote: SocketAddr) -> Arc<State> {
-    Arc::new(State { remote, rtt: Mutex::new(None), ended: watch::channel(None).0 })
+fn new_state() -> Arc<State> {
+    Arc::new(State { rtt: Mutex::new(None), ended: watch::channel(None).0 })
 }
 
 /// Runs `work` (the HTTP/2 connection) and the keep-alives until either ends or the tunnel is
