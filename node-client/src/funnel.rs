@@ -816,8 +816,8 @@ fn client_endpoint(cfg: &FunnelConfig) -> Result<quinn::Endpoint, FunnelError> {
     // The edge opens one stream per request; the node opens only its control stream.
     let keep_alive = KeepAlive::dead_after(cfg.transport.dead_after);
     let client = quic_client_config(cfg.ca_file.as_deref(), PEER_STREAMS, keep_alive)?;
-    let mut endpoint = quinn::Endpoint::client(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)))
-        .or_else(|_| quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))))
+    let mut endpoint = warren_tunnel::endpoint(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)), None)
+        .or_else(|_| warren_tunnel::endpoint(SocketAddr::from(([0, 0, 0, 0], 0)), None))
         .map_err(FunnelError::Bind)?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)

@@ -320,7 +320,7 @@ fn tunnel_endpoint(config: &Config, store: Arc<CertStore>) -> Result<quinn::Endp
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let keep_alive = warren_tunnel::KeepAlive::dead_after(config.tunnel_dead_after);
     server.transport_config(Arc::new(warren_tunnel::transport_config(4, keep_alive)));
-    quinn::Endpoint::server(server, config.tunnel_listen).map_err(|source| EdgeError::Bind {
+    warren_tunnel::endpoint(config.tunnel_listen, Some(server)).map_err(|source| EdgeError::Bind {
         what: "tunnel",
         addr: config.tunnel_listen,
         source,

@@ -127,12 +127,16 @@ trait Source: Send + 'static {
     fn next(&mut self) -> impl std::future::Future<Output = Option<std::io::Result<Frame<Bytes>>>> + Send;
 }
 
-/// The stream's bytes as they come.
+/// The stream's bytes, as much as has arrived (up to [`CHUNK`]) per frame.
 struct Raw(RecvStream);
 
 impl Source for Raw {
     async fn next(&mut self) -> Option<std::io::Result<Frame<Bytes>>> {
-        self.0.read_chunk(CHUNK).await.transpose().map(|r| r.map(Frame::data))
+        match self.0.read_available(CHUNK).await {
+            Ok(Some(b)) => Some(Ok(Frame::data(b))),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
     }
 }
 
@@ -288,6 +292,45 @@ pub fn transport_config(peer_streams: u32, keep_alive: KeepAlive) -> quinn::Tran
     t.send_window(64 << 20);
     keep_alive.apply(&mut t);
     t
+}
+
+/// Bytes asked for each of a tunnel endpoint's UDP socket buffers. The kernel's default
+/// (about 200 kB) overflows when a bulk transfer's packets arrive faster than the endpoint
+/// task wakes up, and every drop halves the congestion window; Linux caps the ask at
+/// `net.core.rmem_max` / `wmem_max`.
+pub const SOCKET_BUFFER: usize = 8 << 20;
+
+/// A QUIC endpoint on `addr` (dual-stack when it is IPv6 unspecified), its UDP socket buffers
+/// raised to [`SOCKET_BUFFER`] as far as the kernel allows; a server when `server` is given.
+///
+/// # Errors
+/// When the socket cannot be created or bound.
+pub fn endpoint(addr: std::net::SocketAddr, server: Option<quinn::ServerConfig>) -> std::io::Result<quinn::Endpoint> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        let _ = socket.set_only_v6(false);
+    }
+    let _ = socket.set_recv_buffer_size(SOCKET_BUFFER);
+    let _ = socket.set_send_buffer_size(SOCKET_BUFFER);
+    // Linux reports twice what it grants (its bookkeeping allowance).
+    let granted = |r: std::io::Result<usize>| r.unwrap_or(0) / 2;
+    let (recv, send) = (granted(socket.recv_buffer_size()), granted(socket.send_buffer_size()));
+    if recv < SOCKET_BUFFER || send < SOCKET_BUFFER {
+        tracing::info!(
+            receive = recv,
+            send,
+            wanted = SOCKET_BUFFER,
+            "tunnel UDP socket buffers capped by the kernel; bulk transfers want net.core.rmem_max and wmem_max raised"
+        );
+    }
+    socket.bind(&addr.into())?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        server,
+        socket.into(),
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
 }
 
 /// Answers a request stream with a short plain-text response (an error the answering end
