@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks with their baselines in one run, all on 127.0.0.1 (release build):
-#   relay: closed loop, a paced sweep up to 0.1 % loss, p99 at half that load, bulk vs a plain
+#   relay: closed loop, a paced sweep up to 0.1 % loss and on to 4x that rate (goodput under
+#          overload), p99 at half that load, bulk vs a plain
 #          TCP forwarder (socat), idle RSS per client;
 #   edge:  funnel vs the origin directly vs Caddy as a TLS reverse proxy (HTTP/1.1 and HTTP/2),
 #          and the funnel's TCP tunnel vs its QUIC tunnel.
@@ -9,6 +10,7 @@
 #   --bin DIR   run the binaries in DIR (warren-relay, warren-edge, warren, warren-loadtest)
 #               instead of building: two runs with the same harness compare two builds
 #   (needs nginx, caddy, socat; installs them as root)
+# Bulk transfers through the funnel against Caddy: scripts/bench-bulk.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECONDS_PER=5
@@ -56,7 +58,8 @@ wait_port 18443
 R=(--relay https://localhost:18443 --ca "$state/relay/dev-ca.pem")
 if [ "$ONLY" != edge ]; then
 $L relay "${R[@]}" --pairs 4 --window 64 --seconds "$SECONDS_PER" --source-ips 8
-$L relay "${R[@]}" --pairs 4 --sweep-from 25000 --max-loss 0.1 --seconds "$SECONDS_PER" --source-ips 8
+echo "--- paced sweep to the loss-free rate, then overload: 2x, 3x and 4x that rate offered"
+$L relay "${R[@]}" --pairs 4 --sweep-from 25000 --max-loss 0.1 --overload 4 --seconds "$SECONDS_PER" --source-ips 8
 socat TCP-LISTEN:19998,fork,reuseaddr TCP:127.0.0.1:19999 & pids+=($!)
 wait_port 19998
 echo "--- latency at 150 000 packets/s (about half the limit): relay vs the harness's own floor"

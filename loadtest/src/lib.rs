@@ -8,6 +8,7 @@
 mod dial;
 pub mod edge;
 pub mod idle;
+pub mod origin;
 pub mod relay;
 pub mod report;
 pub mod tcp;

@@ -76,6 +76,13 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         size: usize,
     },
+    /// A bulk origin for transfer benchmarks (plain HTTP/1.1): `GET /bytes/N` answers N bytes,
+    /// a request with a body is drained and answered with its size and rate.
+    Origin {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:18782")]
+        listen: std::net::SocketAddr,
+    },
     /// Open N idle clients and report the relay's RSS per client (needs its pid).
     Idle {
         /// Relay URL.
@@ -125,6 +132,10 @@ struct RelayArgs {
     /// Loss threshold of the sweep, in percent.
     #[arg(long, default_value_t = 0.1)]
     max_loss: f64,
+    /// After the sweep, go on offering 2x, 3x .. this many times the loss-free rate it found and
+    /// report each step's goodput as a share of the best one (overload behaviour).
+    #[arg(long, requires = "sweep_from")]
+    overload: Option<u32>,
     /// Seconds of sending per run.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
@@ -229,6 +240,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             print(&if cli.json { serde_json::to_string_pretty(&r)? } else { r.to_string() });
             Ok(())
         }
+        Command::Origin { listen } => Ok(warren_loadtest::origin::serve(listen).await?),
         Command::Idle { relay, ca, pid, clients, source_ips, websocket } => {
             let r =
                 with_progress("idle clients", None, idle::run(&relay, ca, pid, clients, source_ips, websocket)).await?;
@@ -270,6 +282,21 @@ async fn relay_cmd(a: RelayArgs, json: bool) -> anyhow::Result<()> {
             }
             rate *= 2.0;
         }
+        if let Some(times) = a.overload {
+            // The loss-free rate is the last step under the threshold (or the first step).
+            let free = reports.iter().rev().find(|r| r.loss_pct <= a.max_loss).unwrap_or(&reports[0]);
+            let free = free.offered_pps.unwrap_or(0.0) / base.pairs as f64;
+            reports.retain(|r| r.offered_pps.unwrap_or(0.0) <= free * base.pairs as f64 + 1.0);
+            for m in 2..=times {
+                let rate = free * f64::from(m);
+                let label = format!("relay overload {m}x: {rate:.0}/s per pair");
+                let scenario = RelayScenario { mode: Mode::Paced { rate }, ..base.clone() };
+                reports.push(with_progress(&label, Some(base.duration), relay::run(&scenario)).await?);
+            }
+            if !json {
+                print(&overload_table(&reports, free * base.pairs as f64));
+            }
+        }
     } else {
         let mode = match (a.rate, a.window) {
             (Some(rate), _) => Mode::Paced { rate },
@@ -287,6 +314,29 @@ async fn relay_cmd(a: RelayArgs, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Offered, sent and delivered packets/s per step, goodput as a share of the best step.
+fn overload_table(reports: &[RelayReport], free_pps: f64) -> String {
+    let peak = reports.iter().map(|r| r.delivered_pps).fold(0.0, f64::max);
+    let mut out = format!(
+        "overload: loss-free rate {free_pps:.0} packets/s\n{:>8} {:>12} {:>12} {:>12} {:>7} {:>9} {:>10}\n",
+        "offered", "packets/s", "sent/s", "delivered/s", "loss %", "of peak", "p99 ms"
+    );
+    for r in reports {
+        let offered = r.offered_pps.unwrap_or(0.0);
+        out += &format!(
+            "{:>7.1}x {:>12.0} {:>12.0} {:>12.0} {:>7.2} {:>8.1}% {:>10.2}\n",
+            offered / free_pps.max(1.0),
+            offered,
+            r.sent as f64 / r.seconds.max(1e-9),
+            r.delivered_pps,
+            r.loss_pct,
+            100.0 * r.delivered_pps / peak.max(1e-9),
+            r.latency.p99_us / 1000.0
+        );
+    }
+    out
 }
 
 /// The `--resolve` address for `url`, if one matches its host and port.

@@ -102,9 +102,11 @@ pub async fn run(s: &RelayScenario) -> anyhow::Result<RelayReport> {
         recv_tasks.push(tokio::spawn(receive(b, t0, state.clone())));
         send_tasks.push(tokio::spawn(send(a, dst, s.clone(), t0, deadline, state)));
     }
-    let mut sent = 0;
+    let (mut sent, mut skipped) = (0, 0);
     for t in send_tasks {
-        sent += t.await??;
+        let (s, k) = t.await??;
+        sent += s;
+        skipped += k;
     }
     let seconds = t0.elapsed().as_secs_f64();
     let mut hist = histogram();
@@ -128,6 +130,7 @@ pub async fn run(s: &RelayScenario) -> anyhow::Result<RelayReport> {
         },
         seconds,
         sent,
+        skipped,
         received,
         lost,
         loss_pct: if sent == 0 { 0.0 } else { 100.0 * lost as f64 / sent as f64 },
@@ -176,22 +179,33 @@ async fn send(
     t0: Instant,
     deadline: Instant,
     state: Arc<PairState>,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<(u64, u64)> {
     let mut padding = vec![0u8; s.size];
     OsRng.fill_bytes(&mut padding);
     let limit = if s.max_packets_per_pair == 0 { u64::MAX } else { s.max_packets_per_pair };
-    let mut seq = 0u64;
+    let (mut seq, mut skipped) = (0u64, 0u64);
     match s.mode {
         Mode::Paced { rate } => {
             let mut tick = tokio::time::interval(Duration::from_millis(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             let start = Instant::now();
-            while Instant::now() < deadline && seq < limit {
+            // A sender whose connection pushes back keeps at most this many packets waiting
+            // (10 ms of its rate) and gives up the rest, as a node's bounded send queue does;
+            // an unbounded backlog would only measure the harness's memory.
+            let backlog = ((rate / 100.0) as u64).max(64);
+            let mut offered = 0u64;
+            while Instant::now() < deadline && offered < limit {
                 tick.tick().await;
                 // Credit-based pacing: send what the rate allows up to now, in one batch.
                 let due = ((start.elapsed().as_secs_f64() * rate) as u64).min(limit);
-                PROGRESS.sent(due.saturating_sub(seq));
-                while seq < due {
+                let mut batch = due.saturating_sub(offered);
+                offered = offered.max(due);
+                if batch > backlog {
+                    skipped += batch - backlog;
+                    batch = backlog;
+                }
+                PROGRESS.sent(batch);
+                for _ in 0..batch {
                     a.queue(&Frame::SendPacket { dst, packet: packet(t0, seq, s.size, &padding) })?;
                     seq += 1;
                 }
@@ -221,5 +235,5 @@ async fn send(
     // Keep the sender connected until its packets had time to arrive.
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(a);
-    Ok(seq)
+    Ok((seq, skipped))
 }

@@ -59,6 +59,10 @@ pub struct RelayReport {
     pub seconds: f64,
     /// Packets sent.
     pub sent: u64,
+    /// Paced packets that came due while the sender's connection was still pushing back (its
+    /// last write not done) and were given up at the sender, as a node's bounded send queue
+    /// does; neither sent nor lost.
+    pub skipped: u64,
     /// Packets received.
     pub received: u64,
     /// Packets lost.
@@ -85,6 +89,9 @@ impl fmt::Display for RelayReport {
             "  sent/recv    {:>12} / {}   lost {} ({:.3} %)",
             self.sent, self.received, self.lost, self.loss_pct
         )?;
+        if self.skipped > 0 {
+            writeln!(f, "  skipped      {:>12} at the sender (its connection pushed back)", self.skipped)?;
+        }
         let l = &self.latency;
         write!(
             f,
