@@ -140,6 +140,10 @@ pub fn describe() {
         "relay_clients_throttled_total",
         "Times a client exceeded its send budget and was read more slowly"
     );
+    describe_counter!(
+        "relay_clients_backpressured_total",
+        "Times a client's packet found its destination's queue full and the client was not read for a moment"
+    );
     describe_gauge!("relay_mesh_peers", "Mesh links to sibling relays that are logged in and watching");
     describe_gauge!("relay_mesh_remote_clients", "Client keys that sibling relays hold, as they told us");
     describe_counter!("relay_mesh_forwarded_total", "Packets sent to (out) or received from (in) sibling relays");
@@ -160,6 +164,7 @@ pub struct RelayMetrics {
     pub(crate) protocol_errors: Counter,
     pub(crate) http_requests: Counter,
     pub(crate) throttled: Counter,
+    pub(crate) backpressure: Counter,
     rejected: [Counter; 2],
     admission: [Counter; 3],
     pub(crate) mesh_peers: Gauge,
@@ -187,6 +192,7 @@ impl RelayMetrics {
             protocol_errors: metrics::counter!("relay_protocol_errors_total"),
             http_requests: metrics::counter!("relay_http_requests_total"),
             throttled: metrics::counter!("relay_clients_throttled_total"),
+            backpressure: metrics::counter!("relay_clients_backpressured_total"),
             rejected: [Rejected::AcceptRate, Rejected::PerIp]
                 .map(|r| metrics::counter!("relay_connections_rejected_total", "reason" => r.label())),
             admission: [AdmissionResult::Allowed, AdmissionResult::Denied, AdmissionResult::CalloutError]

@@ -13,7 +13,9 @@
 //!
 //! The client's send budget (when the relay sets one) is a token bucket: a frame that takes it
 //! into debt is still handled, and [`ClientSession::poll_timeout`] then says when the shell may
-//! read again, so TCP pushes back on the client meanwhile.
+//! read again, so TCP pushes back on the client meanwhile. A packet that finds its
+//! destination's queue full is dropped and pauses reading the same way, briefly: under
+//! overload the relay stops reading what it would only drop.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -32,6 +34,11 @@ const MAX_SENT_TO: usize = 4096;
 /// PeerGone(NotHere) notices a client gets at once, and per second after that.
 const PEER_GONE_BURST: f64 = 3.0;
 const PEER_GONE_PER_SECOND: f64 = 1.0;
+/// How long a client is not read after one of its packets found its destination's queue
+/// full. Short against the time a full queue takes to drain (a 1 MiB queue at 1 Gbit/s is
+/// 8 ms), so the destination never runs dry; long enough that the sender's TCP window, not the
+/// relay's CPU, absorbs the excess.
+const QUEUE_FULL_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 /// What a frame other than SendPacket costs against the send budget.
 const FRAME_COST: usize = 16;
 
@@ -150,8 +157,13 @@ impl ClientSession {
         let wait = budget.take(now, cost as f64);
         if !wait.is_zero() {
             ctx.metrics.throttled.increment(1);
-            self.resume_reading = Some(now + wait);
+            self.pause_reading_until(now + wait);
         }
+    }
+
+    /// No reading from the client before `until` (the later of two pauses wins).
+    fn pause_reading_until(&mut self, until: Instant) {
+        self.resume_reading = Some(self.resume_reading.map_or(until, |t| t.max(until)));
     }
 
     fn send(&mut self, dst: PublicKey, data: bytes::Bytes, now: Instant, ctx: Ctx<'_>, out: &mut impl FrameSink) {
@@ -162,7 +174,15 @@ impl ClientSession {
                     self.sent_to.insert(dst);
                 }
             }
-            Delivery::LocalQueueFull => m.dropped(DropReason::QueueFull, 1),
+            Delivery::LocalQueueFull => {
+                m.dropped(DropReason::QueueFull, 1);
+                // Overload: the destination is not draining as fast as this client sends.
+                // Reading on would spend the relay's CPU on decrypting and routing packets
+                // that are dropped anyway and starve the writers (goodput collapses as the
+                // offered load grows); pausing lets TCP push back on the sender instead.
+                m.backpressure.increment(1);
+                self.pause_reading_until(now + QUEUE_FULL_PAUSE);
+            }
             Delivery::Sibling => {}
             Delivery::SiblingQueueFull => m.dropped(DropReason::MeshQueueFull, 1),
             Delivery::Unknown => {
@@ -213,6 +233,27 @@ mod tests {
         );
         assert!(link.try_recv().is_err(), "exactly one");
         assert!(out.is_empty(), "nothing back to the sender");
+    }
+
+    #[test]
+    fn a_packet_that_finds_a_full_queue_is_dropped_and_pauses_reading_briefly() {
+        let relay = Relay::default();
+        let t = now();
+        let (hb, inbox_b) = handle(2); // holds one packet
+        relay.router.register(key(2), hb);
+        let (mut a, mut out) = (ClientSession::new(key(1), None, t), Vec::new());
+        a.handle_frame(send(2, b"first"), t, relay.ctx(), &mut out);
+        assert_eq!(a.poll_timeout(), None, "room in the queue: reading goes on");
+        a.handle_frame(send(2, b"second"), t, relay.ctx(), &mut out);
+        assert_eq!(a.poll_timeout(), Some(t + QUEUE_FULL_PAUSE), "a full queue pauses the sender");
+        let mut queued = Vec::new();
+        inbox_b.take_packets(8, &mut queued);
+        assert_eq!(queued.iter().map(|p| &p.data[..]).collect::<Vec<_>>(), vec![&b"first"[..]], "the second dropped");
+        a.handle_timeout(t + QUEUE_FULL_PAUSE - Duration::from_micros(1));
+        assert!(a.poll_timeout().is_some(), "not before the pause ends");
+        a.handle_timeout(t + QUEUE_FULL_PAUSE);
+        assert_eq!(a.poll_timeout(), None, "reading resumes after it");
+        assert!(out.is_empty(), "nothing is said to the sender");
     }
 
     #[test]
