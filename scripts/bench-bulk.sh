@@ -32,22 +32,7 @@ if ! command -v caddy >/dev/null; then
     [ "$(id -u)" = 0 ] || { echo "caddy is needed (apt-get install caddy)" >&2; exit 1; }
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq caddy >/dev/null
 fi
-if [ -n "$BIN" ]; then
-    bin=$BIN
-else
-    cargo build --release --locked -p warren-relay -p warren-edge -p warren -p warren-loadtest
-    bin=$PWD/target/release
-fi
-state=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$state"
-}
-trap cleanup EXIT
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
-wait_sock() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "$1 never appeared" >&2; exit 1; }
+source scripts/bench-common.sh
 
 $bin/warren-loadtest origin --listen 127.0.0.1:18782 & pids+=($!)
 $bin/warren-relay --dev --state-dir "$state/relay" --listen 127.0.0.1:18443 --stun-listen 127.0.0.1:13478 \

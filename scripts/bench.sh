@@ -33,22 +33,8 @@ for tool in nginx caddy socat; do
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light caddy socat >/dev/null
     fi
 done
-if [ -n "$BIN" ]; then
-    bin=$BIN
-else
-    cargo build --release --locked -p warren-relay -p warren-edge -p warren -p warren-loadtest
-    bin=$PWD/target/release
-fi
+source scripts/bench-common.sh
 L=$bin/warren-loadtest
-state=$(mktemp -d)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$state"
-}
-trap cleanup EXIT
-wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
 echo "=== relay (DERP over TLS, 1200-byte packets unless noted)"
 $bin/warren-relay --dev --state-dir "$state/relay" --listen 127.0.0.1:18443 --stun-listen 127.0.0.1:13478 \

@@ -66,35 +66,32 @@ async fn quic_pair(dir: &std::path::Path) -> (quinn::Connection, quinn::Connecti
     (opened, accepted)
 }
 
-#[tokio::test]
-async fn quic_stream_reads_come_coalesced_and_whole() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let (opener, acceptor) = quic_pair(dir.path()).await;
+/// PIECES writes on a stream `opener` opens, read at `acceptor` once all have arrived: the
+/// first read takes all it may (64 KiB), and the reads together give every byte in order.
+async fn reads_come_coalesced_and_whole(opener: Link, acceptor: Link) {
     let data = pattern(PIECE * PIECES);
-    let (opener, acceptor) = (Link::Quic(opener), Link::Quic(acceptor));
     let (mut send, _r) = opener.open().await.expect("open");
     write_pieces(&mut send, &data).await;
     send.finish().expect("finish");
     let (_s, mut recv) = acceptor.accept().await.expect("accept");
-    // Let every packet arrive before the first read.
+    // Let everything arrive before the first read.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (sizes, got) = read_all(&mut recv, 64 << 10).await;
     assert_eq!(got, data, "every byte, in order");
-    assert_eq!(sizes[0], 64 << 10, "the first read takes all that arrived, up to its max: {sizes:?}");
+    assert_eq!(sizes[0], 64 << 10, "the first read joins what arrived, up to its max: {sizes:?}");
+}
+
+#[tokio::test]
+async fn quic_stream_reads_come_coalesced_and_whole() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (opener, acceptor) = quic_pair(dir.path()).await;
+    reads_come_coalesced_and_whole(Link::Quic(opener), Link::Quic(acceptor)).await;
 }
 
 #[tokio::test]
 async fn h2_stream_reads_come_coalesced_and_whole() {
     let (edge, node) = tcp_pair().await;
-    let data = pattern(PIECE * PIECES);
-    let (mut send, _r) = edge.open().await.expect("open");
-    write_pieces(&mut send, &data).await;
-    send.finish().expect("finish");
-    let (_s, mut recv) = node.accept().await.expect("accept");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (sizes, got) = read_all(&mut recv, 64 << 10).await;
-    assert_eq!(got, data, "every byte, in order");
-    assert_eq!(sizes[0], 64 << 10, "the first read joins the received DATA frames: {sizes:?}");
+    reads_come_coalesced_and_whole(edge, node).await;
 }
 
 #[tokio::test]
