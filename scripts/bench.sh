@@ -45,7 +45,7 @@ R=(--relay https://localhost:18443 --ca "$state/relay/dev-ca.pem")
 if [ "$ONLY" != edge ]; then
 $L relay "${R[@]}" --pairs 4 --window 64 --seconds "$SECONDS_PER" --source-ips 8
 echo "--- paced sweep to the loss-free rate, then overload: 2x, 3x and 4x that rate offered"
-$L relay "${R[@]}" --pairs 4 --sweep-from 25000 --max-loss 0.1 --overload 4 --seconds "$SECONDS_PER" --source-ips 8
+$L relay "${R[@]}" --pairs 4 --sweep-from 25000 --max-loss 0.1 --overload 4 --probe-rate 1000 --seconds "$SECONDS_PER" --source-ips 8
 socat TCP-LISTEN:19998,fork,reuseaddr TCP:127.0.0.1:19999 & pids+=($!)
 wait_port 19998
 echo "--- latency at 150 000 packets/s (about half the limit): relay vs the harness's own floor"

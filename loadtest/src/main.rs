@@ -136,6 +136,10 @@ struct RelayArgs {
     /// report each step's goodput as a share of the best one (overload behaviour).
     #[arg(long, requires = "sweep_from")]
     overload: Option<u32>,
+    /// One more pair beside the load, paced at this many packets/s, reported on its own (the
+    /// latency a light client sees while the others load the relay).
+    #[arg(long)]
+    probe_rate: Option<f64>,
     /// Seconds of sending per run.
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
@@ -268,6 +272,7 @@ async fn relay_cmd(a: RelayArgs, json: bool) -> anyhow::Result<()> {
         websocket: a.websocket,
         source_ips: a.source_ips,
         max_packets_per_pair: 0,
+        probe_rate: a.probe_rate,
     };
     let mut reports: Vec<RelayReport> = Vec::new();
     if let Some(mut rate) = a.sweep_from {
@@ -320,20 +325,25 @@ async fn relay_cmd(a: RelayArgs, json: bool) -> anyhow::Result<()> {
 fn overload_table(reports: &[RelayReport], free_pps: f64) -> String {
     let peak = reports.iter().map(|r| r.delivered_pps).fold(0.0, f64::max);
     let mut out = format!(
-        "overload: loss-free rate {free_pps:.0} packets/s\n{:>8} {:>12} {:>12} {:>12} {:>7} {:>9} {:>10}\n",
-        "offered", "packets/s", "sent/s", "delivered/s", "loss %", "of peak", "p99 ms"
+        "overload: loss-free rate {free_pps:.0} packets/s\n{:>8} {:>12} {:>12} {:>12} {:>7} {:>9} {:>10} {:>14}\n",
+        "offered", "packets/s", "sent/s", "delivered/s", "loss %", "of peak", "p99 ms", "probe p99 ms"
     );
     for r in reports {
         let offered = r.offered_pps.unwrap_or(0.0);
         out += &format!(
-            "{:>7.1}x {:>12.0} {:>12.0} {:>12.0} {:>7.2} {:>8.1}% {:>10.2}\n",
+            "{:>7.1}x {:>12.0} {:>12.0} {:>12.0} {:>7.2} {:>8.1}% {:>10.2} {:>14}\n",
             offered / free_pps.max(1.0),
             offered,
             r.sent as f64 / r.seconds.max(1e-9),
             r.delivered_pps,
             r.loss_pct,
             100.0 * r.delivered_pps / peak.max(1e-9),
-            r.latency.p99_us / 1000.0
+            r.latency.p99_us / 1000.0,
+            r.probe.as_ref().map_or("-".to_owned(), |p| format!(
+                "{:.2} ({} lost)",
+                p.latency.p99_us / 1000.0,
+                p.sent.saturating_sub(p.received)
+            ))
         );
     }
     out

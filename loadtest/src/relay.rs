@@ -18,7 +18,7 @@ use tokio::sync::Notify;
 use warren_relay_client::{ConnectOptions, DerpClient};
 use warren_relay_proto::{Frame, SecretKey, Transport};
 
-use crate::report::{histogram, Latency, RelayReport, PROGRESS};
+use crate::report::{histogram, Latency, Probe, RelayReport, PROGRESS};
 
 /// How senders pace themselves.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -56,6 +56,9 @@ pub struct RelayScenario {
     pub source_ips: u8,
     /// Stop after this many packets per pair even before `duration` (0 = no limit).
     pub max_packets_per_pair: u64,
+    /// One more pair, paced at this many packets/s and reported on its own: what a light
+    /// client sees while the others load the relay.
+    pub probe_rate: Option<f64>,
 }
 
 impl RelayScenario {
@@ -92,8 +95,22 @@ pub async fn run(s: &RelayScenario) -> anyhow::Result<RelayReport> {
         senders.push(a);
         receivers.push(b);
     }
+    let probe = match s.probe_rate {
+        Some(_) => Some((
+            DerpClient::connect(&s.url, &SecretKey::generate(&mut OsRng), &s.opts(2 * s.pairs)).await?,
+            DerpClient::connect(&s.url, &SecretKey::generate(&mut OsRng), &s.opts(2 * s.pairs + 1)).await?,
+        )),
+        None => None,
+    };
     let t0 = Instant::now();
     let deadline = t0 + s.duration;
+    let probe = probe.map(|(a, b)| {
+        let state = Arc::new(PairState { received: AtomicU64::new(0), progress: Notify::new() });
+        let rate = s.probe_rate.unwrap_or(1.0);
+        let paced = RelayScenario { mode: Mode::Paced { rate }, ..s.clone() };
+        let dst = b.public_key();
+        (tokio::spawn(send(a, dst, paced, t0, deadline, state.clone())), tokio::spawn(receive(b, t0, state)))
+    });
     let mut recv_tasks = Vec::new();
     let mut send_tasks = Vec::new();
     for (a, b) in senders.into_iter().zip(receivers) {
@@ -117,6 +134,14 @@ pub async fn run(s: &RelayScenario) -> anyhow::Result<RelayReport> {
         hist.add(&h).map_err(|e| anyhow::anyhow!("histogram: {e:?}"))?;
     }
     let lost = sent.saturating_sub(received);
+    let probe = match probe {
+        Some((send, recv)) => {
+            let (sent, _) = send.await??;
+            let (received, hist) = recv.await?;
+            Some(Probe { sent, received, latency: Latency::from_ns(&hist) })
+        }
+        None => None,
+    };
     Ok(RelayReport {
         mode: match s.mode {
             Mode::Paced { .. } => "paced".into(),
@@ -137,6 +162,7 @@ pub async fn run(s: &RelayScenario) -> anyhow::Result<RelayReport> {
         delivered_pps: received as f64 / seconds,
         delivered_mbps: received as f64 * s.size as f64 / seconds / 1e6,
         latency: Latency::from_ns(&hist),
+        probe,
     })
 }
 

@@ -75,6 +75,19 @@ pub struct RelayReport {
     pub delivered_mbps: f64,
     /// One-way latency.
     pub latency: Latency,
+    /// The light probe pair, when one ran beside the load.
+    pub probe: Option<Probe>,
+}
+
+/// What the probe pair (a light client beside the load) saw.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Probe {
+    /// Packets it sent.
+    pub sent: u64,
+    /// Packets its partner received.
+    pub received: u64,
+    /// Their one-way latency.
+    pub latency: Latency,
 }
 
 impl fmt::Display for RelayReport {
@@ -97,7 +110,15 @@ impl fmt::Display for RelayReport {
             f,
             "  latency us   p50 {:.0}  p90 {:.0}  p99 {:.0}  p99.9 {:.0}  max {:.0}",
             l.p50_us, l.p90_us, l.p99_us, l.p999_us, l.max_us
-        )
+        )?;
+        if let Some(p) = &self.probe {
+            write!(
+                f,
+                "\n  probe pair   sent {} received {}   latency us p50 {:.0}  p99 {:.0}  max {:.0}",
+                p.sent, p.received, p.latency.p50_us, p.latency.p99_us, p.latency.max_us
+            )?;
+        }
+        Ok(())
     }
 }
 

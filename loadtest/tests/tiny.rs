@@ -26,6 +26,7 @@ fn scenario(s: &Server, mode: Mode, pairs: usize, max: u64) -> RelayScenario {
         websocket: false,
         source_ips: 4,
         max_packets_per_pair: max,
+        probe_rate: None,
     }
 }
 
@@ -59,4 +60,15 @@ async fn a_lossy_relay_reports_exactly_the_loss_the_relay_counted() {
     assert!(r.lost > 0, "expected loss with a 1-deep queue: {r}");
     assert_eq!(r.lost as f64, dropped, "harness-counted loss equals relay-counted drops: {r}");
     s.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_pair_beside_the_load_is_reported_on_its_own() {
+    let (s, _dir) = relay(128, None).await;
+    let load = RelayScenario { probe_rate: Some(1000.0), ..scenario(&s, Mode::Closed { window: 16 }, 2, 200) };
+    let r = run(&load).await.expect("runs");
+    assert_eq!((r.sent, r.received), (400, 400), "the load's own figures leave the probe out");
+    let p = r.probe.expect("a probe report");
+    assert_eq!((p.sent, p.received), (200, 200), "the probe paced its 200 packets, all delivered");
+    assert_eq!(p.latency.count, 200, "and timed each");
 }
