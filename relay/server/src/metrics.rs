@@ -142,7 +142,7 @@ pub fn describe() {
     );
     describe_counter!(
         "relay_clients_backpressured_total",
-        "Times a client's packet found its destination's queue full and the client was not read for a moment"
+        "Times a client's packet found its destination's queue (or mesh link) full and the client was not read for a moment"
     );
     describe_gauge!("relay_mesh_peers", "Mesh links to sibling relays that are logged in and watching");
     describe_gauge!("relay_mesh_remote_clients", "Client keys that sibling relays hold, as they told us");

@@ -14,8 +14,9 @@
 //! The client's send budget (when the relay sets one) is a token bucket: a frame that takes it
 //! into debt is still handled, and [`ClientSession::poll_timeout`] then says when the shell may
 //! read again, so TCP pushes back on the client meanwhile. A packet that finds its
-//! destination's queue full is dropped and pauses reading the same way, briefly: under
-//! overload the relay stops reading what it would only drop.
+//! destination's queue (or the link to the sibling holding it) full is dropped and pauses
+//! reading the same way, briefly: under overload the relay stops reading what it would only
+//! drop.
 
 use std::collections::HashSet;
 use std::time::Instant;
@@ -184,7 +185,12 @@ impl ClientSession {
                 self.pause_reading_until(now + QUEUE_FULL_PAUSE);
             }
             Delivery::Sibling => {}
-            Delivery::SiblingQueueFull => m.dropped(DropReason::MeshQueueFull, 1),
+            Delivery::SiblingQueueFull => {
+                // The link to the sibling is the bottleneck: the same push-back.
+                m.dropped(DropReason::MeshQueueFull, 1);
+                m.backpressure.increment(1);
+                self.pause_reading_until(now + QUEUE_FULL_PAUSE);
+            }
             Delivery::Unknown => {
                 m.dropped(DropReason::UnknownDest, 1);
                 if self.peer_gone_budget.try_take(now, 1.0) {
@@ -254,6 +260,20 @@ mod tests {
         a.handle_timeout(t + QUEUE_FULL_PAUSE);
         assert_eq!(a.poll_timeout(), None, "reading resumes after it");
         assert!(out.is_empty(), "nothing is said to the sender");
+    }
+
+    #[test]
+    fn a_full_link_to_a_sibling_pauses_the_sender_too() {
+        let relay = Relay::default();
+        let (tx, mut link) = mpsc::channel(1);
+        relay.router.sibling_present(key(9), &SiblingLink { id: 1, tx });
+        let t = now();
+        let (mut a, mut out) = (ClientSession::new(key(1), None, t), Vec::new());
+        a.handle_frame(send(9, b"one"), t, relay.ctx(), &mut out);
+        assert_eq!(a.poll_timeout(), None, "room on the link");
+        a.handle_frame(send(9, b"two"), t, relay.ctx(), &mut out);
+        assert_eq!(a.poll_timeout(), Some(t + QUEUE_FULL_PAUSE), "a full link pauses the sender");
+        assert!(link.try_recv().is_ok() && link.try_recv().is_err(), "one forwarded, the other dropped");
     }
 
     #[test]
