@@ -162,6 +162,16 @@ impl ClientSession {
         }
     }
 
+    /// A packet dropped at a full queue. Overload: the destination is not draining as fast as
+    /// this client sends. Reading on would spend the relay's CPU on decrypting and routing
+    /// packets that are dropped anyway and starve the writers (goodput collapses as the offered
+    /// load grows); pausing lets TCP push back on the sender instead.
+    fn shed(&mut self, reason: DropReason, now: Instant, ctx: Ctx<'_>) {
+        ctx.metrics.dropped(reason, 1);
+        ctx.metrics.backpressure.increment(1);
+        self.pause_reading_until(now + QUEUE_FULL_PAUSE);
+    }
+
     /// No reading from the client before `until` (the later of two pauses wins).
     fn pause_reading_until(&mut self, until: Instant) {
         self.resume_reading = Some(self.resume_reading.map_or(until, |t| t.max(until)));
@@ -175,22 +185,10 @@ impl ClientSession {
                     self.sent_to.insert(dst);
                 }
             }
-            Delivery::LocalQueueFull => {
-                m.dropped(DropReason::QueueFull, 1);
-                // Overload: the destination is not draining as fast as this client sends.
-                // Reading on would spend the relay's CPU on decrypting and routing packets
-                // that are dropped anyway and starve the writers (goodput collapses as the
-                // offered load grows); pausing lets TCP push back on the sender instead.
-                m.backpressure.increment(1);
-                self.pause_reading_until(now + QUEUE_FULL_PAUSE);
-            }
+            Delivery::LocalQueueFull => self.shed(DropReason::QueueFull, now, ctx),
             Delivery::Sibling => {}
-            Delivery::SiblingQueueFull => {
-                // The link to the sibling is the bottleneck: the same push-back.
-                m.dropped(DropReason::MeshQueueFull, 1);
-                m.backpressure.increment(1);
-                self.pause_reading_until(now + QUEUE_FULL_PAUSE);
-            }
+            // The link to the sibling is the bottleneck: the same push-back.
+            Delivery::SiblingQueueFull => self.shed(DropReason::MeshQueueFull, now, ctx),
             Delivery::Unknown => {
                 m.dropped(DropReason::UnknownDest, 1);
                 if self.peer_gone_budget.try_take(now, 1.0) {
