@@ -9,7 +9,7 @@
 # Usage: scripts/bench-bulk.sh [--size BYTES] [--runs N] [--streams N] [--bin DIR] [--profile DIR]
 #   --profile DIR  record the edge and the node with perf during the first funnel (QUIC)
 #                  transfer of each kind and write flat profiles (per process) to DIR
-#   (needs caddy and curl; installs caddy as root)
+#   (needs caddy and curl; installs them as root)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SIZE=$((1 << 30))
@@ -28,10 +28,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-if ! command -v caddy >/dev/null; then
-    [ "$(id -u)" = 0 ] || { echo "caddy is needed (apt-get install caddy)" >&2; exit 1; }
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq caddy >/dev/null
-fi
+TOOLS=(caddy:caddy curl:curl)
 source scripts/bench-common.sh
 
 $bin/warren-loadtest origin --listen 127.0.0.1:18782 & pids+=($!)
@@ -110,7 +107,7 @@ transfer() {
 median() { tr ' ' '\n' | sort -n | awk '{a[NR]=$1} END {print a[int((NR + 1) / 2)]}'; }
 
 echo "=== bulk: $((SIZE >> 20)) MiB per transfer, curl over TLS, median of $RUNS runs (MB/s)"
-printf '%-10s %-5s %10s %10s %10s %9s %9s %18s\n' transfer http caddy quic tcp quic/caddy tcp/caddy "RSS growth (KiB)"
+printf '%-10s %-5s %10s %10s %10s %9s %9s\n' transfer http caddy quic tcp quic/caddy tcp/caddy
 for dir in down up; do
     for proto in h1 h2; do
         declare -A speeds=()

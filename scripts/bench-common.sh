@@ -1,5 +1,12 @@
-# Sourced by the bench scripts: the binaries to run, a state directory that goes away with the
-# processes started into `pids`, and waits for ports and sockets. Expects BIN (empty: build).
+# Sourced by the bench scripts: the tools they need, the binaries to run, a state directory that
+# goes away with the processes started into `pids`, and waits for ports and sockets. Expects BIN
+# (empty: build) and TOOLS (command:debian-package pairs, installed as root when missing).
+missing=()
+for t in "${TOOLS[@]}"; do command -v "${t%%:*}" >/dev/null || missing+=("${t#*:}"); done
+if [ ${#missing[@]} -gt 0 ]; then
+    [ "$(id -u)" = 0 ] || { echo "needed: apt-get install ${missing[*]}" >&2; exit 1; }
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
 if [ -n "$BIN" ]; then
     bin=$BIN
 else

@@ -27,12 +27,7 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-for tool in nginx caddy socat; do
-    if ! command -v "$tool" >/dev/null; then
-        [ "$(id -u)" = 0 ] || { echo "$tool is needed (apt-get install nginx-light caddy socat)" >&2; exit 1; }
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light caddy socat >/dev/null
-    fi
-done
+TOOLS=(nginx:nginx-light caddy:caddy socat:socat)
 source scripts/bench-common.sh
 L=$bin/warren-loadtest
 
