@@ -3,6 +3,7 @@
 //! Test helpers live in [`testing`], behind the `test-support` feature, for dev-dependencies
 //! only.
 
+pub mod cidr;
 pub mod config;
 pub mod io;
 pub mod keyfile;

@@ -43,6 +43,15 @@ impl TokenBucket {
         false
     }
 
+    /// How long until the bucket holds `n` tokens (zero when it does now).
+    pub fn time_until(&mut self, now: Instant, n: f64) -> Duration {
+        self.refill(now);
+        if self.tokens >= n || self.rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::from_secs_f64((n - self.tokens) / self.rate)
+    }
+
     /// Takes `n` tokens, going into debt if needed; returns how long until the debt is repaid
     /// (zero when there was none). The caller waits that long before taking more.
     pub fn take(&mut self, now: Instant, n: f64) -> Duration {

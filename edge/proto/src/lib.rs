@@ -15,6 +15,9 @@
 //!   node -> edge  Publish { tcp, tls }   raw TCP ports and TLS-passthrough ports wanted
 //!   edge -> node  Published { urls, refused }   (again whenever the node's wish changes)
 //!
+//!   node -> edge  Access { generation, rules }   one rule per HTTP service (version 3)
+//!   edge -> node  AccessSet { generation, refused }   (again whenever the rules change)
+//!
 //! request stream (one bidirectional stream per visitor request, opened by the edge)
 //!   edge -> node  RequestHead, then the request body bytes until the stream ends (FIN)
 //!   node -> edge  ResponseHead, then the response body bytes until FIN
@@ -23,6 +26,8 @@
 //!   response body is framed instead: Data { bytes }*, at most one Trailers { headers }, FIN;
 //!   a framed response known to be empty carries the pseudo-header [`END_STREAM`] in its head
 //!   (gRPC's trailers-only answers: the visitor then gets one HEADERS frame that ends the stream)
+//!   with RequestHead.checked (version 3) the edge says which access rule it enforced, so the
+//!   node can refuse a protected service's request the edge checked against older rules
 //!
 //! connection stream (one per visitor TCP connection to a TCP or TLS-passthrough port)
 //!   edge -> node  Connect { kind, port, visitor, local, sni }
@@ -49,9 +54,10 @@ pub const ALPN: &[u8] = b"warren-tunnel/1";
 /// ALPN of the tunnel over TCP+TLS (HTTP/2 inside, on the edge's public port).
 pub const ALPN_TCP: &[u8] = b"warren-tunnel-tcp/1";
 /// Protocol version sent in Hello. Version 2 adds [`RequestHead::trailers`] and the framed
-/// response body; an edge accepts every version from [`MIN_VERSION`] and uses version 2
-/// features only with nodes that sent version 2.
-pub const VERSION: u16 = 2;
+/// response body, version 3 [`Message::Access`] and [`RequestHead::checked`]; an edge accepts
+/// every version from [`MIN_VERSION`] and uses a version's features only with nodes that sent
+/// at least that version.
+pub const VERSION: u16 = 3;
 /// Oldest protocol version still accepted.
 pub const MIN_VERSION: u16 = 1;
 /// Pseudo-header of a framed response head whose body is empty (no HTTP header name starts
@@ -63,6 +69,16 @@ pub const MAX_DATA: usize = 60 << 10;
 pub const MAX_MESSAGE_LEN: usize = 64 << 10;
 /// Most headers in one head.
 pub const MAX_HEADERS: usize = 256;
+/// Most rules in one [`Message::Access`].
+pub const MAX_RULES: usize = 64;
+
+/// Whether the mount `mount` (a clean path: `/`, `/api`) covers the path of `path_and_query`:
+/// `/api` covers `/api` and `/api/…`, never `/apix`. Edge and node both route with this, so
+/// the rule the edge enforces is the service the node picks.
+pub fn mount_covers(mount: &str, path_and_query: &str) -> bool {
+    let path = path_and_query.split_once('?').map_or(path_and_query, |(p, _)| p);
+    mount == "/" || path == mount || path.strip_prefix(mount).is_some_and(|rest| rest.starts_with('/'))
+}
 
 /// Why bytes did not decode.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -149,6 +165,59 @@ pub enum Message {
     Data(Vec<u8>),
     /// `0x0b` node -> edge, last in a framed response body: `headers`.
     Trailers(Vec<Header>),
+    /// `0x0c` node -> edge, on the control stream after Welcome: `generation u32 | rules
+    /// list<rule>`, the access rules of every HTTP service, replacing the previous ones.
+    Access {
+        /// Counts up with every change of the node's rules (the first set is 1).
+        generation: u32,
+        /// One per HTTP service (an open service has a rule with no conditions).
+        rules: Vec<AccessRule>,
+    },
+    /// `0x0d` edge -> node: `generation u32 | refused list<str>`, the rules now enforced and
+    /// why any was refused (a refused rule's service is closed to every visitor).
+    AccessSet {
+        /// The generation now enforced.
+        generation: u32,
+        /// `"<port><path>: <why>"` for each rule refused.
+        refused: Vec<String>,
+    },
+}
+
+/// Who may reach one HTTP service, enforced by the edge before a request enters the tunnel.
+///
+/// ```text
+/// port u16 | path str | basic list<user str, hash str> | bearer list<bytes> | allow list<str>
+/// | deny list<str> | rate u32 | burst u32 | forward_auth str
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessRule {
+    /// The service's public port.
+    pub port: u16,
+    /// The service's mount.
+    pub path: String,
+    /// HTTP basic auth: user names and bcrypt hashes of their passwords.
+    pub basic: Vec<(String, String)>,
+    /// Bearer tokens, as the SHA-256 of each token (32 bytes).
+    pub bearer: Vec<Vec<u8>>,
+    /// Visitor networks let in (CIDR, `10.0.0.0/8`, `2001:db8::/32`); empty lets all in.
+    pub allow: Vec<String>,
+    /// Visitor networks kept out, checked before `allow`.
+    pub deny: Vec<String>,
+    /// Requests per second for the service, 0 for no limit.
+    pub rate: u32,
+    /// Requests at once above the rate.
+    pub burst: u32,
+    /// The name of an edge-configured forward-auth endpoint that decides, or empty.
+    pub forward_auth: String,
+}
+
+/// The access rule an edge enforced on a request (see [`Message::Access`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checked {
+    /// The generation of the node's rules the edge held.
+    pub generation: u32,
+    /// The mount of the rule applied; empty when no rule covered the request.
+    pub mount: String,
 }
 
 /// What a connection stream carries.
@@ -196,6 +265,9 @@ pub struct RequestHead {
     pub upgrade: bool,
     /// Whether the visitor takes trailers (`te: trailers`): the response body is then framed.
     pub trailers: bool,
+    /// The access rule the edge enforced (version 3; flags bit 2, then `generation u32 |
+    /// mount str`).
+    pub checked: Option<Checked>,
 }
 
 /// The origin's response head.
@@ -221,6 +293,8 @@ impl Message {
             Message::Connect(_) => 0x09,
             Message::Data(_) => 0x0a,
             Message::Trailers(_) => 0x0b,
+            Message::Access { .. } => 0x0c,
+            Message::AccessSet { .. } => 0x0d,
         }
     }
 
@@ -267,7 +341,11 @@ impl Message {
                 out.put_u16(h.port);
                 put_str(out, &h.sni)?;
                 put_str(out, &h.tls_version)?;
-                out.put_u8(u8::from(h.upgrade) | (u8::from(h.trailers) << 1));
+                out.put_u8(u8::from(h.upgrade) | (u8::from(h.trailers) << 1) | (u8::from(h.checked.is_some()) << 2));
+                if let Some(c) = &h.checked {
+                    out.put_u32(c.generation);
+                    put_str(out, &c.mount)?;
+                }
             }
             Message::Response(h) => {
                 out.put_u16(h.status);
@@ -302,6 +380,18 @@ impl Message {
                 put_bytes(out, d)?;
             }
             Message::Trailers(h) => put_headers(out, h)?,
+            Message::Access { generation, rules } => {
+                if rules.len() > MAX_RULES {
+                    return Err(TunnelError::ProtocolViolation("too many access rules"));
+                }
+                out.put_u32(*generation);
+                put_count(out, rules.len())?;
+                rules.iter().try_for_each(|r| put_rule(out, r))?;
+            }
+            Message::AccessSet { generation, refused } => {
+                out.put_u32(*generation);
+                put_strs(out, refused)?;
+            }
         }
         Ok(())
     }
@@ -354,11 +444,14 @@ impl Message {
                     ..Default::default()
                 };
                 let flags = get_u8(&mut r)?;
-                if flags & !0b11 != 0 {
+                if flags & !0b111 != 0 {
                     return Err(TunnelError::Malformed("unknown request flags"));
                 }
                 head.upgrade = flags & 1 != 0;
                 head.trailers = flags & 2 != 0;
+                if flags & 4 != 0 {
+                    head.checked = Some(Checked { generation: get_u32(&mut r)?, mount: get_str(&mut r)? });
+                }
                 Message::Request(head)
             }
             0x05 => Message::Response(ResponseHead { status: get_u16(&mut r)?, headers: get_headers(&mut r)? }),
@@ -384,6 +477,15 @@ impl Message {
                 Message::Data(data)
             }
             0x0b => Message::Trailers(get_headers(&mut r)?),
+            0x0c => {
+                let generation = get_u32(&mut r)?;
+                let n = usize::from(get_u16(&mut r)?);
+                if n > MAX_RULES {
+                    return Err(TunnelError::ProtocolViolation("too many access rules"));
+                }
+                Message::Access { generation, rules: (0..n).map(|_| get_rule(&mut r)).collect::<Result<_, _>>()? }
+            }
+            0x0d => Message::AccessSet { generation: get_u32(&mut r)?, refused: get_strs(&mut r)? },
             _ => return Err(TunnelError::Malformed("unknown message type")),
         };
         if !r.is_empty() {
@@ -417,6 +519,43 @@ fn get_ports(r: &mut &[u8]) -> Result<Vec<u16>, TunnelError> {
 fn get_strs(r: &mut &[u8]) -> Result<Vec<String>, TunnelError> {
     let n = get_u16(r)?;
     (0..n).map(|_| get_str(r)).collect()
+}
+
+fn put_rule(out: &mut BytesMut, r: &AccessRule) -> Result<(), TunnelError> {
+    out.put_u16(r.port);
+    put_str(out, &r.path)?;
+    put_count(out, r.basic.len())?;
+    for (user, hash) in &r.basic {
+        put_str(out, user)?;
+        put_str(out, hash)?;
+    }
+    put_count(out, r.bearer.len())?;
+    r.bearer.iter().try_for_each(|b| put_bytes(out, b))?;
+    put_strs(out, &r.allow)?;
+    put_strs(out, &r.deny)?;
+    out.put_u32(r.rate);
+    out.put_u32(r.burst);
+    put_str(out, &r.forward_auth)
+}
+
+fn get_rule(r: &mut &[u8]) -> Result<AccessRule, TunnelError> {
+    let port = get_u16(r)?;
+    let path = get_str(r)?;
+    let n = get_u16(r)?;
+    let basic = (0..n).map(|_| Ok((get_str(r)?, get_str(r)?))).collect::<Result<_, _>>()?;
+    let n = get_u16(r)?;
+    let bearer = (0..n).map(|_| get_bytes(r)).collect::<Result<_, _>>()?;
+    Ok(AccessRule {
+        port,
+        path,
+        basic,
+        bearer,
+        allow: get_strs(r)?,
+        deny: get_strs(r)?,
+        rate: get_u32(r)?,
+        burst: get_u32(r)?,
+        forward_auth: get_str(r)?,
+    })
 }
 
 fn put_bytes(out: &mut BytesMut, b: &[u8]) -> Result<(), TunnelError> {
@@ -453,6 +592,13 @@ fn get_u16(r: &mut &[u8]) -> Result<u16, TunnelError> {
         return Err(TunnelError::Malformed("truncated"));
     }
     Ok(r.get_u16())
+}
+
+fn get_u32(r: &mut &[u8]) -> Result<u32, TunnelError> {
+    if r.len() < 4 {
+        return Err(TunnelError::Malformed("truncated"));
+    }
+    Ok(r.get_u32())
 }
 
 fn get_bytes(r: &mut &[u8]) -> Result<Vec<u8>, TunnelError> {
@@ -501,6 +647,7 @@ mod tests {
                 tls_version: "TLSv1.3".into(),
                 upgrade: false,
                 trailers: true,
+                checked: Some(Checked { generation: 7, mount: "/upload".into() }),
             }),
             Message::Response(ResponseHead { status: 101, headers: vec![("upgrade".into(), b"websocket".to_vec())] }),
             Message::PeerHello { version: 1, key: "cluster-key-0123456789".into() },
@@ -518,6 +665,24 @@ mod tests {
             }),
             Message::Data(b"a chunk of a framed body".to_vec()),
             Message::Trailers(vec![("grpc-status".into(), b"0".to_vec())]),
+            Message::Access {
+                generation: 3,
+                rules: vec![
+                    AccessRule { port: 443, path: "/".into(), ..AccessRule::default() },
+                    AccessRule {
+                        port: 443,
+                        path: "/admin".into(),
+                        basic: vec![("alice".into(), "$2b$04$abcdefghijklmnopqrstuu".into())],
+                        bearer: vec![vec![0xab; 32]],
+                        allow: vec!["10.0.0.0/8".into(), "2001:db8::/32".into()],
+                        deny: vec!["10.9.0.0/16".into()],
+                        rate: 10,
+                        burst: 20,
+                        forward_auth: "sso".into(),
+                    },
+                ],
+            },
+            Message::AccessSet { generation: 3, refused: vec!["443/admin: unknown forward_auth \"sso\"".into()] },
         ]
     }
 
@@ -539,6 +704,33 @@ mod tests {
             ConnectHead { kind: ConnKind::Tcp, port: 5432, visitor: "v".into(), local: "l".into(), sni: String::new() };
         Message::Connect(connect).encode(&mut b).expect("encodes");
         assert_eq!(hex(&b), "0000000c0901153800017600016c0000");
+        let mut b = BytesMut::new();
+        let open = AccessRule { port: 443, path: "/".into(), ..AccessRule::default() };
+        Message::Access { generation: 1, rules: vec![open] }.encode(&mut b).expect("encodes");
+        let want = ["0000001e", "0c", "00000001", "0001", "01bb", "00012f", "0000", "0000", "0000", "0000"];
+        assert_eq!(hex(&b), want.concat() + "00000000" + "00000000" + "0000");
+    }
+
+    #[test]
+    fn a_checked_head_carries_generation_and_mount_after_the_flags() {
+        let head = RequestHead { checked: Some(Checked { generation: 2, mount: "/a".into() }), ..Default::default() };
+        let mut b = BytesMut::new();
+        Message::Request(head.clone()).encode(&mut b).expect("encodes");
+        // method, uri, headers, visitor, port, sni, tls_version: all empty or zero; flags 0b100.
+        let fields = "0000".repeat(7);
+        assert_eq!(hex(&b), ["00000018", "04", &fields, "04", "00000002", "00022f61"].concat());
+        assert_eq!(Message::decode(&mut b), Ok(Some(Message::Request(head))));
+    }
+
+    #[test]
+    fn mounts_cover_whole_segments_only() {
+        assert!(mount_covers("/", "/anything?x=1"));
+        assert!(mount_covers("/api", "/api"));
+        assert!(mount_covers("/api", "/api/users?id=3"));
+        assert!(mount_covers("/api", "/api?x"));
+        assert!(!mount_covers("/api", "/apix"));
+        assert!(!mount_covers("/api", "/ap"));
+        assert!(!mount_covers("/api", "/x/api"));
     }
 
     fn hex(b: &[u8]) -> String {
@@ -592,7 +784,7 @@ mod tests {
         }
 
         #[test]
-        fn perturbed_messages_never_panic(i in 0usize..11, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
+        fn perturbed_messages_never_panic(i in 0usize..13, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
             let mut wire = BytesMut::new();
             sample()[i].encode(&mut wire).expect("encodes");
             for (pos, x) in flips {

@@ -17,11 +17,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use warren_common::limits::LogLimiter;
-use warren_tunnel::{read_message, respond_text, write_message, RecvStream, SendStream};
-use warren_tunnel_proto::{Message, RequestHead, VERSION};
+use warren_tunnel::{read_message, respond, respond_text, write_message, RecvStream, SendStream};
+use warren_tunnel_proto::{Message, RequestHead, ResponseHead, VERSION};
 
+use crate::access::EdgeAccess;
 use crate::config::{defaults, ClusterConfig};
-use crate::routes::{name_in, Opened, RouteError, Routes};
+use crate::routes::{name_in, Denied, Opened, RouteError, Routes};
 use crate::store::Store;
 
 /// Time to set up a peer link (QUIC handshake plus PeerHello/Welcome).
@@ -296,6 +297,7 @@ impl Cluster {
 #[derive(Debug, Clone)]
 pub(crate) struct LocalRoutes {
     pub(crate) routes: Arc<Routes>,
+    pub(crate) access: Arc<EdgeAccess>,
     pub(crate) funnel_domain: Arc<str>,
 }
 
@@ -318,6 +320,12 @@ pub(crate) async fn serve_peer(
     }
 }
 
+/// The public host a forwarded head was sent to (the sibling's `X-Forwarded-Host`).
+fn host_of(head: &RequestHead) -> Option<String> {
+    let host = head.headers.iter().find(|(n, _)| n == "x-forwarded-host").map(|(_, v)| v.as_slice())?;
+    std::str::from_utf8(host).ok().map(str::to_owned)
+}
+
 fn name_of<'a>(head: &'a RequestHead, domain: &str) -> Option<&'a str> {
     let host = head.headers.iter().find(|(n, _)| n == "x-forwarded-host").map(|(_, v)| v.as_slice())?;
     name_in(std::str::from_utf8(host).ok()?, domain)
@@ -331,23 +339,36 @@ async fn forwarded(cluster: Arc<Cluster>, local: LocalRoutes, peer_send: SendStr
         _ => return respond_text(peer_send, 400, "bad forwarded request\n").await,
     };
     cluster.forwarded_in.increment(1);
-    let Some(name) = name_of(&head, &local.funnel_domain) else {
-        return refuse(peer_send, RouteError::Offline).await;
+    let Some(name) = name_of(&head, &local.funnel_domain).map(str::to_owned) else {
+        return refuse(peer_send, RouteError::Offline.into()).await;
     };
-    let (_permit, mut node_send, node_recv) = match local.routes.open(name, head.port).await {
+    let (mut head, host) = (head.clone(), host_of(&head).unwrap_or_default());
+    // The sibling is trusted for the visitor's address (it is what its socket saw); one it
+    // cannot state is not let past the access rules.
+    let Ok(visitor) = head.visitor.parse::<std::net::SocketAddr>() else {
+        return respond_text(peer_send, 400, "bad forwarded request: no visitor address\n").await;
+    };
+    let opened = local.routes.open(&local.access, &name, &mut head, visitor.ip(), &host).await;
+    let (_permit, mut node_send, node_recv) = match opened {
         Ok(Opened { permit, send, recv, .. }) => (permit, send, recv),
         Err(e) => return refuse(peer_send, e).await,
     };
     if write_message(&mut node_send, &Message::Request(head)).await.is_err() {
-        return refuse(peer_send, RouteError::NodeUnreachable).await;
+        return refuse(peer_send, RouteError::NodeUnreachable.into()).await;
     }
     tokio::join!(splice(peer_recv, node_send), splice(node_recv, peer_send));
 }
 
-/// Answers a forwarded request that cannot reach its node, with the status and sentence a
-/// visitor of this edge would get.
-async fn refuse(peer_send: SendStream, e: RouteError) {
-    respond_text(peer_send, e.status().as_u16(), &format!("{}\n", e.message())).await;
+/// Answers a forwarded request that cannot reach its node, with what a visitor of this edge
+/// would get (status, sentence, and an access refusal's headers).
+async fn refuse(peer_send: SendStream, e: Denied) {
+    match e {
+        Denied::Route(e) => respond_text(peer_send, e.status().as_u16(), &format!("{}\n", e.message())).await,
+        Denied::Access(r) => {
+            let (status, headers, body) = r.into_parts();
+            respond(peer_send, ResponseHead { status, headers }, &body).await;
+        }
+    }
 }
 
 /// Copies `from` into `to`; a clean end is passed on as a finish, a failure as a reset (and a

@@ -9,6 +9,7 @@
 //! and forward to each other (`cluster`). Raw TCP ports and TLS for a name can be passed to a
 //! node without terminating anything here (`passthrough`).
 
+mod access;
 pub mod acme;
 pub mod certs;
 mod cluster;

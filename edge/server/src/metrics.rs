@@ -69,6 +69,7 @@ pub fn describe() {
     describe_gauge!("edge_cert_expiry_seconds", Unit::Seconds, "Seconds until the soonest certificate expiry");
     describe_counter!("edge_forwarded_total", "Requests forwarded between sibling edges, by direction (out, in)");
     describe_counter!("edge_store_errors_total", "Failed calls to the cluster's shared store");
+    describe_counter!("edge_access_refused_total", "Visitor requests refused by access rules and floors, by reason");
 }
 
 /// Metric handles of one edge.

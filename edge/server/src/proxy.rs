@@ -25,7 +25,7 @@ use warren_tunnel_proto::{Message, RequestHead, END_STREAM};
 
 use crate::cluster::ForwardError;
 use crate::metrics::Limited;
-use crate::routes::{name_in, Body, Opened, RouteError};
+use crate::routes::{name_in, Body, Denied, Opened, RouteError};
 use crate::state::Shared;
 
 /// What the edge knows about a visitor's connection.
@@ -47,9 +47,10 @@ pub(crate) async fn handle(
     let resp = match proxy(&shared, &info, req).await {
         Ok(r) => r,
         Err(e) => {
-            debug!(visitor = %info.visitor, error = ?e, "request not proxied");
-            if e == RouteError::RateLimited {
-                shared.metrics.limited(Limited::HostRate);
+            match &e {
+                Denied::Route(RouteError::RateLimited) => shared.metrics.limited(Limited::HostRate),
+                Denied::Route(e) => debug!(visitor = %info.visitor, error = ?e, "request not proxied"),
+                Denied::Access(r) => debug!(visitor = %info.visitor, reason = r.reason.label(), "request refused"),
             }
             e.page()
         }
@@ -79,14 +80,10 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// The head sent to the node. `trailers`: the visitor takes trailers and the node frames its
-/// response body (protocol version 2), so `te: trailers` goes on to the origin.
-fn request_head(req: &Request<Incoming>, info: &ConnInfo, host: &str, upgrade: bool, trailers: bool) -> RequestHead {
-    let mut headers: Vec<(String, Vec<u8>)> = Vec::with_capacity(req.headers().len() + 5);
+/// The head sent to the node (see [`take_trailers`] for the framed response).
+fn request_head(req: &Request<Incoming>, info: &ConnInfo, host: &str, upgrade: bool) -> RequestHead {
+    let mut headers: Vec<(String, Vec<u8>)> = Vec::with_capacity(req.headers().len() + 6);
     let mut xff = None;
-    if trailers {
-        headers.push(("te".into(), b"trailers".to_vec()));
-    }
     for (n, v) in req.headers() {
         let name = n.as_str();
         if is_hop_by_hop(name, upgrade) || name.eq_ignore_ascii_case("forwarded") || name.starts_with("x-forwarded-") {
@@ -119,8 +116,16 @@ fn request_head(req: &Request<Incoming>, info: &ConnInfo, host: &str, upgrade: b
         sni: info.sni.clone(),
         tls_version: info.tls_version.clone(),
         upgrade,
-        trailers,
+        trailers: false,
+        checked: None,
     }
+}
+
+/// The visitor takes trailers and the node frames its response body (protocol version 2), so
+/// `te: trailers` goes on to the origin.
+fn take_trailers(head: &mut RequestHead) {
+    head.trailers = true;
+    head.headers.insert(0, ("te".into(), b"trailers".to_vec()));
 }
 
 /// Whether the visitor said it takes trailers (`te: trailers`, as gRPC clients do).
@@ -128,31 +133,33 @@ fn takes_trailers(req: &Request<Incoming>) -> bool {
     req.headers().get_all(header::TE).iter().any(|v| te_is_trailers(v.as_bytes()))
 }
 
-async fn proxy(
-    shared: &Arc<Shared>,
-    info: &ConnInfo,
-    mut req: Request<Incoming>,
-) -> Result<Response<Body>, RouteError> {
+async fn proxy(shared: &Arc<Shared>, info: &ConnInfo, mut req: Request<Incoming>) -> Result<Response<Body>, Denied> {
+    shared.access.floor(info.visitor.ip()).map_err(Denied::Access)?;
     let host = host_of(&req).ok_or(RouteError::UnknownHost)?;
     let name = name_in(&host, &shared.config.funnel_domain).ok_or(RouteError::UnknownHost)?;
     let upgrade = is_upgrade(&req);
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let mut head = request_head(&req, info, &host, upgrade);
     // Trailers need a framed response, which nodes speak from version 2; requests forwarded
     // to a sibling edge go without (the node behind it may be older).
-    let (permit, mut send, mut recv, framed) = match shared.routes.open(name, info.port).await {
+    let visitor = info.visitor.ip();
+    let (permit, mut send, mut recv, framed) = match shared.routes.open(&shared.access, name, &mut head, visitor, &host).await {
         Ok(Opened { permit, send, recv, version }) => (Some(permit), send, recv, version >= 2 && takes_trailers(&req)),
-        // Another edge of the cluster may hold the tunnel; it applies the node's limits.
-        Err(RouteError::Offline) => match &shared.cluster {
+        // Another edge of the cluster may hold the tunnel; it applies the node's limits and
+        // access rules.
+        Err(Denied::Route(RouteError::Offline)) => match &shared.cluster {
             Some(cluster) => match cluster.open(&shared.endpoint, name).await {
                 Ok((send, recv)) => (None, send, recv, false),
-                Err(ForwardError::NoRoute) => return Err(RouteError::Offline),
-                Err(ForwardError::Unreachable) => return Err(RouteError::NodeUnreachable),
+                Err(ForwardError::NoRoute) => return Err(RouteError::Offline.into()),
+                Err(ForwardError::Unreachable) => return Err(RouteError::NodeUnreachable.into()),
             },
-            None => return Err(RouteError::Offline),
+            None => return Err(RouteError::Offline.into()),
         },
         Err(e) => return Err(e),
     };
-    let head = request_head(&req, info, &host, upgrade, framed);
+    if framed {
+        take_trailers(&mut head);
+    }
     write_message(&mut send, &Message::Request(head)).await.map_err(|_| RouteError::NodeUnreachable)?;
     let body = req.into_body();
     // Once the response has been streamed out in full (or the visitor left), the request is
@@ -181,7 +188,7 @@ async fn proxy(
         .map_err(|_| RouteError::NodeTimeout)?
         .map_err(|_| RouteError::BadNodeResponse)?;
     let Message::Response(head) = answer else {
-        return Err(RouteError::BadNodeResponse);
+        return Err(RouteError::BadNodeResponse.into());
     };
     let status = StatusCode::from_u16(head.status).map_err(|_| RouteError::BadNodeResponse)?;
     let switching = status == StatusCode::SWITCHING_PROTOCOLS && upgrade;

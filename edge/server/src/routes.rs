@@ -2,19 +2,22 @@
 //! stream to it.
 //!
 //! ```text
-//! visitor Host / forwarded X-Forwarded-Host ─▶ name_in(host, domain) ─▶ Routes::open(name, port)
+//! visitor Host / forwarded X-Forwarded-Host ─▶ name_in(host, domain) ─▶ Routes::open(name, head)
 //!     no tunnel here          -> RouteError::Offline (the proxy then asks the cluster)
 //!     port not published      -> PortNotServed (404)
+//!     refused by the node's access rule or the edge's floors -> Denied::Access (see `access`)
 //!     over the name's rate    -> RateLimited (429)
 //!     too many streams        -> Busy (503)
 //!     open_bi fails / slow    -> NodeUnreachable (502) / NodeTimeout (504)
 //! ```
 //!
 //! Both the visitor proxy and a sibling edge's forwarded requests go through
-//! [`Routes::open`], so a node's limits are applied once, wherever the visitor arrived.
+//! [`Routes::open`], so a node's limits and access rules are applied once, on the edge that
+//! holds its tunnel, wherever the visitor arrived.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -27,7 +30,9 @@ use hyper::{Response, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use warren_common::limits::TokenBucket;
 use warren_tunnel::{Link, RecvStream, SendStream};
+use warren_tunnel_proto::RequestHead;
 
+use crate::access::{AccessTable, EdgeAccess, Refusal};
 use crate::config::{defaults, valid_name};
 
 /// Response bodies: streamed from a node, or a short page.
@@ -50,6 +55,8 @@ pub(crate) struct Tunnel {
     pub(crate) streams: Arc<Semaphore>,
     /// Requests per second for this name, when limited.
     pub(crate) rate: Option<std::sync::Mutex<TokenBucket>>,
+    /// The node's access rules (empty until its first Access message).
+    pub(crate) access: RwLock<Arc<AccessTable>>,
 }
 
 impl Tunnel {
@@ -61,6 +68,11 @@ impl Tunnel {
     /// Whether TLS for this name on `port` is passed through to the node.
     pub(crate) fn passes_tls(&self, port: u16) -> bool {
         self.tls_ports.read().unwrap_or_else(|e| e.into_inner()).contains(&port)
+    }
+
+    /// The node's access rules now.
+    pub(crate) fn access(&self) -> Arc<AccessTable> {
+        self.access.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Opens a stream to the node within its limits (rate, streams in flight, deadline).
@@ -126,6 +138,31 @@ pub(crate) enum RouteError {
     /// The node answered with something invalid.
     #[error("bad node response")]
     BadNodeResponse,
+}
+
+/// Why a request got no stream to its node.
+#[derive(Debug)]
+pub(crate) enum Denied {
+    /// No route, or the node's limits.
+    Route(RouteError),
+    /// An access rule or floor refused it.
+    Access(Refusal),
+}
+
+impl From<RouteError> for Denied {
+    fn from(e: RouteError) -> Self {
+        Denied::Route(e)
+    }
+}
+
+impl Denied {
+    /// The visitor's answer.
+    pub(crate) fn page(self) -> Response<Body> {
+        match self {
+            Denied::Route(e) => e.page(),
+            Denied::Access(r) => r.page(),
+        }
+    }
 }
 
 impl RouteError {
@@ -195,18 +232,29 @@ pub(crate) struct Routes {
 }
 
 impl Routes {
-    /// Opens a request stream to the node registered as `name`, for a visitor who came in on
-    /// `port`, within the node's limits.
+    /// Opens a request stream to the node registered as `name` for the request `head` from
+    /// `visitor`, once the node's access rules allow it (`head` is then marked with the rule
+    /// enforced), within the node's limits.
     ///
     /// # Errors
     /// [`RouteError::Offline`] when no tunnel for `name` is here; the others as the table at
     /// the top of this module says.
-    pub(crate) async fn open(&self, name: &str, port: u16) -> Result<Opened, RouteError> {
+    pub(crate) async fn open(
+        &self,
+        access: &EdgeAccess,
+        name: &str,
+        head: &mut RequestHead,
+        visitor: IpAddr,
+        host: &str,
+    ) -> Result<Opened, Denied> {
         let tunnel = self.get(name).ok_or(RouteError::Offline)?;
-        if !tunnel.publishes(port) {
-            return Err(RouteError::PortNotServed);
+        if !tunnel.publishes(head.port) {
+            return Err(RouteError::PortNotServed.into());
         }
-        tunnel.open_stream().await
+        let table = tunnel.access();
+        let granted = access.check(&table, head, visitor, host).await.map_err(Denied::Access)?;
+        granted.apply(head, tunnel.version);
+        Ok(tunnel.open_stream().await?)
     }
 
     /// The tunnel registered as `name`.

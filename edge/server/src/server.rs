@@ -112,6 +112,7 @@ impl Edge {
             }
             None => None,
         };
+        let access = Arc::new(crate::access::EdgeAccess::new(&config.access)?);
         let acme = match &config.tls {
             TlsMode::Acme(settings) => {
                 let shared_store: Arc<dyn Store> = match &cluster {
@@ -195,6 +196,7 @@ impl Edge {
             limit_log: LogLimiter::new(Duration::from_secs(10)),
             config,
             routes: Arc::new(Routes::default()),
+            access,
             metrics: EdgeMetrics::new(),
             tasks: TaskTracker::new(),
             background: TaskTracker::new(),

@@ -8,6 +8,7 @@ use tokio_util::task::TaskTracker;
 use tracing::warn;
 use warren_common::limits::{AcceptGate, ConnSlot, LogLimiter, Rejected, TokenBucket};
 
+use crate::access::EdgeAccess;
 use crate::acme::Acme;
 use crate::cluster::{Cluster, LocalRoutes};
 use crate::config::Config;
@@ -19,6 +20,8 @@ use crate::routes::Routes;
 pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) routes: Arc<Routes>,
+    /// Access floors, forward-auth endpoints and the password checker.
+    pub(crate) access: Arc<EdgeAccess>,
     pub(crate) metrics: EdgeMetrics,
     pub(crate) public_ports: Vec<u16>,
     /// Upgraded (WebSocket) connections, waited for on drain.
@@ -88,6 +91,10 @@ impl Shared {
 
     /// What a sibling's forwarded requests need.
     pub(crate) fn local_routes(&self) -> LocalRoutes {
-        LocalRoutes { routes: self.routes.clone(), funnel_domain: self.config.funnel_domain.as_str().into() }
+        LocalRoutes {
+            routes: self.routes.clone(),
+            access: self.access.clone(),
+            funnel_domain: self.config.funnel_domain.as_str().into(),
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! A node's control stream comes first (see `warren_tunnel::link`): Hello in, Welcome or
 //! Refused out. The stream stays open: a later Hello on it (same name and token) replaces the
 //! ports the node publishes and gets its own Welcome, or a Refused that leaves the previous
-//! ports in place. A node that reconnects (or moves to another transport) replaces its
+//! ports in place. An Access message replaces the node's access rules (answered with
+//! AccessSet). A node that reconnects (or moves to another transport) replaces its
 //! previous registration: new requests go to the new tunnel at once, and the old one is closed
 //! once the requests it carries have finished, or after [`REPLACED_DRAIN`]. The registration
 //! ends when the tunnel closes.
@@ -122,6 +123,13 @@ async fn updates(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, mut control: Contro
                 }
                 continue;
             }
+            Ok(Message::Access { generation, rules }) => {
+                let answer = set_access(shared, tunnel, generation, rules);
+                if write_message(&mut control.send, &answer).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             Ok(_) => {
                 debug!(name = %tunnel.name, "unexpected message on a control stream");
                 return;
@@ -160,6 +168,18 @@ async fn publish(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, tcp: &[u16], tls: &
     info!(name = %tunnel.name, tcp = ?granted, tls = ?passing, "node published raw services");
     shared.routes.set_tls_ports(tunnel, passing);
     Message::Published { urls, refused }
+}
+
+/// Enforces a node's new access rules from its next request on.
+fn set_access(shared: &Shared, tunnel: &Tunnel, generation: u32, rules: Vec<warren_tunnel_proto::AccessRule>) -> Message {
+    let count = rules.len();
+    let (table, refused) = shared.access.table(generation, rules);
+    for r in &refused {
+        info!(name = %tunnel.name, refused = %r, "access rule refused; its service is closed");
+    }
+    *tunnel.access.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(table);
+    info!(name = %tunnel.name, generation, rules = count, "node set its access rules");
+    Message::AccessSet { generation, refused }
 }
 
 async fn refuse_with(send: &mut SendStream, reason: &str) {
@@ -228,6 +248,7 @@ async fn register(shared: &Shared, link: &Link, remote: SocketAddr) -> Option<Re
         tls_ports: std::sync::RwLock::new(Vec::new()),
         streams,
         rate,
+        access: std::sync::RwLock::new(Arc::default()),
     });
     match shared.routes.insert(tunnel.clone()) {
         Some(old) => {

@@ -335,13 +335,15 @@ pub fn endpoint(addr: std::net::SocketAddr, server: Option<quinn::ServerConfig>)
 
 /// Answers a request stream with a short plain-text response (an error the answering end
 /// writes itself) and finishes the stream.
-pub async fn respond_text(mut send: SendStream, status: u16, text: &str) {
-    let head = warren_tunnel_proto::ResponseHead {
-        status,
-        headers: vec![("content-type".into(), b"text/plain; charset=utf-8".to_vec())],
-    };
-    if write_message(&mut send, &Message::Response(head)).await.is_ok() && send.write_all(text.as_bytes()).await.is_ok()
-    {
+pub async fn respond_text(send: SendStream, status: u16, text: &str) {
+    let headers = vec![("content-type".into(), b"text/plain; charset=utf-8".to_vec())];
+    respond(send, warren_tunnel_proto::ResponseHead { status, headers }, text.as_bytes()).await;
+}
+
+/// Answers a request stream with `head` and `body`, then finishes it (errors are ignored: the
+/// other side has gone).
+pub async fn respond(mut send: SendStream, head: warren_tunnel_proto::ResponseHead, body: &[u8]) {
+    if write_message(&mut send, &Message::Response(head)).await.is_ok() && send.write_all(body).await.is_ok() {
         let _ = send.finish();
     }
 }

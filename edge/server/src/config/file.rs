@@ -51,6 +51,48 @@ pub struct FileConfig {
     /// Raw TCP services.
     #[serde(default)]
     pub tcp: TcpFile,
+    /// Access floors for every funnel, and the forward-auth endpoints nodes may name.
+    #[serde(default)]
+    pub access: AccessFile,
+}
+
+/// `[access]`: what every funnel on this edge gets, whatever its node asks for.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessFile {
+    /// Every HTTP service must protect itself (basic auth, bearer tokens or forward-auth);
+    /// the others answer 403. Default false.
+    pub require_auth: Option<bool>,
+    /// Visitor networks refused on every funnel (CIDR), before anything else.
+    #[serde(default)]
+    pub deny: Vec<String>,
+    /// Forward-auth endpoints a node's service can name (`warren funnel --auth forward:NAME`).
+    #[serde(default)]
+    pub forward_auth: Vec<ForwardAuthFile>,
+}
+
+/// `[[access.forward_auth]]`: an endpoint that decides on each request from its headers, as
+/// Caddy's `forward_auth` and Traefik's ForwardAuth do.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardAuthFile {
+    /// The name services refer to it by.
+    pub name: String,
+    /// `http[s]://host[:port]/path`: asked with a GET carrying the visitor's headers and
+    /// `X-Forwarded-Method/-Proto/-Host/-Uri/-For`; a 2xx answer lets the request through,
+    /// any other is sent to the visitor as it is (a login redirect, a 401).
+    pub url: String,
+    /// Longest wait for the answer, e.g. "2s" (default); no answer in time refuses (503).
+    pub timeout: Option<ConfigDuration>,
+    /// How long an answer is reused for the same request headers, e.g. "10s" (default); "0s"
+    /// asks every time.
+    pub cache: Option<ConfigDuration>,
+    /// Headers of a 2xx answer copied into the request to the node (e.g. `remote-user`); the
+    /// visitor's own values of these headers are always removed.
+    #[serde(default)]
+    pub copy_headers: Vec<String>,
+    /// Extra CA (PEM) to trust for an https:// endpoint.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[tcp]`: edge ports nodes may publish raw TCP services on (`warren funnel --tcp`), each

@@ -9,8 +9,10 @@ use std::time::Duration;
 use warren_common::config::{nonzero, socket_addr, ConfigDuration};
 pub use warren_common::config::{AdminFile, ConfigError, Rate, SharedKey};
 
+pub use self::access::{AccessConfig, EndpointUrl, ForwardAuthConfig};
 pub use self::file::*;
 
+mod access;
 mod file;
 
 /// Defaults, in one place.
@@ -55,6 +57,10 @@ pub mod defaults {
     pub const CLUSTER_KEY_MIN_LEN: usize = super::SharedKey::MIN_LEN;
     /// Environment variable holding the cluster key.
     pub const CLUSTER_KEY_ENV: &str = "WARREN_EDGE_CLUSTER_KEY";
+    /// Longest wait for a forward-auth answer.
+    pub const FORWARD_AUTH_TIMEOUT: Duration = Duration::from_secs(2);
+    /// How long a forward-auth answer is reused.
+    pub const FORWARD_AUTH_CACHE: Duration = Duration::from_secs(10);
 }
 
 /// The cluster's shared key.
@@ -231,6 +237,8 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// Raw TCP services.
     pub tcp: TcpConfig,
+    /// Access floors and forward-auth endpoints.
+    pub access: AccessConfig,
 }
 
 /// Where raw TCP services may be published.
@@ -329,8 +337,10 @@ impl TryFrom<FileConfig> for Config {
             false => None,
         };
         let tcp = TcpConfig::from_file(&f.tcp)?;
+        let access = AccessConfig::try_from(f.access)?;
         Ok(Config {
             tcp,
+            access,
             hostname: f.hostname.unwrap_or_else(|| "localhost".into()),
             funnel_domain,
             state_dir: f.state_dir.unwrap_or_else(|| PathBuf::from(defaults::STATE_DIR)),
