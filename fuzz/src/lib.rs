@@ -29,7 +29,24 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("static_request", static_request),
     ("node_config", node_config),
     ("proxy_answer", proxy_answer),
+    ("access", access),
 ];
+
+/// What a visitor and a node hand the access rules: the first line is an `Authorization`
+/// header value, each further line a network (CIDR) and then an address to test against it.
+pub fn access(data: &[u8]) {
+    let (first, rest) = data.split_at(data.iter().position(|b| *b == b'\n').unwrap_or(data.len()));
+    let _ = warren_edge::fuzzing::authorization(first);
+    let text = String::from_utf8_lossy(rest);
+    let mut lines = text.lines();
+    while let Some(net) = lines.next() {
+        let Ok(cidr) = net.parse::<warren_common::cidr::Cidr>() else { continue };
+        assert_eq!(cidr.to_string().parse::<warren_common::cidr::Cidr>(), Ok(cidr), "{net}");
+        if let Some(Ok(ip)) = lines.next().map(str::parse::<std::net::IpAddr>) {
+            let _ = cidr.contains(ip);
+        }
+    }
+}
 
 /// DERP frames, as the relay and client read them (any split of the stream).
 pub fn derp_frames(data: &[u8]) {

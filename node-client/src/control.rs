@@ -54,7 +54,7 @@ enum Request {
         timeout_ms: Option<u64>,
     },
     FunnelAdd {
-        service: ServiceSpec,
+        service: Box<ServiceSpec>,
         #[serde(default)]
         background: bool,
     },
@@ -436,7 +436,7 @@ async fn answer(daemon: &Daemon, req: Request, holder: u64) -> (Value, After) {
         }
         Request::FunnelAdd { service, background } => {
             let id = service.id();
-            return match daemon.add(service, background, holder).await {
+            return match daemon.add(*service, background, holder).await {
                 Ok(urls) => {
                     (json!({"ok": true, "id": id, "urls": urls}), if background { After::Next } else { After::Hold })
                 }

@@ -10,7 +10,9 @@
 //!
 //! ```text
 //! control stream  node -> edge  Hello { ports }      edge -> node  Welcome { urls } | Refused
+//!                 node -> edge  Access { generation, rules }   edge -> node  AccessSet
 //!                 services change, ports differ:  Hello again on the same stream, same answers
+//!                 access rules change:            Access again (before any new Hello)
 //! request stream  edge -> node  Request head + body  node -> edge  Response head + body
 //! ```
 
@@ -75,6 +77,8 @@ pub struct EdgeLink {
     pub rtt_ms: Option<f64>,
     /// The last failure on this edge, if any.
     pub last_error: Option<String>,
+    /// The generation of the node's access rules this edge enforces, while connected.
+    pub access_generation: Option<u32>,
 }
 
 /// One published service.
@@ -92,6 +96,9 @@ pub struct ServiceStatus {
     pub target: String,
     /// Requests answered.
     pub requests: u64,
+    /// Who may reach it, when restricted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access: Option<String>,
 }
 
 /// A service that is configured but not served, and why.
@@ -126,6 +133,8 @@ pub struct FunnelStatus {
     pub last_error: Option<String>,
     /// Requests served.
     pub requests: u64,
+    /// Access rules an edge refused (their services are closed there), with its reason.
+    pub access_refused: Vec<String>,
 }
 
 /// One request the funnel answered, for `warren funnel log`.
@@ -199,6 +208,7 @@ impl Funnel {
     /// changes, each edge is told on the open tunnel.
     pub fn set_services(&self, specs: &[ServiceSpec]) -> Vec<BrokenService> {
         let (table, broken) = ServiceTable::open(specs);
+        let table = table.after(&self.table.borrow());
         table.carry_counts_from(&self.table.borrow());
         for (id, e) in &broken {
             warn!(service = %id, error = %e, "service not published");
@@ -231,6 +241,7 @@ impl Funnel {
                     false => svc.target.to_string(),
                 },
                 requests: svc.requests(),
+                access: svc.spec.access.as_ref().filter(|a| !a.is_open()).map(crate::services::AccessSpec::summary),
             })
             .collect();
         let ports = table.ports();
@@ -434,6 +445,7 @@ impl EdgeTunnel {
             self.update(&status, |s, link| {
                 link.connected = false;
                 link.transport = None;
+                link.access_generation = None;
                 link.last_error = Some(err.clone());
                 s.last_error = Some(err);
             });
@@ -554,12 +566,13 @@ impl EdgeTunnel {
             .await
             .map_err(|_| FunnelError::Timeout(HELLO_ANSWER))?;
         let (mut ctl_send, mut ctl_recv) = control.map_err(FunnelError::Closed)?;
-        let (mut ports, mut raw) = {
+        let (mut ports, mut raw, mut access) = {
             let t = table.borrow_and_update();
-            (t.ports(), raw_wish(&t))
+            (t.ports(), raw_wish(&t), t.access().clone())
         };
         let urls = self.hello(&mut ctl_send, &mut ctl_recv, ports.clone()).await?;
         self.registered(status, &link, urls);
+        self.set_access(status, &mut ctl_send, &mut ctl_recv, &access).await?;
         if raw != (Vec::new(), Vec::new()) {
             self.publish(status, &mut ctl_send, &mut ctl_recv, &raw).await?;
         }
@@ -587,13 +600,18 @@ impl EdgeTunnel {
                     if changed.is_err() {
                         return Ok(SessionEnd::NoServices);
                     }
-                    let (now, now_raw, empty) = {
+                    let (now, now_raw, now_access, empty) = {
                         let t = table.borrow_and_update();
-                        (t.ports(), raw_wish(&t), t.is_empty())
+                        (t.ports(), raw_wish(&t), t.access().clone(), t.is_empty())
                     };
                     if empty {
                         link.close(0, "no services");
                         return Ok(SessionEnd::NoServices);
+                    }
+                    // New rules first, so a new port's services are guarded when it opens.
+                    if now_access.generation != access.generation {
+                        access = now_access;
+                        self.set_access(status, &mut ctl_send, &mut ctl_recv, &access).await?;
                     }
                     if now != ports {
                         ports = now;
@@ -622,6 +640,36 @@ impl EdgeTunnel {
                 Err(e) => debug!(edge = %self.edge(), error = %e, "QUIC still does not connect"),
             }
         }
+    }
+
+    /// Gives the edge the access rules of `book` and waits until it enforces them.
+    async fn set_access(
+        &self,
+        status: &watch::Sender<FunnelStatus>,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
+        book: &crate::services::AccessBook,
+    ) -> Result<(), FunnelError> {
+        let msg = Message::Access { generation: book.generation, rules: book.rules.clone() };
+        write_message(send, &msg).await.map_err(FunnelError::Hello)?;
+        let answer = tokio::time::timeout(HELLO_ANSWER, read_message(recv))
+            .await
+            .map_err(|_| FunnelError::Timeout(HELLO_ANSWER))?;
+        let Message::AccessSet { generation, refused } = answer.map_err(FunnelError::NoWelcome)? else {
+            return Err(FunnelError::UnexpectedAnswer);
+        };
+        if generation != book.generation {
+            return Err(FunnelError::UnexpectedAnswer);
+        }
+        for r in &refused {
+            warn!(edge = %self.edge(), refused = %r, "the edge refused an access rule; that service is closed there");
+        }
+        debug!(edge = %self.edge(), generation, "access rules in force");
+        self.update(status, |s, link| {
+            s.access_refused = refused;
+            link.access_generation = Some(generation);
+        });
+        Ok(())
     }
 
     /// Asks the edge for the TCP and TLS-passthrough ports in `wish`; records what it grants.
@@ -839,6 +887,14 @@ async fn serve_stream(
     let service_id = routed.as_ref().map_or_else(|| "-".to_owned(), |(s, _)| s.spec.id());
     let (status, bytes) = match routed {
         None => respond(&mut send, None, head.trailers, no_mount()).await,
+        Some((service, _)) if !table.access().enforced(head.port, &service.mount, &head) => {
+            // The edge checked this request against rules older than the service's (or
+            // another service's): it is not let through unguarded.
+            debug!(service = %service_id, "request not checked against the service's access rule");
+            let mut page = text(StatusCode::SERVICE_UNAVAILABLE, "This service's access rules are not in force yet; try again shortly.\n");
+            page.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+            respond(&mut send, None, head.trailers, page).await
+        }
         Some((service, rest)) => {
             let upgrade = head.upgrade;
             let (body, recv) = if upgrade {

@@ -72,6 +72,13 @@ enum Command {
     /// Check a relay end to end: two fresh keys log in, ping the relay, exchange packets
     /// through it, and measure round-trip time and one-way throughput.
     RelayCheck(RelayCheckArgs),
+    /// Hash a password for basic auth on a funnel (`--auth basic:USER:HASH`, node.toml
+    /// `access.basic`): reads the password from the first line of stdin, prints a bcrypt hash.
+    HashPassword {
+        /// bcrypt cost: each step doubles the work of every check (edges accept at most 14).
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=14))]
+        cost: u32,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -210,6 +217,15 @@ fn main() -> ExitCode {
                 control(&c, json!({"cmd": "recv", "timeout_ms": timeout_ms})).await
             }
             Command::Funnel(args) => cli::funnel::run(args).await,
+            Command::HashPassword { cost } => {
+                let mut line = String::new();
+                std::io::stdin().read_line(&mut line).context("cannot read the password from stdin")?;
+                let password = line.strip_suffix('\n').unwrap_or(&line);
+                let password = password.strip_suffix('\r').unwrap_or(password);
+                anyhow::ensure!(!password.is_empty(), "no password on stdin");
+                report(&bcrypt::hash(password, cost)?);
+                Ok(())
+            }
             Command::Key { key_file } => {
                 let key_file = key_file.unwrap_or_else(|| defaults::KEY_FILE.into());
                 let key = warren_common::keyfile::load_or_create(&key_file)?;

@@ -25,5 +25,16 @@ pub mod store;
 mod tcp_ports;
 mod tunnel;
 
+/// Entry points for the fuzz targets (`warren-fuzz`); not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Reads an `Authorization` header value as the access rules do; whether it held
+    /// credentials the edge can check.
+    pub fn authorization(value: &[u8]) -> bool {
+        let headers = [("authorization".to_owned(), value.to_vec())];
+        crate::access::fuzzing_presented(&headers)
+    }
+}
+
 pub use config::Config;
 pub use server::{Edge, EdgeError};

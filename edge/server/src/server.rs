@@ -281,6 +281,12 @@ impl Edge {
         self.shared.routes.len()
     }
 
+    /// Visitor requests this edge's access rules refused for `reason` (a label of
+    /// `edge_access_refused_total`, e.g. `"ip_denied"`).
+    pub fn access_refused(&self, reason: &str) -> u64 {
+        self.shared.access.refused_count(reason)
+    }
+
     /// Drains: stops accepting, lets in-flight requests and upgraded connections finish within
     /// the grace period, then closes tunnels.
     pub async fn shutdown(self) {

@@ -18,7 +18,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use warren::funnel::{Funnel, FunnelConfig};
-use warren::services::ServiceSpec;
+use warren::services::{AccessSpec, ServiceSpec};
 use warren_common::testing::{free_tcp_port, free_udp_port};
 use warren_edge::store::{RedisStore, Store, StoredCert};
 
@@ -175,7 +175,11 @@ async fn visit(edge: SocketAddr, ca: &Path, host: &str) -> Result<(StatusCode, S
 }
 
 fn funnel(name: &str, edges: &[&EdgeProc], ca: &Path, target: SocketAddr, port: u16) -> Funnel {
-    Funnel::start(FunnelConfig {
+    Funnel::start(funnel_config(name, edges, ca, target, port))
+}
+
+fn funnel_config(name: &str, edges: &[&EdgeProc], ca: &Path, target: SocketAddr, port: u16) -> FunnelConfig {
+    FunnelConfig {
         edges: edges.iter().map(|e| e.tunnel.to_string()).collect(),
         edge_name: Some("localhost".into()),
         ca_file: Some(PathBuf::from(ca)),
@@ -183,7 +187,7 @@ fn funnel(name: &str, edges: &[&EdgeProc], ca: &Path, target: SocketAddr, port: 
         name: name.into(),
         services: vec![ServiceSpec::new(port, format!("http://{target}"))],
         transport: Default::default(),
-    })
+    }
 }
 
 /// Greets an edge as a sibling with `key`: Ok when welcomed, Err("refused") when refused.
@@ -225,6 +229,15 @@ async fn two_edges_on_one_redis_forward_and_survive_losing_one() {
     // "web" keeps tunnels to both edges; "solo" only to A.
     let web = funnel("web", &[&a, &b], &ca, origin, port);
     let solo = funnel("solo", &[&a], &ca, origin, port);
+    // "guarded" (on A only) keeps loopback out: the edge holding its tunnel enforces that
+    // for visitors who came in through B too.
+    let guarded = Funnel::start(FunnelConfig {
+        services: vec![ServiceSpec {
+            access: Some(AccessSpec { deny: vec!["127.0.0.0/8".into()], ..AccessSpec::default() }),
+            ..ServiceSpec::new(port, format!("http://{origin}"))
+        }],
+        ..funnel_config("guarded", &[&a], &ca, origin, port)
+    });
     let mut status = web.status();
     for _ in 0..200 {
         status = web.status();
@@ -235,6 +248,10 @@ async fn two_edges_on_one_redis_forward_and_survive_losing_one() {
     }
     assert!(status.edges.iter().all(|e| e.connected), "web registered on both edges: {status:?}");
     solo.wait_registered(Duration::from_secs(10)).await.expect("solo registered");
+    guarded.wait_registered(Duration::from_secs(10)).await.expect("guarded registered");
+    while guarded.status().edges.iter().any(|e| e.access_generation.is_none()) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     for edge in [&a, &b] {
         let (code, body) = visit(edge.public, &ca, "web.funnel.test").await.expect("answer");
@@ -247,6 +264,11 @@ async fn two_edges_on_one_redis_forward_and_survive_losing_one() {
     assert_eq!(body, "hello from origin; for 127.0.0.1", "the visitor's address survives the extra hop");
     assert_eq!(metric(b.admin, "edge_forwarded_total{direction=\"out\"} "), 1.0);
     assert_eq!(metric(a.admin, "edge_forwarded_total{direction=\"in\"} "), 1.0);
+    for edge in [&a, &b] {
+        let (code, _) = visit(edge.public, &ca, "guarded.funnel.test").await.expect("answer");
+        assert_eq!(code, StatusCode::FORBIDDEN, "the node's deny list holds on every edge");
+    }
+    assert_eq!(metric(a.admin, "edge_access_refused_total{reason=\"ip_denied\"} "), 2.0, "both refused by A");
     let (code, _) = visit(b.public, &ca, "nobody.funnel.test").await.expect("answer");
     assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "a name no edge holds is offline");
     assert_eq!(peer_hello(a.tunnel, &ca, "not-the-cluster-key-0123456789").await, Err("refused".into()));

@@ -17,7 +17,7 @@ use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
 use warren::control::Connection;
 use warren::funnel::url_port;
-use warren::services::{HostHeader, ServiceKind, ServiceSpec, DEFAULT_PORT};
+use warren::services::{AccessSpec, HostHeader, ServiceKind, ServiceSpec, DEFAULT_PORT};
 
 use crate::{report, ControlArgs};
 
@@ -72,9 +72,47 @@ struct AddArgs {
     /// Start each TCP connection to the target with a PROXY protocol v2 header.
     #[arg(long)]
     proxy_protocol: bool,
+    /// Who may reach it, checked by the edge (repeatable): `basic:USER:BCRYPT-HASH` (make
+    /// one with `warren hash-password`), `bearer:TOKEN` or `bearer:sha256:HEX`, or
+    /// `forward:NAME` (a forward-auth endpoint the edge's operator configured).
+    #[arg(long = "auth", value_name = "METHOD")]
+    auth: Vec<String>,
+    /// Let in only visitors from this network (CIDR; repeatable).
+    #[arg(long, value_name = "CIDR")]
+    allow: Vec<String>,
+    /// Keep visitors from this network out (CIDR; repeatable).
+    #[arg(long, value_name = "CIDR")]
+    deny: Vec<String>,
+    /// Requests per second the edge lets through to this service.
+    #[arg(long)]
+    rate: Option<u32>,
+    /// Requests at once above --rate [default: one second's worth].
+    #[arg(long, requires = "rate")]
+    burst: Option<u32>,
     /// Keep it: saved with the node and published again after a restart; returns at once.
     #[arg(long)]
     bg: bool,
+}
+
+/// The access rule the flags ask for, if any.
+fn access_of(a: &AddArgs) -> anyhow::Result<Option<AccessSpec>> {
+    let mut spec = AccessSpec {
+        allow: a.allow.clone(),
+        deny: a.deny.clone(),
+        rate: a.rate,
+        burst: a.burst,
+        ..AccessSpec::default()
+    };
+    for method in &a.auth {
+        match method.split_once(':') {
+            Some(("basic", pair)) => spec.basic.push(pair.to_owned()),
+            Some(("bearer", token)) => spec.bearer.push(token.to_owned()),
+            Some(("forward", name)) => spec.forward_auth = Some(name.to_owned()),
+            _ => bail!("--auth {method:?}: use basic:USER:HASH, bearer:TOKEN or forward:NAME"),
+        }
+    }
+    spec.digest_tokens();
+    Ok((!spec.is_open()).then_some(spec))
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -160,6 +198,7 @@ fn check(answer: Value) -> anyhow::Result<Value> {
 }
 
 async fn add(a: AddArgs, control: &ControlArgs) -> anyhow::Result<()> {
+    let access = access_of(&a)?;
     let Some(target) = a.target else {
         bail!("what to publish? e.g. `warren funnel 3000` (see `warren funnel --help`)");
     };
@@ -182,6 +221,7 @@ async fn add(a: AddArgs, control: &ControlArgs) -> anyhow::Result<()> {
         (None, None) => (ServiceKind::Http, a.https_port),
     };
     let spec = ServiceSpec {
+        access,
         name: a.name,
         kind,
         cert_file: a.cert_file.map(here),
@@ -272,6 +312,9 @@ fn render_status(f: &Value) -> String {
                 s["origin"].as_str().unwrap_or("?"),
                 if n == 1 { "" } else { "s" },
             );
+            if let Some(access) = s["access"].as_str() {
+                let _ = writeln!(out, "|   {:<width$}     access: {access}", "");
+            }
         }
         out.push('\n');
     }
@@ -294,7 +337,10 @@ fn render_status(f: &Value) -> String {
             if n == 1 { "" } else { "s" },
         );
     }
-    let refused = f["refused"].as_array().cloned().unwrap_or_default();
+    let mut refused = f["refused"].as_array().cloned().unwrap_or_default();
+    // A refused access rule closes its service on that edge.
+    let access_refused = f["access_refused"].as_array().cloned().unwrap_or_default();
+    refused.extend(access_refused.iter().filter_map(Value::as_str).map(|r| Value::from(format!("access {r}"))));
     if let Some(broken) = f["broken"].as_array().filter(|b| !b.is_empty() || !refused.is_empty()) {
         out.push_str("Not served:\n");
         for b in broken {

@@ -13,6 +13,7 @@
 //! that cannot be wrong later. Opening a service ([`origin`]) is the only step that touches the
 //! file system or builds clients. Everything in this module is synchronous and unit-tested.
 
+pub mod access;
 pub mod files;
 pub mod origin;
 pub mod raw;
@@ -23,6 +24,8 @@ use std::path::PathBuf;
 
 use http::Uri;
 use serde::{Deserialize, Serialize};
+
+pub use self::access::{AccessBook, AccessSpec};
 
 /// Public ports an edge serves HTTPS on by default.
 pub const DEFAULT_PORT: u16 = 443;
@@ -87,6 +90,10 @@ pub struct ServiceSpec {
     /// carrying the visitor's address.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub proxy_protocol: bool,
+    /// `http`: who may reach it (basic auth, bearer tokens, networks, rate, forward-auth),
+    /// enforced by the edges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessSpec>,
 }
 
 fn default_port() -> u16 {
@@ -213,6 +220,9 @@ pub enum ServiceError {
     /// The target could not be opened (missing directory, unreadable CA, ...).
     #[error("{0}")]
     Open(String),
+    /// The access rule is invalid.
+    #[error("access: {0}")]
+    Access(String),
 }
 
 impl Target {
@@ -383,6 +393,7 @@ impl ServiceSpec {
             strip_path: true,
             host_header: HostHeader::Keep,
             ca_file: None,
+            access: None,
         }
     }
 
@@ -423,6 +434,14 @@ impl ServiceSpec {
                 return Err(ServiceError::Name(name.clone()));
             }
         }
+        if let Some(access) = &self.access {
+            if !self.kind.is_http() {
+                return Err(ServiceError::Conflict(
+                    "access rules are for http services: the edge passes tcp and tls connections through unopened".into(),
+                ));
+            }
+            access.check()?;
+        }
         if self.kind.is_http() {
             if self.cert_file.is_some() || self.key_file.is_some() || self.proxy_protocol {
                 return Err(ServiceError::Conflict(
@@ -458,8 +477,8 @@ impl ServiceSpec {
 /// begins with `/`; the query is kept.
 pub fn under_mount(mount: &str, path_and_query: &str, strip: bool) -> Option<String> {
     let (path, query) = path_and_query.split_once('?').map_or((path_and_query, None), |(p, q)| (p, Some(q)));
-    let covered = mount == "/" || path == mount || path.strip_prefix(mount).is_some_and(|rest| rest.starts_with('/'));
-    if !covered {
+    // The edges pick the access rule with the same test.
+    if !warren_tunnel_proto::mount_covers(mount, path) {
         return None;
     }
     let rest = if strip && mount != "/" { &path[mount.len()..] } else { path };

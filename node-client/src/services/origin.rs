@@ -19,10 +19,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
+use warren_tunnel_proto::AccessRule;
 
 use super::files::{self, Files};
 use super::raw::Raw;
-use super::{under_mount, HostHeader, HttpKind, ServiceError, ServiceKind, ServiceSpec, Target};
+use super::{under_mount, AccessBook, HostHeader, HttpKind, ServiceError, ServiceKind, ServiceSpec, Target};
 
 /// Request and response bodies on the node.
 pub type Body = BoxBody<Bytes, io::Error>;
@@ -274,6 +275,8 @@ impl tower_service::Service<Uri> for UnixConnector {
 pub struct ServiceTable {
     /// Sorted by port, then longest mount first.
     services: Vec<Arc<Service>>,
+    /// The access rules of the HTTP services, for the edges.
+    access: AccessBook,
 }
 
 /// A service that could not be opened: its id and why.
@@ -295,7 +298,21 @@ impl ServiceTable {
             }
         }
         services.sort_by(|a, b| a.spec.port.cmp(&b.spec.port).then(b.mount.len().cmp(&a.mount.len())));
-        (ServiceTable { services }, broken)
+        let access = AccessBook::next(&AccessBook::default(), access_rules(&services));
+        (ServiceTable { services, access }, broken)
+    }
+
+    /// This table's rules as the next generation after `old`'s (the same one when nothing
+    /// changed).
+    #[must_use]
+    pub fn after(mut self, old: &ServiceTable) -> ServiceTable {
+        self.access = AccessBook::next(&old.access, std::mem::take(&mut self.access.rules));
+        self
+    }
+
+    /// The access rules for the edges.
+    pub fn access(&self) -> &AccessBook {
+        &self.access
     }
 
     /// Keeps the request counts of services that are in both tables (same id, target and
@@ -343,6 +360,18 @@ impl ServiceTable {
     pub fn is_empty(&self) -> bool {
         self.services.is_empty()
     }
+}
+
+/// One rule per HTTP service, open where the service has none.
+fn access_rules(services: &[Arc<Service>]) -> Vec<AccessRule> {
+    services
+        .iter()
+        .filter(|s| s.spec.kind == ServiceKind::Http)
+        .map(|s| match &s.spec.access {
+            Some(a) => a.rule(s.spec.port, &s.mount),
+            None => AccessRule { port: s.spec.port, path: s.mount.clone(), ..AccessRule::default() },
+        })
+        .collect()
 }
 
 /// The answer for a request no mount matches.

@@ -24,6 +24,7 @@ mod credentials;
 mod forward;
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -244,8 +245,10 @@ pub(crate) struct EdgeAccess {
     deny: Vec<Cidr>,
     forward: Vec<Arc<ForwardAuth>>,
     passwords: Passwords,
-    /// `edge_access_refused_total{reason}`, in [`Reason::ALL`] order.
+    /// `edge_access_refused_total{reason}`, in [`Reason::ALL`] order ...
     refused: [metrics::Counter; Reason::ALL.len()],
+    /// ... and the same counts for this edge alone (the recorder is process-wide).
+    counts: [AtomicU64; Reason::ALL.len()],
 }
 
 impl EdgeAccess {
@@ -254,7 +257,14 @@ impl EdgeAccess {
     pub(crate) fn new(cfg: &AccessConfig) -> Result<Self, warren_common::tls::TlsError> {
         let forward = cfg.forward_auth.iter().map(|c| ForwardAuth::new(c.clone()).map(Arc::new)).collect::<Result<_, _>>()?;
         let refused = Reason::ALL.map(|r| metrics::counter!("edge_access_refused_total", "reason" => r.label()));
-        Ok(EdgeAccess { require_auth: cfg.require_auth, deny: cfg.deny.clone(), forward, passwords: Passwords::new(), refused })
+        Ok(EdgeAccess {
+            require_auth: cfg.require_auth,
+            deny: cfg.deny.clone(),
+            forward,
+            passwords: Passwords::new(),
+            refused,
+            counts: Default::default(),
+        })
     }
 
     /// Checks a node's rules; a rule that cannot be enforced closes its service and is
@@ -353,7 +363,13 @@ impl EdgeAccess {
 
     fn counted(&self, r: Refusal) -> Refusal {
         self.refused[r.reason as usize].increment(1);
+        self.counts[r.reason as usize].fetch_add(1, Ordering::Relaxed);
         r
+    }
+
+    /// Requests refused for the reason labelled `label` so far.
+    pub(crate) fn refused_count(&self, label: &str) -> u64 {
+        Reason::ALL.iter().position(|r| r.label() == label).map_or(0, |i| self.counts[i].load(Ordering::Relaxed))
     }
 
     async fn decide(&self, table: &AccessTable, head: &RequestHead, ip: IpAddr, host: &str) -> Result<Granted, Refusal> {
@@ -437,6 +453,11 @@ impl EdgeAccess {
             }
         }
     }
+}
+
+/// Whether `headers` carry credentials [`presented`] can read (for the fuzz target).
+pub(crate) fn fuzzing_presented(headers: &[Header]) -> bool {
+    !matches!(presented(headers), Presented::None | Presented::Malformed)
 }
 
 #[cfg(test)]
