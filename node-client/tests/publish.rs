@@ -446,6 +446,22 @@ async fn services_from_node_toml_and_the_cli_survive_a_restart() {
     let bg = lab.funnel(&["--bg", "--https-port", &a.to_string(), "--set-path", "/hello", "text:hi there"]);
     assert!(bg.status.success(), "{}", String::from_utf8_lossy(&bg.stderr));
     assert_eq!(lab.curl(0, "/hello", &[]), (200, "hi there".into()));
+    // A protected one: the password hashed by `warren hash-password`, checked by the edge.
+    let hash = hash_password("s3cret");
+    assert!(hash.starts_with("$2b$10$"), "{hash}");
+    let basic = format!("basic:alice:{hash}");
+    let args = ["--bg", "--https-port", &a.to_string(), "--set-path", "/priv", "--auth", &basic];
+    let guarded = lab.funnel(&[&args[..], &["--auth", "bearer:tok-abc", "text:classified"]].concat());
+    assert!(guarded.status.success(), "{}", String::from_utf8_lossy(&guarded.stderr));
+    let secret = |extra: &[&str]| {
+        until(Duration::from_secs(10), "the edge enforces the new rule", || {
+            Some(lab.curl(0, "/priv", extra)).filter(|(code, _)| *code != 503)
+        })
+    };
+    assert_eq!(secret(&[]).0, 401);
+    assert_eq!(secret(&["-u", "alice:nope"]).0, 401);
+    assert_eq!(secret(&["-u", "alice:s3cret"]), (200, "classified".into()));
+    assert_eq!(secret(&["-H", "Authorization: Bearer tok-abc"]), (200, "classified".into()));
     let fg = Proc(
         warren()
             .args([
@@ -476,6 +492,7 @@ async fn services_from_node_toml_and_the_cli_survive_a_restart() {
         format!("[{a}/hello, saved,"),
         format!("https://web.funnel.test:{b}/"),
         "[chat, config,".to_owned(),
+        "access: basic auth (alice), 1 bearer token(s)".to_owned(),
     ] {
         assert!(tree.contains(&line), "status lacks {line:?}:\n{tree}");
     }
@@ -490,6 +507,8 @@ async fn services_from_node_toml_and_the_cli_survive_a_restart() {
     assert_eq!(lab.curl(0, "/", &[]), (200, "<h1>the site</h1>\n".into()));
     assert_eq!(lab.curl(0, "/api/x", &[]).1, "origin saw /x host web.funnel.test");
     assert_eq!(lab.curl(0, "/hello", &[]), (200, "hi there".into()));
+    assert_eq!(secret(&[]).0, 401, "still protected after a restart");
+    assert_eq!(secret(&["-u", "alice:s3cret"]), (200, "classified".into()));
     assert_eq!(lab.curl(0, "/fg", &[]).0, 404);
     assert_eq!(ws_echo(&lab.edge_ca(), b, "after a restart").await, "after a restart");
     let passed = lab.curl_trusting(&node_ca.ca_cert_path, 2, "/again", &["--http1.1"]);
@@ -503,10 +522,26 @@ async fn services_from_node_toml_and_the_cli_survive_a_restart() {
     assert_eq!(lab.curl(0, "/hello", &[]).0, 404);
     let saved = std::fs::read_to_string(lab.dir.path().join("node/services.json")).expect("state file");
     assert!(!saved.contains("hi there"), "{saved}");
+    assert!(saved.contains("sha256:") && !saved.contains("tok-abc"), "a bearer token is saved as its digest: {saved}");
     let refused = lab.funnel(&["off", "chat"]);
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("config file"));
     drop(node);
+}
+
+/// `warren hash-password` with `password` on stdin: the hash it prints.
+fn hash_password(password: &str) -> String {
+    use std::io::Write as _;
+    let mut child = warren()
+        .args(["hash-password", "--cost", "10"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("warren hash-password");
+    child.stdin.take().expect("stdin").write_all(format!("{password}\n").as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("output");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// Whether Python's grpcio is there; without it the gRPC test is skipped, unless
