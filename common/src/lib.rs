@@ -5,6 +5,8 @@
 
 pub mod cidr;
 pub mod config;
+#[cfg(feature = "callout")]
+pub mod http1;
 pub mod io;
 pub mod keyfile;
 pub mod limits;

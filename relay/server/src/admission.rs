@@ -190,9 +190,9 @@ impl Callout {
             let name = rustls_pki_types::ServerName::try_from(self.url.host.clone())
                 .map_err(|_| CalloutError::ServerName(self.url.host.clone()))?;
             let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await.map_err(CalloutError::Tls)?;
-            send(TokioIo::new(tls), req).await?
+            warren_common::http1::request(TokioIo::new(tls), req).await?
         } else {
-            send(TokioIo::new(tcp), req).await?
+            warren_common::http1::request(TokioIo::new(tcp), req).await?
         };
         if !resp.status().is_success() {
             return Err(CalloutError::Status(resp.status()));
@@ -252,16 +252,6 @@ impl CalloutError {
             CalloutError::Timeout => "timeout",
         }
     }
-}
-
-async fn send<I>(io: I, req: http::Request<Full<Bytes>>) -> Result<http::Response<hyper::body::Incoming>, CalloutError>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-    // The connection task ends with the one request it carries (the sender is dropped after).
-    tokio::spawn(conn);
-    Ok(sender.send_request(req).await?)
 }
 
 fn verdict(allow: bool) -> (Verdict, AdmissionResult) {

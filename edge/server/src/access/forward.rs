@@ -188,9 +188,9 @@ impl ForwardAuth {
             Some(cfg) => {
                 let name = rustls_pki_types::ServerName::try_from(url.host.clone()).map_err(|_| AskError::ServerName)?;
                 let tls = tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp).await.map_err(AskError::Tls)?;
-                send(TokioIo::new(tls), req).await?
+                warren_common::http1::request(TokioIo::new(tls), req).await?
             }
-            None => send(TokioIo::new(tcp), req).await?,
+            None => warren_common::http1::request(TokioIo::new(tcp), req).await?,
         };
         let (parts, body) = resp.into_parts();
         let body = Limited::new(body, MAX_ANSWER).collect().await.map_err(|_| AskError::Body)?.to_bytes();
@@ -211,17 +211,6 @@ impl ForwardAuth {
             .collect();
         Ok(Answer::Deny { status: parts.status, headers, body })
     }
-}
-
-/// One request on a new HTTP/1.1 connection.
-async fn send<I>(io: I, req: http::Request<Empty<Bytes>>) -> Result<http::Response<hyper::body::Incoming>, AskError>
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-    // The connection task ends with the one request it carries (the sender is dropped after).
-    tokio::spawn(conn);
-    Ok(sender.send_request(req).await?)
 }
 
 /// A digest of everything the endpoint is told, so a cached answer is one to the same question.
