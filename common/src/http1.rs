@@ -6,7 +6,10 @@
 ///
 /// # Errors
 /// The handshake or the request failed.
-pub async fn request<I, B>(io: I, req: hyper::Request<B>) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error>
+pub async fn request<I, B>(
+    io: I,
+    req: hyper::Request<B>,
+) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     B: hyper::body::Body + Send + 'static,

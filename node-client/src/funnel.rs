@@ -891,7 +891,10 @@ async fn serve_stream(
             // The edge checked this request against rules older than the service's (or
             // another service's): it is not let through unguarded.
             debug!(service = %service_id, "request not checked against the service's access rule");
-            let mut page = text(StatusCode::SERVICE_UNAVAILABLE, "This service's access rules are not in force yet; try again shortly.\n");
+            let mut page = text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "This service's access rules are not in force yet; try again shortly.\n",
+            );
             page.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
             respond(&mut send, None, head.trailers, page).await
         }

@@ -16,6 +16,7 @@ mod cluster;
 pub mod config;
 pub mod der;
 pub mod metrics;
+mod pages;
 mod passthrough;
 mod proxy;
 mod routes;

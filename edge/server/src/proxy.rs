@@ -143,20 +143,23 @@ async fn proxy(shared: &Arc<Shared>, info: &ConnInfo, mut req: Request<Incoming>
     // Trailers need a framed response, which nodes speak from version 2; requests forwarded
     // to a sibling edge go without (the node behind it may be older).
     let visitor = info.visitor.ip();
-    let (permit, mut send, mut recv, framed) = match shared.routes.open(&shared.access, name, &mut head, visitor, &host).await {
-        Ok(Opened { permit, send, recv, version }) => (Some(permit), send, recv, version >= 2 && takes_trailers(&req)),
-        // Another edge of the cluster may hold the tunnel; it applies the node's limits and
-        // access rules.
-        Err(Denied::Route(RouteError::Offline)) => match &shared.cluster {
-            Some(cluster) => match cluster.open(&shared.endpoint, name).await {
-                Ok((send, recv)) => (None, send, recv, false),
-                Err(ForwardError::NoRoute) => return Err(RouteError::Offline.into()),
-                Err(ForwardError::Unreachable) => return Err(RouteError::NodeUnreachable.into()),
+    let (permit, mut send, mut recv, framed) =
+        match shared.routes.open(&shared.access, name, &mut head, visitor, &host).await {
+            Ok(Opened { permit, send, recv, version }) => {
+                (Some(permit), send, recv, version >= 2 && takes_trailers(&req))
+            }
+            // Another edge of the cluster may hold the tunnel; it applies the node's limits and
+            // access rules.
+            Err(Denied::Route(RouteError::Offline)) => match &shared.cluster {
+                Some(cluster) => match cluster.open(&shared.endpoint, name).await {
+                    Ok((send, recv)) => (None, send, recv, false),
+                    Err(ForwardError::NoRoute) => return Err(RouteError::Offline.into()),
+                    Err(ForwardError::Unreachable) => return Err(RouteError::NodeUnreachable.into()),
+                },
+                None => return Err(RouteError::Offline.into()),
             },
-            None => return Err(RouteError::Offline.into()),
-        },
-        Err(e) => return Err(e),
-    };
+            Err(e) => return Err(e),
+        };
     if framed {
         take_trailers(&mut head);
     }

@@ -16,15 +16,11 @@
 //! holds its tunnel, wherever the visitor arrived.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -34,9 +30,7 @@ use warren_tunnel_proto::RequestHead;
 
 use crate::access::{AccessTable, EdgeAccess, Refusal};
 use crate::config::{defaults, valid_name};
-
-/// Response bodies: streamed from a node, or a short page.
-pub(crate) type Body = BoxBody<Bytes, std::io::Error>;
+pub(crate) use crate::pages::{page, Body};
 
 /// A registered node.
 #[derive(Debug)]
@@ -199,20 +193,6 @@ impl RouteError {
         }
         page
     }
-}
-
-/// A short HTML error page.
-pub(crate) fn page(status: StatusCode, message: &str) -> Response<Body> {
-    let reason = status.canonical_reason().unwrap_or("");
-    let html = format!(
-        "<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{code} {reason}</title></head>\n<body><h1>{code} {reason}</h1>\n<p>{message}</p>\n</body></html>\n",
-        code = status.as_u16()
-    );
-    let mut r = Response::new(Full::new(Bytes::from(html)).map_err(|never: Infallible| match never {}).boxed());
-    *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-    r.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
 }
 
 /// The funnel name in `host` (`<name>.<domain>`), if it is one.

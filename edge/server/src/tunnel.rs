@@ -171,7 +171,12 @@ async fn publish(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, tcp: &[u16], tls: &
 }
 
 /// Enforces a node's new access rules from its next request on.
-fn set_access(shared: &Shared, tunnel: &Tunnel, generation: u32, rules: Vec<warren_tunnel_proto::AccessRule>) -> Message {
+fn set_access(
+    shared: &Shared,
+    tunnel: &Tunnel,
+    generation: u32,
+    rules: Vec<warren_tunnel_proto::AccessRule>,
+) -> Message {
     let count = rules.len();
     let (table, refused) = shared.access.table(generation, rules);
     for r in &refused {

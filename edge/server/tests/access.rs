@@ -185,7 +185,8 @@ async fn start_auth(garbage: Arc<AtomicBool>) -> (SocketAddr, tokio::task::JoinH
                 } else if head.contains("authorization: bearer good") && head.contains("x-forwarded-uri: /app") {
                     "HTTP/1.1 200 OK\r\nremote-user: bob\r\ncontent-length: 0\r\n\r\n".to_owned()
                 } else {
-                    "HTTP/1.1 302 Found\r\nlocation: https://login.test/\r\ncontent-length: 8\r\n\r\nlog in!\n".to_owned()
+                    "HTTP/1.1 302 Found\r\nlocation: https://login.test/\r\ncontent-length: 8\r\n\r\nlog in!\n"
+                        .to_owned()
                 };
                 let _ = s.write_all(answer.as_bytes()).await;
             });
@@ -224,7 +225,11 @@ async fn forward_auth_decides_and_fails_closed() {
 
     let good = ["-H", "Authorization: Bearer good", "-H", "Remote-User: mallory"];
     let (status, _, body) = lab.curl("127.0.0.1", "/app", &good);
-    assert_eq!((status, body.as_str()), (200, "ok / user= remote-user=bob"), "the endpoint's user replaces the visitor's");
+    assert_eq!(
+        (status, body.as_str()),
+        (200, "ok / user= remote-user=bob"),
+        "the endpoint's user replaces the visitor's"
+    );
     let (status, location, body) = lab.curl("127.0.0.1", "/app", &["-H", "Authorization: Bearer bad"]);
     assert_eq!((status, body.as_str()), (302, "log in!\n"), "the endpoint's answer goes to the visitor");
     assert!(location.contains("https://login.test/"), "{location}");

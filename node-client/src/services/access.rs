@@ -72,7 +72,9 @@ impl AccessSpec {
                 return bad(format!("basic entry {:?} is not user:bcrypt-hash", short(entry)));
             };
             if user.is_empty() || bcrypt::HashParts::from_str(hash).is_err() {
-                return bad(format!("basic entry for {user:?}: the password must be a bcrypt hash (warren hash-password)"));
+                return bad(format!(
+                    "basic entry for {user:?}: the password must be a bcrypt hash (warren hash-password)"
+                ));
             }
         }
         for token in &self.bearer {
@@ -183,10 +185,8 @@ impl AccessBook {
             return old.clone();
         }
         let generation = old.generation.wrapping_add(1).max(1);
-        let since = rules
-            .iter()
-            .map(|r| old.rules.iter().position(|o| o == r).map_or(generation, |i| old.since[i]))
-            .collect();
+        let since =
+            rules.iter().map(|r| old.rules.iter().position(|o| o == r).map_or(generation, |i| old.since[i])).collect();
         AccessBook { generation, rules, since }
     }
 

@@ -437,7 +437,8 @@ impl ServiceSpec {
         if let Some(access) = &self.access {
             if !self.kind.is_http() {
                 return Err(ServiceError::Conflict(
-                    "access rules are for http services: the edge passes tcp and tls connections through unopened".into(),
+                    "access rules are for http services: the edge passes tcp and tls connections through unopened"
+                        .into(),
                 ));
             }
             access.check()?;

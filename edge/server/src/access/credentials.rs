@@ -73,7 +73,8 @@ pub(super) fn check_hash(user: &str, hash: &str, max_cost: u32) -> Result<(), St
     if user.is_empty() || user.len() > 128 || user.contains(':') || user.chars().any(char::is_control) {
         return Err("a basic-auth user name is empty, too long or holds ':'".into());
     }
-    let parts = bcrypt::HashParts::from_str(hash).map_err(|_| format!("the password hash of {user:?} is not bcrypt"))?;
+    let parts =
+        bcrypt::HashParts::from_str(hash).map_err(|_| format!("the password hash of {user:?} is not bcrypt"))?;
     if parts.get_cost() > max_cost {
         return Err(format!("the password hash of {user:?} has cost {}; at most {max_cost}", parts.get_cost()));
     }

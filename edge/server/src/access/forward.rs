@@ -186,8 +186,10 @@ impl ForwardAuth {
         let _ = tcp.set_nodelay(true);
         let resp = match &self.tls {
             Some(cfg) => {
-                let name = rustls_pki_types::ServerName::try_from(url.host.clone()).map_err(|_| AskError::ServerName)?;
-                let tls = tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp).await.map_err(AskError::Tls)?;
+                let name =
+                    rustls_pki_types::ServerName::try_from(url.host.clone()).map_err(|_| AskError::ServerName)?;
+                let tls =
+                    tokio_rustls::TlsConnector::from(cfg.clone()).connect(name, tcp).await.map_err(AskError::Tls)?;
                 warren_common::http1::request(TokioIo::new(tls), req).await?
             }
             None => warren_common::http1::request(TokioIo::new(tcp), req).await?,
@@ -199,7 +201,9 @@ impl ForwardAuth {
                 .cfg
                 .copy_headers
                 .iter()
-                .flat_map(|n| parts.headers.get_all(n).iter().map(move |v| (n.as_str().to_owned(), v.as_bytes().to_vec())))
+                .flat_map(|n| {
+                    parts.headers.get_all(n).iter().map(move |v| (n.as_str().to_owned(), v.as_bytes().to_vec()))
+                })
                 .collect();
             return Ok(Answer::Allow(copied));
         }

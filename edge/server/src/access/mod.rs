@@ -39,7 +39,7 @@ pub(crate) use self::credentials::Passwords;
 use self::credentials::{presented, Presented};
 pub(crate) use self::forward::ForwardAuth;
 use crate::config::AccessConfig;
-use crate::routes::Body;
+use crate::pages::Body;
 
 /// The header that names the user an edge authenticated (basic auth); a visitor's own value
 /// is always removed.
@@ -149,7 +149,7 @@ impl Refusal {
                 *r.status_mut() = self.status;
                 r
             }
-            None => crate::routes::page(self.status, self.reason.message()),
+            None => crate::pages::page(self.status, self.reason.message()),
         };
         for (n, v) in self.headers {
             resp.headers_mut().append(n, v);
@@ -159,7 +159,8 @@ impl Refusal {
 
     /// The answer as a tunnel response head and body (for a sibling edge's visitor).
     pub(crate) fn into_parts(self) -> (u16, Vec<Header>, Bytes) {
-        let mut headers: Vec<Header> = self.headers.iter().map(|(n, v)| (n.as_str().into(), v.as_bytes().into())).collect();
+        let mut headers: Vec<Header> =
+            self.headers.iter().map(|(n, v)| (n.as_str().into(), v.as_bytes().into())).collect();
         let body = match self.body {
             Some(b) => b,
             None => {
@@ -255,7 +256,8 @@ impl EdgeAccess {
     /// # Errors
     /// A forward-auth endpoint's CA file is unusable.
     pub(crate) fn new(cfg: &AccessConfig) -> Result<Self, warren_common::tls::TlsError> {
-        let forward = cfg.forward_auth.iter().map(|c| ForwardAuth::new(c.clone()).map(Arc::new)).collect::<Result<_, _>>()?;
+        let forward =
+            cfg.forward_auth.iter().map(|c| ForwardAuth::new(c.clone()).map(Arc::new)).collect::<Result<_, _>>()?;
         let refused = Reason::ALL.map(|r| metrics::counter!("edge_access_refused_total", "reason" => r.label()));
         Ok(EdgeAccess {
             require_auth: cfg.require_auth,
@@ -307,7 +309,9 @@ impl EdgeAccess {
             .iter()
             .map(|b| <[u8; 32]>::try_from(b.as_slice()).map_err(|_| "a bearer token hash is not 32 bytes".to_owned()))
             .collect::<Result<_, _>>()?;
-        let nets = |v: &[String]| -> Result<Vec<Cidr>, String> { v.iter().map(|s| s.parse().map_err(|e: warren_common::cidr::CidrError| e.to_string())).collect() };
+        let nets = |v: &[String]| -> Result<Vec<Cidr>, String> {
+            v.iter().map(|s| s.parse().map_err(|e: warren_common::cidr::CidrError| e.to_string())).collect()
+        };
         let forward = match r.forward_auth.as_str() {
             "" => None,
             name => match self.forward.iter().find(|f| f.name() == name) {
@@ -372,7 +376,13 @@ impl EdgeAccess {
         Reason::ALL.iter().position(|r| r.label() == label).map_or(0, |i| self.counts[i].load(Ordering::Relaxed))
     }
 
-    async fn decide(&self, table: &AccessTable, head: &RequestHead, ip: IpAddr, host: &str) -> Result<Granted, Refusal> {
+    async fn decide(
+        &self,
+        table: &AccessTable,
+        head: &RequestHead,
+        ip: IpAddr,
+        host: &str,
+    ) -> Result<Granted, Refusal> {
         if Cidr::any_contains(&self.deny, ip) {
             return Err(Refusal::new(Reason::EdgeDeny));
         }

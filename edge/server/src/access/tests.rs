@@ -109,7 +109,11 @@ async fn networks_match_the_socket_address_and_mapped_ipv4() {
     assert_eq!(reason(verdict(&a, &t, &head, "::ffff:192.0.2.9").await), Reason::IpDenied, "mapped IPv4");
     assert!(verdict(&a, &t, &head, "::ffff:192.0.3.9").await.is_ok());
     assert!(verdict(&a, &t, &head, "2001:db8::7").await.is_ok());
-    assert_eq!(reason(verdict(&a, &t, &head, "198.51.100.1").await), Reason::IpNotAllowed, "X-Forwarded-For is not read");
+    assert_eq!(
+        reason(verdict(&a, &t, &head, "198.51.100.1").await),
+        Reason::IpNotAllowed,
+        "X-Forwarded-For is not read"
+    );
     assert_eq!(reason(verdict(&a, &t, &head, "203.0.113.5").await), Reason::EdgeDeny);
     assert_eq!(a.floor(ip("::ffff:203.0.113.5")).expect_err("the edge's list").reason, Reason::EdgeDeny);
 }

@@ -103,7 +103,10 @@ impl TryFrom<AccessFile> for AccessConfig {
 fn forward_auth_config(f: ForwardAuthFile) -> Result<ForwardAuthConfig, ConfigError> {
     let name_ok = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
     if f.name.is_empty() || f.name.len() > 64 || !f.name.chars().all(name_ok) {
-        return Err(ConfigError::invalid("access.forward_auth.name", format!("{:?}: letters, digits, - and _", f.name)));
+        return Err(ConfigError::invalid(
+            "access.forward_auth.name",
+            format!("{:?}: letters, digits, - and _", f.name),
+        ));
     }
     let timeout = ConfigDuration::or(f.timeout, defaults::FORWARD_AUTH_TIMEOUT);
     if timeout.is_zero() || timeout > Duration::from_secs(60) {
@@ -113,8 +116,9 @@ fn forward_auth_config(f: ForwardAuthFile) -> Result<ForwardAuthConfig, ConfigEr
         .copy_headers
         .iter()
         .map(|h| {
-            HeaderName::from_bytes(h.as_bytes())
-                .map_err(|_| ConfigError::invalid("access.forward_auth.copy_headers", format!("{h:?} is not a header name")))
+            HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
+                ConfigError::invalid("access.forward_auth.copy_headers", format!("{h:?} is not a header name"))
+            })
         })
         .collect::<Result<_, _>>()?;
     Ok(ForwardAuthConfig {
@@ -147,7 +151,10 @@ mod tests {
         assert!(c.require_auth);
         assert_eq!(c.deny.len(), 2);
         let fa = &c.forward_auth[0];
-        assert_eq!(fa.url, EndpointUrl { tls: false, host: "127.0.0.1".into(), port: 9091, path: "/verify?x=1".into() });
+        assert_eq!(
+            fa.url,
+            EndpointUrl { tls: false, host: "127.0.0.1".into(), port: 9091, path: "/verify?x=1".into() }
+        );
         assert_eq!(fa.url.authority(), "127.0.0.1:9091");
         assert_eq!(fa.copy_headers[0].as_str(), "remote-user");
         assert_eq!((fa.timeout, fa.cache), (defaults::FORWARD_AUTH_TIMEOUT, Duration::ZERO));
