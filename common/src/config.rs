@@ -72,7 +72,7 @@ pub fn parse_toml<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), source: Box::new(e) })
 }
 
-/// Parses `"250ms"`, `"10s"`, `"2m"`, `"1h"` (one number, one unit).
+/// Parses `"250ms"`, `"10s"`, `"2m"`, `"1h"`, `"30d"` (one number, one unit).
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit())?;
@@ -83,11 +83,12 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         "s" => Some(Duration::from_secs(n)),
         "m" => n.checked_mul(60).map(Duration::from_secs),
         "h" => n.checked_mul(3600).map(Duration::from_secs),
+        "d" => n.checked_mul(86_400).map(Duration::from_secs),
         _ => None,
     }
 }
 
-/// A duration as config files write it (`"250ms"`, `"10s"`, `"2m"`, `"1h"`), parsed when the
+/// A duration as config files write it (`"250ms"`, `"10s"`, `"2m"`, `"1h"`, `"30d"`), parsed when the
 /// file is read: a bad one is a parse error naming its key and line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
 #[serde(try_from = "String")]
@@ -262,6 +263,7 @@ mod tests {
     fn durations_and_addresses() {
         assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("30d"), Some(Duration::from_secs(30 * 86_400)));
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("s"), None);
         assert_eq!(parse_duration("99999999999999999999h"), None);

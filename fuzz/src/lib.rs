@@ -32,11 +32,15 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("access", access),
 ];
 
-/// What a visitor and a node hand the access rules: the first line is an `Authorization`
-/// header value, each further line a network (CIDR) and then an address to test against it.
+/// What visitors and nodes hand the edge's checks: the first line is an `Authorization` header
+/// value and a node's signed token, each further line a network (CIDR) and then an address to
+/// test against it.
 pub fn access(data: &[u8]) {
     let (first, rest) = data.split_at(data.iter().position(|b| *b == b'\n').unwrap_or(data.len()));
     let _ = warren_edge::fuzzing::authorization(first);
+    // The same line as a node's signed token (key and time fixed: only the parsing is at stake).
+    let token = String::from_utf8_lossy(first);
+    let _ = warren_edge::credentials::verify(&token, &[[7; 32]], 1000, std::time::Duration::from_secs(86_400));
     let text = String::from_utf8_lossy(rest);
     let mut lines = text.lines();
     while let Some(net) = lines.next() {

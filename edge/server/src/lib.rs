@@ -14,6 +14,7 @@ pub mod acme;
 pub mod certs;
 mod cluster;
 pub mod config;
+pub mod credentials;
 pub mod der;
 pub mod metrics;
 mod pages;

@@ -11,6 +11,8 @@ use warren_common::runtime::{init_logging, wait_for_signal};
 use warren_edge::config::{Config, FileConfig, TlsModeName, TokenFile};
 use warren_edge::Edge;
 
+mod cli;
+
 /// Exit code for an invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
@@ -21,8 +23,10 @@ const EXIT_CONFIG: u8 = 64;
 #[derive(Debug, Parser)]
 #[command(name = "warren-edge", version)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file (see deploy/edge.example.toml).
-    #[arg(short, long, env = "WARREN_EDGE_CONFIG")]
+    #[arg(short, long, env = "WARREN_EDGE_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Validate the configuration and exit without binding any port.
     #[arg(long)]
@@ -61,6 +65,13 @@ struct Cli {
     /// Log format.
     #[arg(long, value_parser = ["text", "json"], default_value = "text")]
     log_format: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Signed node tokens: make a signing key, issue, revoke and list tokens.
+    #[command(subcommand)]
+    Token(cli::token::TokenCommand),
 }
 
 impl Cli {
@@ -115,6 +126,15 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    if let Some(Command::Token(cmd)) = cli.command {
+        return match cli::token::run(cmd, &config, cli.config.is_some()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("warren-edge: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     if config.tokens.is_empty() {
         eprintln!("warren-edge: warning: no [[tokens]] configured; no node can register");
     }

@@ -51,6 +51,8 @@ pub(crate) struct Tunnel {
     pub(crate) rate: Option<std::sync::Mutex<TokenBucket>>,
     /// The node's access rules (empty until its first Access message).
     pub(crate) access: RwLock<Arc<AccessTable>>,
+    /// The signed token it registered with, if not a static one: its id and expiry.
+    pub(crate) credential: Option<(String, std::time::SystemTime)>,
 }
 
 impl Tunnel {
@@ -299,6 +301,23 @@ impl Routes {
         }
         let gone = Arc::as_ptr(&old);
         self.retiring.lock().unwrap_or_else(|e| e.into_inner()).retain(|t| t.strong_count() > 0 && t.as_ptr() != gone);
+    }
+
+    /// Closes the tunnels (the retiring ones too) registered with a token in `revoked`;
+    /// returns how many.
+    pub(crate) fn close_revoked(&self, revoked: &std::collections::HashSet<String>) -> usize {
+        let is_revoked = |t: &Tunnel| t.credential.as_ref().is_some_and(|(id, _)| revoked.contains(id));
+        let mut n = 0;
+        for t in self.map.read().unwrap_or_else(|e| e.into_inner()).values().filter(|t| is_revoked(t)) {
+            t.conn.close(3, "token revoked");
+            n += 1;
+        }
+        for t in self.retiring.lock().unwrap_or_else(|e| e.into_inner()).iter().filter_map(std::sync::Weak::upgrade) {
+            if is_revoked(&t) {
+                t.conn.close(3, "token revoked");
+            }
+        }
+        n
     }
 
     /// Closes every tunnel, the retiring ones too (shutdown).

@@ -205,6 +205,7 @@ impl Edge {
             endpoint: endpoint.clone(),
             draining: AtomicBool::new(false),
             tcp_ports: crate::tcp_ports::TcpPorts::default(),
+            revoked: Default::default(),
         });
         let stop_accepting = CancellationToken::new();
         let accept_loops = TaskTracker::new();
@@ -233,6 +234,17 @@ impl Edge {
                     let _ = acme.ensure(&n).await;
                 }
             });
+        }
+        if let Some(creds) = &shared.config.credentials {
+            let store: Arc<dyn Store> = match &cluster {
+                Some(c) => c.store.clone(),
+                None => Arc::new(FileStore::new(&shared.config.state_dir.join("certs")).map_err(|source| {
+                    EdgeError::Bind { what: "token store", addr: shared.config.tunnel_listen, source }
+                })?),
+            };
+            info!(keys = creds.public_keys.len(), every = ?creds.revocation_check, "signed node tokens accepted");
+            let every = creds.revocation_check;
+            accept_loops.spawn(tunnel::watch_revocations(shared.clone(), store, every, stop_accepting.clone()));
         }
         if let Some(c) = cluster {
             match c.store.routes("-").await {

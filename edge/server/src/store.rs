@@ -1,4 +1,5 @@
-//! Shared edge state behind one trait: certificates, issuance locks and the route table.
+//! Shared edge state behind one trait: certificates, issuance locks, the route table, and the
+//! signed node tokens issued and revoked.
 //!
 //! The [`FileStore`] (a directory) is the embedded default for a single edge; the
 //! [`RedisStore`] serves a cluster of edges behind one DNS name.
@@ -14,6 +15,8 @@ use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand_core::{OsRng, RngCore};
+
+use crate::credentials::Claims;
 
 /// A certificate as stored: PEM chain and PEM private key.
 #[derive(Clone, PartialEq, Eq)]
@@ -54,6 +57,20 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn withdraw<'a>(&'a self, peer: &'a str, names: &'a [String]) -> StoreFuture<'a, ()>;
     /// The peers holding a tunnel of `name` whose entries have not expired.
     fn routes<'a>(&'a self, name: &'a str) -> StoreFuture<'a, Vec<String>>;
+    /// Records a signed token issued (for `warren-edge token list`).
+    fn record_token<'a>(&'a self, claims: &'a Claims) -> StoreFuture<'a, ()>;
+    /// Every token recorded.
+    fn tokens(&self) -> StoreFuture<'_, Vec<Claims>>;
+    /// Revokes token `id` until `until` (its expiry: later it is refused anyway).
+    fn revoke<'a>(&'a self, id: &'a str, until: SystemTime) -> StoreFuture<'a, ()>;
+    /// The ids revoked whose `until` has not passed.
+    fn revoked(&self) -> StoreFuture<'_, Vec<String>>;
+}
+
+/// Revoked ids whose `until` (unix ms) is still ahead of `now`.
+fn still_revoked(entries: HashMap<String, u64>, now: SystemTime) -> Vec<String> {
+    let now = unix_ms(now);
+    entries.into_iter().filter(|(_, until)| *until > now).map(|(id, _)| id).collect()
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
@@ -112,6 +129,30 @@ impl FileStore {
         Ok(())
     }
 
+    /// Reads a JSON map file of this store (missing: empty).
+    fn read_map<T: serde::de::DeserializeOwned>(&self, file: &str) -> std::io::Result<HashMap<String, T>> {
+        match fs::read(self.dir.join(file)) {
+            Ok(b) => serde_json::from_slice(&b).map_err(std::io::Error::other),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashMap::new()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Changes a JSON map file of this store, replacing it whole (via rename).
+    fn update_map<T>(&self, file: &str, f: impl FnOnce(&mut HashMap<String, T>)) -> std::io::Result<()>
+    where
+        T: serde::de::DeserializeOwned + serde::Serialize,
+    {
+        let mut map = self.read_map(file)?;
+        f(&mut map);
+        let path = self.dir.join(file);
+        let tmp = path.with_extension("json.tmp");
+        let mut out = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        out.write_all(&serde_json::to_vec_pretty(&map).map_err(std::io::Error::other)?)?;
+        out.sync_all()?;
+        fs::rename(&tmp, &path)
+    }
+
     fn try_lock_now(&self, name: &str, ttl: Duration) -> bool {
         let path = self.file(name, "lock");
         let stale = fs::metadata(&path)
@@ -155,7 +196,36 @@ impl Store for FileStore {
     fn routes<'a>(&'a self, _name: &'a str) -> StoreFuture<'a, Vec<String>> {
         Box::pin(std::future::ready(Ok(Vec::new())))
     }
+
+    fn record_token<'a>(&'a self, claims: &'a Claims) -> StoreFuture<'a, ()> {
+        let r = self.update_map(TOKENS_FILE, |m| {
+            m.insert(claims.id.clone(), claims.clone());
+        });
+        Box::pin(std::future::ready(r))
+    }
+
+    fn tokens(&self) -> StoreFuture<'_, Vec<Claims>> {
+        Box::pin(std::future::ready(self.read_map(TOKENS_FILE).map(|m| m.into_values().collect())))
+    }
+
+    fn revoke<'a>(&'a self, id: &'a str, until: SystemTime) -> StoreFuture<'a, ()> {
+        let r = self.update_map(REVOKED_FILE, |m| {
+            let now = unix_ms(SystemTime::now());
+            m.retain(|_, until| *until > now);
+            m.insert(id.to_owned(), unix_ms(until));
+        });
+        Box::pin(std::future::ready(r))
+    }
+
+    fn revoked(&self) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(std::future::ready(self.read_map(REVOKED_FILE).map(|m| still_revoked(m, SystemTime::now()))))
+    }
 }
+
+/// The file store's record of issued tokens: id -> claims.
+const TOKENS_FILE: &str = "tokens.json";
+/// The file store's revocation list: id -> until (unix ms).
+const REVOKED_FILE: &str = "revoked.json";
 
 /// Key prefix of everything the edges keep in Redis.
 const PREFIX: &str = "warren:edge";
@@ -171,6 +241,8 @@ const UNLOCK_SCRIPT: &str =
 /// warren:edge:cert:<name>      hash { chain, key }
 /// warren:edge:lock:<name>      issuance lock: a random token, SET NX PX
 /// warren:edge:route:<name>     sorted set: member = peer, score = expiry (unix ms)
+/// warren:edge:tokens           hash: token id -> claims (JSON), the tokens issued
+/// warren:edge:revoked          sorted set: member = token id, score = until (unix ms)
 /// ```
 /// Route expiry is each edge's wall clock; edges are expected to run NTP. The connection
 /// reconnects on its own; every command has a deadline, so a Redis outage turns into errors
@@ -361,6 +433,64 @@ impl Store for RedisStore {
                 .map_err(redis_err)
         })
     }
+
+    fn record_token<'a>(&'a self, claims: &'a Claims) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            let json = serde_json::to_string(claims).map_err(std::io::Error::other)?;
+            redis::cmd("HSET")
+                .arg(format!("{PREFIX}:tokens"))
+                .arg(&claims.id)
+                .arg(json)
+                .query_async::<i64>(&mut c)
+                .await
+                .map(|_| ())
+                .map_err(redis_err)
+        })
+    }
+
+    fn tokens(&self) -> StoreFuture<'_, Vec<Claims>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            let all: Vec<String> =
+                redis::cmd("HVALS").arg(format!("{PREFIX}:tokens")).query_async(&mut c).await.map_err(redis_err)?;
+            Ok(all.iter().filter_map(|j| serde_json::from_str(j).ok()).collect())
+        })
+    }
+
+    fn revoke<'a>(&'a self, id: &'a str, until: SystemTime) -> StoreFuture<'a, ()> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            let key = format!("{PREFIX}:revoked");
+            redis::pipe()
+                .cmd("ZADD")
+                .arg(&key)
+                .arg(unix_ms(until))
+                .arg(id)
+                .ignore()
+                .cmd("ZREMRANGEBYSCORE")
+                .arg(&key)
+                .arg("-inf")
+                .arg(unix_ms(SystemTime::now()))
+                .ignore()
+                .query_async::<()>(&mut c)
+                .await
+                .map_err(redis_err)
+        })
+    }
+
+    fn revoked(&self) -> StoreFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            let mut c = self.conn.clone();
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(format!("{PREFIX}:revoked"))
+                .arg(unix_ms(SystemTime::now()))
+                .arg("+inf")
+                .query_async(&mut c)
+                .await
+                .map_err(redis_err)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -381,6 +511,21 @@ mod tests {
         assert!(lock(Duration::ZERO).await.expect("lock"), "a stale lock is taken over");
         s.unlock("a.test").await.expect("unlock");
         assert!(lock(Duration::from_secs(60)).await.expect("lock"));
+    }
+
+    #[tokio::test]
+    async fn issued_and_revoked_tokens_are_kept_until_they_expire() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let s = FileStore::new(dir.path()).expect("store");
+        let claims = Claims { id: "00aa".into(), names: vec!["web".into()], iat: 1, exp: 2 };
+        s.record_token(&claims).await.expect("record");
+        assert_eq!(s.tokens().await.expect("tokens"), vec![claims]);
+        assert!(s.revoked().await.expect("revoked").is_empty());
+        s.revoke("00aa", SystemTime::now() + Duration::from_secs(60)).await.expect("revoke");
+        s.revoke("old", SystemTime::now() - Duration::from_secs(1)).await.expect("revoke");
+        assert_eq!(s.revoked().await.expect("revoked"), vec!["00aa".to_owned()], "a past entry is gone");
+        std::fs::write(dir.path().join(REVOKED_FILE), b"{ not json").expect("corrupt");
+        assert!(s.revoked().await.is_err(), "a corrupt list is an error, not an empty list");
     }
 
     #[tokio::test]

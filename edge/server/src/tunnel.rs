@@ -21,6 +21,7 @@ use warren_tunnel::{read_message, write_message, KeepAlive, Link, SendStream, Tc
 use warren_tunnel_proto::{Message, MIN_VERSION, VERSION};
 
 use crate::config::valid_name;
+use crate::credentials::{self, Claims};
 use crate::metrics::Registration;
 use crate::routes::Tunnel;
 use crate::state::Shared;
@@ -76,6 +77,10 @@ async fn serve_link(shared: Arc<Shared>, link: Link, remote: SocketAddr) {
     let reason = tokio::select! {
         reason = link.closed() => reason,
         () = updates(&shared, &tunnel, control) => link.closed().await,
+        () = expiry(&tunnel) => {
+            link.close(3, "token expired");
+            link.closed().await
+        }
     };
     if tcp {
         shared.metrics.tcp_tunnels.decrement(1.0);
@@ -89,6 +94,70 @@ async fn serve_link(shared: Arc<Shared>, link: Link, remote: SocketAddr) {
         }
     }
     info!(name = %tunnel.name, %remote, transport = %link.transport(), %reason, "node tunnel closed");
+}
+
+/// Ends when the signed token the tunnel registered with expires (never for a static one).
+async fn expiry(tunnel: &Tunnel) {
+    match &tunnel.credential {
+        Some((_, expires)) => {
+            let left = expires.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(left).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Reads the revocation list from `store` at once and then every `every`, and closes the
+/// tunnels of revoked tokens. A store that cannot be read keeps the last list (and is logged).
+pub(crate) async fn watch_revocations(
+    shared: Arc<Shared>,
+    store: Arc<dyn crate::store::Store>,
+    every: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    let logs = warren_common::limits::LogLimiter::new(Duration::from_secs(30));
+    loop {
+        match store.revoked().await {
+            Ok(ids) => {
+                let ids: std::collections::HashSet<String> = ids.into_iter().collect();
+                let closed = shared.routes.close_revoked(&ids);
+                if closed > 0 {
+                    info!(closed, "tunnels of revoked tokens closed");
+                }
+                *shared.revoked.write().unwrap_or_else(|e| e.into_inner()) = ids;
+            }
+            Err(e) => {
+                if let Some(skipped) = logs.allow() {
+                    tracing::warn!(error = %e, skipped, "cannot read the token revocation list; keeping the last one");
+                }
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+/// Whether `token` may register `name`: a static `[[tokens]]` entry (`Ok(None)`), or a
+/// signed token that verifies, is not revoked and names it (`Ok(Some(claims))`).
+fn authorize(shared: &Shared, token: &str, name: &str) -> Result<Option<Claims>, String> {
+    if shared.config.tokens.iter().any(|t| t.allows(token, name)) {
+        return Ok(None);
+    }
+    let unknown = || "token not valid for this name".to_owned();
+    let Some(creds) = shared.config.credentials.as_ref().filter(|_| token.starts_with(credentials::PREFIX)) else {
+        return Err(unknown());
+    };
+    let now = credentials::unix_now(std::time::SystemTime::now());
+    let claims = credentials::verify(token, &creds.public_keys, now, creds.max_lifetime).map_err(|e| e.to_string())?;
+    if shared.revoked.read().unwrap_or_else(|e| e.into_inner()).contains(&claims.id) {
+        return Err(credentials::CredentialError::Revoked.to_string());
+    }
+    if !claims.allows(name) {
+        return Err(unknown());
+    }
+    Ok(Some(claims))
 }
 
 /// Who a new connection turned out to be.
@@ -220,24 +289,27 @@ async fn register(shared: &Shared, link: &Link, remote: SocketAddr) -> Option<Re
         }
     };
     let verdict = if !(MIN_VERSION..=VERSION).contains(&version) || !valid_name(&name) {
-        Err((Registration::BadHello, "unsupported version or invalid name"))
-    } else if !shared.config.tokens.iter().any(|t| t.allows(&token, &name)) {
-        Err((Registration::Unauthorized, "token not valid for this name"))
+        Err((Registration::BadHello, "unsupported version or invalid name".to_owned()))
     } else {
-        // A node with only TCP or TLS-passthrough services asks for no HTTPS port.
-        let served = shared.served_ports(&ports);
-        if served.is_empty() && !ports.is_empty() {
-            Err((Registration::NoPorts, "none of the requested ports is served here"))
-        } else {
-            Ok(served)
+        match authorize(shared, &token, &name) {
+            Err(why) => Err((Registration::Unauthorized, why)),
+            Ok(claims) => {
+                // A node with only TCP or TLS-passthrough services asks for no HTTPS port.
+                let served = shared.served_ports(&ports);
+                if served.is_empty() && !ports.is_empty() {
+                    Err((Registration::NoPorts, "none of the requested ports is served here".to_owned()))
+                } else {
+                    Ok((served, claims))
+                }
+            }
         }
     };
-    let ports = match verdict {
-        Ok(p) => p,
+    let (ports, claims) = match verdict {
+        Ok(v) => v,
         Err((r, reason)) => {
             refuse(r);
             info!(%remote, %name, reason, "node registration refused");
-            refuse_with(&mut send, reason).await;
+            refuse_with(&mut send, &reason).await;
             return None;
         }
     };
@@ -254,6 +326,7 @@ async fn register(shared: &Shared, link: &Link, remote: SocketAddr) -> Option<Re
         streams,
         rate,
         access: std::sync::RwLock::new(Arc::default()),
+        credential: claims.map(|c| (c.id.clone(), c.expires())),
     });
     match shared.routes.insert(tunnel.clone()) {
         Some(old) => {

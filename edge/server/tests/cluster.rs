@@ -76,8 +76,8 @@ struct EdgeProc {
 }
 
 /// An edge on its own loopback address (127.0.0.x): every edge of a cluster serves the same
-/// public port, as behind one DNS name.
-fn start_edge(ip: &str, public_port: u16, state: &Path, redis: &str, route_ttl: &str) -> EdgeProc {
+/// public port, as behind one DNS name. `extra` is appended to its config file.
+fn start_edge(ip: &str, public_port: u16, state: &Path, redis: &str, route_ttl: &str, extra: &str) -> EdgeProc {
     let public: SocketAddr = format!("{ip}:{public_port}").parse().expect("addr");
     let tunnel: SocketAddr = format!("{ip}:{}", free_udp_port()).parse().expect("addr");
     let admin: SocketAddr = format!("{ip}:{}", free_tcp_port()).parse().expect("addr");
@@ -89,7 +89,7 @@ fn start_edge(ip: &str, public_port: u16, state: &Path, redis: &str, route_ttl: 
              state_dir = \"{s}\"\n[tls]\nmode = \"dev\"\n[admin]\nlisten = \"{admin}\"\n\
              [shutdown]\ngrace_period = \"1s\"\n\
              [cluster]\nredis_url = \"{redis}\"\nadvertise = \"{tunnel}\"\nroute_ttl = \"{route_ttl}\"\n\
-             [[tokens]]\ntoken = \"cluster-node-token\"\nnames = [\"*\"]\n",
+             [[tokens]]\ntoken = \"cluster-node-token\"\nnames = [\"*\"]\n{extra}",
             s = state.display()
         ),
     )
@@ -125,11 +125,15 @@ struct Pair {
 impl Pair {
     /// `None` when redis-server is missing and not required (the test skips).
     async fn start(ips: [&str; 2], route_ttl: &str) -> Option<Pair> {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Pair::start_in(tempfile::tempdir().expect("tempdir"), ips, route_ttl, "").await
+    }
+
+    /// As [`Pair::start`], in `dir`, with `extra` in both edges' config files.
+    async fn start_in(dir: tempfile::TempDir, ips: [&str; 2], route_ttl: &str, extra: &str) -> Option<Pair> {
         let (redis, url) = start_redis(dir.path())?;
         let port = free_tcp_port();
-        let a = start_edge(ips[0], port, dir.path(), &url, route_ttl);
-        let b = start_edge(ips[1], port, dir.path(), &url, route_ttl);
+        let a = start_edge(ips[0], port, dir.path(), &url, route_ttl, extra);
+        let b = start_edge(ips[1], port, dir.path(), &url, route_ttl, extra);
         let ca = dir.path().join("dev-ca.pem");
         let origin = start_origin().await;
         Some(Pair { dir, redis, a, b, ca, origin, port })
@@ -366,4 +370,98 @@ async fn a_draining_edge_withdraws_its_routes_at_once() {
             .all(|c| matches!(c, Some(StatusCode::OK | StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE))),
         "{answers:?}"
     );
+}
+
+/// `warren-edge ARGS` (with the cluster key in the environment): stdout, or stderr as the error.
+fn edge_cli(args: &[&str]) -> Result<String, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_warren-edge"))
+        .args(args)
+        .env("WARREN_EDGE_CLUSTER_KEY", CLUSTER_KEY)
+        .output()
+        .expect("warren-edge runs");
+    match out.status.success() {
+        true => Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned()),
+        false => Err(String::from_utf8_lossy(&out.stderr).into_owned()),
+    }
+}
+
+fn signed_funnel(name: &str, token: &str, edges: &[&EdgeProc], pair: &Pair) -> Funnel {
+    Funnel::start(FunnelConfig { token: token.into(), ..funnel_config(name, edges, &pair.ca, pair.origin, pair.port) })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_issued_token_works_on_every_edge_until_it_is_revoked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("signing.key");
+    let key_arg = key.display().to_string();
+    let public = edge_cli(&["token", "keygen", "--key-file", &key_arg]).expect("keygen");
+    let other_key = dir.path().join("other.key");
+    edge_cli(&["token", "keygen", "--key-file", &other_key.display().to_string()]).expect("keygen");
+    assert!(edge_cli(&["token", "keygen", "--key-file", &key_arg]).is_err(), "a key is never overwritten");
+    let extra =
+        format!("[credentials]\npublic_keys = [\"{public}\"]\nmax_lifetime = \"30d\"\nrevocation_check = \"500ms\"\n");
+    let Some(pair) = Pair::start_in(dir, ["127.0.0.6", "127.0.0.7"], "30s", &extra).await else { return };
+    let config = pair.dir.path().join("edge-127.0.0.6.toml").display().to_string();
+    let issue = |key: &str, names: &str, expires: &str| {
+        edge_cli(&["--config", &config, "token", "issue", "--key-file", key, "--names", names, "--expires", expires])
+    };
+    let token = issue(&key_arg, "signed", "1d").expect("issued");
+    assert!(token.starts_with("wt1."), "{token}");
+    let too_long = issue(&key_arg, "signed", "60d").expect_err("over max_lifetime");
+    assert!(too_long.contains("at most 30 days"), "{too_long}");
+    let foreign = issue(&other_key.display().to_string(), "signed", "1d").expect("issued with another key");
+
+    let (a, b) = (&pair.a, &pair.b);
+    let node = signed_funnel("signed", &token, &[a, b], &pair);
+    let start = Instant::now();
+    while !node.status().edges.iter().all(|e| e.connected) {
+        assert!(start.elapsed() < Duration::from_secs(10), "registered on both edges: {:?}", node.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for edge in [a, b] {
+        assert_eq!(visit(edge.public, &pair.ca, "signed.funnel.test").await.expect("answer").0, StatusCode::OK);
+    }
+    let wrong_name = signed_funnel("other", &token, &[a], &pair);
+    let e = wrong_name.wait_registered(Duration::from_secs(5)).await.expect_err("not its name");
+    assert!(e.contains("not valid for this name"), "{e}");
+    let untrusted = signed_funnel("signed2", &foreign, &[a], &pair);
+    let e = untrusted.wait_registered(Duration::from_secs(5)).await.expect_err("another key");
+    assert!(e.contains("not signed by a key this edge trusts"), "{e}");
+
+    // A token that expires closes its tunnel then, and is refused after.
+    let brief = signed_funnel("brief", &issue(&key_arg, "brief", "2s").expect("issued"), &[a], &pair);
+    brief.wait_registered(Duration::from_secs(5)).await.expect("registered until it expires");
+    let start = Instant::now();
+    while brief.status().connected || !brief.status().last_error.unwrap_or_default().contains("expired") {
+        assert!(start.elapsed() < Duration::from_secs(6), "closed and refused at expiry: {:?}", brief.status());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(brief);
+
+    let listed = edge_cli(&["--config", &config, "token", "list", "--json"]).expect("list");
+    let mine: serde_json::Value = listed
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|t| t["names"][0] == "signed")
+        .expect("the token is listed");
+    assert_eq!((mine["names"][0].as_str(), mine["revoked"].as_bool()), (Some("signed"), Some(false)));
+    let id = mine["id"].as_str().expect("id").to_owned();
+
+    edge_cli(&["--config", &config, "token", "revoke", &id]).expect("revoked");
+    let revoked_at = Instant::now();
+    while node.status().edges.iter().any(|e| e.connected) {
+        assert!(revoked_at.elapsed() < Duration::from_secs(5), "both tunnels closed within 5 s: {:?}", node.status());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let closed_after = revoked_at.elapsed();
+    for edge in [a, b] {
+        let (code, _) = visit(edge.public, &pair.ca, "signed.funnel.test").await.expect("answer");
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE, "no tunnel is left on either edge");
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let again = node.status().last_error.unwrap_or_default();
+    assert!(again.contains("revoked"), "its reconnections are refused: {again}");
+    let listed = edge_cli(&["--config", &config, "token", "list"]).expect("list");
+    assert!(listed.contains(&id) && listed.contains("revoked"), "{listed}");
+    eprintln!("token revoked: both edges closed its tunnels after {closed_after:?}");
 }

@@ -54,6 +54,24 @@ pub struct FileConfig {
     /// Access floors for every funnel, and the forward-auth endpoints nodes may name.
     #[serde(default)]
     pub access: AccessFile,
+    /// Signed node tokens (`warren-edge token issue`), beside the static `[[tokens]]`.
+    #[serde(default)]
+    pub credentials: CredentialsFile,
+}
+
+/// `[credentials]`: node tokens signed by the operator's key, accepted by every edge that
+/// trusts the key, revoked through the store.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsFile {
+    /// Ed25519 public keys (base64url, as `warren-edge token keygen` prints them) whose
+    /// tokens are accepted; several while a key is rotated. Empty (the default): none.
+    #[serde(default)]
+    pub public_keys: Vec<String>,
+    /// Longest a token may still be valid when presented, e.g. "90d" (default "365d").
+    pub max_lifetime: Option<ConfigDuration>,
+    /// How often the revocation list is read from the store, e.g. "2s" (default).
+    pub revocation_check: Option<ConfigDuration>,
 }
 
 /// `[access]`: what every funnel on this edge gets, whatever its node asks for.

@@ -61,6 +61,10 @@ pub mod defaults {
     pub const FORWARD_AUTH_TIMEOUT: Duration = Duration::from_secs(2);
     /// How long a forward-auth answer is reused.
     pub const FORWARD_AUTH_CACHE: Duration = Duration::from_secs(10);
+    /// Longest remaining validity of a signed node token.
+    pub const TOKEN_MAX_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
+    /// How often the revocation list is read.
+    pub const REVOCATION_CHECK: Duration = Duration::from_secs(2);
 }
 
 /// The cluster's shared key.
@@ -239,6 +243,42 @@ pub struct Config {
     pub tcp: TcpConfig,
     /// Access floors and forward-auth endpoints.
     pub access: AccessConfig,
+    /// Signed node tokens, when keys are configured.
+    pub credentials: Option<CredentialsConfig>,
+}
+
+/// Which signed node tokens are accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CredentialsConfig {
+    /// Trusted Ed25519 public keys.
+    pub public_keys: Vec<[u8; 32]>,
+    /// Longest remaining validity accepted.
+    pub max_lifetime: Duration,
+    /// How often the revocation list is read.
+    pub revocation_check: Duration,
+}
+
+impl CredentialsConfig {
+    fn from_file(f: CredentialsFile) -> Result<Option<Self>, ConfigError> {
+        if f.public_keys.is_empty() {
+            return Ok(None);
+        }
+        let public_keys = f
+            .public_keys
+            .iter()
+            .map(|k| {
+                crate::credentials::parse_public_key(k).map_err(|e| ConfigError::invalid("credentials.public_keys", e))
+            })
+            .collect::<Result<_, _>>()?;
+        let max_lifetime = ConfigDuration::or(f.max_lifetime, defaults::TOKEN_MAX_LIFETIME);
+        let revocation_check = match ConfigDuration::or(f.revocation_check, defaults::REVOCATION_CHECK) {
+            d if d < Duration::from_millis(100) || d > Duration::from_secs(60) => {
+                return Err(ConfigError::invalid("credentials.revocation_check", "between 100ms and 60s"))
+            }
+            d => d,
+        };
+        Ok(Some(CredentialsConfig { public_keys, max_lifetime, revocation_check }))
+    }
 }
 
 /// Where raw TCP services may be published.
@@ -338,7 +378,9 @@ impl TryFrom<FileConfig> for Config {
         };
         let tcp = TcpConfig::from_file(&f.tcp)?;
         let access = AccessConfig::try_from(f.access)?;
+        let credentials = CredentialsConfig::from_file(f.credentials)?;
         Ok(Config {
+            credentials,
             tcp,
             access,
             hostname: f.hostname.unwrap_or_else(|| "localhost".into()),

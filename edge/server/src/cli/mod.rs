@@ -1,0 +1,3 @@
+//! Subcommands of `warren-edge` besides serving.
+
+pub(crate) mod token;
