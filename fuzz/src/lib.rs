@@ -30,7 +30,20 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("node_config", node_config),
     ("proxy_answer", proxy_answer),
     ("access", access),
+    ("dns_reply", dns_reply),
 ];
+
+/// A DNS reply as the edge reads it when checking a custom domain's proof (the first two bytes
+/// are taken as the id of the query it answers).
+pub fn dns_reply(data: &[u8]) {
+    use warren_edge::dns::{decode_answers, RecordType};
+    let id = data.get(..2).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+    for ty in [RecordType::Txt, RecordType::Cname] {
+        if let Ok(answers) = decode_answers(data, id, ty) {
+            assert!(answers.len() <= data.len(), "every answer takes bytes of the reply");
+        }
+    }
+}
 
 /// What visitors and nodes hand the edge's checks: the first line is an `Authorization` header
 /// value and a node's signed token, each further line a network (CIDR) and then an address to

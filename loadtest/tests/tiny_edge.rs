@@ -64,6 +64,7 @@ async fn edge_scenario_counts_answers_and_failures() {
         name: "web".into(),
         services: vec![ServiceSpec::new(edge.public_addrs()[0].port(), format!("http://{target}"))],
         transport: Default::default(),
+        domains: Vec::new(),
     });
     funnel.wait_registered(Duration::from_secs(10)).await.expect("registered");
 
@@ -93,6 +94,7 @@ async fn edge_scenario_counts_answers_and_failures() {
         name: "gone".into(),
         services: vec![ServiceSpec::new(edge.public_addrs()[0].port(), format!("http://{echo}"))],
         transport: Default::default(),
+        domains: Vec::new(),
     });
     ws_funnel.wait_registered(Duration::from_secs(10)).await.expect("registered");
     let port = edge.public_addrs()[0].port();

@@ -90,6 +90,9 @@ pub struct FunnelFile {
     pub quic_fallback_after: Option<ConfigDuration>,
     /// Between tries of QUIC while `auto` runs on TCP, e.g. "10s".
     pub quic_retry: Option<ConfigDuration>,
+    /// Custom domains (`app.example.com`) to be reached at too, once their DNS proves them.
+    #[serde(default)]
+    pub domains: Vec<String>,
 }
 
 impl FunnelFile {

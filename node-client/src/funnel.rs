@@ -59,6 +59,8 @@ pub struct FunnelConfig {
     pub services: Vec<ServiceSpec>,
     /// Transport, proxy and keep-alive settings of the tunnels.
     pub transport: TransportSettings,
+    /// Custom domains to be reached at too (each edge serves one once its DNS proves it).
+    pub domains: Vec<String>,
 }
 
 /// One edge's tunnel.
@@ -135,6 +137,10 @@ pub struct FunnelStatus {
     pub requests: u64,
     /// Access rules an edge refused (their services are closed there), with its reason.
     pub access_refused: Vec<String>,
+    /// Custom domains an edge serves.
+    pub domains: Vec<String>,
+    /// Custom domains not served yet, with the DNS record that would prove them.
+    pub domains_pending: Vec<String>,
 }
 
 /// One request the funnel answered, for `warren funnel log`.
@@ -573,6 +579,9 @@ impl EdgeTunnel {
         let urls = self.hello(&mut ctl_send, &mut ctl_recv, ports.clone()).await?;
         self.registered(status, &link, urls);
         self.set_access(status, &mut ctl_send, &mut ctl_recv, &access).await?;
+        if !self.agent.cfg.domains.is_empty() {
+            self.ask_domains(status, &mut ctl_send, &mut ctl_recv).await?;
+        }
         if raw != (Vec::new(), Vec::new()) {
             self.publish(status, &mut ctl_send, &mut ctl_recv, &raw).await?;
         }
@@ -668,6 +677,33 @@ impl EdgeTunnel {
         self.update(status, |s, link| {
             s.access_refused = refused;
             link.access_generation = Some(generation);
+        });
+        Ok(())
+    }
+
+    /// Asks the edge for the custom domains; records which it serves and what the others lack.
+    async fn ask_domains(
+        &self,
+        status: &watch::Sender<FunnelStatus>,
+        send: &mut SendStream,
+        recv: &mut RecvStream,
+    ) -> Result<(), FunnelError> {
+        write_message(send, &Message::Domains { names: self.agent.cfg.domains.clone() })
+            .await
+            .map_err(FunnelError::Hello)?;
+        let answer = tokio::time::timeout(HELLO_ANSWER, read_message(recv))
+            .await
+            .map_err(|_| FunnelError::Timeout(HELLO_ANSWER))?;
+        let Message::DomainsSet { served, pending } = answer.map_err(FunnelError::NoWelcome)? else {
+            return Err(FunnelError::UnexpectedAnswer);
+        };
+        for p in &pending {
+            warn!(edge = %self.edge(), pending = %p, "custom domain not served yet");
+        }
+        info!(edge = %self.edge(), ?served, "custom domains");
+        status.send_modify(|s| {
+            s.domains = served;
+            s.domains_pending = pending;
         });
         Ok(())
     }

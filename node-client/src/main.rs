@@ -166,6 +166,11 @@ struct UpArgs {
     /// Node name for funnel URLs (`<name>.<funnel domain>`); default: the host name.
     #[arg(long)]
     name: Option<String>,
+    /// A custom domain to be reached at too (repeatable; overrides `[funnel] domains`): the
+    /// edge serves it once `_warren.<domain>` holds the TXT value `warren funnel status` shows,
+    /// or the domain is a CNAME of `<name>.<funnel domain>`.
+    #[arg(long)]
+    domain: Vec<String>,
     /// The control socket [default: .warren/warren.sock].
     #[arg(long, env = "WARREN_CONTROL")]
     control: Option<PathBuf>,
@@ -311,6 +316,7 @@ impl Settings {
                     name: args.name.clone().or(file.funnel.name.clone()).unwrap_or_else(default_name),
                     services: file.services.clone(),
                     transport: transport.clone(),
+                    domains: if args.domain.is_empty() { file.funnel.domains.clone() } else { args.domain.clone() },
                 }),
             };
         Ok(Settings {

@@ -132,6 +132,7 @@ async fn detection(mode: TransportMode) {
                 proxy: ProxyChoice::Direct,
                 ..TransportSettings::default()
             },
+            domains: Vec::new(),
         });
         let start = Instant::now();
         while !funnel.status().edges.iter().all(|e| e.connected) {

@@ -110,6 +110,7 @@ impl Lab {
             name: "web".into(),
             services,
             transport: Default::default(),
+            domains: Vec::new(),
         })
     }
 

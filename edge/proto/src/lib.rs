@@ -18,6 +18,9 @@
 //!   node -> edge  Access { generation, rules }   one rule per HTTP service (version 3)
 //!   edge -> node  AccessSet { generation, refused }   (again whenever the rules change)
 //!
+//!   node -> edge  Domains { names }   custom domains wanted (version 3)
+//!   edge -> node  DomainsSet { served, pending }   (again whenever the wish changes)
+//!
 //! request stream (one bidirectional stream per visitor request, opened by the edge)
 //!   edge -> node  RequestHead, then the request body bytes until the stream ends (FIN)
 //!   node -> edge  ResponseHead, then the response body bytes until FIN
@@ -181,6 +184,20 @@ pub enum Message {
         /// `"<port><path>: <why>"` for each rule refused.
         refused: Vec<String>,
     },
+    /// `0x0e` node -> edge, on the control stream: `names list<str>`, the custom domains the
+    /// node wants to be reached at besides `<name>.<funnel domain>` (replacing earlier ones).
+    Domains {
+        /// Domain names, e.g. `app.example.com`.
+        names: Vec<String>,
+    },
+    /// `0x0f` edge -> node: `served list<str> | pending list<str>`, the domains served now and,
+    /// for each other one, `"<domain>: <what is missing>"` (the proof to publish).
+    DomainsSet {
+        /// Proven and served.
+        served: Vec<String>,
+        /// Not (yet) proven, with what to do.
+        pending: Vec<String>,
+    },
 }
 
 /// Who may reach one HTTP service, enforced by the edge before a request enters the tunnel.
@@ -295,6 +312,8 @@ impl Message {
             Message::Trailers(_) => 0x0b,
             Message::Access { .. } => 0x0c,
             Message::AccessSet { .. } => 0x0d,
+            Message::Domains { .. } => 0x0e,
+            Message::DomainsSet { .. } => 0x0f,
         }
     }
 
@@ -392,6 +411,11 @@ impl Message {
                 out.put_u32(*generation);
                 put_strs(out, refused)?;
             }
+            Message::Domains { names } => put_strs(out, names)?,
+            Message::DomainsSet { served, pending } => {
+                put_strs(out, served)?;
+                put_strs(out, pending)?;
+            }
         }
         Ok(())
     }
@@ -486,6 +510,8 @@ impl Message {
                 Message::Access { generation, rules: (0..n).map(|_| get_rule(&mut r)).collect::<Result<_, _>>()? }
             }
             0x0d => Message::AccessSet { generation: get_u32(&mut r)?, refused: get_strs(&mut r)? },
+            0x0e => Message::Domains { names: get_strs(&mut r)? },
+            0x0f => Message::DomainsSet { served: get_strs(&mut r)?, pending: get_strs(&mut r)? },
             _ => return Err(TunnelError::Malformed("unknown message type")),
         };
         if !r.is_empty() {
@@ -683,6 +709,8 @@ mod tests {
                 ],
             },
             Message::AccessSet { generation: 3, refused: vec!["443/admin: unknown forward_auth \"sso\"".into()] },
+            Message::Domains { names: vec!["app.example.com".into()] },
+            Message::DomainsSet { served: vec![], pending: vec!["app.example.com: no proof yet".into()] },
         ]
     }
 
@@ -784,7 +812,7 @@ mod tests {
         }
 
         #[test]
-        fn perturbed_messages_never_panic(i in 0usize..13, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
+        fn perturbed_messages_never_panic(i in 0usize..15, flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..5)) {
             let mut wire = BytesMut::new();
             sample()[i].encode(&mut wire).expect("encodes");
             for (pos, x) in flips {

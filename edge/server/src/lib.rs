@@ -16,6 +16,8 @@ mod cluster;
 pub mod config;
 pub mod credentials;
 pub mod der;
+pub mod dns;
+pub mod domains;
 pub mod metrics;
 mod pages;
 mod passthrough;

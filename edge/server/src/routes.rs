@@ -15,7 +15,7 @@
 //! [`Routes::open`], so a node's limits and access rules are applied once, on the edge that
 //! holds its tunnel, wherever the visitor arrived.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -331,6 +331,57 @@ impl Routes {
     }
 }
 
+/// A custom domain a node asked for, and whether its proof holds.
+#[derive(Debug, Clone)]
+pub(crate) struct DomainEntry {
+    pub(crate) domain: String,
+    pub(crate) name: String,
+    pub(crate) tunnel: u64,
+    pub(crate) served: bool,
+}
+
+/// Every node's custom domains on this edge (see `domains` for the proofs).
+#[derive(Debug, Default)]
+pub(crate) struct CustomDomains {
+    entries: RwLock<Vec<DomainEntry>>,
+}
+
+impl CustomDomains {
+    /// The node name a served custom domain belongs to.
+    pub(crate) fn name_for(&self, host: &str) -> Option<String> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries.iter().find(|e| e.served && e.domain == host).map(|e| e.name.clone())
+    }
+
+    /// Replaces tunnel `tunnel`'s wish (node `name`): kept domains keep their state.
+    pub(crate) fn set_wish(&self, tunnel: u64, name: &str, wanted: &[String]) {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        let kept: HashSet<&String> = wanted.iter().collect();
+        let old: Vec<DomainEntry> = entries.iter().filter(|e| e.tunnel == tunnel).cloned().collect();
+        entries.retain(|e| e.tunnel != tunnel);
+        for d in kept {
+            let served = old.iter().any(|e| &e.domain == d && e.served);
+            entries.push(DomainEntry { domain: d.clone(), name: name.to_owned(), tunnel, served });
+        }
+    }
+
+    /// Forgets a closed tunnel's domains.
+    pub(crate) fn remove_tunnel(&self, tunnel: u64) {
+        self.entries.write().unwrap_or_else(|e| e.into_inner()).retain(|e| e.tunnel != tunnel);
+    }
+
+    pub(crate) fn set_served(&self, tunnel: u64, domain: &str, served: bool) {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        for e in entries.iter_mut().filter(|e| e.tunnel == tunnel && e.domain == domain) {
+            e.served = served;
+        }
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<DomainEntry> {
+        self.entries.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -361,5 +412,18 @@ mod tests {
             assert_eq!(page.status(), e.status());
             assert_eq!(page.headers().contains_key(header::RETRY_AFTER), e == RouteError::RateLimited, "{e}");
         }
+    }
+
+    #[test]
+    fn a_new_wish_keeps_the_state_of_kept_domains() {
+        let d = CustomDomains::default();
+        d.set_wish(1, "web", &["a.example".into(), "b.example".into()]);
+        d.set_served(1, "a.example", true);
+        assert_eq!(d.name_for("a.example"), Some("web".into()));
+        assert_eq!(d.name_for("b.example"), None, "not proven");
+        d.set_wish(1, "web", &["a.example".into()]);
+        assert_eq!(d.name_for("a.example"), Some("web".into()), "kept and still served");
+        d.remove_tunnel(1);
+        assert_eq!(d.name_for("a.example"), None);
     }
 }

@@ -206,6 +206,7 @@ impl Edge {
             draining: AtomicBool::new(false),
             tcp_ports: crate::tcp_ports::TcpPorts::default(),
             revoked: Default::default(),
+            domains: Default::default(),
         });
         let stop_accepting = CancellationToken::new();
         let accept_loops = TaskTracker::new();
@@ -234,6 +235,9 @@ impl Edge {
                     let _ = acme.ensure(&n).await;
                 }
             });
+        }
+        if shared.config.domains.enabled {
+            accept_loops.spawn(crate::domains::recheck_loop(shared.clone(), stop_accepting.clone()));
         }
         if let Some(creds) = &shared.config.credentials {
             let store: Arc<dyn Store> = match &cluster {

@@ -44,6 +44,8 @@ pub(crate) struct Shared {
     pub(crate) draining: AtomicBool,
     /// TCP ports nodes hold.
     pub(crate) tcp_ports: crate::tcp_ports::TcpPorts,
+    /// Nodes' custom domains.
+    pub(crate) domains: crate::routes::CustomDomains,
     /// Ids of revoked signed tokens, as last read from the store.
     pub(crate) revoked: std::sync::RwLock<std::collections::HashSet<String>>,
 }

@@ -86,6 +86,7 @@ async fn serve_link(shared: Arc<Shared>, link: Link, remote: SocketAddr) {
         shared.metrics.tcp_tunnels.decrement(1.0);
     }
     shared.tcp_ports.release(tunnel.id, |_| true);
+    shared.domains.remove_tunnel(tunnel.id);
     shared.routes.set_tls_ports(&tunnel, Vec::new());
     if shared.routes.remove(&tunnel.name, tunnel.id) {
         shared.metrics.tunnels.decrement(1.0);
@@ -188,6 +189,14 @@ async fn updates(shared: &Arc<Shared>, tunnel: &Arc<Tunnel>, mut control: Contro
             Ok(Message::Publish { tcp, tls }) => {
                 let answer = publish(shared, tunnel, &tcp, &tls).await;
                 if write_message(&mut control.send, &answer).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            Ok(Message::Domains { names }) => {
+                let (served, pending) = crate::domains::wish(shared, tunnel.id, &tunnel.name, names).await;
+                info!(name = %tunnel.name, ?served, pending = pending.len(), "node asked for custom domains");
+                if write_message(&mut control.send, &Message::DomainsSet { served, pending }).await.is_err() {
                     return;
                 }
                 continue;

@@ -54,6 +54,7 @@ impl Lab {
             name: "web".into(),
             services,
             transport: Default::default(),
+            domains: Vec::new(),
         });
         f.wait_registered(Duration::from_secs(10)).await.expect("registered");
         let start = Instant::now();

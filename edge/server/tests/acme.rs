@@ -126,6 +126,7 @@ async fn run_case(challenge: &str) {
         name: "web".into(),
         services: vec![ServiceSpec::new(public_port, format!("http://{origin}"))],
         transport: Default::default(),
+        domains: Vec::new(),
     });
     funnel
         .wait_registered(Duration::from_secs(90))
@@ -200,4 +201,97 @@ async fn a_cluster_orders_each_certificate_once() {
     assert_eq!(published, ["_acme-challenge.edge.test", "_acme-challenge.funnel.test"], "one order per name");
     a.shutdown().await;
     b.shutdown().await;
+}
+
+/// curl as a visitor of `host` on `port`, trusting only `root`: the HTTP status (0 when TLS or
+/// the connection failed) and the body.
+fn curl_verified(root: &Path, host: &str, port: u16) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "5", "--cacert"])
+        .arg(root)
+        .args(["--resolve", &format!("{host}:{port}:127.0.0.1"), "-w", "\n%{http_code}"])
+        .arg(format!("https://{host}:{port}/"))
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+fn until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A node asks for app.example.com: refused until `_warren.app.example.com` holds its proof
+/// (a record made for another node does not count), then served with a certificate pebble
+/// issued (curl checks the chain against pebble's root), and no longer served once the
+/// record is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_domain_is_served_once_its_dns_proves_it() {
+    if !pebble_available() {
+        return;
+    }
+    let (http01, public_port) = (free_tcp_port(), free_tcp_port());
+    let pebble = Pebble::start(http01, public_port);
+    let state = tempfile::tempdir().expect("tempdir");
+    let toml = format!(
+        "funnel_domain = \"funnel.test\"\nhostname = \"edge.test\"\npublic_listen = [\"127.0.0.1:{public_port}\"]\n\
+         tunnel_listen = \"127.0.0.1:0\"\n[tls]\nmode = \"acme\"\n[admin]\nenabled = false\n\
+         [[tokens]]\ntoken = \"{TOKEN}\"\nnames = [\"web\"]\n\
+         [acme]\ndirectory = \"{}\"\nca_file = \"{}\"\nchallenge = \"http-01\"\nhttp01_listen = \"127.0.0.1:{http01}\"\n\
+         [domains]\nresolver = \"127.0.0.1:{}\"\nrecheck = \"300ms\"\n",
+        pebble.directory,
+        pebble.listener_ca().display(),
+        pebble.dns
+    );
+    let mut f = FileConfig::parse(&toml).expect("config");
+    f.state_dir = Some(state.path().to_path_buf());
+    let edge = Edge::spawn(Config::try_from(f).expect("valid"), None).await.expect("edge starts");
+    let root = pebble.root().await;
+    let origin = start_origin().await;
+    let funnel = Funnel::start(FunnelConfig {
+        edges: vec![edge.tunnel_addr().to_string()],
+        edge_name: Some("edge.test".into()),
+        ca_file: Some(root.clone()),
+        token: TOKEN.into(),
+        name: "web".into(),
+        services: vec![ServiceSpec::new(public_port, format!("http://{origin}"))],
+        transport: Default::default(),
+        domains: vec!["app.example.com".into(), "web.funnel.test".into()],
+    });
+    funnel.wait_registered(Duration::from_secs(90)).await.expect("registered");
+    let proof = warren_edge::domains::proof_value("app.example.com", "web");
+    let pending = until(Duration::from_secs(10), "the edge answers about the domains", || {
+        Some(funnel.status().domains_pending).filter(|p| p.len() == 2)
+    });
+    assert!(pending.iter().any(|p| p.starts_with("app.example.com: ") && p.contains(&proof)), "{pending:?}");
+    assert!(pending.iter().any(|p| p.starts_with("web.funnel.test: not a domain")), "{pending:?}");
+    assert!(funnel.status().domains.is_empty());
+
+    // Another node's proof, then this node's.
+    pebble.set_txt("_warren.app.example.com", Some(&warren_edge::domains::proof_value("app.example.com", "other")));
+    std::thread::sleep(Duration::from_secs(1));
+    let (code, _) = curl_verified(&root, "app.example.com", public_port);
+    assert_ne!(code, 200, "served on someone else's record");
+    pebble.set_txt("_warren.app.example.com", Some(&proof));
+    let (_, body) = until(Duration::from_secs(60), "app.example.com is served with a verified certificate", || {
+        Some(curl_verified(&root, "app.example.com", public_port)).filter(|(code, _)| *code == 200)
+    });
+    assert_eq!(body, "hello over ACME");
+    assert!(state.path().join("certs/app.example.com.crt").exists(), "its certificate is in the store");
+
+    pebble.set_txt("_warren.app.example.com", None);
+    let (code, page) = until(Duration::from_secs(10), "the domain stops being served", || {
+        Some(curl_verified(&root, "app.example.com", public_port)).filter(|(code, _)| *code != 200)
+    });
+    assert_eq!(code, 404, "{page}");
+    drop(funnel);
+    edge.shutdown().await;
 }

@@ -191,6 +191,7 @@ fn funnel_config(name: &str, edges: &[&EdgeProc], ca: &Path, target: SocketAddr,
         name: name.into(),
         services: vec![ServiceSpec::new(port, format!("http://{target}"))],
         transport: Default::default(),
+        domains: Vec::new(),
     }
 }
 

@@ -138,6 +138,7 @@ impl Lab {
             name: name.into(),
             services: vec![ServiceSpec::new(self.port(), target)],
             transport: Default::default(),
+            domains: Vec::new(),
         })
     }
 

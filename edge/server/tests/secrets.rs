@@ -53,6 +53,7 @@ async fn tokens_never_reach_logs_or_metrics() {
             name: "web".into(),
             services: vec![ServiceSpec::new(public, "http://127.0.0.1:9")],
             transport: Default::default(),
+            domains: Vec::new(),
         })
     };
     let good = funnel(TOKEN);

@@ -138,6 +138,7 @@ impl Lab {
             name: "web".into(),
             services: vec![ServiceSpec::new(self.port(), format!("http://{}", self.origin))],
             transport,
+            domains: Vec::new(),
         })
     }
 

@@ -351,6 +351,18 @@ fn render_status(f: &Value) -> String {
         }
         out.push('\n');
     }
+    let served = f["domains"].as_array().cloned().unwrap_or_default();
+    let pending = f["domains_pending"].as_array().cloned().unwrap_or_default();
+    if !served.is_empty() || !pending.is_empty() {
+        out.push_str("Custom domains:\n");
+        for d in served.iter().filter_map(Value::as_str) {
+            let _ = writeln!(out, "  https://{d}/  served");
+        }
+        for p in pending.iter().filter_map(Value::as_str) {
+            let _ = writeln!(out, "  not served: {p}");
+        }
+        out.push('\n');
+    }
     out.push_str("Edges:\n");
     for e in f["edges"].as_array().cloned().unwrap_or_default() {
         let connected = e["connected"].as_bool() == Some(true);

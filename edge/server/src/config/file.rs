@@ -57,6 +57,22 @@ pub struct FileConfig {
     /// Signed node tokens (`warren-edge token issue`), beside the static `[[tokens]]`.
     #[serde(default)]
     pub credentials: CredentialsFile,
+    /// Custom domains nodes may ask for.
+    #[serde(default)]
+    pub domains: DomainsFile,
+}
+
+/// `[domains]`: custom domains (`app.example.com`) served for a node once its DNS proves it.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DomainsFile {
+    /// Take custom domains at all (they also need `tls.mode = "acme"`). Default true.
+    pub enabled: Option<bool>,
+    /// The DNS server asked for the proofs, `ip:port` (default: the first nameserver of
+    /// /etc/resolv.conf).
+    pub resolver: Option<String>,
+    /// How often every domain's proof is checked again, e.g. "60s" (default).
+    pub recheck: Option<ConfigDuration>,
 }
 
 /// `[credentials]`: node tokens signed by the operator's key, accepted by every edge that

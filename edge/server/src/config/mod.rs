@@ -65,6 +65,8 @@ pub mod defaults {
     pub const TOKEN_MAX_LIFETIME: Duration = Duration::from_secs(365 * 86_400);
     /// How often the revocation list is read.
     pub const REVOCATION_CHECK: Duration = Duration::from_secs(2);
+    /// How often custom domains' proofs are checked again.
+    pub const DOMAIN_RECHECK: Duration = Duration::from_secs(60);
 }
 
 /// The cluster's shared key.
@@ -245,6 +247,32 @@ pub struct Config {
     pub access: AccessConfig,
     /// Signed node tokens, when keys are configured.
     pub credentials: Option<CredentialsConfig>,
+    /// Custom domains.
+    pub domains: DomainsConfig,
+}
+
+/// Custom domains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainsConfig {
+    /// Whether nodes may ask for them.
+    pub enabled: bool,
+    /// The DNS server asked; `None`: the system's.
+    pub resolver: Option<SocketAddr>,
+    /// How often proofs are checked again.
+    pub recheck: Duration,
+}
+
+impl DomainsConfig {
+    fn from_file(f: &DomainsFile) -> Result<Self, ConfigError> {
+        let resolver = f.resolver.as_deref().map(|r| socket_addr("domains.resolver", r)).transpose()?;
+        let recheck = match ConfigDuration::or(f.recheck, defaults::DOMAIN_RECHECK) {
+            d if d < Duration::from_millis(100) => {
+                return Err(ConfigError::invalid("domains.recheck", "at least 100ms"))
+            }
+            d => d,
+        };
+        Ok(DomainsConfig { enabled: f.enabled.unwrap_or(true), resolver, recheck })
+    }
 }
 
 /// Which signed node tokens are accepted.
@@ -379,7 +407,9 @@ impl TryFrom<FileConfig> for Config {
         let tcp = TcpConfig::from_file(&f.tcp)?;
         let access = AccessConfig::try_from(f.access)?;
         let credentials = CredentialsConfig::from_file(f.credentials)?;
+        let domains = DomainsConfig::from_file(&f.domains)?;
         Ok(Config {
+            domains,
             credentials,
             tcp,
             access,

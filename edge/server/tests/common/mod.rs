@@ -113,6 +113,8 @@ pub(crate) struct Pebble {
     pub(crate) directory: String,
     mgmt: u16,
     pub(crate) challtest_mgmt: u16,
+    /// challtestsrv's DNS port (UDP).
+    pub(crate) dns: u16,
 }
 
 impl Drop for Pebble {
@@ -184,7 +186,7 @@ impl Pebble {
                 .expect("pebble"),
         );
         let mut p =
-            Pebble { children, dir, directory: format!("https://127.0.0.1:{listen}/dir"), mgmt, challtest_mgmt };
+            Pebble { children, dir, directory: format!("https://127.0.0.1:{listen}/dir"), mgmt, challtest_mgmt, dns };
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", listen)).is_err()
             || std::net::TcpStream::connect(("127.0.0.1", challtest_mgmt)).is_err()
@@ -217,6 +219,20 @@ impl Pebble {
         let path = self.dir.path().join("root.pem");
         std::fs::write(&path, pem).expect("write root");
         path
+    }
+
+    /// Publishes (`Some`) or removes (`None`) the TXT record of `host` in challtestsrv's DNS.
+    pub(crate) fn set_txt(&self, host: &str, value: Option<&str>) {
+        let (path, body) = match value {
+            Some(v) => ("set-txt", serde_json::json!({"host": format!("{host}."), "value": v})),
+            None => ("clear-txt", serde_json::json!({"host": format!("{host}.")})),
+        };
+        let out = Command::new("curl")
+            .args(["-sS", "-f", "-X", "POST", "-d", &body.to_string()])
+            .arg(format!("http://127.0.0.1:{}/{path}", self.challtest_mgmt))
+            .output()
+            .expect("curl");
+        assert!(out.status.success(), "challtestsrv {path}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     pub(crate) fn log(&self) -> String {
