@@ -148,3 +148,38 @@ where
     });
     addr
 }
+
+/// Calls `f` every 100 ms until it returns a value, for at most `limit`.
+///
+/// # Panics
+/// When `limit` passes first, naming `what` was awaited.
+pub fn until<T>(limit: std::time::Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting until {what}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// `curl` as a visitor of `https://{host}:{port}{path}` on loopback, trusting only `ca`, with
+/// `extra` arguments: the HTTP status (0 when the connection or TLS failed) and what curl
+/// printed (the body, after the head when `extra` asks for it with `-D -`).
+///
+/// # Panics
+/// When curl cannot be run.
+pub fn curl_https(ca: &Path, host: &str, port: u16, path: &str, extra: &[&str]) -> (u16, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--path-as-is", "--cacert"])
+        .arg(ca)
+        .args(["--resolve", &format!("{host}:{port}:127.0.0.1"), "-w", "\n%{http_code}"])
+        .args(extra)
+        .arg(format!("https://{host}:{port}{path}"))
+        .output()
+        .expect("curl runs (scripts/test.sh installs it)");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}

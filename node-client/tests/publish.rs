@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use warren::services::ServiceSpec;
+use warren_common::testing::until;
 use warren_edge::config::{Config as EdgeConfig, FileConfig as EdgeFile};
 use warren_edge::Edge;
 use warren_relay::config::{Config, FileConfig};
@@ -86,18 +87,7 @@ impl Lab {
 
     /// As [`Lab::curl`], trusting only the CA in `ca`.
     fn curl_trusting(&self, ca: &Path, i: usize, path: &str, extra: &[&str]) -> (u16, String) {
-        let port = self.port(i);
-        let out = Command::new("curl")
-            .args(["-sS", "--max-time", "10", "--path-as-is", "--cacert"])
-            .arg(ca)
-            .args(["--resolve", &format!("web.funnel.test:{port}:127.0.0.1"), "-w", "\n%{http_code}"])
-            .args(extra)
-            .arg(format!("https://web.funnel.test:{port}{path}"))
-            .output()
-            .expect("curl runs (scripts/test.sh installs it)");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-        (code.trim().parse().unwrap_or(0), body.to_owned())
+        warren_common::testing::curl_https(ca, "web.funnel.test", self.port(i), path, extra)
     }
 
     /// A funnel agent in this process for `web`, publishing `services` through the edge.
@@ -150,17 +140,6 @@ impl Lab {
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("node.log")).unwrap_or_default()
-    }
-}
-
-fn until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

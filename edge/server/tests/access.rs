@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -77,17 +76,9 @@ impl Lab {
 }
 
 fn curl(ca: &Path, port: u16, from: &str, path: &str, extra: &[&str]) -> (u16, String, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10", "--interface", from, "-D", "-", "--cacert"])
-        .arg(ca)
-        .args(["--resolve", &format!("web.funnel.test:{port}:127.0.0.1"), "-w", "\n%{http_code}"])
-        .args(extra)
-        .arg(format!("https://web.funnel.test:{port}{path}"))
-        .output()
-        .expect("curl runs (scripts/test.sh installs it)");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (rest, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    let (head, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
+    let args = [&["--interface", from, "-D", "-"][..], extra].concat();
+    let (code, out) = warren_common::testing::curl_https(ca, "web.funnel.test", port, path, &args);
+    let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
     let wanted = head
         .lines()
         .filter(|l| {
@@ -96,7 +87,7 @@ fn curl(ca: &Path, port: u16, from: &str, path: &str, extra: &[&str]) -> (u16, S
         })
         .collect::<Vec<_>>()
         .join("\n");
-    (code.trim().parse().unwrap_or(0), wanted, body.to_owned())
+    (code, wanted, body.to_owned())
 }
 
 /// An origin that tells which user the edge named and what `remote-user` it saw.

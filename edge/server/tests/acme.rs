@@ -20,7 +20,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use warren::funnel::{Funnel, FunnelConfig};
 use warren::services::ServiceSpec;
-use warren_common::testing::{free_tcp_port, free_udp_port};
+use warren_common::testing::{free_tcp_port, free_udp_port, until};
 use warren_edge::config::{Config, FileConfig};
 use warren_edge::Edge;
 
@@ -93,6 +93,21 @@ fn dns_hook(dir: &Path, pebble: &Pebble) -> std::path::PathBuf {
     hook
 }
 
+/// An edge taking its certificates from `pebble` with `challenge` (HTTP-01 answered on
+/// `ports.0`, visitors on `ports.1`); `extra` follows the `[acme]` section's keys.
+async fn acme_edge(pebble: &Pebble, state: &Path, ports: (u16, u16), challenge: &str, extra: &str) -> Edge {
+    let (http01, public_port) = ports;
+    let toml = format!(
+        "funnel_domain = \"funnel.test\"\nhostname = \"edge.test\"\npublic_listen = [\"127.0.0.1:{public_port}\"]\ntunnel_listen = \"127.0.0.1:0\"\n[tls]\nmode = \"acme\"\n[admin]\nenabled = false\n[[tokens]]\ntoken = \"{TOKEN}\"\nnames = [\"web\"]\n\
+         [acme]\ndirectory = \"{}\"\nca_file = \"{}\"\nchallenge = \"{challenge}\"\nhttp01_listen = \"127.0.0.1:{http01}\"\n{extra}",
+        pebble.directory,
+        pebble.listener_ca().display()
+    );
+    let mut f = FileConfig::parse(&toml).expect("config");
+    f.state_dir = Some(state.to_path_buf());
+    Edge::spawn(Config::try_from(f).expect("valid"), None).await.expect("edge starts")
+}
+
 async fn run_case(challenge: &str) {
     if !pebble_available() {
         return;
@@ -100,21 +115,11 @@ async fn run_case(challenge: &str) {
     let (http01, public_port) = (free_tcp_port(), free_tcp_port());
     let pebble = Pebble::start(http01, public_port);
     let state = tempfile::tempdir().expect("tempdir");
-    let mut acme = format!(
-        "[acme]\ndirectory = \"{}\"\nca_file = \"{}\"\nchallenge = \"{challenge}\"\nhttp01_listen = \"127.0.0.1:{http01}\"\n",
-        pebble.directory,
-        pebble.listener_ca().display()
-    );
-    if challenge == "dns-01" {
-        let hook = dns_hook(state.path(), &pebble);
-        acme.push_str(&format!("dns01_hook = \"{}\"\nwildcard = true\n", hook.display()));
-    }
-    let toml = format!(
-        "funnel_domain = \"funnel.test\"\nhostname = \"edge.test\"\npublic_listen = [\"127.0.0.1:{public_port}\"]\ntunnel_listen = \"127.0.0.1:0\"\n[tls]\nmode = \"acme\"\n[admin]\nenabled = false\n[[tokens]]\ntoken = \"{TOKEN}\"\nnames = [\"web\"]\n{acme}"
-    );
-    let mut f = FileConfig::parse(&toml).expect("config");
-    f.state_dir = Some(state.path().to_path_buf());
-    let edge = Edge::spawn(Config::try_from(f).expect("valid"), None).await.expect("edge starts");
+    let extra = match challenge {
+        "dns-01" => format!("dns01_hook = \"{}\"\nwildcard = true\n", dns_hook(state.path(), &pebble).display()),
+        _ => String::new(),
+    };
+    let edge = acme_edge(&pebble, state.path(), (http01, public_port), challenge, &extra).await;
     let root = pebble.root().await;
     let origin = start_origin().await;
     // The node trusts pebble's root for the edge's tunnel certificate (also from ACME).
@@ -203,30 +208,9 @@ async fn a_cluster_orders_each_certificate_once() {
     b.shutdown().await;
 }
 
-/// curl as a visitor of `host` on `port`, trusting only `root`: the HTTP status (0 when TLS or
-/// the connection failed) and the body.
+/// curl as a visitor of `https://{host}:{port}/`, trusting only `root`.
 fn curl_verified(root: &Path, host: &str, port: u16) -> (u16, String) {
-    let out = std::process::Command::new("curl")
-        .args(["-sS", "--max-time", "5", "--cacert"])
-        .arg(root)
-        .args(["--resolve", &format!("{host}:{port}:127.0.0.1"), "-w", "\n%{http_code}"])
-        .arg(format!("https://{host}:{port}/"))
-        .output()
-        .expect("curl runs");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
-}
-
-fn until<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    warren_common::testing::curl_https(root, host, port, "/", &[])
 }
 
 /// A node asks for app.example.com: refused until `_warren.app.example.com` holds its proof
@@ -241,19 +225,8 @@ async fn a_custom_domain_is_served_once_its_dns_proves_it() {
     let (http01, public_port) = (free_tcp_port(), free_tcp_port());
     let pebble = Pebble::start(http01, public_port);
     let state = tempfile::tempdir().expect("tempdir");
-    let toml = format!(
-        "funnel_domain = \"funnel.test\"\nhostname = \"edge.test\"\npublic_listen = [\"127.0.0.1:{public_port}\"]\n\
-         tunnel_listen = \"127.0.0.1:0\"\n[tls]\nmode = \"acme\"\n[admin]\nenabled = false\n\
-         [[tokens]]\ntoken = \"{TOKEN}\"\nnames = [\"web\"]\n\
-         [acme]\ndirectory = \"{}\"\nca_file = \"{}\"\nchallenge = \"http-01\"\nhttp01_listen = \"127.0.0.1:{http01}\"\n\
-         [domains]\nresolver = \"127.0.0.1:{}\"\nrecheck = \"300ms\"\n",
-        pebble.directory,
-        pebble.listener_ca().display(),
-        pebble.dns
-    );
-    let mut f = FileConfig::parse(&toml).expect("config");
-    f.state_dir = Some(state.path().to_path_buf());
-    let edge = Edge::spawn(Config::try_from(f).expect("valid"), None).await.expect("edge starts");
+    let domains = format!("[domains]\nresolver = \"127.0.0.1:{}\"\nrecheck = \"300ms\"\n", pebble.dns);
+    let edge = acme_edge(&pebble, state.path(), (http01, public_port), "http-01", &domains).await;
     let root = pebble.root().await;
     let origin = start_origin().await;
     let funnel = Funnel::start(FunnelConfig {
