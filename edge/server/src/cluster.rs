@@ -342,7 +342,8 @@ async fn forwarded(cluster: Arc<Cluster>, local: LocalRoutes, peer_send: SendStr
     let Some(name) = name_of(&head, &local.funnel_domain).map(str::to_owned) else {
         return refuse(peer_send, RouteError::Offline.into()).await;
     };
-    let (mut head, host) = (head.clone(), host_of(&head).unwrap_or_default());
+    let host = host_of(&head).unwrap_or_default();
+    let mut head = head;
     // The sibling is trusted for the visitor's address (it is what its socket saw); one it
     // cannot state is not let past the access rules.
     let Ok(visitor) = head.visitor.parse::<std::net::SocketAddr>() else {

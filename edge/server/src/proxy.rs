@@ -136,11 +136,11 @@ fn takes_trailers(req: &Request<Incoming>) -> bool {
 async fn proxy(shared: &Arc<Shared>, info: &ConnInfo, mut req: Request<Incoming>) -> Result<Response<Body>, Denied> {
     shared.access.floor(info.visitor.ip()).map_err(Denied::Access)?;
     let host = host_of(&req).ok_or(RouteError::UnknownHost)?;
-    let name = match name_in(&host, &shared.config.funnel_domain) {
-        Some(n) => n.to_owned(),
-        None => shared.domains.name_for(&host).ok_or(RouteError::UnknownHost)?,
+    let name: std::borrow::Cow<'_, str> = match name_in(&host, &shared.config.funnel_domain) {
+        Some(n) => n.into(),
+        None => shared.domains.name_for(&host).ok_or(RouteError::UnknownHost)?.into(),
     };
-    let name = name.as_str();
+    let name = name.as_ref();
     let upgrade = is_upgrade(&req);
     let on_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let mut head = request_head(&req, info, &host, upgrade);
