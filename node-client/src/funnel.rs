@@ -359,6 +359,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// Longest a tunnel that was moved off keeps serving the requests it still carries.
 const MOVED_DRAIN: Duration = Duration::from_secs(40);
+/// How often the edge is asked again about the node's custom domains: it proves them (and
+/// finds proofs gone) on its own schedule, and the answer keeps `warren funnel status` current.
+const DOMAINS_ASK_AGAIN: Duration = Duration::from_secs(30);
 
 /// The tunnel to one edge, re-established with jittered backoff, on the transport the
 /// settings allow (see [`EdgeTunnel::dial`]).
@@ -593,6 +596,8 @@ impl EdgeTunnel {
             }
             self.quic_again().await
         });
+        let mut ask_again = tokio::time::interval(DOMAINS_ASK_AGAIN);
+        ask_again.reset();
         loop {
             let (send, recv) = tokio::select! {
                 r = link.accept() => r.map_err(FunnelError::Closed)?,
@@ -604,6 +609,11 @@ impl EdgeTunnel {
                     let old = link.clone();
                     self.agent.tasks.spawn(drain_moved(old, table.clone(), agent, requests, status.clone()));
                     return Ok(SessionEnd::Moved(quic));
+                }
+                // Interval ticks are cancel-safe; a busy tunnel does not postpone them.
+                _ = ask_again.tick(), if !self.agent.cfg.domains.is_empty() => {
+                    self.ask_domains(status, &mut ctl_send, &mut ctl_recv).await?;
+                    continue;
                 }
                 changed = table.changed() => {
                     if changed.is_err() {

@@ -259,6 +259,10 @@ async fn a_custom_domain_is_served_once_its_dns_proves_it() {
     });
     assert_eq!(body, "hello over ACME");
     assert!(state.path().join("certs/app.example.com.crt").exists(), "its certificate is in the store");
+    // The node asks again every 30 s, and then lists the domain as served.
+    until(Duration::from_secs(40), "the node's status shows the domain served", || {
+        Some(()).filter(|()| funnel.status().domains == ["app.example.com"])
+    });
 
     pebble.set_txt("_warren.app.example.com", None);
     let (code, page) = until(Duration::from_secs(10), "the domain stops being served", || {
