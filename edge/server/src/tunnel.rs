@@ -121,11 +121,12 @@ pub(crate) async fn watch_revocations(
         match store.revoked().await {
             Ok(ids) => {
                 let ids: std::collections::HashSet<String> = ids.into_iter().collect();
+                // The list first: a node whose tunnel is closed next must not get back in.
+                *shared.revoked.write().unwrap_or_else(|e| e.into_inner()) = ids.clone();
                 let closed = shared.routes.close_revoked(&ids);
                 if closed > 0 {
                     info!(closed, "tunnels of revoked tokens closed");
                 }
-                *shared.revoked.write().unwrap_or_else(|e| e.into_inner()) = ids;
             }
             Err(e) => {
                 if let Some(skipped) = logs.allow() {

@@ -410,7 +410,8 @@ async fn an_issued_token_works_on_every_edge_until_it_is_revoked() {
     assert!(token.starts_with("wt1."), "{token}");
     let too_long = issue(&key_arg, "signed", "60d").expect_err("over max_lifetime");
     assert!(too_long.contains("at most 30 days"), "{too_long}");
-    let foreign = issue(&other_key.display().to_string(), "signed", "1d").expect("issued with another key");
+    // Its own name, so that the list below tells the two tokens apart.
+    let foreign = issue(&other_key.display().to_string(), "signed2", "1d").expect("issued with another key");
 
     let (a, b) = (&pair.a, &pair.b);
     let node = signed_funnel("signed", &token, &[a, b], &pair);
