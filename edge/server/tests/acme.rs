@@ -108,6 +108,21 @@ async fn acme_edge(pebble: &Pebble, state: &Path, ports: (u16, u16), challenge: 
     Edge::spawn(Config::try_from(f).expect("valid"), None).await.expect("edge starts")
 }
 
+/// The node "web" publishing `origin` on `public_port` through `edge`, trusting `root` for the
+/// edge's tunnel certificate, asking for `domains`.
+fn acme_funnel(edge: &Edge, root: &Path, public_port: u16, origin: SocketAddr, domains: Vec<String>) -> Funnel {
+    Funnel::start(FunnelConfig {
+        edges: vec![edge.tunnel_addr().to_string()],
+        edge_name: Some("edge.test".into()),
+        ca_file: Some(root.to_path_buf()),
+        token: TOKEN.into(),
+        name: "web".into(),
+        services: vec![ServiceSpec::new(public_port, format!("http://{origin}"))],
+        transport: Default::default(),
+        domains,
+    })
+}
+
 async fn run_case(challenge: &str) {
     if !pebble_available() {
         return;
@@ -123,16 +138,7 @@ async fn run_case(challenge: &str) {
     let root = pebble.root().await;
     let origin = start_origin().await;
     // The node trusts pebble's root for the edge's tunnel certificate (also from ACME).
-    let funnel = Funnel::start(FunnelConfig {
-        edges: vec![edge.tunnel_addr().to_string()],
-        edge_name: Some("edge.test".into()),
-        ca_file: Some(root.clone()),
-        token: TOKEN.into(),
-        name: "web".into(),
-        services: vec![ServiceSpec::new(public_port, format!("http://{origin}"))],
-        transport: Default::default(),
-        domains: Vec::new(),
-    });
+    let funnel = acme_funnel(&edge, &root, public_port, origin, Vec::new());
     funnel
         .wait_registered(Duration::from_secs(90))
         .await
@@ -229,16 +235,8 @@ async fn a_custom_domain_is_served_once_its_dns_proves_it() {
     let edge = acme_edge(&pebble, state.path(), (http01, public_port), "http-01", &domains).await;
     let root = pebble.root().await;
     let origin = start_origin().await;
-    let funnel = Funnel::start(FunnelConfig {
-        edges: vec![edge.tunnel_addr().to_string()],
-        edge_name: Some("edge.test".into()),
-        ca_file: Some(root.clone()),
-        token: TOKEN.into(),
-        name: "web".into(),
-        services: vec![ServiceSpec::new(public_port, format!("http://{origin}"))],
-        transport: Default::default(),
-        domains: vec!["app.example.com".into(), "web.funnel.test".into()],
-    });
+    let funnel =
+        acme_funnel(&edge, &root, public_port, origin, vec!["app.example.com".into(), "web.funnel.test".into()]);
     funnel.wait_registered(Duration::from_secs(90)).await.expect("registered");
     let proof = warren_edge::domains::proof_value("app.example.com", "web");
     let pending = until(Duration::from_secs(10), "the edge answers about the domains", || {
