@@ -1,5 +1,5 @@
 //! The kit every Warren product builds on: config helpers, TLS (the one crypto provider, PEM
-//! loading, client configs, the development CA), limits, HTTP CONNECT proxies, process runtime, key files and URLs.
+//! loading, client configs, the development CA), limits, HTTP CONNECT proxies, the PROXY protocol, process runtime, key files and URLs.
 //! Test helpers live in [`testing`], behind the `test-support` feature, for dev-dependencies
 //! only.
 
@@ -11,6 +11,7 @@ pub mod io;
 pub mod keyfile;
 pub mod limits;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod runtime;
 #[cfg(feature = "test-support")]
 pub mod testing;

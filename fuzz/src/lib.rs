@@ -31,6 +31,7 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("proxy_answer", proxy_answer),
     ("access", access),
     ("dns_reply", dns_reply),
+    ("proxy_header", proxy_header),
 ];
 
 /// A DNS reply as the edge reads it when checking a custom domain's proof (the first two bytes
@@ -190,6 +191,19 @@ pub fn node_config(data: &[u8]) {
     let _ = warren::services::Target::parse(text);
     let _ = warren::services::Target::parse_tcp(text);
     let _ = warren::services::clean_mount(text);
+}
+
+/// A PROXY protocol header (v1 or v2) from a load balancer, as the relay reads it: never longer
+/// than its bounds, and a complete header is still the same header with more bytes after it.
+pub fn proxy_header(data: &[u8]) {
+    use warren_common::proxy_protocol::{parse, MAX_HEADER};
+    if let Ok(Some((header, len))) = parse(data) {
+        assert!(len <= data.len() && len <= MAX_HEADER);
+        let mut longer = data[..len].to_vec();
+        longer.extend_from_slice(b"\x16\x03\x01");
+        assert_eq!(parse(&longer).ok().flatten(), Some((header, len)));
+        assert!(matches!(parse(&data[..len - 1]), Ok(None)), "a header cut short is never complete");
+    }
 }
 
 /// A proxy's answer to CONNECT, and proxy URLs and `NO_PROXY` lists from operators.

@@ -62,10 +62,14 @@ pub enum HandshakeFailure {
     Io,
     /// The client offered a mesh key that is not this region's (or this relay has no mesh).
     BadMeshKey,
+    /// A trusted load balancer's connection did not start with a valid PROXY header.
+    ProxyHeader,
+    /// A PROXY header came from an address not in `proxy_protocol.trusted`.
+    ProxyUntrusted,
 }
 
 impl HandshakeFailure {
-    const ALL: [HandshakeFailure; 7] = [
+    const ALL: [HandshakeFailure; 9] = [
         HandshakeFailure::Tls,
         HandshakeFailure::BadRequest,
         HandshakeFailure::Timeout,
@@ -73,6 +77,8 @@ impl HandshakeFailure {
         HandshakeFailure::BadClientInfo,
         HandshakeFailure::Io,
         HandshakeFailure::BadMeshKey,
+        HandshakeFailure::ProxyHeader,
+        HandshakeFailure::ProxyUntrusted,
     ];
 
     /// The metrics label.
@@ -85,6 +91,8 @@ impl HandshakeFailure {
             HandshakeFailure::BadClientInfo => "bad_client_info",
             HandshakeFailure::Io => "io",
             HandshakeFailure::BadMeshKey => "bad_mesh_key",
+            HandshakeFailure::ProxyHeader => "proxy_header",
+            HandshakeFailure::ProxyUntrusted => "proxy_untrusted",
         }
     }
 }
@@ -172,7 +180,7 @@ pub struct RelayMetrics {
     pub(crate) mesh_forwarded_out: Counter,
     pub(crate) mesh_forwarded_in: Counter,
     dropped: [Counter; 6],
-    handshake: [Counter; 7],
+    handshake: [Counter; 9],
     stun: [Counter; 4],
 }
 

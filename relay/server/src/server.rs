@@ -31,9 +31,10 @@ use crate::metrics::{HandshakeFailure, RelayMetrics};
 use crate::state::Shared;
 use crate::web::{self, HeadError, Route};
 use crate::{conn, mesh, stun};
+use warren_common::cidr::Cidr;
 use warren_common::limits::{AcceptGate, ConnSlot, LogLimiter};
 use warren_common::runtime::serve_admin;
-use warren_common::{keyfile, tls};
+use warren_common::{keyfile, proxy_protocol, tls};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -112,14 +113,19 @@ impl Server {
         let listener = TcpListener::bind(config.listen).await.map_err(bind("DERP listener", config.listen))?;
         let http_addr = listener.local_addr().map_err(bind("DERP listener", config.listen))?;
         let stun_socket = match &config.stun {
-            Some(s) => Some(UdpSocket::bind(s.listen).await.map_err(bind("STUN", s.listen))?),
+            Some(s) => {
+                let socket = UdpSocket::bind(s.listen).await.map_err(bind("STUN", s.listen))?;
+                // Learns each request's destination address, to answer from it.
+                let state = quinn_udp::UdpSocketState::new((&socket).into()).map_err(bind("STUN", s.listen))?;
+                Some((socket, state))
+            }
             None => None,
         };
         let admin_listener = match config.admin_listen {
             Some(a) => Some(TcpListener::bind(a).await.map_err(bind("admin listener", a))?),
             None => None,
         };
-        let stun_addr = stun_socket.as_ref().and_then(|s| s.local_addr().ok());
+        let stun_addr = stun_socket.as_ref().and_then(|(s, _)| s.local_addr().ok());
         let admin_addr = admin_listener.as_ref().and_then(|l| l.local_addr().ok());
 
         let public = secret.public_key();
@@ -146,8 +152,8 @@ impl Server {
         let accept_cancel = root.child_token();
         let tracker = TaskTracker::new();
         tracker.spawn(accept_loop(listener, acceptor, shared.clone(), accept_cancel.clone(), tracker.clone()));
-        if let (Some(socket), Some(cfg)) = (stun_socket, config.stun.clone()) {
-            tracker.spawn(stun::serve(socket, cfg, shared.clone(), shared.conns_cancel.clone()));
+        if let (Some((socket, state)), Some(cfg)) = (stun_socket, config.stun.clone()) {
+            tracker.spawn(stun::serve(socket, state, cfg, shared.clone(), shared.conns_cancel.clone()));
         }
         if let Some(l) = admin_listener {
             let ready = {
@@ -278,21 +284,89 @@ async fn accept_loop(
                 }
             },
         };
-        let slot = match shared.gate.admit(remote.ip(), Instant::now()) {
-            Ok(slot) => slot,
-            Err(why) => {
-                shared.metrics.rejected(why);
-                if let Some(held_back) = shared.reject_log.allow() {
-                    warn!(reason = why.label(), held_back, "connection rejected at accept (logged at most every 10 s)");
-                }
-                continue;
+        // A load balancer's own address says nothing about the client: its connections are
+        // admitted once their PROXY header names one.
+        let slot = if Cidr::any_contains(&shared.config.proxy_trusted, remote.ip()) {
+            None
+        } else {
+            match admit(&shared, remote) {
+                Some(slot) => Some(slot),
+                None => continue,
             }
         };
-        let _ = tcp.set_nodelay(true);
+        tune_socket(&tcp, &shared.config);
         // One deadline from accept to login covers TLS, the HTTP head and the DERP handshake.
         let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
         tracker.spawn(handle_tcp(shared.clone(), tls.clone(), tcp, remote, deadline, slot));
     }
+}
+
+/// The accept gate (rate, connections per source address) for a client at `remote`.
+fn admit(shared: &Shared, remote: SocketAddr) -> Option<ConnSlot> {
+    match shared.gate.admit(remote.ip(), Instant::now()) {
+        Ok(slot) => Some(slot),
+        Err(why) => {
+            shared.metrics.rejected(why);
+            if let Some(held_back) = shared.reject_log.allow() {
+                warn!(reason = why.label(), held_back, "connection rejected at accept (logged at most every 10 s)");
+            }
+            None
+        }
+    }
+}
+
+/// TCP keep-alive and TCP_USER_TIMEOUT, as configured; a socket that refuses keeps the
+/// kernel's defaults (the relay's own KeepAlive frames and write deadline still apply).
+fn tune_socket(tcp: &TcpStream, config: &Config) {
+    let _ = tcp.set_nodelay(true);
+    let sock = socket2::SockRef::from(tcp);
+    if let Some(idle) = config.tcp_keepalive {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval(Duration::from_secs(15).min(idle))
+            .with_retries(4);
+        let _ = sock.set_tcp_keepalive(&keepalive);
+    }
+    if let Some(timeout) = config.tcp_user_timeout {
+        let _ = sock.set_tcp_user_timeout(Some(timeout));
+    }
+}
+
+/// Reads the PROXY header of a trusted load balancer's connection and admits the client it
+/// names; `None` (counted, logged at most every 10 s) when there is no valid header in time or
+/// the client is over its limits.
+async fn proxied_client(
+    shared: &Shared,
+    tcp: &mut TcpStream,
+    lb: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Option<(SocketAddr, ConnSlot)> {
+    let header = match tokio::time::timeout_at(deadline, proxy_protocol::read_header(tcp)).await {
+        Ok(Ok(header)) => header,
+        Ok(Err(e)) => {
+            shared.metrics.handshake_failed(HandshakeFailure::ProxyHeader);
+            if let Some(held_back) = shared.reject_log.allow() {
+                warn!(load_balancer = %lb, reason = e.label(), error = %e, held_back, "bad PROXY header from a trusted load balancer (logged at most every 10 s)");
+            }
+            return None;
+        }
+        Err(_) => {
+            shared.metrics.handshake_failed(HandshakeFailure::Timeout);
+            return None;
+        }
+    };
+    let client = header.source_or(lb);
+    admit(shared, client).map(|slot| (client, slot))
+}
+
+/// Whether an untrusted connection opens with a PROXY header (a load balancer this relay was
+/// not told to trust). Peeks, so whatever the client sent stays to be read.
+async fn untrusted_proxy_header(tcp: &TcpStream, deadline: tokio::time::Instant) -> bool {
+    let mut start = [0u8; 12];
+    matches!(
+        tokio::time::timeout_at(deadline, tcp.peek(&mut start)).await,
+        Ok(Ok(n)) if proxy_protocol::looks_like_header(&start[..n])
+    )
 }
 
 /// One accepted connection, for its whole life: the task's own future stays small (a few
@@ -302,12 +376,28 @@ async fn accept_loop(
 async fn handle_tcp(
     shared: Arc<Shared>,
     tls: Option<Arc<rustls::ServerConfig>>,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     remote: SocketAddr,
     deadline: tokio::time::Instant,
-    slot: ConnSlot,
+    slot: Option<ConnSlot>,
 ) {
-    let _slot = slot;
+    // Scoped so that the header reader's state is gone before the connection runs.
+    let (remote, _slot) = match slot {
+        Some(slot) => {
+            if untrusted_proxy_header(&tcp, deadline).await {
+                shared.metrics.handshake_failed(HandshakeFailure::ProxyUntrusted);
+                if let Some(held_back) = shared.reject_log.allow() {
+                    warn!(peer = %remote, held_back, "PROXY header from an address not in proxy_protocol.trusted; closed (logged at most every 10 s)");
+                }
+                return;
+            }
+            (remote, slot)
+        }
+        None => match Box::pin(proxied_client(&shared, &mut tcp, remote, deadline)).await {
+            Some(admitted) => admitted,
+            None => return,
+        },
+    };
     let upgrading = match tls {
         None => upgrade_then_run(shared, tcp, remote, deadline),
         Some(config) => {

@@ -1,10 +1,12 @@
 //! The STUN listener: answers Binding requests, rate-limited per source IP.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::io::IoSliceMut;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
@@ -49,32 +51,72 @@ impl RateLimiter {
     }
 }
 
+/// Largest read: with UDP GRO (which quinn-udp turns on where the kernel has it) the kernel may
+/// hand over several same-sized datagrams from one source in one buffer.
+const RECV_BUF: usize = 64 << 10;
+
 /// Serves STUN on `socket` until `cancel` fires.
-pub(crate) async fn serve(socket: UdpSocket, cfg: StunConfig, shared: Arc<Shared>, cancel: CancellationToken) {
+///
+/// Each reply leaves from the address its request was sent to (IP_PKTINFO, through
+/// quinn-udp): on a host with several addresses and a wildcard bind, the kernel would
+/// otherwise pick the source by route, and a client's NAT drops an answer from an address it
+/// never sent to.
+pub(crate) async fn serve(
+    socket: UdpSocket,
+    state: quinn_udp::UdpSocketState,
+    cfg: StunConfig,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
     let mut limiter = RateLimiter::new(f64::from(cfg.rate.per_second.get()), f64::from(cfg.rate.burst.get()));
-    let mut buf = vec![0u8; 2048];
+    let mut buf = vec![0u8; RECV_BUF];
     loop {
-        let (n, from) = tokio::select! {
+        let mut meta = [quinn_udp::RecvMeta::default()];
+        let received = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = socket.recv_from(&mut buf) => match r {
-                Ok(v) => v,
-                // ICMP-induced errors on UDP sockets are per-datagram; keep serving.
-                Err(_) => continue,
-            },
+            r = socket.async_io(Interest::READABLE, || {
+                state.recv((&socket).into(), &mut [IoSliceMut::new(&mut buf)], &mut meta)
+            }) => r,
         };
-        if !limiter.allow(from.ip(), Instant::now()) {
-            shared.metrics.stun(StunResult::RateLimited);
-            continue;
-        }
-        match binding_response(&buf[..n], from) {
-            Ok(resp) => {
-                shared.metrics.stun(StunResult::Ok);
-                if let Err(e) = socket.send_to(&resp, from).await {
-                    warn!(error = %e, "STUN reply failed");
-                }
+        // ICMP-induced errors on UDP sockets are per-datagram; keep serving.
+        let Ok(_) = received else { continue };
+        let meta = meta[0];
+        let stride = meta.stride.max(1);
+        for datagram in buf[..meta.len.min(RECV_BUF)].chunks(stride) {
+            let Some(reply) = answer(&mut limiter, &shared, datagram, meta.addr) else { continue };
+            let transmit = quinn_udp::Transmit {
+                destination: meta.addr,
+                ecn: None,
+                contents: &reply,
+                segment_size: None,
+                src_ip: meta.dst_ip,
+            };
+            let sent = socket.async_io(Interest::WRITABLE, || state.send((&socket).into(), &transmit)).await;
+            if let Err(e) = sent {
+                warn!(error = %e, "STUN reply failed");
             }
-            Err(StunError::NotBindingRequest) => shared.metrics.stun(StunResult::NotBinding),
-            Err(_) => shared.metrics.stun(StunResult::Malformed),
+        }
+    }
+}
+
+/// The reply to one datagram from `from`, counted; `None` when it gets none.
+fn answer(limiter: &mut RateLimiter, shared: &Shared, datagram: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+    if !limiter.allow(from.ip(), Instant::now()) {
+        shared.metrics.stun(StunResult::RateLimited);
+        return None;
+    }
+    match binding_response(datagram, from) {
+        Ok(resp) => {
+            shared.metrics.stun(StunResult::Ok);
+            Some(resp)
+        }
+        Err(StunError::NotBindingRequest) => {
+            shared.metrics.stun(StunResult::NotBinding);
+            None
+        }
+        Err(_) => {
+            shared.metrics.stun(StunResult::Malformed);
+            None
         }
     }
 }

@@ -222,3 +222,25 @@ async fn stun_binding_reports_the_source_address() {
     assert!(relay.metric("relay_stun_requests_total{result=\"rate_limited\"}").await >= 1.0);
     relay.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stun_answers_from_the_address_the_request_was_sent_to() {
+    // A wildcard bind on a host with many addresses: loopback has all of 127.0.0.0/8.
+    let relay = start_relay(|f| f.stun.listen = Some("0.0.0.0:0".into())).await;
+    let port = relay.server.stun_addr().expect("stun enabled").port();
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+    let mut buf = [0u8; 1500];
+    for (i, to) in ["127.0.0.2", "127.0.0.3", "127.0.0.1"].into_iter().enumerate() {
+        let to = std::net::SocketAddr::new(to.parse().expect("ip"), port);
+        let req = warren_relay_proto::stun::binding_request([i as u8; 12]).expect("req");
+        sock.send_to(&req, to).await.expect("send");
+        let (n, from) = tokio::time::timeout(Duration::from_secs(2), sock.recv_from(&mut buf))
+            .await
+            .expect("answer")
+            .expect("recv");
+        assert_eq!(from, to, "a NAT drops an answer from an address the client never sent to");
+        let (tx, mapped) = warren_relay_proto::stun::parse_binding_response(&buf[..n]).expect("valid response");
+        assert_eq!((tx, mapped), ([i as u8; 12], sock.local_addr().expect("addr")));
+    }
+    relay.server.shutdown().await;
+}

@@ -39,6 +39,21 @@ pub struct FileConfig {
     /// Who may log in.
     #[serde(default)]
     pub admission: AdmissionFile,
+    /// Load balancers that put a PROXY protocol header before each connection.
+    #[serde(default)]
+    pub proxy_protocol: ProxyProtocolFile,
+}
+
+/// `[proxy_protocol]`
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocolFile {
+    /// Networks of the load balancers, e.g. `["10.0.0.0/8"]`. A connection from one of them
+    /// must start with a PROXY v1 or v2 header, whose client address then stands for the
+    /// connection's (per-IP limits, admission `Source`, logs); every other connection is taken
+    /// as it is. Empty (the default): no header is read from anyone.
+    #[serde(default)]
+    pub trusted: Vec<String>,
 }
 
 /// `admission.mode`: who may log in.
@@ -160,6 +175,12 @@ pub struct LimitsFile {
     pub client_bytes_per_second: Option<u64>,
     /// Burst of the per-client budget (default: one second's worth, at least 128 KiB).
     pub client_burst_bytes: Option<u64>,
+    /// Idle time before TCP keep-alive probes start on a client connection, e.g. "10m"
+    /// ("0s": no TCP keep-alive; DERP's own KeepAlive frames still flow).
+    pub tcp_keepalive: Option<ConfigDuration>,
+    /// TCP_USER_TIMEOUT: how long sent data may stay unacknowledged before the kernel closes
+    /// the connection, e.g. "15s" ("0s": the kernel's default, many minutes).
+    pub tcp_user_timeout: Option<ConfigDuration>,
 }
 
 /// `[shutdown]`

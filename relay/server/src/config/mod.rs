@@ -8,6 +8,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use warren_common::cidr::Cidr;
 use warren_common::config::{nonzero, socket_addr, ConfigDuration};
 pub use warren_common::config::{parse_duration, AdminFile, ConfigError, Rate, SharedKey};
 use warren_common::url::RelayUrl;
@@ -46,10 +47,15 @@ pub mod defaults {
     pub const RESTART_RECONNECT_IN: Duration = Duration::from_millis(500);
     /// Told to clients in Restarting: keep trying this long.
     pub const RESTART_TRY_FOR: Duration = Duration::from_secs(60);
-    /// STUN Binding requests per second per source IP.
-    pub const STUN_RATE: u32 = 20;
-    /// STUN burst per source IP.
-    pub const STUN_BURST: u32 = 40;
+    /// STUN Binding requests per second per source IP. A carrier-grade NAT puts hundreds to
+    /// thousands of subscribers behind one address; a node asks each relay about once per
+    /// 20 s (a Tailscale client up to 3 times per 20-26 s), so 200/s serves about 4 000 Warren
+    /// nodes (1 300 Tailscale clients) behind one address. Toward a spoofed victim it sends at
+    /// most 200 x 80 bytes (a 52-byte answer with its headers): 16 kB/s.
+    pub const STUN_RATE: u32 = 200;
+    /// STUN burst per source IP: three seconds' worth, for the nodes of one address that wake
+    /// together after an outage.
+    pub const STUN_BURST: u32 = 600;
     /// How often a mesh DNS name is resolved again.
     pub const MESH_RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
     /// Shortest mesh key accepted.
@@ -66,6 +72,11 @@ pub mod defaults {
     pub const CALLOUT_TIMEOUT: Duration = Duration::from_secs(2);
     /// How long a callout's answer is reused for the same key.
     pub const CALLOUT_CACHE_TTL: Duration = Duration::from_secs(60);
+    /// TCP keep-alive idle time on client sockets (derper's: long, to spare phones' batteries;
+    /// DERP KeepAlive frames run more often).
+    pub const TCP_KEEPALIVE: Duration = Duration::from_secs(600);
+    /// TCP_USER_TIMEOUT on client sockets (derper's: short, so hung connections go quickly).
+    pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(15);
 }
 
 /// How the DERP listener does TLS.
@@ -191,6 +202,12 @@ pub struct Config {
     pub client_rate: Option<ClientRate>,
     /// Who may log in.
     pub admission: AdmissionConfig,
+    /// TCP keep-alive idle time on client sockets; `None`: off.
+    pub tcp_keepalive: Option<Duration>,
+    /// TCP_USER_TIMEOUT on client sockets; `None`: the kernel's default.
+    pub tcp_user_timeout: Option<Duration>,
+    /// Load balancers whose connections start with a PROXY protocol header.
+    pub proxy_trusted: Vec<Cidr>,
 }
 
 impl TryFrom<FileConfig> for Config {
@@ -289,6 +306,20 @@ impl TryFrom<FileConfig> for Config {
             )?,
             client_rate,
             admission,
+            tcp_keepalive: Some(ConfigDuration::or(f.limits.tcp_keepalive, defaults::TCP_KEEPALIVE))
+                .filter(|d| !d.is_zero()),
+            tcp_user_timeout: Some(ConfigDuration::or(f.limits.tcp_user_timeout, defaults::TCP_USER_TIMEOUT))
+                .filter(|d| !d.is_zero()),
+            proxy_trusted: f
+                .proxy_protocol
+                .trusted
+                .iter()
+                .map(|t| {
+                    t.parse().map_err(|e: warren_common::cidr::CidrError| {
+                        ConfigError::invalid("proxy_protocol.trusted", e.to_string())
+                    })
+                })
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -393,6 +424,25 @@ mod tests {
             Err(ConfigError::Parse { .. })
         ));
         assert!(matches!(bad("[stun]\nburst = 0"), Err(ConfigError::Invalid { field: "stun.burst", .. })));
+        assert!(matches!(
+            bad("[proxy_protocol]\ntrusted = [\"10.0.0.0/33\"]"),
+            Err(ConfigError::Invalid { field: "proxy_protocol.trusted", .. })
+        ));
+    }
+
+    #[test]
+    fn tcp_socket_options_default_to_derpers_and_zero_turns_them_off() {
+        let c = Config::try_from(FileConfig::parse("").expect("parses")).expect("valid");
+        assert_eq!(
+            (c.tcp_keepalive, c.tcp_user_timeout),
+            (Some(defaults::TCP_KEEPALIVE), Some(defaults::TCP_USER_TIMEOUT))
+        );
+        assert!(c.proxy_trusted.is_empty());
+        let t = "[limits]\ntcp_keepalive = \"0s\"\ntcp_user_timeout = \"0s\"\n[proxy_protocol]\ntrusted = [\"10.0.0.0/8\", \"::1\"]";
+        let c = Config::try_from(FileConfig::parse(t).expect("parses")).expect("valid");
+        assert_eq!((c.tcp_keepalive, c.tcp_user_timeout), (None, None));
+        assert!(Cidr::any_contains(&c.proxy_trusted, "10.1.2.3".parse().expect("ip")));
+        assert!(!Cidr::any_contains(&c.proxy_trusted, "192.0.2.1".parse().expect("ip")));
     }
 
     #[test]
