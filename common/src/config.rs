@@ -199,6 +199,14 @@ pub fn socket_addr(field: &'static str, s: &str) -> Result<SocketAddr, ConfigErr
     s.parse().map_err(|_| ConfigError::invalid(field, format!("{s:?} is not an ip:port address")))
 }
 
+/// A list of networks (`10.0.0.0/8`, a bare address), or [`ConfigError::Invalid`] naming
+/// `field` and the first bad entry.
+pub fn cidrs(field: &'static str, list: &[String]) -> Result<Vec<crate::cidr::Cidr>, ConfigError> {
+    list.iter()
+        .map(|s| s.parse().map_err(|e: crate::cidr::CidrError| ConfigError::invalid(field, e.to_string())))
+        .collect()
+}
+
 /// A secret a group of servers shares (a relay region's mesh key, an edge cluster's key): at
 /// least [`SharedKey::MIN_LEN`] visible ASCII characters, compared in constant time, never
 /// printed.

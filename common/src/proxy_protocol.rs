@@ -85,12 +85,22 @@ impl ProxyHeaderError {
     }
 }
 
+/// Which version `buf` opens, as far as its bytes go: `Some(2)` while they match the v2
+/// signature, `Some(1)` while they match `PROXY `, `None` for anything else.
+fn opening(buf: &[u8]) -> Option<u8> {
+    let n = buf.len().min(V2_SIGNATURE.len());
+    if buf[..n] == V2_SIGNATURE[..n] {
+        return Some(2);
+    }
+    let n = buf.len().min(6);
+    (buf[..n] == b"PROXY "[..n]).then_some(1)
+}
+
 /// Whether `start`, the first bytes of a connection, begins a PROXY header: at least five bytes
 /// of either version's opening (fewer could be the start of `PUT`). For telling an untrusted
 /// sender that uses the protocol apart from plain garbage.
 pub fn looks_like_header(start: &[u8]) -> bool {
-    let n = start.len().min(V2_SIGNATURE.len());
-    n >= 5 && (start[..n] == V2_SIGNATURE[..n] || start[..n.min(6)] == b"PROXY "[..n.min(6)])
+    start.len() >= 5 && opening(start).is_some()
 }
 
 /// Decodes the header at the start of `buf`: `Ok(None)` while more bytes are needed, or the
@@ -102,15 +112,11 @@ pub fn parse(buf: &[u8]) -> Result<Option<(Header, usize)>, ProxyHeaderError> {
     if buf.is_empty() {
         return Ok(None);
     }
-    let n = buf.len().min(V2_SIGNATURE.len());
-    if buf[..n] == V2_SIGNATURE[..n] {
-        return parse_v2(buf);
+    match opening(buf) {
+        Some(2) => parse_v2(buf),
+        Some(_) => parse_v1(buf),
+        None => Err(ProxyHeaderError::Missing),
     }
-    let n = buf.len().min(6);
-    if buf[..n] == b"PROXY "[..n] {
-        return parse_v1(buf);
-    }
-    Err(ProxyHeaderError::Missing)
 }
 
 fn parse_v1(buf: &[u8]) -> Result<Option<(Header, usize)>, ProxyHeaderError> {
@@ -156,7 +162,7 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, ProxyHeaderError> {
         return Ok(None);
     }
     let (ver_cmd, fam) = (buf[12], buf[13]);
-    let total = 16 + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+    let total = v2_len(buf);
     if ver_cmd >> 4 != 2 {
         return Err(ProxyHeaderError::BadV2("version is not 2"));
     }
@@ -201,11 +207,16 @@ fn parse_v2(buf: &[u8]) -> Result<Option<(Header, usize)>, ProxyHeaderError> {
     Ok(Some((header, total)))
 }
 
+/// The whole length of a v2 header whose first 16 bytes are in `buf`.
+fn v2_len(buf: &[u8]) -> usize {
+    16 + usize::from(u16::from_be_bytes([buf[14], buf[15]]))
+}
+
 /// Reads one header from `io`, and not one byte more.
 ///
-/// The first 16 bytes tell the version (no valid header is shorter); a v2 header's length is
-/// then known, and the rest of a v1 line is read a byte at a time (at most 91 reads, from a
-/// load balancer only).
+/// The first 15 bytes tell the version (no valid header is shorter); a v2 header's length is
+/// known from its 16th, and the rest of a v1 line is read a byte at a time (at most 92 reads,
+/// from a load balancer only).
 ///
 /// # Errors
 /// [`ProxyHeaderError`]: no header, a malformed or oversized one, or the stream ended inside
@@ -220,11 +231,7 @@ pub async fn read_header<R: AsyncRead + Unpin>(io: &mut R) -> Result<Header, Pro
             debug_assert_eq!(len, buf.len(), "read_header reads exactly the header");
             return Ok(header);
         }
-        let want = if buf.starts_with(&V2_SIGNATURE) && buf.len() >= 16 {
-            16 + usize::from(u16::from_be_bytes([buf[14], buf[15]]))
-        } else {
-            buf.len() + 1
-        };
+        let want = if buf.starts_with(&V2_SIGNATURE) && buf.len() >= 16 { v2_len(&buf) } else { buf.len() + 1 };
         let have = buf.len();
         buf.resize(want, 0);
         io.read_exact(&mut buf[have..]).await?;

@@ -381,7 +381,8 @@ async fn handle_tcp(
     deadline: tokio::time::Instant,
     slot: Option<ConnSlot>,
 ) {
-    // Scoped so that the header reader's state is gone before the connection runs.
+    // The client's address and its place in the accept gate: a trusted load balancer's
+    // connection gets both from its PROXY header (boxed: only those connections pay for it).
     let (remote, _slot) = match slot {
         Some(slot) => {
             if untrusted_proxy_header(&tcp, deadline).await {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use http::HeaderName;
 use warren_common::cidr::Cidr;
-use warren_common::config::{ConfigDuration, ConfigError};
+use warren_common::config::{cidrs, ConfigDuration, ConfigError};
 
 use super::defaults;
 use super::file::{AccessFile, ForwardAuthFile};
@@ -83,11 +83,7 @@ impl TryFrom<AccessFile> for AccessConfig {
     type Error = ConfigError;
 
     fn try_from(f: AccessFile) -> Result<Self, ConfigError> {
-        let deny = f
-            .deny
-            .iter()
-            .map(|s| s.parse::<Cidr>().map_err(|e| ConfigError::invalid("access.deny", e.to_string())))
-            .collect::<Result<_, _>>()?;
+        let deny = cidrs("access.deny", &f.deny)?;
         let mut forward_auth: Vec<ForwardAuthConfig> = Vec::new();
         for fa in f.forward_auth {
             let fa = forward_auth_config(fa)?;

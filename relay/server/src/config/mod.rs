@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use warren_common::cidr::Cidr;
-use warren_common::config::{nonzero, socket_addr, ConfigDuration};
+use warren_common::config::{cidrs, nonzero, socket_addr, ConfigDuration};
 pub use warren_common::config::{parse_duration, AdminFile, ConfigError, Rate, SharedKey};
 use warren_common::url::RelayUrl;
 
@@ -310,16 +310,7 @@ impl TryFrom<FileConfig> for Config {
                 .filter(|d| !d.is_zero()),
             tcp_user_timeout: Some(ConfigDuration::or(f.limits.tcp_user_timeout, defaults::TCP_USER_TIMEOUT))
                 .filter(|d| !d.is_zero()),
-            proxy_trusted: f
-                .proxy_protocol
-                .trusted
-                .iter()
-                .map(|t| {
-                    t.parse().map_err(|e: warren_common::cidr::CidrError| {
-                        ConfigError::invalid("proxy_protocol.trusted", e.to_string())
-                    })
-                })
-                .collect::<Result<_, _>>()?,
+            proxy_trusted: cidrs("proxy_protocol.trusted", &f.proxy_protocol.trusted)?,
         })
     }
 }
