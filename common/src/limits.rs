@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +26,14 @@ impl TokenBucket {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         self.last = now;
+    }
+
+    /// Changes the rate and size from `now` on; tokens already held stay, up to the new size.
+    pub fn set_rate(&mut self, rate: f64, burst: f64, now: Instant) {
+        self.refill(now);
+        self.rate = rate;
+        self.burst = burst;
+        self.tokens = self.tokens.min(burst);
     }
 
     /// Whether the bucket would be full at `now` (a source idle that long is like a new one).
@@ -117,7 +125,7 @@ impl Rejected {
 pub struct AcceptGate {
     rate: Mutex<TokenBucket>,
     per_ip: Arc<Mutex<HashMap<IpAddr, u32>>>,
-    max_per_ip: u32,
+    max_per_ip: AtomicU32,
 }
 
 /// Holds one connection's place in the per-address count until dropped.
@@ -150,15 +158,22 @@ impl AcceptGate {
         AcceptGate {
             rate: Mutex::new(TokenBucket::new(f64::from(rate), f64::from(burst), now)),
             per_ip: Arc::default(),
-            max_per_ip,
+            max_per_ip: AtomicU32::new(max_per_ip),
         }
+    }
+
+    /// New limits from `now` on (a configuration reload). Connections already admitted stay,
+    /// even where an address now holds more than `max_per_ip`; it gets no more until under.
+    pub fn set_limits(&self, rate: u32, burst: u32, max_per_ip: u32, now: Instant) {
+        lock(&self.rate).set_rate(f64::from(rate), f64::from(burst), now);
+        self.max_per_ip.store(max_per_ip, Ordering::Relaxed);
     }
 
     /// Admits a connection from `ip`, or says why not.
     pub fn admit(&self, ip: IpAddr, now: Instant) -> Result<ConnSlot, Rejected> {
         let mut map = lock(&self.per_ip);
         let n = map.entry(ip).or_insert(0);
-        if *n >= self.max_per_ip {
+        if *n >= self.max_per_ip.load(Ordering::Relaxed) {
             return Err(Rejected::PerIp);
         }
         if !lock(&self.rate).try_take(now, 1.0) {
@@ -275,6 +290,23 @@ mod tests {
         assert!(gate.admit(ip, t0 + Duration::from_millis(500)).is_ok());
         drop(held);
         assert!(lock(&gate.per_ip).is_empty(), "every slot released, nothing left behind");
+    }
+
+    #[test]
+    fn new_gate_limits_apply_to_the_next_connection_and_keep_the_admitted_ones() {
+        let t0 = Instant::now();
+        let gate = AcceptGate::new(1000, 1000, 3, t0);
+        let ip: IpAddr = "192.0.2.1".parse().expect("ip");
+        let held: Vec<_> = (0..3).map(|_| gate.admit(ip, t0).expect("under the old cap")).collect();
+        gate.set_limits(1000, 1000, 1, t0);
+        assert_eq!(gate.admit(ip, t0).err(), Some(Rejected::PerIp));
+        drop(held);
+        let _one = gate.admit(ip, t0).expect("room again once under the new cap");
+        assert_eq!(gate.admit(ip, t0).err(), Some(Rejected::PerIp));
+        gate.set_limits(1, 1, 100, t0);
+        let _two = gate.admit(ip, t0).expect("a smaller bucket keeps what it can hold: one token");
+        assert_eq!(gate.admit(ip, t0).err(), Some(Rejected::AcceptRate));
+        assert!(gate.admit(ip, t0 + Duration::from_secs(1)).is_ok(), "and refills at the new rate");
     }
 
     #[test]

@@ -8,9 +8,11 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -56,12 +58,63 @@ pub fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let mut cfg = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)?;
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(cfg))
+    CertSlot::new(certified_key(chain, key)?).server_config()
+}
+
+/// A chain and key as rustls signs with them, after checking that the key is the one the
+/// leaf certificate names.
+///
+/// # Errors
+/// [`TlsError::Rustls`] if the key is unsupported or belongs to another certificate.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    Ok(Arc::new(CertifiedKey::from_der(chain, key, &provider())?))
+}
+
+/// A server certificate that can be replaced while the server runs: every handshake after
+/// [`CertSlot::replace`] presents the new one, and connections already made keep theirs.
+#[derive(Debug)]
+pub struct CertSlot {
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl CertSlot {
+    /// A slot holding `first`.
+    pub fn new(first: Arc<CertifiedKey>) -> Arc<Self> {
+        Arc::new(CertSlot { current: RwLock::new(first) })
+    }
+
+    /// The certificate new handshakes get.
+    pub fn current(&self) -> Arc<CertifiedKey> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Installs `next` for the handshakes to come.
+    pub fn replace(&self, next: Arc<CertifiedKey>) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+
+    /// A server config presenting this slot's certificate, offering HTTP/1.1 by ALPN.
+    ///
+    /// # Errors
+    /// [`TlsError::Rustls`] if the provider offers no safe protocol version (never with
+    /// aws-lc-rs).
+    pub fn server_config(self: Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
+        let mut cfg = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()?
+            .with_no_client_auth()
+            .with_cert_resolver(self);
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(cfg))
+    }
+}
+
+impl ResolvesServerCert for CertSlot {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
 }
 
 /// Reads a PEM chain and key from files.
@@ -248,5 +301,20 @@ mod tests {
     fn manual_mode_reports_missing_files() {
         let err = load_manual(Path::new("/nonexistent/cert.pem"), Path::new("/nonexistent/key.pem"));
         assert!(matches!(err, Err(TlsError::Pem { .. })));
+    }
+
+    #[test]
+    fn a_cert_slot_refuses_a_key_of_another_certificate_and_swaps_whole_pairs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = DevCa::open_or_create(dir.path()).expect("ca");
+        let (chain_a, key_a) = ca.issue(&["a.test".into()]).expect("issue");
+        let (chain_b, key_b) = ca.issue(&["b.test".into()]).expect("issue");
+        let mixed = certified_key(chain_a.clone(), key_b.clone_key());
+        assert!(matches!(mixed, Err(TlsError::Rustls(rustls::Error::InconsistentKeys(_)))), "{mixed:?}");
+        let slot = CertSlot::new(certified_key(chain_a.clone(), key_a).expect("pair a"));
+        let _config = slot.clone().server_config().expect("config");
+        assert_eq!(slot.current().cert, chain_a);
+        slot.replace(certified_key(chain_b.clone(), key_b).expect("pair b"));
+        assert_eq!(slot.current().cert, chain_b);
     }
 }

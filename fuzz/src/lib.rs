@@ -128,7 +128,7 @@ pub fn disco(data: &[u8]) {
 
 /// Certificate validity, as read from ACME-issued or stored certificates.
 pub fn der_validity(data: &[u8]) {
-    if let Some((before, after)) = warren_edge::der::validity(data) {
+    if let Some((before, after)) = warren_common::der::validity(data) {
         let _ = after.checked_sub(before);
     }
 }

@@ -34,8 +34,8 @@ use tracing::{info, warn};
 
 use crate::certs::CertStore;
 use crate::config::{AcmeSettings, Challenge};
-use crate::der;
 use crate::store::{Store, StoredCert};
+use warren_common::der;
 
 /// How long an issuance lock is held at most.
 const LOCK_TTL: Duration = Duration::from_secs(300);

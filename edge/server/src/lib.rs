@@ -15,7 +15,6 @@ pub mod certs;
 mod cluster;
 pub mod config;
 pub mod credentials;
-pub mod der;
 pub mod dns;
 pub mod domains;
 pub mod metrics;

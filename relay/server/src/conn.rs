@@ -24,6 +24,7 @@ use warren_relay_proto::handshake::{ClientInfo, ServerInfo};
 use warren_relay_proto::{Frame, Framer, PublicKey, Transport, PROTOCOL_VERSION};
 
 use crate::admission::{AdmissionResult, Verdict};
+use crate::config::Config;
 use crate::core::inbox::{Inbox, Item};
 use crate::core::router::{ClientHandle, Control, Packet};
 use crate::core::session::ClientSession;
@@ -57,7 +58,10 @@ where
     async move {
         // The login-phase futures are boxed so that their state does not stay part of every
         // connection's future for its whole life (an idle client costs what its actor holds).
-        let login = tokio::time::timeout_at(deadline, Box::pin(handshake(&shared, &mut io, &mut framer))).await;
+        // This connection's limits, for its whole life (a reload changes later connections').
+        let config = shared.config();
+        let login =
+            tokio::time::timeout_at(deadline, Box::pin(handshake(&shared, &config, &mut io, &mut framer))).await;
         let (key, info) = match login {
             Ok(Ok((key, info))) if !info.mesh_key.is_empty() => {
                 return Box::pin(crate::mesh_conn::run(shared, io, framer, remote, key, &info.mesh_key)).await;
@@ -74,19 +78,21 @@ where
                 return;
             }
         };
-        let admitted = tokio::time::timeout_at(deadline, Box::pin(shared.admission.check(&key, remote.ip()))).await;
+        let admission = shared.admission();
+        let admitted = tokio::time::timeout_at(deadline, Box::pin(admission.check(&key, remote.ip()))).await;
+        drop(admission);
         let (verdict, result) =
             admitted.unwrap_or((Verdict::Deny("admission check timed out"), AdmissionResult::CalloutError));
         shared.metrics.admission(result);
         if let Verdict::Deny(why) = verdict {
             debug!(client = %key.short(), %remote, reason = why, "login refused");
             framer.queue(&Frame::Health { problem: format!("not admitted: {why}") });
-            let _ = flush(&mut io, &mut framer, shared.config.write_timeout).await;
+            let _ = flush(&mut io, &mut framer, config.write_timeout).await;
             let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
             return;
         }
         let conn_id = shared.next_conn_id();
-        let inbox = Arc::new(Inbox::new(shared.config.send_queue_depth.get(), shared.config.send_queue_bytes.get()));
+        let inbox = Arc::new(Inbox::new(config.send_queue_depth.get(), config.send_queue_bytes.get()));
         let handle = ClientHandle { conn_id, remote, inbox: inbox.clone() };
         if let Some(old) = shared.router.register(key, handle) {
             old.inbox.push_control(Control::Replaced);
@@ -101,7 +107,8 @@ where
 
         let mut actor = Actor {
             shared: shared.clone(),
-            session: ClientSession::new(key, shared.config.client_rate, Instant::now()),
+            session: ClientSession::new(key, config.client_rate, Instant::now()),
+            config,
             framer,
             inbox,
             batch: Vec::new(),
@@ -117,6 +124,7 @@ where
 
 async fn handshake<S>(
     shared: &Shared,
+    config: &Config,
     io: &mut S,
     framer: &mut Framer,
 ) -> Result<(PublicKey, ClientInfo), HandshakeFailure>
@@ -124,7 +132,7 @@ where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
     framer.queue(&Frame::ServerKey { key: shared.public });
-    flush(io, framer, shared.config.write_timeout).await.map_err(|_| HandshakeFailure::Io)?;
+    flush(io, framer, config.write_timeout).await.map_err(|_| HandshakeFailure::Io)?;
     let frame = read_frame(io, framer, &mut ReadSize::default()).await.map_err(|e| match e {
         ReadError::Decode(_) => HandshakeFailure::BadFrame,
         ReadError::Closed | ReadError::Io => HandshakeFailure::Io,
@@ -134,18 +142,20 @@ where
     };
     let info = ClientInfo::open(&shared.secret, &key, &sealed).map_err(|_| HandshakeFailure::BadClientInfo)?;
     let mut server_info = ServerInfo { version: PROTOCOL_VERSION, ..Default::default() };
-    if let Some(rate) = shared.config.client_rate {
+    if let Some(rate) = config.client_rate {
         server_info.token_bucket_bytes_per_second = rate.bytes_per_second;
         server_info.token_bucket_bytes_burst = rate.burst_bytes;
     }
     framer.queue(&server_info.seal_frame(&shared.secret, &key, &mut OsRng));
-    flush(io, framer, shared.config.write_timeout).await.map_err(|_| HandshakeFailure::Io)?;
+    flush(io, framer, config.write_timeout).await.map_err(|_| HandshakeFailure::Io)?;
     Ok((key, info))
 }
 
 /// The shell around one client's [`ClientSession`]: it owns the socket and moves bytes.
 struct Actor {
     shared: Arc<Shared>,
+    /// The limits this connection started with.
+    config: Arc<Config>,
     session: ClientSession,
     framer: Framer,
     inbox: Arc<Inbox>,
@@ -157,7 +167,7 @@ struct Actor {
 impl Actor {
     async fn run<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(&mut self, io: &mut S) -> &'static str {
         let cancel = self.shared.conns_cancel.clone();
-        let interval = self.shared.config.keepalive_interval;
+        let interval = self.config.keepalive_interval;
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         loop {
             let resume = self.session.poll_timeout();
@@ -192,7 +202,7 @@ impl Actor {
                     Next::Continue
                 }
             };
-            let flushed = flush(io, &mut self.framer, self.shared.config.write_timeout).await;
+            let flushed = flush(io, &mut self.framer, self.config.write_timeout).await;
             if let Next::Close(why) = next {
                 return why;
             }

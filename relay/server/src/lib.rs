@@ -8,7 +8,8 @@
 //! Layout: `core` (the forwarding policy and each connection's session: synchronous, no I/O,
 //! `now` passed in), the shells that move bytes for it (`conn`: one actor per client;
 //! `mesh_conn`: a sibling connected to us; `mesh`: our links to siblings), [`config`] (file +
-//! CLI → typed config), [`server`] (listeners and shutdown), `web` (routing of the DERP port),
+//! CLI → typed config), [`server`] (listeners and shutdown), [`reload`] (SIGHUP and changed
+//! certificate files), `web` (routing of the DERP port),
 //! `stun`, `io` (lean TLS, the framed stream), `state` (what the tasks share), `tls` and `keyfile` (re-exported from `warren-common`), [`metrics`].
 
 pub mod admission;
@@ -19,6 +20,7 @@ mod io;
 mod mesh;
 mod mesh_conn;
 pub mod metrics;
+pub mod reload;
 pub mod server;
 mod state;
 mod stun;
@@ -37,5 +39,6 @@ pub mod fuzzing {
         }
     }
 }
+pub use reload::{ReloadError, Reloaded};
 pub use server::{Server, ServerError};
 pub use warren_common::{keyfile, limits, tls};

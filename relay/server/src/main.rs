@@ -6,9 +6,12 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+use tokio::signal::unix::{signal, SignalKind};
 use tracing::info;
+use tracing::warn;
 use warren_common::runtime::{init_logging, wait_for_signal};
-use warren_relay::config::{Config, FileConfig, TlsModeName};
+use warren_relay::config::{Config, ConfigError, FileConfig, TlsModeName};
+use warren_relay::reload::count_reload;
 use warren_relay::Server;
 
 /// Exit code for an invalid configuration (EX_USAGE in sysexits.h).
@@ -17,7 +20,10 @@ const EXIT_CONFIG: u8 = 64;
 /// Warren relay: forwards end-to-end encrypted packets between mesh nodes (DERP v2) and
 /// answers STUN.
 ///
-/// Settings come from the TOML file given with --config; flags override the file.
+/// Settings come from the TOML file given with --config; flags override the file. SIGHUP reads
+/// them again and applies limits, rates, admission, mesh peers and manual certificates without
+/// dropping a connection (listen addresses, keys and the TLS mode need a restart); the
+/// certificate files are also reloaded when they change. SIGTERM or SIGINT drains and stops.
 #[derive(Debug, Parser)]
 #[command(name = "warren-relay", version)]
 struct Cli {
@@ -77,6 +83,15 @@ struct Cli {
 }
 
 impl Cli {
+    /// Reads the file (when given), lays the flags over it and checks the result.
+    fn load(&self) -> Result<Config, ConfigError> {
+        let file = match &self.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        Config::try_from(self.apply(file).read_secret_files()?)
+    }
+
     /// Lays the flags over the file's settings.
     fn apply(&self, mut f: FileConfig) -> FileConfig {
         if self.dev {
@@ -123,11 +138,7 @@ impl Cli {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format == "json", "info");
-    let file = match &cli.config {
-        Some(path) => FileConfig::load(path),
-        None => Ok(FileConfig::default()),
-    };
-    let config = match file.and_then(|f| cli.apply(f).read_secret_files()).and_then(Config::try_from) {
+    let config = match cli.load() {
         Ok(c) => c,
         Err(e) => {
             eprintln!("warren-relay: {e}");
@@ -138,7 +149,7 @@ fn main() -> ExitCode {
         eprintln!("warren-relay: configuration is valid");
         return ExitCode::SUCCESS;
     }
-    match run(config) {
+    match run(&cli, config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("warren-relay: {e:#}");
@@ -147,7 +158,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(cli: &Cli, config: Config) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     rt.block_on(async move {
         let prometheus = PrometheusBuilder::new()
@@ -160,7 +171,15 @@ fn run(config: Config) -> anyhow::Result<()> {
             .context("installing the metrics recorder")?;
         warren_relay::metrics::describe();
         let server = Server::spawn(config, Some(prometheus)).await?;
-        wait_for_signal().await;
+        let mut hangup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        let stop = wait_for_signal();
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                _ = &mut stop => break,
+                _ = hangup.recv() => reload(cli, &server),
+            }
+        }
         info!("shutdown requested; draining (send the signal again to stop at once)");
         tokio::select! {
             _ = server.shutdown() => {}
@@ -168,4 +187,25 @@ fn run(config: Config) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// SIGHUP: reads the configuration again and applies it; a configuration that does not parse
+/// or check, or whose certificate or allow-list cannot be used, changes nothing.
+fn reload(cli: &Cli, server: &Server) {
+    info!(config = ?cli.config, "SIGHUP: reloading the configuration");
+    let next = match cli.load() {
+        Ok(next) => next,
+        Err(e) => {
+            count_reload("invalid");
+            warn!(error = %e, "new configuration is invalid; keeping the one in force");
+            return;
+        }
+    };
+    match server.reload(next) {
+        Ok(_) => count_reload("ok"),
+        Err(e) => {
+            count_reload("failed");
+            warn!(error = %e, "new configuration not applied; keeping the one in force");
+        }
+    }
 }

@@ -53,23 +53,95 @@ struct Target {
     addr: Option<SocketAddr>,
 }
 
-/// Starts a link per configured sibling and, with `dns`, the resolver that adds and removes
-/// links as the name's addresses change. Everything stops when the relay's connections close.
-pub(crate) fn spawn(shared: Arc<Shared>, mesh: MeshConfig, tracker: &TaskTracker) {
-    let ids = Arc::new(AtomicU64::new(1));
-    for url in &mesh.peers {
-        let target = Target { url: url.clone(), addr: None };
-        tracker.spawn(run_link(shared.clone(), mesh.clone(), target, ids.clone(), shared.conns_cancel.clone()));
-    }
-    if mesh.dns.is_some() {
-        tracker.spawn(resolve_loop(shared, mesh, ids, tracker.clone()));
+/// The links this relay keeps to its siblings: one per `[mesh] peers` URL, plus the resolver
+/// of the mesh DNS name with one link per address. A reload changes them in place.
+#[derive(Debug, Default)]
+pub(crate) struct Mesh {
+    config: Option<MeshConfig>,
+    links: HashMap<RelayUrl, CancellationToken>,
+    resolver: Option<CancellationToken>,
+    ids: Arc<AtomicU64>,
+}
+
+/// What [`Mesh::apply`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct MeshChange {
+    /// Links started.
+    pub(crate) added: usize,
+    /// Links stopped.
+    pub(crate) removed: usize,
+}
+
+impl Mesh {
+    /// Brings the links in line with `next`: links to siblings that left the list stop, new
+    /// siblings are dialled, the others are left alone. A change of the key, TLS name, CA or
+    /// DNS name restarts every link, so that each logs in with what is configured now.
+    /// Everything stops when the relay's connections close.
+    pub(crate) fn apply(
+        &mut self,
+        shared: &Arc<Shared>,
+        next: Option<MeshConfig>,
+        tracker: &TaskTracker,
+    ) -> MeshChange {
+        let mut change = MeshChange::default();
+        let same_login = match (&self.config, &next) {
+            (Some(a), Some(b)) => {
+                (&a.key, &a.tls_name, &a.ca_file, &a.dns, a.resolve_interval)
+                    == (&b.key, &b.tls_name, &b.ca_file, &b.dns, b.resolve_interval)
+            }
+            (None, None) => true,
+            _ => false,
+        };
+        if !same_login {
+            change.removed += self.links.len() + usize::from(self.resolver.is_some());
+            self.links.drain().for_each(|(_, stop)| stop.cancel());
+            if let Some(stop) = self.resolver.take() {
+                stop.cancel();
+            }
+        }
+        let Some(mesh) = next else {
+            self.config = None;
+            return change;
+        };
+        self.links.retain(|url, stop| {
+            let keep = mesh.peers.contains(url);
+            if !keep {
+                info!(%url, "mesh sibling removed from the configuration");
+                stop.cancel();
+                change.removed += 1;
+            }
+            keep
+        });
+        for url in &mesh.peers {
+            if self.links.contains_key(url) {
+                continue;
+            }
+            let stop = shared.conns_cancel.child_token();
+            let target = Target { url: url.clone(), addr: None };
+            tracker.spawn(run_link(shared.clone(), mesh.clone(), target, self.ids.clone(), stop.clone()));
+            self.links.insert(url.clone(), stop);
+            change.added += 1;
+        }
+        if mesh.dns.is_some() && self.resolver.is_none() {
+            let stop = shared.conns_cancel.child_token();
+            tracker.spawn(resolve_loop(shared.clone(), mesh.clone(), self.ids.clone(), tracker.clone(), stop.clone()));
+            self.resolver = Some(stop);
+            change.added += 1;
+        }
+        self.config = Some(mesh);
+        change
     }
 }
 
-/// Keeps one link per address of the mesh DNS name.
-async fn resolve_loop(shared: Arc<Shared>, mesh: MeshConfig, ids: Arc<AtomicU64>, tracker: TaskTracker) {
+/// Keeps one link per address of the mesh DNS name, until `cancel`.
+async fn resolve_loop(
+    shared: Arc<Shared>,
+    mesh: MeshConfig,
+    ids: Arc<AtomicU64>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
     let Some((name, port)) = mesh.dns.clone() else { return };
-    let cancel = shared.conns_cancel.clone();
     let mut links: HashMap<SocketAddr, CancellationToken> = HashMap::new();
     loop {
         match tokio::net::lookup_host((name.as_str(), port)).await {
@@ -173,14 +245,15 @@ async fn serve_link(shared: &Shared, mut client: DerpClient, id: u64, cancel: &C
     m.mesh_peers.increment(1.0);
     shared.mesh_links.fetch_add(1, Ordering::Relaxed);
     info!(sibling = %client.server_key().short(), "mesh link up");
-    let write_timeout = shared.config.write_timeout;
-    let interval = shared.config.keepalive_interval;
+    let config = shared.config();
+    let (write_timeout, interval) = (config.write_timeout, config.keepalive_interval);
+    drop(config);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     let mut last_rx = Instant::now();
     let why = loop {
         tokio::select! {
             biased;
-            _ = cancel.cancelled() => break "relay shutting down",
+            _ = cancel.cancelled() => break "link stopped (relay shutting down, or sibling removed)",
             Some(first) = rx.recv() => {
                 let mut n = 0u64;
                 let mut next = Some(first);

@@ -40,17 +40,19 @@ pub(crate) async fn run<S>(
 ) where
     S: AsyncRead + AsyncWrite + ReadReady + Unpin,
 {
-    let accepted = shared.config.mesh.as_ref().is_some_and(|m| m.key.matches(offered));
+    let config = shared.config();
+    let accepted = config.mesh.as_ref().is_some_and(|m| m.key.matches(offered));
     if !accepted {
         shared.metrics.handshake_failed(HandshakeFailure::BadMeshKey);
         debug!(%remote, "refused a mesh login: wrong mesh key, or this relay has no mesh");
         framer.queue(&Frame::Health { problem: "mesh key refused".into() });
-        let _ = flush(&mut io, &mut framer, shared.config.write_timeout).await;
+        let _ = flush(&mut io, &mut framer, config.write_timeout).await;
         return;
     }
     info!(sibling = %key.short(), %remote, "mesh sibling connected");
     let mut sibling = Sibling {
         shared: shared.clone(),
+        config,
         framer,
         session: SiblingSession::new(shared.next_conn_id()),
         read_size: ReadSize::default(),
@@ -64,6 +66,8 @@ pub(crate) async fn run<S>(
 /// The shell around a [`SiblingSession`]: it owns the socket and moves bytes.
 struct Sibling {
     shared: Arc<Shared>,
+    /// The limits this connection started with.
+    config: Arc<crate::config::Config>,
     framer: Framer,
     session: SiblingSession,
     read_size: ReadSize,
@@ -72,7 +76,7 @@ struct Sibling {
 impl Sibling {
     async fn serve<S: AsyncRead + AsyncWrite + ReadReady + Unpin>(&mut self, io: &mut S) -> &'static str {
         let cancel = self.shared.conns_cancel.clone();
-        let interval = self.shared.config.keepalive_interval;
+        let interval = self.config.keepalive_interval;
         let mut keepalive = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
         loop {
             let watching = self.session.watching().is_some();
@@ -98,7 +102,7 @@ impl Sibling {
                 },
                 _ = keepalive.tick() => self.framer.queue(&Frame::KeepAlive),
             }
-            if flush(io, &mut self.framer, self.shared.config.write_timeout).await.is_err() {
+            if flush(io, &mut self.framer, self.config.write_timeout).await.is_err() {
                 return "write failed or timed out";
             }
         }

@@ -155,6 +155,16 @@ pub fn describe() {
     describe_gauge!("relay_mesh_peers", "Mesh links to sibling relays that are logged in and watching");
     describe_gauge!("relay_mesh_remote_clients", "Client keys that sibling relays hold, as they told us");
     describe_counter!("relay_mesh_forwarded_total", "Packets sent to (out) or received from (in) sibling relays");
+    describe_counter!("relay_config_reloads_total", "SIGHUP reloads, by result (ok, invalid, failed)");
+    describe_counter!(
+        "relay_tls_cert_reloads_total",
+        "Manual certificates installed again after their files changed, by result (ok, error)"
+    );
+    describe_gauge!(
+        "relay_tls_cert_not_after_seconds",
+        Unit::Seconds,
+        "Expiry (Unix time) of the manual TLS certificate in use"
+    );
 }
 
 /// Metric handles of one relay, resolved once so the hot path does no registry lookups.

@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
@@ -17,6 +17,7 @@ use hyper_util::rt::TokioIo;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -27,10 +28,12 @@ use crate::admission::{Admission, AllowListError};
 use crate::config::{Config, TlsMode};
 use crate::core::router::{Control, Router};
 use crate::io::lean_tls;
+use crate::mesh::Mesh;
 use crate::metrics::{HandshakeFailure, RelayMetrics};
+use crate::reload::{self, ReloadError, Reloaded};
 use crate::state::Shared;
 use crate::web::{self, HeadError, Route};
-use crate::{conn, mesh, stun};
+use crate::{conn, stun};
 use warren_common::cidr::Cidr;
 use warren_common::limits::{AcceptGate, ConnSlot, LogLimiter};
 use warren_common::runtime::serve_admin;
@@ -86,6 +89,18 @@ pub struct Server {
     root: CancellationToken,
     accept_cancel: CancellationToken,
     tracker: TaskTracker,
+    /// Manual TLS: the certificate handshakes present, replaced by reloads.
+    cert: Option<Arc<tls::CertSlot>>,
+    /// What reloads change besides the configuration snapshot.
+    reloadable: Mutex<Reloadable>,
+}
+
+/// The parts of a running relay a reload rebuilds.
+#[derive(Debug)]
+struct Reloadable {
+    mesh: Mesh,
+    /// Stops the watcher of the admission policy in force (its allow-list file).
+    admission_watch: CancellationToken,
 }
 
 impl Server {
@@ -98,16 +113,21 @@ impl Server {
     /// [`ServerError`] if the key, TLS material or a listener cannot be set up.
     pub async fn spawn(config: Config, prometheus: Option<PrometheusHandle>) -> Result<Server, ServerError> {
         let secret = keyfile::load_or_create(&config.key_file)?;
-        let admission = Admission::new(&config.admission)?;
-        let (acceptor, dev_ca_cert) = match &config.tls {
-            TlsMode::Manual { cert_file, key_file } => (Some(tls::load_manual(cert_file, key_file)?), None),
+        let admission = Arc::new(Admission::new(&config.admission)?);
+        let (acceptor, dev_ca_cert, cert) = match &config.tls {
+            TlsMode::Manual { cert_file, key_file } => {
+                let first = reload::load_cert(cert_file, key_file)?;
+                reload::installed(&first, cert_file, "start");
+                let slot = tls::CertSlot::new(first);
+                (Some(slot.clone().server_config()?), None, Some(slot))
+            }
             TlsMode::Dev => {
                 let ca = tls::DevCa::open_or_create(&config.state_dir)?;
                 let mut names = vec![config.hostname.clone(), "localhost".into(), "127.0.0.1".into(), "::1".into()];
                 names.dedup();
-                (Some(ca.server_config(&names)?), Some(ca.ca_cert_path))
+                (Some(ca.server_config(&names)?), Some(ca.ca_cert_path), None)
             }
-            TlsMode::Plain => (None, None),
+            TlsMode::Plain => (None, None, None),
         };
         let bind = |what, addr| move |source| ServerError::Bind { what, addr, source };
         let listener = TcpListener::bind(config.listen).await.map_err(bind("DERP listener", config.listen))?;
@@ -133,11 +153,11 @@ impl Server {
         let shared = Arc::new(Shared {
             secret,
             public,
-            config: config.clone(),
+            live: watch::Sender::new(Arc::new(config.clone())),
             router: Router::default(),
             mesh_links: std::sync::atomic::AtomicUsize::new(0),
             metrics: RelayMetrics::new(),
-            admission,
+            admission: RwLock::new(admission.clone()),
             gate: AcceptGate::new(
                 config.accept_rate.per_second.get(),
                 config.accept_rate.burst.get(),
@@ -152,8 +172,8 @@ impl Server {
         let accept_cancel = root.child_token();
         let tracker = TaskTracker::new();
         tracker.spawn(accept_loop(listener, acceptor, shared.clone(), accept_cancel.clone(), tracker.clone()));
-        if let (Some((socket, state)), Some(cfg)) = (stun_socket, config.stun.clone()) {
-            tracker.spawn(stun::serve(socket, state, cfg, shared.clone(), shared.conns_cancel.clone()));
+        if let Some((socket, state)) = stun_socket {
+            tracker.spawn(stun::serve(socket, state, shared.clone(), shared.conns_cancel.clone()));
         }
         if let Some(l) = admin_listener {
             let ready = {
@@ -162,14 +182,16 @@ impl Server {
             };
             tracker.spawn(serve_admin(l, prometheus, ready, shared.conns_cancel.clone(), tracker.clone()));
         }
-        {
-            let shared = shared.clone();
-            tracker.spawn(async move { shared.admission.watch(shared.conns_cancel.clone()).await });
+        let admission_watch = shared.conns_cancel.child_token();
+        tracker.spawn(watch_admission(admission, admission_watch.clone()));
+        if let Some(slot) = &cert {
+            tracker.spawn(reload::watch_cert_files(shared.clone(), slot.clone(), shared.conns_cancel.clone()));
         }
-        if let Some(m) = config.mesh.clone() {
+        let mut mesh = Mesh::default();
+        if let Some(m) = &config.mesh {
             info!(peers = m.peers.len(), dns = ?m.dns, "region mesh on");
-            mesh::spawn(shared.clone(), m, &tracker);
         }
+        mesh.apply(&shared, config.mesh.clone(), &tracker);
         info!(
             key = %public,
             listen = %http_addr,
@@ -181,7 +203,64 @@ impl Server {
         if let Some(ca) = &dev_ca_cert {
             info!(ca = %ca.display(), "dev TLS: clients must trust this CA certificate");
         }
-        Ok(Server { shared, http_addr, stun_addr, admin_addr, dev_ca_cert, root, accept_cancel, tracker })
+        Ok(Server {
+            shared,
+            http_addr,
+            stun_addr,
+            admin_addr,
+            dev_ca_cert,
+            root,
+            accept_cancel,
+            tracker,
+            cert,
+            reloadable: Mutex::new(Reloadable { mesh, admission_watch }),
+        })
+    }
+
+    /// Applies a new configuration without dropping any connection: see [`crate::reload`].
+    /// Settings only a restart can change keep their running values and are listed in the
+    /// result.
+    ///
+    /// # Errors
+    /// [`ReloadError`] if a new certificate or allow-list cannot be used; nothing changed then.
+    pub fn reload(&self, mut next: Config) -> Result<Reloaded, ReloadError> {
+        let running = self.shared.config();
+        let needs_restart = reload::keep_restart_only(&running, &mut next);
+        let cert = match (&self.cert, &next.tls) {
+            (Some(_), TlsMode::Manual { cert_file, key_file }) => {
+                Some((reload::load_cert(cert_file, key_file)?, cert_file))
+            }
+            _ => None,
+        };
+        let admission = reload::next_admission(&running.admission, &next.admission)?;
+
+        let mut done = Reloaded { needs_restart, ..Reloaded::default() };
+        if let (Some(slot), Some((cert, file))) = (&self.cert, cert) {
+            reload::installed(&cert, file, "reload");
+            slot.replace(cert);
+            done.certificate = true;
+        }
+        self.shared.gate.set_limits(
+            next.accept_rate.per_second.get(),
+            next.accept_rate.burst.get(),
+            next.max_conns_per_ip.get(),
+            Instant::now(),
+        );
+        let mut reloadable = self.reloadable.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(admission) = admission {
+            let admission = Arc::new(admission);
+            *self.shared.admission.write().unwrap_or_else(|e| e.into_inner()) = admission.clone();
+            reloadable.admission_watch.cancel();
+            reloadable.admission_watch = self.shared.conns_cancel.child_token();
+            self.tracker.spawn(watch_admission(admission, reloadable.admission_watch.clone()));
+            done.admission = true;
+        }
+        let mesh = next.mesh.clone();
+        self.shared.live.send_replace(Arc::new(next));
+        let change = reloadable.mesh.apply(&self.shared, mesh, &self.tracker);
+        (done.mesh_added, done.mesh_removed) = (change.added, change.removed);
+        done.log(change);
+        Ok(done)
     }
 
     /// Address of the DERP/HTTP(S) listener.
@@ -226,12 +305,13 @@ impl Server {
 
     /// Drains and stops: see the module docs. Returns when every task has ended.
     pub async fn shutdown(self) {
-        let grace = self.shared.config.grace_period;
+        let config = self.shared.config();
+        let grace = config.grace_period;
         self.shared.draining.store(true, Ordering::Relaxed);
         self.accept_cancel.cancel();
         let restarting = Control::Restarting {
-            reconnect_in_ms: millis_u32(self.shared.config.restart_reconnect_in),
-            try_for_ms: millis_u32(self.shared.config.restart_try_for),
+            reconnect_in_ms: millis_u32(config.restart_reconnect_in),
+            try_for_ms: millis_u32(config.restart_try_for),
         };
         let clients = self.shared.router.len();
         info!(clients, grace = ?grace, "draining: sent Restarting to every client");
@@ -245,6 +325,11 @@ impl Server {
         }
         info!(closed_at_deadline = left, "relay stopped");
     }
+}
+
+/// Follows `admission`'s allow-list file until `stop` (a reload replacing the policy, or the end).
+async fn watch_admission(admission: Arc<Admission>, stop: CancellationToken) {
+    admission.watch(stop).await;
 }
 
 /// Resolves once no client is logged in.
@@ -284,9 +369,11 @@ async fn accept_loop(
                 }
             },
         };
+        // The configuration in force for this connection's accept-time choices.
+        let config = shared.config();
         // A load balancer's own address says nothing about the client: its connections are
         // admitted once their PROXY header names one.
-        let slot = if Cidr::any_contains(&shared.config.proxy_trusted, remote.ip()) {
+        let slot = if Cidr::any_contains(&config.proxy_trusted, remote.ip()) {
             None
         } else {
             match admit(&shared, remote) {
@@ -294,9 +381,10 @@ async fn accept_loop(
                 None => continue,
             }
         };
-        tune_socket(&tcp, &shared.config);
+        tune_socket(&tcp, &config);
         // One deadline from accept to login covers TLS, the HTTP head and the DERP handshake.
-        let deadline = tokio::time::Instant::now() + shared.config.handshake_timeout;
+        let deadline = tokio::time::Instant::now() + config.handshake_timeout;
+        drop(config);
         tracker.spawn(handle_tcp(shared.clone(), tls.clone(), tcp, remote, deadline, slot));
     }
 }

@@ -33,6 +33,14 @@ impl RateLimiter {
         RateLimiter { rate: rate_per_second, burst, buckets: HashMap::new() }
     }
 
+    /// New limits for every source from `now` on (a reload).
+    pub(crate) fn set_rate(&mut self, rate_per_second: f64, burst: f64, now: Instant) {
+        (self.rate, self.burst) = (rate_per_second, burst);
+        for bucket in self.buckets.values_mut() {
+            bucket.set_rate(rate_per_second, burst, now);
+        }
+    }
+
     pub(crate) fn allow(&mut self, ip: IpAddr, now: Instant) -> bool {
         if self.buckets.len() >= MAX_TRACKED_SOURCES && !self.buckets.contains_key(&ip) {
             self.sweep(now);
@@ -55,7 +63,8 @@ impl RateLimiter {
 /// hand over several same-sized datagrams from one source in one buffer.
 const RECV_BUF: usize = 64 << 10;
 
-/// Serves STUN on `socket` until `cancel` fires.
+/// Serves STUN on `socket` until `cancel` fires, at the per-source rate of the configuration in
+/// force (a reload changes it for every source at once).
 ///
 /// Each reply leaves from the address its request was sent to (IP_PKTINFO, through
 /// quinn-udp): on a host with several addresses and a wildcard bind, the kernel would
@@ -64,11 +73,12 @@ const RECV_BUF: usize = 64 << 10;
 pub(crate) async fn serve(
     socket: UdpSocket,
     state: quinn_udp::UdpSocketState,
-    cfg: StunConfig,
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
-    let mut limiter = RateLimiter::new(f64::from(cfg.rate.per_second.get()), f64::from(cfg.rate.burst.get()));
+    let mut live = shared.live.subscribe();
+    let mut limiter = RateLimiter::new(0.0, 0.0);
+    live.mark_changed();
     let mut buf = vec![0u8; RECV_BUF];
     loop {
         let mut meta = [quinn_udp::RecvMeta::default()];
@@ -80,6 +90,11 @@ pub(crate) async fn serve(
         };
         // ICMP-induced errors on UDP sockets are per-datagram; keep serving.
         let Ok(_) = received else { continue };
+        if live.has_changed().unwrap_or(false) {
+            if let Some(StunConfig { rate, .. }) = &live.borrow_and_update().stun {
+                limiter.set_rate(f64::from(rate.per_second.get()), f64::from(rate.burst.get()), Instant::now());
+            }
+        }
         let meta = meta[0];
         let stride = meta.stride.max(1);
         for datagram in buf[..meta.len.min(RECV_BUF)].chunks(stride) {

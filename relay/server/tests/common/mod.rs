@@ -33,15 +33,21 @@ pub fn prometheus() -> PrometheusHandle {
     .clone()
 }
 
-pub async fn start_relay(tweak: impl FnOnce(&mut FileConfig)) -> Relay {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// The configuration [`start_relay`] starts with: loopback, ephemeral ports, dev TLS with its
+/// state in `dir`, then `tweak`.
+pub fn relay_config(dir: &std::path::Path, tweak: impl FnOnce(&mut FileConfig)) -> Config {
     let mut f = FileConfig::parse(
         "listen = \"127.0.0.1:0\"\n[tls]\nmode = \"dev\"\n[stun]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[shutdown]\ngrace_period = \"300ms\"\n",
     )
     .expect("config");
-    f.state_dir = Some(dir.path().to_path_buf());
+    f.state_dir = Some(dir.to_path_buf());
     tweak(&mut f);
-    let config = Config::try_from(f).expect("valid config");
+    Config::try_from(f).expect("valid config")
+}
+
+pub async fn start_relay(tweak: impl FnOnce(&mut FileConfig)) -> Relay {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = relay_config(dir.path(), tweak);
     let prometheus = prometheus();
     let server = Server::spawn(config, Some(prometheus.clone())).await.expect("relay starts");
     Relay { server, dir, prometheus }
