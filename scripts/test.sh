@@ -23,6 +23,19 @@ if [ "$(id -u)" = 0 ] && { ! command -v iptables >/dev/null || ! command -v ip >
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables pebble redis-server curl tinyproxy >/dev/null
 fi
+# The Prometheus files (deploy/prometheus) are checked with Debian's promtool: the package is
+# unpacked, not installed, so no Prometheus service starts and its web assets are not needed.
+PROMTOOL_DIR=/opt/warren-promtool
+if [ "$(id -u)" = 0 ] && ! command -v promtool >/dev/null && [ ! -x "$PROMTOOL_DIR/usr/bin/promtool" ]; then
+    echo "==> unpacking promtool from Debian's prometheus package"
+    tmp=$(mktemp -d)
+    (cd "$tmp" && { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null; }; })
+    dpkg-deb -x "$tmp"/prometheus_*.deb "$PROMTOOL_DIR"
+    rm -rf "$tmp"
+fi
+if [ -x "$PROMTOOL_DIR/usr/bin/promtool" ]; then
+    export PROMTOOL="$PROMTOOL_DIR/usr/bin/promtool"
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     echo "==> installing cargo-nextest"
     cargo install --locked cargo-nextest
@@ -54,6 +67,7 @@ export WARREN_REQUIRE_PYNACL=1 WARREN_REQUIRE_GRPC=1
 # As root (CI), the NAT lab must run; elsewhere it skips with a message.
 if [ "$(id -u)" = 0 ]; then
     export WARREN_REQUIRE_NETNS=1 WARREN_REQUIRE_PEBBLE=1 WARREN_REQUIRE_REDIS=1 WARREN_REQUIRE_PROXY=1
+    export WARREN_REQUIRE_PROMTOOL=1
 fi
 # The NAT lab runs the relay and node binaries in namespaces.
 cargo build --workspace --bins --locked

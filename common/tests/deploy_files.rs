@@ -87,3 +87,52 @@ fn check_unit(name: &str, text: &str) {
         assert!(keys.iter().any(|k| k == want), "{name}: missing {want}");
     }
 }
+
+/// Debian's promtool (the `prometheus` package; `scripts/test.sh` unpacks it and sets
+/// `PROMTOOL`), or `None` when absent and not required.
+fn promtool() -> Option<std::path::PathBuf> {
+    let found = std::env::var_os("PROMTOOL").map(std::path::PathBuf::from).or_else(|| {
+        std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join("promtool")).find(|p| p.is_file())
+    });
+    if found.is_none() {
+        assert!(std::env::var_os("WARREN_REQUIRE_PROMTOOL").is_none(), "promtool is required but not found");
+        eprintln!("skipping: no promtool (set PROMTOOL, or install Debian's prometheus package)");
+    }
+    found
+}
+
+#[test]
+fn prometheus_files_pass_promtool() {
+    let Some(promtool) = promtool() else { return };
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus");
+    let mut checked = Vec::new();
+    for path in files_below(&dir) {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{name}: {e}"));
+        // Rule unit tests, rule files, and Prometheus configurations, each by its own check.
+        let args: &[&str] = if name.ends_with(".test.yml") {
+            &["test", "rules"]
+        } else if text.lines().any(|l| l.starts_with("groups:")) {
+            &["check", "rules"]
+        } else if text.lines().any(|l| l.starts_with("scrape_configs:")) {
+            &["check", "config"]
+        } else {
+            panic!("{name}: neither rules, rule tests nor a Prometheus configuration");
+        };
+        let out = std::process::Command::new(&promtool).args(args).arg(&path).output().expect("promtool runs");
+        assert!(
+            out.status.success(),
+            "promtool {} {name}:\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        checked.push(format!("{} {name}", args.join(" ")));
+    }
+    checked.sort();
+    assert_eq!(
+        checked,
+        ["check config scrape.yml", "check rules alerts.yml", "test rules alerts.test.yml"],
+        "every Prometheus file is checked"
+    );
+}

@@ -9,6 +9,7 @@ mod dial;
 pub mod edge;
 pub mod idle;
 pub mod origin;
+pub mod probe;
 pub mod relay;
 pub mod report;
 pub mod tcp;

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use warren_loadtest::edge::{self, EdgeReport, EdgeScenario};
 use warren_loadtest::relay::{self, Mode, RelayScenario};
 use warren_loadtest::report::with_progress;
-use warren_loadtest::{idle, RelayReport};
+use warren_loadtest::{idle, probe, RelayReport};
 
 /// Load harness for Warren relays and edges. Figures are counted at the clients; read them as ratios
 /// against a baseline measured in the same run.
@@ -82,6 +82,31 @@ enum Command {
         /// Address to listen on.
         #[arg(long, default_value = "127.0.0.1:18782")]
         listen: std::net::SocketAddr,
+    },
+    /// Check every relay of a region map, round after round: STUN, TLS certificate and expiry,
+    /// DERP login, and a packet's round trip between clients on each pair of relays of a region.
+    /// Results are Prometheus gauges on --listen (`/metrics`; alert rules in
+    /// deploy/prometheus/alerts.yml); with --once, one round is printed and the exit status says
+    /// whether everything passed.
+    Probe {
+        /// Region map: a JSON file or an http(s) URL.
+        #[arg(long)]
+        region_map: String,
+        /// CA to trust besides the system's (e.g. a dev CA).
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// Time between the starts of two rounds.
+        #[arg(long, default_value = "15s", value_parser = duration)]
+        interval: Duration,
+        /// Deadline of each check.
+        #[arg(long, default_value = "5s", value_parser = duration)]
+        timeout: Duration,
+        /// Where `/metrics`, `/healthz` and `/readyz` are served.
+        #[arg(long, default_value = "127.0.0.1:9091")]
+        listen: std::net::SocketAddr,
+        /// Run one round, print it and exit (status 1 if a check failed).
+        #[arg(long)]
+        once: bool,
     },
     /// Open N idle clients and report the relay's RSS per client (needs its pid).
     Idle {
@@ -245,6 +270,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Origin { listen } => Ok(warren_loadtest::origin::serve(listen).await?),
+        Command::Probe { region_map, ca, interval, timeout, listen, once } => {
+            let map = warren::regionmap::RegionMap::load_from(&region_map, ca.as_deref()).await?;
+            let settings = probe::ProbeSettings { map, ca_file: ca, interval, timeout };
+            if once {
+                let round = probe::probe_once(&settings).await;
+                print(&if cli.json { serde_json::to_string_pretty(&round)? } else { probe::summary(&round) });
+                anyhow::ensure!(round.all_ok(), "some checks failed");
+                return Ok(());
+            }
+            probe_cmd(settings, listen).await
+        }
         Command::Idle { relay, ca, pid, clients, source_ips, websocket } => {
             let r =
                 with_progress("idle clients", None, idle::run(&relay, ca, pid, clients, source_ips, websocket)).await?;
@@ -259,6 +295,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Serves the prober's metrics and probes until SIGTERM or SIGINT.
+async fn probe_cmd(settings: probe::ProbeSettings, listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    probe::describe();
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    tracker.spawn(warren_common::runtime::serve_admin(
+        listener,
+        Some(handle),
+        std::sync::Arc::new(|| true),
+        cancel.clone(),
+        tracker.clone(),
+    ));
+    eprintln!(
+        "warren-loadtest probe: {} relays every {:?}; metrics on http://{listen}/metrics",
+        probe::relay_count(&settings.map),
+        settings.interval
+    );
+    probe::run(settings, warren_common::runtime::wait_for_signal()).await;
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    Ok(())
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    warren_common::config::parse_duration(s).ok_or_else(|| format!("{s:?} is not a duration such as 500ms, 15s or 2m"))
 }
 
 async fn relay_cmd(a: RelayArgs, json: bool) -> anyhow::Result<()> {
