@@ -10,8 +10,7 @@
 //! node without terminating anything here (`passthrough`).
 
 mod access;
-pub mod acme;
-pub mod certs;
+pub use warren_common::{acme, certs};
 mod cluster;
 pub mod config;
 pub mod credentials;

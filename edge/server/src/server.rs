@@ -126,7 +126,7 @@ impl Edge {
                         })?)
                     }
                 };
-                let acme = Acme::new(settings.clone(), shared_store, store.clone(), config.state_dir.clone());
+                let acme = Acme::new(settings.clone(), shared_store, store.clone(), config.state_dir.clone(), "edge");
                 acme.reload().await;
                 Some(acme)
             }

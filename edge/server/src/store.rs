@@ -6,51 +6,28 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::future::Future;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rand_core::{OsRng, RngCore};
 
+use warren_common::acme::FileCertCache;
+
 use crate::credentials::Claims;
 
-/// A certificate as stored: PEM chain and PEM private key.
-#[derive(Clone, PartialEq, Eq)]
-pub struct StoredCert {
-    /// The name it was issued for (may be `*.domain`).
-    pub name: String,
-    /// PEM chain.
-    pub chain_pem: String,
-    /// PEM key.
-    pub key_pem: String,
-}
-
-impl std::fmt::Debug for StoredCert {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoredCert").field("name", &self.name).field("key_pem", &"<redacted>").finish_non_exhaustive()
-    }
-}
+pub use warren_common::acme::{CertCache, StoredCert};
 
 /// What a [`Store`] call returns.
-pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = std::io::Result<T>> + Send + 'a>>;
+pub type StoreFuture<'a, T> = warren_common::acme::CacheFuture<'a, T>;
 
 /// Where certificates, issuance locks and routes live.
 ///
 /// A route says "the edge `peer` holds a tunnel of node `name`"; entries expire unless the
 /// edge refreshes them, so a dead edge's routes vanish on their own.
-pub trait Store: Send + Sync + std::fmt::Debug {
-    /// Every stored certificate.
-    fn load_all(&self) -> StoreFuture<'_, Vec<StoredCert>>;
-    /// Saves (or replaces) a certificate.
-    fn save<'a>(&'a self, cert: &'a StoredCert) -> StoreFuture<'a, ()>;
-    /// Takes the issuance lock of `name` for `ttl`; false if someone else holds it.
-    fn try_lock<'a>(&'a self, name: &'a str, ttl: Duration) -> StoreFuture<'a, bool>;
-    /// Releases the issuance lock of `name` if this store still holds it.
-    fn unlock<'a>(&'a self, name: &'a str) -> StoreFuture<'a, ()>;
+pub trait Store: CertCache {
     /// Announces (or refreshes) that `peer` holds tunnels of `names`, for `ttl`.
     fn advertise<'a>(&'a self, peer: &'a str, names: &'a [String], ttl: Duration) -> StoreFuture<'a, ()>;
     /// Withdraws `peer`'s routes for `names`.
@@ -77,10 +54,12 @@ fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Certificates as files `<dir>/<name>.crt` and `.key` (mode 0600); locks as `<dir>/<name>.lock`.
+/// Certificates and locks as files ([`FileCertCache`]: `<name>.crt`, `.key`, `.lock`), and
+/// the token records as JSON maps, in one directory.
 #[derive(Debug)]
 pub struct FileStore {
     dir: PathBuf,
+    certs: FileCertCache,
 }
 
 impl FileStore {
@@ -89,47 +68,11 @@ impl FileStore {
     /// # Errors
     /// When the directory cannot be created.
     pub fn new(dir: &Path) -> std::io::Result<Self> {
-        fs::create_dir_all(dir)?;
-        Ok(FileStore { dir: dir.to_path_buf() })
-    }
-
-    fn file(&self, name: &str, ext: &str) -> PathBuf {
-        // `*` is not a good file-name character: wildcards are stored as `_wildcard_.domain`.
-        self.dir.join(format!("{}.{ext}", name.replace('*', "_wildcard_")))
+        Ok(FileStore { dir: dir.to_path_buf(), certs: FileCertCache::new(dir)? })
     }
 }
 
 impl FileStore {
-    fn load_all_now(&self) -> std::io::Result<Vec<StoredCert>> {
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&self.dir)? {
-            let path = entry?.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("crt") {
-                continue;
-            }
-            let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else { continue };
-            let key = path.with_extension("key");
-            if let (Ok(chain_pem), Ok(key_pem)) = (fs::read_to_string(&path), fs::read_to_string(&key)) {
-                out.push(StoredCert { name: stem.replace("_wildcard_", "*"), chain_pem, key_pem });
-            }
-        }
-        Ok(out)
-    }
-
-    fn save_now(&self, cert: &StoredCert) -> std::io::Result<()> {
-        // Key first, both via rename, so a reader never pairs a new chain with an old key.
-        for (ext, data, mode) in [("key", &cert.key_pem, 0o600), ("crt", &cert.chain_pem, 0o644)] {
-            let final_path = self.file(&cert.name, ext);
-            let tmp = final_path.with_extension(format!("{ext}.tmp"));
-            let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
-            f.write_all(data.as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, &final_path)?;
-        }
-        Ok(())
-    }
-
-    /// Reads a JSON map file of this store (missing: empty).
     fn read_map<T: serde::de::DeserializeOwned>(&self, file: &str) -> std::io::Result<HashMap<String, T>> {
         match fs::read(self.dir.join(file)) {
             Ok(b) => serde_json::from_slice(&b).map_err(std::io::Error::other),
@@ -152,39 +95,29 @@ impl FileStore {
         out.sync_all()?;
         fs::rename(&tmp, &path)
     }
+}
 
-    fn try_lock_now(&self, name: &str, ttl: Duration) -> bool {
-        let path = self.file(name, "lock");
-        let stale = fs::metadata(&path)
-            .and_then(|m| m.modified())
-            .is_ok_and(|t| SystemTime::now().duration_since(t).unwrap_or_default() > ttl);
-        if stale {
-            let _ = fs::remove_file(&path);
-        }
-        fs::OpenOptions::new().write(true).create_new(true).open(&path).is_ok()
+impl CertCache for FileStore {
+    fn load_all(&self) -> StoreFuture<'_, Vec<StoredCert>> {
+        self.certs.load_all()
+    }
+
+    fn save<'a>(&'a self, cert: &'a StoredCert) -> StoreFuture<'a, ()> {
+        self.certs.save(cert)
+    }
+
+    fn try_lock<'a>(&'a self, name: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
+        self.certs.try_lock(name, ttl)
+    }
+
+    fn unlock<'a>(&'a self, name: &'a str) -> StoreFuture<'a, ()> {
+        self.certs.unlock(name)
     }
 }
 
 /// The file store serves one edge: its certificate files are small and local, so they are
 /// read and written in place; it keeps no routes (a single edge forwards to nobody).
 impl Store for FileStore {
-    fn load_all(&self) -> StoreFuture<'_, Vec<StoredCert>> {
-        Box::pin(std::future::ready(self.load_all_now()))
-    }
-
-    fn save<'a>(&'a self, cert: &'a StoredCert) -> StoreFuture<'a, ()> {
-        Box::pin(std::future::ready(self.save_now(cert)))
-    }
-
-    fn try_lock<'a>(&'a self, name: &'a str, ttl: Duration) -> StoreFuture<'a, bool> {
-        Box::pin(std::future::ready(Ok(self.try_lock_now(name, ttl))))
-    }
-
-    fn unlock<'a>(&'a self, name: &'a str) -> StoreFuture<'a, ()> {
-        let _ = fs::remove_file(self.file(name, "lock"));
-        Box::pin(std::future::ready(Ok(())))
-    }
-
     fn advertise<'a>(&'a self, _peer: &'a str, _names: &'a [String], _ttl: Duration) -> StoreFuture<'a, ()> {
         Box::pin(std::future::ready(Ok(())))
     }
@@ -303,7 +236,7 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-impl Store for RedisStore {
+impl CertCache for RedisStore {
     fn load_all(&self) -> StoreFuture<'_, Vec<StoredCert>> {
         Box::pin(async move {
             let mut c = self.conn.clone();
@@ -386,7 +319,9 @@ impl Store for RedisStore {
                 .map_err(redis_err)
         })
     }
+}
 
+impl Store for RedisStore {
     fn advertise<'a>(&'a self, peer: &'a str, names: &'a [String], ttl: Duration) -> StoreFuture<'a, ()> {
         Box::pin(async move {
             if names.is_empty() {

@@ -135,7 +135,7 @@ async fn run_case(challenge: &str) {
         _ => String::new(),
     };
     let edge = acme_edge(&pebble, state.path(), (http01, public_port), challenge, &extra).await;
-    let root = pebble.root().await;
+    let root = pebble.root();
     let origin = start_origin().await;
     // The node trusts pebble's root for the edge's tunnel certificate (also from ACME).
     let funnel = acme_funnel(&edge, &root, public_port, origin, Vec::new());
@@ -198,7 +198,7 @@ async fn a_cluster_orders_each_certificate_once() {
     };
     let (a, b) = tokio::join!(Edge::spawn(config(0), None), Edge::spawn(config(1), None));
     let (a, b) = (a.expect("edge a"), b.expect("edge b"));
-    let root = pebble.root().await;
+    let root = pebble.root();
     for edge in [&a, &b] {
         for host in ["edge.test", "web.funnel.test"] {
             // No node is connected: the page says so, over a certificate pebble issued.
@@ -233,7 +233,7 @@ async fn a_custom_domain_is_served_once_its_dns_proves_it() {
     let state = tempfile::tempdir().expect("tempdir");
     let domains = format!("[domains]\nresolver = \"127.0.0.1:{}\"\nrecheck = \"300ms\"\n", pebble.dns);
     let edge = acme_edge(&pebble, state.path(), (http01, public_port), "http-01", &domains).await;
-    let root = pebble.root().await;
+    let root = pebble.root();
     let origin = start_origin().await;
     let funnel =
         acme_funnel(&edge, &root, public_port, origin, vec!["app.example.com".into(), "web.funnel.test".into()]);

@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use warren::funnel::{Funnel, FunnelConfig};
 use warren::services::{AccessSpec, ServiceSpec};
 use warren_common::testing::{free_tcp_port, free_udp_port};
-use warren_edge::store::{RedisStore, Store, StoredCert};
+use warren_edge::store::{CertCache, RedisStore, Store, StoredCert};
 
 const CLUSTER_KEY: &str = "edge-cluster-test-key-0123456789";
 

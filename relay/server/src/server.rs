@@ -34,6 +34,8 @@ use crate::reload::{self, ReloadError, Reloaded};
 use crate::state::Shared;
 use crate::web::{self, HeadError, Route};
 use crate::{conn, stun};
+use warren_common::acme::{Acme, AcmeSettings, Challenge, FileCertCache, ACME_TLS_ALPN};
+use warren_common::certs::CertStore;
 use warren_common::cidr::Cidr;
 use warren_common::limits::{AcceptGate, ConnSlot, LogLimiter};
 use warren_common::runtime::serve_admin;
@@ -62,6 +64,14 @@ pub enum ServerError {
     /// The admission allow-list could not be read.
     #[error(transparent)]
     Admission(#[from] AllowListError),
+    /// The ACME certificate cache directory could not be created.
+    #[error("ACME certificate cache {path}: {source}")]
+    AcmeCache {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 impl ServerError {
@@ -72,6 +82,7 @@ impl ServerError {
             ServerError::KeyFile(_) => "key_file",
             ServerError::Tls(_) => "tls",
             ServerError::Admission(_) => "admission",
+            ServerError::AcmeCache { .. } => "acme_cache",
         }
     }
 }
@@ -114,7 +125,13 @@ impl Server {
     pub async fn spawn(config: Config, prometheus: Option<PrometheusHandle>) -> Result<Server, ServerError> {
         let secret = keyfile::load_or_create(&config.key_file)?;
         let admission = Arc::new(Admission::new(&config.admission)?);
+        let mut acme = None;
         let (acceptor, dev_ca_cert, cert) = match &config.tls {
+            TlsMode::Acme(settings) => {
+                let (tls, manager) = acme_tls(&config, settings).await?;
+                acme = Some(manager);
+                (Some(tls), None, None)
+            }
             TlsMode::Manual { cert_file, key_file } => {
                 let first = reload::load_cert(cert_file, key_file)?;
                 reload::installed(&first, cert_file, "start");
@@ -130,6 +147,12 @@ impl Server {
             TlsMode::Plain => (None, None, None),
         };
         let bind = |what, addr| move |source| ServerError::Bind { what, addr, source };
+        let http01 = match &config.tls {
+            TlsMode::Acme(s) if s.challenge == Challenge::Http01 => {
+                Some(TcpListener::bind(s.http01_listen).await.map_err(bind("ACME HTTP-01 listener", s.http01_listen))?)
+            }
+            _ => None,
+        };
         let listener = TcpListener::bind(config.listen).await.map_err(bind("DERP listener", config.listen))?;
         let http_addr = listener.local_addr().map_err(bind("DERP listener", config.listen))?;
         let stun_socket = match &config.stun {
@@ -187,6 +210,12 @@ impl Server {
         if let Some(slot) = &cert {
             tracker.spawn(reload::watch_cert_files(shared.clone(), slot.clone(), shared.conns_cancel.clone()));
         }
+        if let Some(acme) = acme {
+            if let Some(l) = http01 {
+                tracker.spawn(acme.clone().serve_http01(l, shared.conns_cancel.clone()));
+            }
+            tracker.spawn(keep_certificate(acme, config.hostname.clone(), shared.conns_cancel.clone()));
+        }
         let mut mesh = Mesh::default();
         if let Some(m) = &config.mesh {
             info!(peers = m.peers.len(), dns = ?m.dns, "region mesh on");
@@ -195,7 +224,12 @@ impl Server {
         info!(
             key = %public,
             listen = %http_addr,
-            tls = match &config.tls { TlsMode::Manual { .. } => "manual", TlsMode::Dev => "dev", TlsMode::Plain => "plain" },
+            tls = match &config.tls {
+                TlsMode::Manual { .. } => "manual",
+                TlsMode::Acme(_) => "acme",
+                TlsMode::Dev => "dev",
+                TlsMode::Plain => "plain",
+            },
             stun = ?stun_addr,
             admin = ?admin_addr,
             "relay listening"
@@ -324,6 +358,58 @@ impl Server {
             warn!("some connections did not close within 5s of the drain deadline");
         }
         info!(closed_at_deadline = left, "relay stopped");
+    }
+}
+
+/// The TLS config of ACME mode: certificates resolved through a [`CertStore`] holding what the
+/// cache already has (so a restart serves at once) and, during a TLS-ALPN-01 validation, the
+/// challenge certificate; ALPN offers `acme-tls/1` beside HTTP/1.1 for that validation.
+async fn acme_tls(
+    config: &Config,
+    settings: &AcmeSettings,
+) -> Result<(Arc<rustls::ServerConfig>, Arc<Acme>), ServerError> {
+    let dir = config.state_dir.join("acme");
+    let cache = FileCertCache::new(&dir).map_err(|source| ServerError::AcmeCache { path: dir, source })?;
+    let certs = Arc::new(CertStore::default());
+    let acme = Acme::new(settings.clone(), Arc::new(cache), certs.clone(), config.state_dir.clone(), "relay");
+    acme.reload().await;
+    let mut tls = rustls::ServerConfig::builder_with_provider(tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(tls::TlsError::from)?
+        .with_no_client_auth()
+        .with_cert_resolver(certs);
+    tls.alpn_protocols = vec![b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
+    info!(name = %config.hostname, directory = %settings.directory, challenge = ?settings.challenge, "TLS certificates from ACME");
+    Ok((Arc::new(tls), acme))
+}
+
+/// Keeps a fresh certificate for `name`: orders one now unless the cache holds a fresh one,
+/// then checks every `renew_check_interval` and renews at two thirds of its lifetime. A failed
+/// order (the CA down, a challenge refused) is logged and counted
+/// (`relay_acme_orders_total{result="error"}`) and tried again after a backoff; the relay keeps
+/// serving with the certificate it has.
+async fn keep_certificate(acme: Arc<Acme>, name: String, cancel: CancellationToken) {
+    const RETRY: warren_common::limits::Backoff =
+        warren_common::limits::Backoff::new(Duration::from_secs(5), Duration::from_secs(600));
+    let mut failures = 0u32;
+    loop {
+        let wait = match tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = acme.ensure(&name) => r,
+        } {
+            Ok(()) => {
+                failures = 0;
+                acme.renew_check_interval()
+            }
+            Err(_) => {
+                failures += 1;
+                RETRY.delay(failures)
+            }
+        };
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
     }
 }
 

@@ -5,6 +5,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+pub use warren_common::acme::{AcmeFile, Challenge};
 use warren_common::config::{load_toml, parse_toml, read_secret_file, AdminFile, ConfigDuration, ConfigError};
 
 /// The TOML file. Every key is optional.
@@ -162,29 +163,6 @@ pub struct ClusterFile {
     pub route_ttl: Option<ConfigDuration>,
 }
 
-/// `[acme]`
-#[derive(Debug, Default, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AcmeFile {
-    /// Directory URL of the CA.
-    pub directory: Option<String>,
-    /// Contact URIs, e.g. "mailto:ops@example.com".
-    #[serde(default)]
-    pub contact: Vec<String>,
-    /// Extra root CA (PEM) to trust for the ACME server's HTTPS.
-    pub ca_file: Option<PathBuf>,
-    /// "http-01" (default), "tls-alpn-01" or "dns-01".
-    pub challenge: Option<Challenge>,
-    /// Where HTTP-01 answers are served (default 0.0.0.0:80).
-    pub http01_listen: Option<String>,
-    /// Program publishing DNS-01 TXT records: `HOOK set|clear <fqdn> <value>`.
-    pub dns01_hook: Option<PathBuf>,
-    /// With dns-01: one `*.<funnel_domain>` certificate instead of one per node.
-    pub wildcard: Option<bool>,
-    /// How often certificates are checked for renewal, e.g. "1h".
-    pub renew_check_interval: Option<ConfigDuration>,
-}
-
 /// `[tls]`
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -277,20 +255,6 @@ impl FileConfig {
         }
         Ok(self)
     }
-}
-
-/// ACME challenge type (`acme.challenge`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum Challenge {
-    /// HTTP-01 on the HTTP listener.
-    #[serde(rename = "http-01")]
-    Http01,
-    /// TLS-ALPN-01 on the public TLS listeners.
-    #[serde(rename = "tls-alpn-01")]
-    TlsAlpn01,
-    /// DNS-01 through the hook.
-    #[serde(rename = "dns-01")]
-    Dns01,
 }
 
 /// `tls.mode`: where the public certificates come from.

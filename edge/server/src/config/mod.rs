@@ -6,6 +6,7 @@ use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use warren_common::acme::AcmeSettings;
 use warren_common::config::{nonzero, socket_addr, ConfigDuration};
 pub use warren_common::config::{AdminFile, ConfigError, Rate, SharedKey};
 
@@ -137,27 +138,6 @@ fn cluster_settings(c: ClusterFile) -> Result<Option<ClusterConfig>, ConfigError
         return Err(ConfigError::invalid("cluster.route_ttl", "must be at least 1s"));
     }
     Ok(Some(ClusterConfig { redis_url, advertise, key, ca_file: c.ca_file, route_ttl }))
-}
-
-/// Checked ACME settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AcmeSettings {
-    /// Directory URL.
-    pub directory: String,
-    /// Contacts.
-    pub contact: Vec<String>,
-    /// Extra root for the ACME server.
-    pub ca_file: Option<PathBuf>,
-    /// Challenge type.
-    pub challenge: Challenge,
-    /// HTTP-01 listener.
-    pub http01_listen: SocketAddr,
-    /// DNS-01 hook.
-    pub dns01_hook: Option<PathBuf>,
-    /// One wildcard certificate.
-    pub wildcard: bool,
-    /// Renewal check interval.
-    pub renew_check_interval: Duration,
 }
 
 /// TLS mode.
@@ -388,7 +368,7 @@ impl TryFrom<FileConfig> for Config {
                     .key_file
                     .ok_or_else(|| ConfigError::invalid("tls.key_file", "required when tls.mode = \"manual\""))?,
             },
-            TlsModeName::Acme => TlsMode::Acme(acme_settings(f.acme)?),
+            TlsModeName::Acme => TlsMode::Acme(AcmeSettings::from_file(f.acme)?),
         };
         let mut tokens = Vec::new();
         for t in f.tokens {
@@ -481,32 +461,6 @@ impl Config {
 
 /// The most requests one tunnel may carry at once.
 const MAX_STREAMS_LIMIT: u32 = 1 << 20;
-
-fn acme_settings(a: AcmeFile) -> Result<AcmeSettings, ConfigError> {
-    let directory =
-        a.directory.ok_or_else(|| ConfigError::invalid("acme.directory", "required when tls.mode = \"acme\""))?;
-    if !directory.starts_with("https://") {
-        return Err(ConfigError::invalid("acme.directory", "must be an https:// URL"));
-    }
-    let challenge = a.challenge.unwrap_or(Challenge::Http01);
-    let wildcard = a.wildcard.unwrap_or(false);
-    if challenge == Challenge::Dns01 && a.dns01_hook.is_none() {
-        return Err(ConfigError::invalid("acme.dns01_hook", "required for dns-01"));
-    }
-    if wildcard && challenge != Challenge::Dns01 {
-        return Err(ConfigError::invalid("acme.wildcard", "wildcard certificates need the dns-01 challenge"));
-    }
-    Ok(AcmeSettings {
-        directory,
-        contact: a.contact,
-        ca_file: a.ca_file,
-        challenge,
-        http01_listen: socket_addr("acme.http01_listen", a.http01_listen.as_deref().unwrap_or("0.0.0.0:80"))?,
-        dns01_hook: a.dns01_hook,
-        wildcard,
-        renew_check_interval: ConfigDuration::or(a.renew_check_interval, Duration::from_secs(3600)),
-    })
-}
 
 #[cfg(test)]
 mod tests {

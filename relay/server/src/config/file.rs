@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+pub use warren_common::acme::{AcmeFile, Challenge};
 use warren_common::config::{load_toml, parse_toml, read_secret_file, AdminFile, ConfigDuration, ConfigError};
 
 /// The TOML file as written by an operator. Every key is optional.
@@ -21,6 +22,9 @@ pub struct FileConfig {
     /// TLS settings.
     #[serde(default)]
     pub tls: TlsFile,
+    /// ACME settings, for `tls.mode = "acme"`.
+    #[serde(default)]
+    pub acme: AcmeFile,
     /// STUN settings.
     #[serde(default)]
     pub stun: StunFile,
@@ -74,6 +78,8 @@ pub enum AdmissionMode {
 pub enum TlsModeName {
     /// `cert_file` and `key_file`.
     Manual,
+    /// A certificate for `hostname` from an ACME CA (`[acme]`).
+    Acme,
     /// A local development CA (the default).
     Dev,
     /// No TLS, loopback only.
@@ -128,7 +134,8 @@ pub struct MeshFile {
 #[derive(Debug, Default, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFile {
-    /// `manual` (cert_file + key_file), `dev` (local CA) or `plain` (no TLS, loopback only).
+    /// `manual` (cert_file + key_file), `acme` (see `[acme]`), `dev` (local CA) or `plain` (no
+    /// TLS, loopback only).
     pub mode: Option<TlsModeName>,
     /// PEM certificate chain for `manual`.
     pub cert_file: Option<PathBuf>,

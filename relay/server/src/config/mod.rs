@@ -8,6 +8,7 @@ use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use warren_common::acme::AcmeSettings;
 use warren_common::cidr::Cidr;
 use warren_common::config::{cidrs, nonzero, socket_addr, ConfigDuration};
 pub use warren_common::config::{parse_duration, AdminFile, ConfigError, Rate, SharedKey};
@@ -94,6 +95,9 @@ pub enum TlsMode {
     Dev,
     /// No TLS. Only allowed on loopback addresses.
     Plain,
+    /// A certificate for `hostname` from an ACME CA, cached under `<state_dir>/acme` and
+    /// renewed at two thirds of its lifetime.
+    Acme(AcmeSettings),
 }
 
 /// STUN listener settings.
@@ -227,6 +231,21 @@ impl TryFrom<FileConfig> for Config {
             },
             TlsModeName::Dev => TlsMode::Dev,
             TlsModeName::Plain => TlsMode::Plain,
+            TlsModeName::Acme => {
+                let settings = AcmeSettings::from_file(f.acme)?;
+                if settings.wildcard {
+                    return Err(ConfigError::invalid("acme.wildcard", "a relay's certificate names its hostname only"));
+                }
+                match f.hostname.as_deref() {
+                    None | Some("localhost") => {
+                        return Err(ConfigError::invalid(
+                            "hostname",
+                            "tls.mode = \"acme\" needs the relay's public DNS name",
+                        ))
+                    }
+                    Some(_) => TlsMode::Acme(settings),
+                }
+            }
         };
         let default_listen = if tls == TlsMode::Plain { defaults::DEV_LISTEN } else { defaults::LISTEN };
         let listen = socket_addr("listen", f.listen.as_deref().unwrap_or(default_listen))?;

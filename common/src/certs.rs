@@ -1,4 +1,5 @@
-//! The certificate store behind the public listeners and the tunnel: SNI picks the certificate.
+//! A certificate store for TLS listeners: SNI picks the certificate, and TLS-ALPN-01
+//! validation connections get the challenge certificate of their name.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -99,7 +100,7 @@ mod tests {
     #[test]
     fn exact_then_wildcard_then_default() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ca = warren_common::tls::DevCa::open_or_create(dir.path()).expect("ca");
+        let ca = crate::tls::DevCa::open_or_create(dir.path()).expect("ca");
         let store = CertStore::default();
         let (c1, k1) = ca.issue(&["*.funnel.test".into()]).expect("issue");
         let (c2, k2) = ca.issue(&["edge.test".into()]).expect("issue");

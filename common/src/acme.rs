@@ -1,18 +1,26 @@
-//! Certificates from an ACME CA (RFC 8555) with instant-acme.
+//! Certificates from an ACME CA (RFC 8555) with instant-acme, for the edge and the relay.
 //!
-//! Per public name the edge orders a certificate when a node registers it (or once, for
-//! `*.<funnel domain>` with DNS-01), proves control with the configured challenge, stores the
-//! result in the [`Store`] and installs it in the [`CertStore`] at once. Certificates are renewed
-//! at two thirds of their lifetime; an issuance lock in the store makes sure one order runs per
-//! name. Challenges:
+//! Per name the owner calls [`Acme::ensure`], which orders a certificate unless a fresh one is
+//! cached, proves control with the configured challenge, saves the result in the
+//! [`CertCache`] and installs it in the [`CertStore`] at once. [`Acme::renew_loop`] renews at
+//! two thirds of a certificate's lifetime; an issuance lock in the cache makes sure one order
+//! runs per name when several servers share it. Challenges:
 //!
-//! - `http-01`: the edge answers `/.well-known/acme-challenge/<token>` on its HTTP listener;
-//! - `tls-alpn-01`: the public TLS listener answers ALPN `acme-tls/1` with the challenge
-//!   certificate for the name;
+//! - `http-01`: [`Acme::serve_http01`] answers `/.well-known/acme-challenge/<token>` (and
+//!   redirects everything else to HTTPS);
+//! - `tls-alpn-01`: the owner's TLS listener resolves certificates through the [`CertStore`]
+//!   and offers ALPN `acme-tls/1` ([`ACME_TLS_ALPN`]), so validation connections get the
+//!   challenge certificate for the name;
 //! - `dns-01`: a hook program publishes the TXT record: `HOOK set|clear <fqdn> <value>`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::fs;
+use std::future::Future;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -27,15 +35,227 @@ use instant_acme::{
 use metrics::{Counter, Gauge};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::certs::CertStore;
-use crate::config::{AcmeSettings, Challenge};
-use crate::store::{Store, StoredCert};
-use warren_common::der;
+pub use crate::certs::ACME_TLS_ALPN;
+use crate::config::{socket_addr, ConfigDuration, ConfigError};
+use crate::der;
+
+/// `[acme]` of a configuration file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeFile {
+    /// Directory URL of the CA.
+    pub directory: Option<String>,
+    /// Contact URIs, e.g. "mailto:ops@example.com".
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// Extra root CA (PEM) to trust for the ACME server's HTTPS.
+    pub ca_file: Option<PathBuf>,
+    /// "http-01" (default), "tls-alpn-01" or "dns-01".
+    pub challenge: Option<Challenge>,
+    /// Where HTTP-01 answers are served (default 0.0.0.0:80).
+    pub http01_listen: Option<String>,
+    /// Program publishing DNS-01 TXT records: `HOOK set|clear <fqdn> <value>`.
+    pub dns01_hook: Option<PathBuf>,
+    /// With dns-01: one wildcard certificate instead of one per name (the edge's funnel
+    /// domain).
+    pub wildcard: Option<bool>,
+    /// How often certificates are checked for renewal, e.g. "1h".
+    pub renew_check_interval: Option<ConfigDuration>,
+}
+
+/// ACME challenge type (`acme.challenge`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Challenge {
+    /// HTTP-01 on the HTTP listener.
+    #[serde(rename = "http-01")]
+    Http01,
+    /// TLS-ALPN-01 on the TLS listeners.
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    /// DNS-01 through the hook.
+    #[serde(rename = "dns-01")]
+    Dns01,
+}
+
+/// Checked ACME settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcmeSettings {
+    /// Directory URL.
+    pub directory: String,
+    /// Contacts.
+    pub contact: Vec<String>,
+    /// Extra root for the ACME server.
+    pub ca_file: Option<PathBuf>,
+    /// Challenge type.
+    pub challenge: Challenge,
+    /// HTTP-01 listener.
+    pub http01_listen: SocketAddr,
+    /// DNS-01 hook.
+    pub dns01_hook: Option<PathBuf>,
+    /// One wildcard certificate.
+    pub wildcard: bool,
+    /// Renewal check interval.
+    pub renew_check_interval: Duration,
+}
+
+impl AcmeSettings {
+    /// Checks `[acme]` (required when `tls.mode = "acme"`).
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the key at fault.
+    pub fn from_file(a: AcmeFile) -> Result<Self, ConfigError> {
+        let directory =
+            a.directory.ok_or_else(|| ConfigError::invalid("acme.directory", "required when tls.mode = \"acme\""))?;
+        if !directory.starts_with("https://") {
+            return Err(ConfigError::invalid("acme.directory", "must be an https:// URL"));
+        }
+        let challenge = a.challenge.unwrap_or(Challenge::Http01);
+        let wildcard = a.wildcard.unwrap_or(false);
+        if challenge == Challenge::Dns01 && a.dns01_hook.is_none() {
+            return Err(ConfigError::invalid("acme.dns01_hook", "required for dns-01"));
+        }
+        if wildcard && challenge != Challenge::Dns01 {
+            return Err(ConfigError::invalid("acme.wildcard", "wildcard certificates need the dns-01 challenge"));
+        }
+        Ok(AcmeSettings {
+            directory,
+            contact: a.contact,
+            ca_file: a.ca_file,
+            challenge,
+            http01_listen: socket_addr("acme.http01_listen", a.http01_listen.as_deref().unwrap_or("0.0.0.0:80"))?,
+            dns01_hook: a.dns01_hook,
+            wildcard,
+            renew_check_interval: ConfigDuration::or(a.renew_check_interval, Duration::from_secs(3600)),
+        })
+    }
+}
+
+/// A certificate as stored: PEM chain and PEM private key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredCert {
+    /// The name it was issued for (may be `*.domain`).
+    pub name: String,
+    /// PEM chain.
+    pub chain_pem: String,
+    /// PEM key.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for StoredCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredCert").field("name", &self.name).field("key_pem", &"<redacted>").finish_non_exhaustive()
+    }
+}
+
+/// What a [`CertCache`] call returns.
+pub type CacheFuture<'a, T> = Pin<Box<dyn Future<Output = std::io::Result<T>> + Send + 'a>>;
+
+/// Where issued certificates and issuance locks live: a directory ([`FileCertCache`]) for one
+/// server, or a store several servers share.
+pub trait CertCache: Send + Sync + std::fmt::Debug {
+    /// Every stored certificate.
+    fn load_all(&self) -> CacheFuture<'_, Vec<StoredCert>>;
+    /// Saves (or replaces) a certificate.
+    fn save<'a>(&'a self, cert: &'a StoredCert) -> CacheFuture<'a, ()>;
+    /// Takes the issuance lock of `name` for `ttl`; false if someone else holds it.
+    fn try_lock<'a>(&'a self, name: &'a str, ttl: Duration) -> CacheFuture<'a, bool>;
+    /// Releases the issuance lock of `name` if this cache still holds it.
+    fn unlock<'a>(&'a self, name: &'a str) -> CacheFuture<'a, ()>;
+}
+
+/// Certificates as files `<dir>/<name>.crt` and `.key` (mode 0600); locks as `<dir>/<name>.lock`.
+#[derive(Debug)]
+pub struct FileCertCache {
+    dir: PathBuf,
+}
+
+impl FileCertCache {
+    /// A cache in `dir` (created if missing).
+    ///
+    /// # Errors
+    /// When the directory cannot be created.
+    pub fn new(dir: &Path) -> std::io::Result<Self> {
+        fs::create_dir_all(dir)?;
+        Ok(FileCertCache { dir: dir.to_path_buf() })
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn file(&self, name: &str, ext: &str) -> PathBuf {
+        // `*` is not a good file-name character: wildcards are stored as `_wildcard_.domain`.
+        self.dir.join(format!("{}.{ext}", name.replace('*', "_wildcard_")))
+    }
+
+    fn load_all_now(&self) -> std::io::Result<Vec<StoredCert>> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let path = entry?.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("crt") {
+                continue;
+            }
+            let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else { continue };
+            let key = path.with_extension("key");
+            if let (Ok(chain_pem), Ok(key_pem)) = (fs::read_to_string(&path), fs::read_to_string(&key)) {
+                out.push(StoredCert { name: stem.replace("_wildcard_", "*"), chain_pem, key_pem });
+            }
+        }
+        Ok(out)
+    }
+
+    fn save_now(&self, cert: &StoredCert) -> std::io::Result<()> {
+        // Key first, both via rename, so a reader never pairs a new chain with an old key.
+        for (ext, data, mode) in [("key", &cert.key_pem, 0o600), ("crt", &cert.chain_pem, 0o644)] {
+            let final_path = self.file(&cert.name, ext);
+            let tmp = final_path.with_extension(format!("{ext}.tmp"));
+            let mut f = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp)?;
+            f.write_all(data.as_bytes())?;
+            f.sync_all()?;
+            fs::rename(&tmp, &final_path)?;
+        }
+        Ok(())
+    }
+
+    fn try_lock_now(&self, name: &str, ttl: Duration) -> bool {
+        let path = self.file(name, "lock");
+        let stale = fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| SystemTime::now().duration_since(t).unwrap_or_default() > ttl);
+        if stale {
+            let _ = fs::remove_file(&path);
+        }
+        fs::OpenOptions::new().write(true).create_new(true).open(&path).is_ok()
+    }
+}
+
+/// The files are small and local: read and written in place.
+impl CertCache for FileCertCache {
+    fn load_all(&self) -> CacheFuture<'_, Vec<StoredCert>> {
+        Box::pin(std::future::ready(self.load_all_now()))
+    }
+
+    fn save<'a>(&'a self, cert: &'a StoredCert) -> CacheFuture<'a, ()> {
+        Box::pin(std::future::ready(self.save_now(cert)))
+    }
+
+    fn try_lock<'a>(&'a self, name: &'a str, ttl: Duration) -> CacheFuture<'a, bool> {
+        Box::pin(std::future::ready(Ok(self.try_lock_now(name, ttl))))
+    }
+
+    fn unlock<'a>(&'a self, name: &'a str) -> CacheFuture<'a, ()> {
+        let _ = fs::remove_file(self.file(name, "lock"));
+        Box::pin(std::future::ready(Ok(())))
+    }
+}
 
 /// How long an issuance lock is held at most.
 const LOCK_TTL: Duration = Duration::from_secs(300);
@@ -58,11 +278,11 @@ pub enum AcmeError {
     Other(String),
 }
 
-/// The ACME manager of one edge.
+/// The ACME manager of one server.
 pub struct Acme {
     settings: AcmeSettings,
     account: OnceCell<Account>,
-    store: Arc<dyn Store>,
+    store: Arc<dyn CertCache>,
     certs: Arc<CertStore>,
     http01: RwLock<HashMap<String, String>>,
     not_after: RwLock<HashMap<String, (i64, i64)>>,
@@ -83,9 +303,17 @@ fn now_unix() -> i64 {
 }
 
 impl Acme {
-    /// A manager storing certificates in `store` and installing them in `certs`. Call
-    /// [`Acme::reload`] to install the certificates already in the store.
-    pub fn new(settings: AcmeSettings, store: Arc<dyn Store>, certs: Arc<CertStore>, state_dir: PathBuf) -> Arc<Self> {
+    /// A manager storing certificates in `store` and installing them in `certs`, keeping its
+    /// account in `state_dir` and counting in `<metrics>_acme_orders_total{result}` and
+    /// `<metrics>_cert_expiry_seconds` (e.g. `edge`, `relay`). Call [`Acme::reload`] to
+    /// install the certificates already in the store.
+    pub fn new(
+        settings: AcmeSettings,
+        store: Arc<dyn CertCache>,
+        certs: Arc<CertStore>,
+        state_dir: PathBuf,
+        metrics: &str,
+    ) -> Arc<Self> {
         Arc::new(Acme {
             settings,
             account: OnceCell::new(),
@@ -93,14 +321,14 @@ impl Acme {
             certs,
             http01: RwLock::new(HashMap::new()),
             not_after: RwLock::new(HashMap::new()),
-            orders_ok: metrics::counter!("edge_acme_orders_total", "result" => "ok"),
-            orders_failed: metrics::counter!("edge_acme_orders_total", "result" => "error"),
-            expiry: metrics::gauge!("edge_cert_expiry_seconds"),
+            orders_ok: metrics::counter!(format!("{metrics}_acme_orders_total"), "result" => "ok"),
+            orders_failed: metrics::counter!(format!("{metrics}_acme_orders_total"), "result" => "error"),
+            expiry: metrics::gauge!(format!("{metrics}_cert_expiry_seconds")),
             state_dir,
         })
     }
 
-    /// Installs every certificate in the store (also picks up ones another edge issued).
+    /// Installs every certificate in the store (also picks up ones another server issued).
     pub async fn reload(&self) {
         let all = match self.store.load_all().await {
             Ok(all) => all,
@@ -129,6 +357,11 @@ impl Acme {
         Ok(())
     }
 
+    /// How often the owner should check its certificates for renewal.
+    pub fn renew_check_interval(&self) -> Duration {
+        self.settings.renew_check_interval
+    }
+
     /// Whether `name` has a certificate that does not need renewing yet.
     pub fn is_fresh(&self, name: &str) -> bool {
         let na = self.not_after.read().unwrap_or_else(|e| e.into_inner());
@@ -148,8 +381,8 @@ impl Acme {
         if self.is_fresh(name) {
             return Ok(());
         }
-        // Another edge of the cluster may have issued it already, or be ordering it now: then
-        // wait for it to appear in the store, and take over if that edge lets go without it.
+        // Another server sharing the store may have issued it already, or be ordering it now:
+        // then wait for it to appear there, and take over if that server lets go without it.
         let deadline = tokio::time::Instant::now() + LOCK_TTL;
         let mut waiting = false;
         loop {
@@ -161,11 +394,11 @@ impl Acme {
                 break;
             }
             if !waiting {
-                info!(%name, "another edge is ordering this certificate; waiting for it in the store");
+                info!(%name, "another server is ordering this certificate; waiting for it in the store");
                 waiting = true;
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(AcmeError::Other(format!("no certificate for {name} while another edge held the lock")));
+                return Err(AcmeError::Other(format!("no certificate for {name} while another server held the lock")));
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
@@ -211,8 +444,6 @@ impl Acme {
     }
 
     fn store_private(&self, path: &std::path::Path, data: &[u8]) -> Result<(), AcmeError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
