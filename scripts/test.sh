@@ -15,13 +15,14 @@ fi
 # (edge/server/tests/cluster.rs) start their own Debian redis-server on a free loopback port;
 # the publishing tests (node-client/tests/publish.rs) visit the funnel with curl; the tunnel
 # and relay go through a real forward proxy, tinyproxy (edge/server/tests/transports.rs,
-# node-client/tests/proxylab.rs).
+# node-client/tests/proxylab.rs); the relay runs behind HAProxy's PROXY protocol
+# (relay/server/tests/load_balancer.rs).
 if [ "$(id -u)" = 0 ] && { ! command -v iptables >/dev/null || ! command -v ip >/dev/null \
     || ! command -v pebble >/dev/null || ! command -v redis-server >/dev/null || ! command -v curl >/dev/null \
-    || ! command -v tinyproxy >/dev/null; }; then
-    echo "==> installing iproute2, iptables, pebble, redis-server, curl and tinyproxy"
+    || ! command -v tinyproxy >/dev/null || ! command -v haproxy >/dev/null; }; then
+    echo "==> installing iproute2, iptables, pebble, redis-server, curl, tinyproxy and haproxy"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables pebble redis-server curl tinyproxy >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2 iptables pebble redis-server curl tinyproxy haproxy >/dev/null
 fi
 # The Prometheus files (deploy/prometheus) are checked with Debian's promtool: the package is
 # unpacked, not installed, so no Prometheus service starts and its web assets are not needed.

@@ -109,3 +109,86 @@ async fn a_trusted_balancer_names_the_client_and_untrusted_or_broken_headers_are
     drop(held);
     relay.server.shutdown().await;
 }
+
+/// Debian's HAProxy in TCP mode on two ports in front of `relay`: `send-proxy-v2` on the first,
+/// `send-proxy` (v1) on the second. `None` when haproxy is missing and not required
+/// (`WARREN_REQUIRE_PROXY=1`, set by scripts/test.sh as root, requires it).
+struct Haproxy {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+    v2: u16,
+    v1: u16,
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn haproxy(relay: SocketAddr) -> Option<Haproxy> {
+    if std::process::Command::new("haproxy").arg("-v").output().is_err() {
+        assert!(std::env::var_os("WARREN_REQUIRE_PROXY").is_none_or(|v| v != "1"), "haproxy is required");
+        eprintln!("skipping: haproxy is not installed (apt-get install haproxy)");
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (v2, v1) = (warren_common::testing::free_tcp_port(), warren_common::testing::free_tcp_port());
+    let config = format!(
+        "global\n  maxconn 100\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+         frontend derp_v2\n  bind 127.0.0.1:{v2}\n  default_backend relay_v2\n\
+         backend relay_v2\n  server relay {relay} send-proxy-v2\n\
+         frontend derp_v1\n  bind 127.0.0.1:{v1}\n  default_backend relay_v1\n\
+         backend relay_v1\n  server relay {relay} send-proxy\n"
+    );
+    let path = dir.path().join("haproxy.cfg");
+    std::fs::write(&path, config).expect("write config");
+    let child = std::process::Command::new("haproxy")
+        .arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("haproxy starts");
+    let h = Haproxy { child, _dir: dir, v2, v1 };
+    let start = std::time::Instant::now();
+    while [v2, v1].iter().any(|p| std::net::TcpStream::connect(("127.0.0.1", *p)).is_err()) {
+        assert!(start.elapsed() < Duration::from_secs(10), "haproxy listens");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(h)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_haproxy_the_relay_limits_each_client_by_the_address_haproxy_saw() {
+    // HAProxy reaches the relay from 127.0.0.1 (trusted); clients reach HAProxy from 127.0.0.9
+    // and 127.0.0.10, one connection each allowed.
+    let relay = start_relay(|f| {
+        f.limits.max_conns_per_ip = Some(1);
+        f.proxy_protocol.trusted = vec!["127.0.0.1/32".into()];
+    })
+    .await;
+    let Some(h) = haproxy(relay.server.http_addr()) else { return };
+    let login = |port: u16, from: &str| {
+        let mut opts = relay.opts(Transport::Derp);
+        opts.bind_ip = Some(from.parse().expect("ip"));
+        async move {
+            DerpClient::connect(&format!("https://localhost:{port}"), &SecretKey::generate(&mut OsRng), &opts).await
+        }
+    };
+    let mut nine = login(h.v2, "127.0.0.9").await.expect("v2: 127.0.0.9 logs in");
+    assert!(login(h.v1, "127.0.0.9").await.is_err(), "v1: a second connection from 127.0.0.9 is over its cap");
+    assert_eq!(relay.metric("relay_connections_rejected_total{reason=\"per_ip\"}").await, 1.0);
+    let mut ten = login(h.v1, "127.0.0.10").await.expect("v1: 127.0.0.10 logs in");
+    assert!(login(h.v2, "127.0.0.10").await.is_err(), "v2: a second connection from 127.0.0.10 is over its cap");
+    assert_eq!(relay.metric("relay_connections_rejected_total{reason=\"per_ip\"}").await, 2.0);
+    assert_eq!(relay.metric("relay_handshake_failures_total{reason=\"proxy_header\"}").await, 0.0);
+    nine.send_packet(ten.public_key(), b"through haproxy").await.expect("send");
+    let (src, got) =
+        tokio::time::timeout(Duration::from_secs(5), ten.recv_packet()).await.expect("in time").expect("recv");
+    assert_eq!((src, &got[..]), (nine.public_key(), &b"through haproxy"[..]));
+    assert_eq!(relay.server.client_count(), 2);
+    relay.server.shutdown().await;
+}
