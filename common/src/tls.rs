@@ -102,13 +102,23 @@ impl CertSlot {
     /// [`TlsError::Rustls`] if the provider offers no safe protocol version (never with
     /// aws-lc-rs).
     pub fn server_config(self: Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
-        let mut cfg = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(self);
-        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Arc::new(cfg))
+        Ok(Arc::new(resolved_server_config(self, &[b"http/1.1"])?))
     }
+}
+
+/// A server config (safe protocol versions, no client auth) whose certificates come from
+/// `resolver`, offering `alpn` in that order.
+///
+/// # Errors
+/// [`TlsError::Rustls`] if the provider offers no safe protocol version (never with
+/// aws-lc-rs).
+pub fn resolved_server_config(resolver: Arc<dyn ResolvesServerCert>, alpn: &[&[u8]]) -> Result<ServerConfig, TlsError> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
 }
 
 impl ResolvesServerCert for CertSlot {

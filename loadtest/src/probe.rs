@@ -301,10 +301,9 @@ async fn stun(node: &RelayNode, port: u16) -> Result<(), String> {
 
 /// Seconds until the DERP port's certificate expires (the handshake must verify).
 async fn cert_expiry(node: &RelayNode, ca_file: Option<&std::path::Path>) -> Result<f64, String> {
-    let port = if node.derp_port == 0 { 443 } else { node.derp_port };
     let tcp = match node.derp_addr() {
         Some(a) => tokio::net::TcpStream::connect(a).await,
-        None => tokio::net::TcpStream::connect((node.host_name.as_str(), port)).await,
+        None => tokio::net::TcpStream::connect((node.host_name.as_str(), node.derp_port())).await,
     }
     .map_err(|e| format!("connect: {e}"))?;
     let config = warren_common::tls::client_config(ca_file).map_err(|e| e.to_string())?;

@@ -93,9 +93,18 @@ pub struct RelayNode {
 }
 
 impl RelayNode {
+    /// The DERP (HTTPS) port: `DERPPort`, 443 when 0 or absent.
+    pub fn derp_port(&self) -> u16 {
+        if self.derp_port == 0 {
+            443
+        } else {
+            self.derp_port
+        }
+    }
+
     /// The DERP URL.
     pub fn url(&self) -> String {
-        let port = if self.derp_port == 0 { 443 } else { self.derp_port };
+        let port = self.derp_port();
         if self.host_name.contains(':') {
             format!("https://[{}]:{port}", self.host_name)
         } else {
@@ -105,8 +114,7 @@ impl RelayNode {
 
     /// The address to dial for DERP, if given as an IP.
     pub fn derp_addr(&self) -> Option<SocketAddr> {
-        let port = if self.derp_port == 0 { 443 } else { self.derp_port };
-        self.ipv4.or(self.ipv6).map(|ip| SocketAddr::new(ip, port))
+        self.ipv4.or(self.ipv6).map(|ip| SocketAddr::new(ip, self.derp_port()))
     }
 
     /// The STUN port, if enabled.

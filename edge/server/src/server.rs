@@ -134,11 +134,7 @@ impl Edge {
         };
         let alpn_challenge = matches!(&config.tls, TlsMode::Acme(s) if s.challenge == Challenge::TlsAlpn01);
         let public_tls = {
-            let mut c = ServerConfig::builder_with_provider(ctls::provider())
-                .with_safe_default_protocol_versions()?
-                .with_no_client_auth()
-                .with_cert_resolver(store.clone());
-            c.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+            let mut c = ctls::resolved_server_config(store.clone(), &[b"h2", b"http/1.1"])?;
             if alpn_challenge {
                 c.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
             }

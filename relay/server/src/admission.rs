@@ -262,7 +262,8 @@ fn verdict(allow: bool) -> (Verdict, AdmissionResult) {
     }
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
+/// A file's modification time, `None` when it cannot be read.
+pub(crate) fn modified(path: &Path) -> Option<SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 

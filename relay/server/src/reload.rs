@@ -20,9 +20,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren_common::tls::{self, CertSlot, TlsError};
 
-use crate::admission::{Admission, AllowListError};
+use crate::admission::{modified, Admission, AllowListError};
 use crate::config::{AdmissionConfig, Config, TlsMode};
-use crate::mesh::MeshChange;
 use crate::state::Shared;
 
 /// How often manual certificate files are checked for changes.
@@ -129,12 +128,12 @@ pub fn count_reload(result: &'static str) {
 
 impl Reloaded {
     /// Logs the outcome.
-    pub(crate) fn log(&self, mesh: MeshChange) {
+    pub(crate) fn log(&self) {
         info!(
             certificate = self.certificate,
             admission = self.admission,
-            mesh_added = mesh.added,
-            mesh_removed = mesh.removed,
+            mesh_added = self.mesh_added,
+            mesh_removed = self.mesh_removed,
             "configuration reloaded; new connections get the new limits, connections already up keep theirs"
         );
         if !self.needs_restart.is_empty() {
@@ -153,33 +152,27 @@ pub(crate) async fn watch_cert_files(shared: Arc<Shared>, slot: Arc<CertSlot>, c
     loop {
         let TlsMode::Manual { cert_file, key_file } = shared.config().tls.clone() else { return };
         let stamp = (modified(&cert_file), modified(&key_file));
-        match &seen {
-            None => seen = Some((cert_file, key_file, stamp)),
-            Some((c, k, s)) if *c == cert_file && *k == key_file && *s == stamp => {}
-            Some((c, k, _)) if *c != cert_file || *k != key_file => {
-                // Moved by a reload, which loaded them itself.
-                seen = Some((cert_file, key_file, stamp));
-            }
-            Some(_) => {
-                match load_cert(&cert_file, &key_file) {
-                    Ok(cert) => {
-                        installed(&cert, &cert_file, "files changed");
-                        slot.replace(cert);
-                        counter!("relay_tls_cert_reloads_total", "result" => "ok").increment(1);
-                        seen = Some((cert_file, key_file, stamp));
-                    }
-                    Err(e) => {
-                        counter!("relay_tls_cert_reloads_total", "result" => "error").increment(1);
-                        if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
-                            warn!(error = %e, "changed certificate files not usable; keeping the running certificate");
-                            last_warning = Some(Instant::now());
-                        }
-                        // Tried again at the next change (or next check, if still changing).
-                        seen = Some((cert_file, key_file, stamp));
+        // The same files, changed since the last check (files a reload moved to were loaded by
+        // that reload, so they are only noted).
+        let changed = seen.as_ref().is_some_and(|(c, k, s)| *c == cert_file && *k == key_file && *s != stamp);
+        if changed {
+            match load_cert(&cert_file, &key_file) {
+                Ok(cert) => {
+                    installed(&cert, &cert_file, "files changed");
+                    slot.replace(cert);
+                    counter!("relay_tls_cert_reloads_total", "result" => "ok").increment(1);
+                }
+                Err(e) => {
+                    // Tried again at the next change (or the next check, if still changing).
+                    counter!("relay_tls_cert_reloads_total", "result" => "error").increment(1);
+                    if last_warning.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                        warn!(error = %e, "changed certificate files not usable; keeping the running certificate");
+                        last_warning = Some(Instant::now());
                     }
                 }
             }
         }
+        seen = Some((cert_file, key_file, stamp));
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(CERT_CHECK_EVERY) => {}
@@ -188,10 +181,6 @@ pub(crate) async fn watch_cert_files(shared: Arc<Shared>, slot: Arc<CertSlot>, c
 }
 
 type Stamp = (Option<SystemTime>, Option<SystemTime>);
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
 
 #[cfg(test)]
 mod tests {

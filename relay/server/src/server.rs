@@ -293,7 +293,7 @@ impl Server {
         self.shared.live.send_replace(Arc::new(next));
         let change = reloadable.mesh.apply(&self.shared, mesh, &self.tracker);
         (done.mesh_added, done.mesh_removed) = (change.added, change.removed);
-        done.log(change);
+        done.log();
         Ok(done)
     }
 
@@ -373,12 +373,7 @@ async fn acme_tls(
     let certs = Arc::new(CertStore::default());
     let acme = Acme::new(settings.clone(), Arc::new(cache), certs.clone(), config.state_dir.clone(), "relay");
     acme.reload().await;
-    let mut tls = rustls::ServerConfig::builder_with_provider(tls::provider())
-        .with_safe_default_protocol_versions()
-        .map_err(tls::TlsError::from)?
-        .with_no_client_auth()
-        .with_cert_resolver(certs);
-    tls.alpn_protocols = vec![b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
+    let tls = tls::resolved_server_config(certs, &[b"http/1.1", ACME_TLS_ALPN])?;
     info!(name = %config.hostname, directory = %settings.directory, challenge = ?settings.challenge, "TLS certificates from ACME");
     Ok((Arc::new(tls), acme))
 }
