@@ -63,6 +63,10 @@ pub mod frame_type {
     pub const HEALTH: u8 = 0x14;
     /// u32 reconnect-in ms + u32 try-for ms, both big-endian.
     pub const RESTARTING: u8 = 0x15;
+    /// Warren extension, 32B key: is this peer connected to this relay's region?
+    pub const FIND_PEER: u8 = 0x40;
+    /// Warren extension, 32B key + 1 byte (0x01 present in the region, 0x00 not).
+    pub const PEER_PRESENCE: u8 = 0x41;
 }
 
 /// Why a PeerGone frame was sent.
@@ -197,6 +201,21 @@ pub enum Frame {
         /// How long to keep trying.
         try_for_ms: u32,
     },
+    /// `0x40` client → relay (Warren extension): is `peer` connected to this relay or to a
+    /// mesh sibling of its region? Answered with [`Frame::PeerPresence`]; other DERP relays
+    /// skip it as an unknown frame.
+    FindPeer {
+        /// The key asked about.
+        peer: PublicKey,
+    },
+    /// `0x41` relay → client (Warren extension): `peer key(32) | present(1)`, the answer to
+    /// [`Frame::FindPeer`].
+    PeerPresence {
+        /// The key asked about.
+        peer: PublicKey,
+        /// Connected to this relay or to a sibling in its region.
+        present: bool,
+    },
     /// A frame type this version does not know; skipped by receivers.
     Unknown {
         /// The type byte.
@@ -227,6 +246,8 @@ impl Frame {
             Frame::Pong(_) => PONG,
             Frame::Health { .. } => HEALTH,
             Frame::Restarting { .. } => RESTARTING,
+            Frame::FindPeer { .. } => FIND_PEER,
+            Frame::PeerPresence { .. } => PEER_PRESENCE,
             Frame::Unknown { frame_type, .. } => *frame_type,
         }
     }
@@ -250,6 +271,8 @@ impl Frame {
             Frame::Pong(_) => "pong",
             Frame::Health { .. } => "health",
             Frame::Restarting { .. } => "restarting",
+            Frame::FindPeer { .. } => "find_peer",
+            Frame::PeerPresence { .. } => "peer_presence",
             Frame::Unknown { .. } => "unknown",
         }
     }
@@ -274,7 +297,8 @@ impl Frame {
                 }
             }
             Frame::ForwardPacket { packet, .. } => 2 * KEY_LEN + packet.len(),
-            Frame::ClosePeer { .. } => KEY_LEN,
+            Frame::ClosePeer { .. } | Frame::FindPeer { .. } => KEY_LEN,
+            Frame::PeerPresence { .. } => KEY_LEN + 1,
             Frame::Ping(_) | Frame::Pong(_) | Frame::Restarting { .. } => 8,
             Frame::Health { problem } => problem.len(),
             Frame::Unknown { payload, .. } => payload.len(),
@@ -354,7 +378,11 @@ impl Frame {
                 buf.put_slice(dst.as_bytes());
                 buf.put_slice(packet);
             }
-            Frame::ClosePeer { peer } => buf.put_slice(peer.as_bytes()),
+            Frame::ClosePeer { peer } | Frame::FindPeer { peer } => buf.put_slice(peer.as_bytes()),
+            Frame::PeerPresence { peer, present } => {
+                buf.put_slice(peer.as_bytes());
+                buf.put_u8(u8::from(*present));
+            }
             Frame::Ping(d) | Frame::Pong(d) => buf.put_slice(d),
             Frame::Health { problem } => buf.put_slice(problem.as_bytes()),
             Frame::Restarting { reconnect_in_ms, try_for_ms } => {
@@ -452,6 +480,15 @@ impl Frame {
             RESTARTING => {
                 need(&payload, 8, "restarting frame")?;
                 Frame::Restarting { reconnect_in_ms: payload.get_u32(), try_for_ms: payload.get_u32() }
+            }
+            FIND_PEER => {
+                need(&payload, KEY_LEN, "find peer frame")?;
+                Frame::FindPeer { peer: take_key(&mut payload)? }
+            }
+            PEER_PRESENCE => {
+                need(&payload, KEY_LEN + 1, "peer presence frame")?;
+                let peer = take_key(&mut payload)?;
+                Frame::PeerPresence { peer, present: payload[0] == 1 }
             }
             other => Frame::Unknown { frame_type: other, payload },
         };

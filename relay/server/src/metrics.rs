@@ -155,6 +155,10 @@ pub fn describe() {
     describe_gauge!("relay_mesh_peers", "Mesh links to sibling relays that are logged in and watching");
     describe_gauge!("relay_mesh_remote_clients", "Client keys that sibling relays hold, as they told us");
     describe_counter!("relay_mesh_forwarded_total", "Packets sent to (out) or received from (in) sibling relays");
+    describe_counter!(
+        "relay_peer_lookups_total",
+        "FindPeer questions from clients, by answer (present, absent) or limited (over the client's budget)"
+    );
     describe_counter!("relay_config_reloads_total", "SIGHUP reloads, by result (ok, invalid, failed)");
     describe_counter!(
         "relay_tls_cert_reloads_total",
@@ -189,6 +193,8 @@ pub struct RelayMetrics {
     pub(crate) mesh_remote_clients: Gauge,
     pub(crate) mesh_forwarded_out: Counter,
     pub(crate) mesh_forwarded_in: Counter,
+    /// FindPeer answers: present, absent, limited.
+    pub(crate) lookups: [Counter; 3],
     dropped: [Counter; 6],
     handshake: [Counter; 9],
     stun: [Counter; 4],
@@ -219,6 +225,8 @@ impl RelayMetrics {
             mesh_remote_clients: metrics::gauge!("relay_mesh_remote_clients"),
             mesh_forwarded_out: metrics::counter!("relay_mesh_forwarded_total", "direction" => "out"),
             mesh_forwarded_in: metrics::counter!("relay_mesh_forwarded_total", "direction" => "in"),
+            lookups: ["present", "absent", "limited"]
+                .map(|r| metrics::counter!("relay_peer_lookups_total", "result" => r)),
             dropped: DropReason::ALL.map(|r| metrics::counter!("relay_packets_dropped_total", "reason" => r.label())),
             handshake: HandshakeFailure::ALL
                 .map(|r| metrics::counter!("relay_handshake_failures_total", "reason" => r.label())),

@@ -80,6 +80,13 @@ async fn three_relays_forward_to_each_others_clients() {
     let f = recv_until(&mut a, |f| matches!(f, Frame::PeerGone { .. })).await;
     assert_eq!(f, Frame::PeerGone { peer: absent, reason: PeerGoneReason::NotHere });
 
+    // FindPeer answers for the whole region: a sibling's client is present, a stranger is not.
+    for (peer, present) in [(kc, true), (absent, false), (ka, true)] {
+        a.send(&Frame::FindPeer { peer }).await.expect("find");
+        let f = recv_until(&mut a, |f| matches!(f, Frame::PeerPresence { .. })).await;
+        assert_eq!(f, Frame::PeerPresence { peer, present });
+    }
+
     // When b leaves, the siblings forget it.
     b.close().await.expect("close");
     for r in [&relays[0], &relays[2]] {

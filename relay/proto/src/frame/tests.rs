@@ -47,6 +47,9 @@ fn hex_snapshots() {
         (Frame::Pong(*b"01234567"), "13000000083031323334353637".into()),
         (Frame::Health { problem: "dup".into() }, "1400000003647570".into()),
         (Frame::Restarting { reconnect_in_ms: 1000, try_for_ms: 60_000 }, "1500000008000003e80000ea60".into()),
+        (Frame::FindPeer { peer: k(0xaa) }, format!("4000000020{key_a}")),
+        (Frame::PeerPresence { peer: k(0xbb), present: true }, format!("4100000021{key_b}01")),
+        (Frame::PeerPresence { peer: k(0xbb), present: false }, format!("4100000021{key_b}00")),
         (Frame::Unknown { frame_type: 0x7f, payload: Bytes::from_static(&[1, 2]) }, "7f000000020102".into()),
     ];
     for (frame, want) in cases {
@@ -80,6 +83,8 @@ fn short_and_bad_frames_are_errors() {
     assert!(Frame::decode(frame_type::PING, Bytes::from(vec![0; 7])).is_err());
     assert!(Frame::decode(frame_type::RESTARTING, Bytes::from(vec![0; 4])).is_err());
     assert!(Frame::decode(frame_type::NOTE_PREFERRED, Bytes::new()).is_err());
+    assert!(Frame::decode(frame_type::FIND_PEER, Bytes::from(vec![0; 31])).is_err());
+    assert!(Frame::decode(frame_type::PEER_PRESENCE, Bytes::from(vec![0; 32])).is_err());
     let mut bad_magic = vec![0u8; 40];
     bad_magic[0] = b'X';
     assert!(Frame::decode(frame_type::SERVER_KEY, Bytes::from(bad_magic)).is_err());
@@ -166,7 +171,9 @@ fn arb_frame() -> impl Strategy<Value = Frame> {
         any::<[u8; 8]>().prop_map(Frame::Pong),
         "[a-z ]{0,40}".prop_map(|problem| Frame::Health { problem }),
         (any::<u32>(), any::<u32>()).prop_map(|(a, b)| Frame::Restarting { reconnect_in_ms: a, try_for_ms: b }),
-        (0x16u8..=0xff, arb_bytes(100)).prop_map(|(frame_type, payload)| Frame::Unknown { frame_type, payload }),
+        arb_key().prop_map(|peer| Frame::FindPeer { peer }),
+        (arb_key(), any::<bool>()).prop_map(|(peer, present)| Frame::PeerPresence { peer, present }),
+        (0x42u8..=0xff, arb_bytes(100)).prop_map(|(frame_type, payload)| Frame::Unknown { frame_type, payload }),
     ]
 }
 

@@ -171,6 +171,11 @@ impl Router {
         }
     }
 
+    /// Whether `key` is connected here or to a sibling of the region.
+    pub(crate) fn is_present(&self, key: &PublicKey) -> bool {
+        self.read_local().map.contains_key(key) || self.read_siblings().contains_key(key)
+    }
+
     /// Adds a local client, returning the connection it replaces, if any.
     pub(crate) fn register(&self, key: PublicKey, handle: ClientHandle) -> Option<ClientHandle> {
         let mut local = self.write_local();

@@ -4,6 +4,8 @@
 //! handle_frame(SendPacket{dst})  -> router.send(me, dst): local inbox | sibling link | unknown
 //!                                   unknown -> PeerGone{dst, NotHere} (a burst of 3, then 1/s)
 //! handle_frame(Ping)             -> Pong
+//! handle_frame(FindPeer{key})    -> PeerPresence{key, here or at a sibling} (a burst of 32, then
+//!                                   8/s; past that no answer)
 //! handle_frame(WatchConns | ClosePeer)      -> Close (mesh frames need the mesh key)
 //! handle_packet(packet)          -> RecvPacket{src}
 //! handle_control(PeerGone | Restarting | Replaced | Close) -> the frame, and Close for the last two
@@ -35,6 +37,11 @@ const MAX_SENT_TO: usize = 4096;
 /// PeerGone(NotHere) notices a client gets at once, and per second after that.
 const PEER_GONE_BURST: f64 = 3.0;
 const PEER_GONE_PER_SECOND: f64 = 1.0;
+/// FindPeer questions a client gets answered at once, and per second after that. A node asks
+/// once per peer it cannot find at home, per other region: a burst covers a node starting with
+/// many peers; past it the question goes unanswered and the node's lookup times out.
+const LOOKUP_BURST: f64 = 32.0;
+const LOOKUP_PER_SECOND: f64 = 8.0;
 /// How long a client is not read after one of its packets found its destination's queue
 /// full. Short against the time a full queue takes to drain (a 1 MiB queue at 1 Gbit/s is
 /// 8 ms), so the destination never runs dry; long enough that the sender's TCP window, not the
@@ -51,6 +58,7 @@ pub(crate) struct ClientSession {
     sent_to: HashSet<PublicKey>,
     preferred: bool,
     peer_gone_budget: TokenBucket,
+    lookup_budget: TokenBucket,
     /// The client's send budget, when the relay sets one.
     budget: Option<TokenBucket>,
     /// Over budget: no reading until then.
@@ -65,6 +73,7 @@ impl ClientSession {
             sent_to: HashSet::new(),
             preferred: false,
             peer_gone_budget: TokenBucket::new(PEER_GONE_PER_SECOND, PEER_GONE_BURST, now),
+            lookup_budget: TokenBucket::new(LOOKUP_PER_SECOND, LOOKUP_BURST, now),
             budget: budget.map(|b| TokenBucket::new(b.bytes_per_second as f64, b.burst_bytes as f64, now)),
             resume_reading: None,
         }
@@ -82,6 +91,7 @@ impl ClientSession {
             Frame::SendPacket { dst, packet } => self.send(dst, packet, now, ctx, out),
             Frame::Ping(data) => out.queue(&Frame::Pong(data)),
             Frame::NotePreferred { preferred } => self.set_preferred(preferred, ctx),
+            Frame::FindPeer { peer } => self.find(peer, now, ctx, out),
             Frame::WatchConns | Frame::ClosePeer { .. } => {
                 // Mesh-only frames: DERP closes connections that lack the mesh key.
                 ctx.metrics.protocol_errors.increment(1);
@@ -198,6 +208,17 @@ impl ClientSession {
         }
     }
 
+    /// Answers whether `peer` is in this relay's region, within the client's lookup budget.
+    fn find(&mut self, peer: PublicKey, now: Instant, ctx: Ctx<'_>, out: &mut impl FrameSink) {
+        if !self.lookup_budget.try_take(now, 1.0) {
+            ctx.metrics.lookups[2].increment(1);
+            return;
+        }
+        let present = ctx.router.is_present(&peer);
+        ctx.metrics.lookups[usize::from(!present)].increment(1);
+        out.queue(&Frame::PeerPresence { peer, present });
+    }
+
     fn set_preferred(&mut self, preferred: bool, ctx: Ctx<'_>) {
         if preferred != self.preferred {
             self.preferred = preferred;
@@ -289,6 +310,30 @@ mod tests {
         assert!(out.is_empty(), "none within the second");
         a.handle_frame(send(7, b"x"), t + Duration::from_millis(1001), relay.ctx(), &mut out);
         assert_eq!(out, vec![gone], "one more after a second");
+    }
+
+    #[test]
+    fn find_peer_answers_for_local_and_sibling_keys_within_a_budget() {
+        let relay = Relay::default();
+        let t = now();
+        let (h, _inbox) = handle(2);
+        relay.router.register(key(2), h);
+        let (tx, _link) = mpsc::channel(1);
+        relay.router.sibling_present(key(9), &SiblingLink { id: 1, tx });
+        let (mut a, mut out) = (ClientSession::new(key(1), None, t), Vec::new());
+        for k in [2, 9, 7] {
+            assert_eq!(a.handle_frame(Frame::FindPeer { peer: key(k) }, t, relay.ctx(), &mut out), Next::Continue);
+        }
+        let answer = |k, present| Frame::PeerPresence { peer: key(k), present };
+        assert_eq!(out, vec![answer(2, true), answer(9, true), answer(7, false)], "here, at a sibling, nowhere");
+        out.clear();
+        for _ in 0..100 {
+            a.handle_frame(Frame::FindPeer { peer: key(2) }, t, relay.ctx(), &mut out);
+        }
+        assert_eq!(out.len(), LOOKUP_BURST as usize - 3, "the rest of the burst, then no answers");
+        out.clear();
+        a.handle_frame(Frame::FindPeer { peer: key(2) }, t + Duration::from_millis(200), relay.ctx(), &mut out);
+        assert_eq!(out, vec![answer(2, true)], "the budget refills at 8/s");
     }
 
     #[test]
