@@ -9,6 +9,8 @@
 //! `DERPPort` 0 or absent means 443; `STUNPort` 0 or absent means 3478, -1 disables STUN.
 //! `"STUNOnly": true` marks a node that only answers STUN: it helps endpoint discovery (a second
 //! STUN server tells whether the NAT's mapping varies by destination) but is never a home.
+//! `"Avoid": true` on a region (as in Tailscale's DERP map) keeps nodes from choosing it as home
+//! unless every region is avoided; nodes still dial it to reach peers homed there.
 //! `IPv4`/`IPv6`, when present, are dialled instead of resolving `HostName` (which still
 //! names the TLS certificate).
 
@@ -61,6 +63,9 @@ pub struct Region {
     /// Human name.
     #[serde(rename = "RegionName", default)]
     pub region_name: String,
+    /// Not to be chosen as home (peers homed here are still reached).
+    #[serde(rename = "Avoid", default)]
+    pub avoid: bool,
     /// The region's relays, preferred first.
     #[serde(rename = "Nodes")]
     pub nodes: Vec<RelayNode>,
@@ -203,6 +208,44 @@ impl RegionMap {
     pub fn region(&self, id: u32) -> Option<&Region> {
         self.regions.values().find(|r| r.region_id == id)
     }
+
+    /// The region a user named, by id (`2`) or code (`ams`, any case).
+    ///
+    /// # Errors
+    /// [`UnknownRegion`] naming the regions there are.
+    pub fn resolve(&self, name: &str) -> Result<u32, UnknownRegion> {
+        let name = name.trim();
+        let by_id = name.parse::<u32>().ok().and_then(|id| self.region(id));
+        let by_code = || self.regions().find(|r| !r.region_code.is_empty() && r.region_code.eq_ignore_ascii_case(name));
+        match by_id.or_else(by_code) {
+            Some(r) if RegionMap::derp_node(r).is_some() => Ok(r.region_id),
+            _ => Err(UnknownRegion {
+                name: name.to_owned(),
+                known: self
+                    .regions()
+                    .filter(|r| RegionMap::derp_node(r).is_some())
+                    .map(|r| {
+                        if r.region_code.is_empty() {
+                            r.region_id.to_string()
+                        } else {
+                            format!("{} ({})", r.region_id, r.region_code)
+                        }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            }),
+        }
+    }
+}
+
+/// A region name ([`RegionMap::resolve`]) that is not in the map, or has no relay.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("region {name:?} is not in the region map (regions with relays: {known})")]
+pub struct UnknownRegion {
+    /// What was asked for.
+    pub name: String,
+    /// The regions there are, for the message.
+    pub known: String,
 }
 
 #[cfg(test)]
@@ -225,6 +268,23 @@ mod tests {
         assert_eq!(m.region(2).expect("r2").nodes[0].url(), "https://r2:443");
         assert!(RegionMap::derp_node(m.region(3).expect("r3")).is_none());
         assert_eq!(m.region(3).expect("r3").nodes[0].stun_port(), Some(3478));
+    }
+
+    #[test]
+    fn regions_resolve_by_id_or_code_and_unknown_ones_are_named() {
+        let m = RegionMap::parse(
+            br#"{"Regions":{"1":{"RegionID":1,"RegionCode":"fra","Nodes":[{"HostName":"a"}]},
+            "2":{"RegionID":2,"RegionCode":"ams","Avoid":true,"Nodes":[{"HostName":"b"}]},
+            "3":{"RegionID":3,"Nodes":[{"HostName":"s","STUNOnly":true}]}}}"#,
+        )
+        .expect("valid");
+        assert_eq!(m.resolve("2"), Ok(2));
+        assert_eq!(m.resolve("AMS"), Ok(2));
+        assert!(m.region(2).expect("r2").avoid && !m.region(1).expect("r1").avoid);
+        let e = m.resolve("9").expect_err("no region 9");
+        assert_eq!(e.to_string(), "region \"9\" is not in the region map (regions with relays: 1 (fra), 2 (ams))");
+        assert!(m.resolve("3").is_err(), "a STUN-only region carries no packets");
+        assert!(m.resolve("").is_err());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! and in it the first relay of the map that has not failed lately.
 //!
 //! The home moves only on a clear improvement (30 % faster and 5 ms less), unless the current
-//! home failed (`force`). A relay that failed or said it is restarting is avoided for
+//! home failed (`force`). Regions the map marks `Avoid` come after all others. A relay that failed or said it is restarting is avoided for
 //! [`BAD_RELAY_FOR`]; a region is failing when every relay in it is.
 
 use std::collections::{BTreeMap, HashMap};
@@ -70,7 +70,8 @@ impl Home {
         };
         let mut regions: Vec<u32> =
             map.regions().filter(|r| RegionMap::derp_nodes(r).next().is_some()).map(|r| r.region_id).collect();
-        regions.sort_by_key(|id| (failing(*id), rtt(*id), *id));
+        let avoided = |id: u32| map.region(id).is_some_and(|r| r.avoid);
+        regions.sort_by_key(|id| (failing(*id), avoided(*id), rtt(*id), *id));
         let &best = regions.first()?;
         if let Some(cur) = self.current.as_ref().map(|h| h.region_id).filter(|_| !force) {
             let (b, c) = (rtt(best), rtt(cur));
@@ -130,6 +131,19 @@ mod tests {
             home.note_rtt(2, Duration::from_millis(5));
         }
         assert_eq!(home.choose(&map, false, t).map(|h| h.region_id), Some(2));
+    }
+
+    #[test]
+    fn an_avoided_region_is_home_only_when_nothing_else_works() {
+        let mut map = map(&[(1, &[10]), (2, &[20])]);
+        map.regions.get_mut("1").expect("region 1").avoid = true;
+        let t = now();
+        let mut home = Home::default();
+        home.note_rtt(1, Duration::from_millis(5));
+        home.note_rtt(2, Duration::from_millis(50));
+        assert_eq!(home.choose(&map, false, t).map(|h| h.region_id), Some(2), "faster, but avoided");
+        home.note_failed(home.current().expect("home").url.clone(), t);
+        assert_eq!(home.choose(&map, true, t).map(|h| h.region_id), Some(1), "the only region left");
     }
 
     #[test]
