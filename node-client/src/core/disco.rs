@@ -10,7 +10,7 @@
 //!
 //! type 0x01 Ping         tx id(12)
 //! type 0x02 Pong         tx id(12) | observed source address (addr)
-//! type 0x03 CallMeMaybe  count(1) | count x addr        (count <= 16)
+//! type 0x03 CallMeMaybe  count(1) | count x addr (count <= 16) | home region (u32, optional)
 //! type 0x10 Data         application packet
 //! addr = family(1: 4 or 6) | ip(4 or 16) | port(2, big-endian)
 //! ```
@@ -54,6 +54,8 @@ pub enum Message {
     CallMeMaybe {
         /// The sender's candidate endpoints.
         endpoints: Vec<SocketAddr>,
+        /// The region of the sender's home relay, where it can be reached through the relay.
+        home_region: Option<u32>,
     },
     /// An application packet.
     Data(Bytes),
@@ -137,12 +139,15 @@ fn encode_body(msg: &Message, out: &mut BytesMut) {
             out.put_slice(tx);
             put_addr(out, *src);
         }
-        Message::CallMeMaybe { endpoints } => {
+        Message::CallMeMaybe { endpoints, home_region } => {
             out.put_u8(0x03);
             let n = endpoints.len().min(MAX_ENDPOINTS);
             out.put_u8(n as u8);
             for ep in &endpoints[..n] {
                 put_addr(out, *ep);
+            }
+            if let Some(r) = home_region {
+                out.put_u32(*r);
             }
         }
         Message::Data(d) => {
@@ -209,7 +214,16 @@ fn decode_body(plain: &[u8]) -> Result<Message, DecodeError> {
                 return Err(malformed("too many endpoints"));
             }
             let endpoints = (0..n).map(|_| take_addr(&mut b)).collect::<Result<_, _>>()?;
-            Message::CallMeMaybe { endpoints }
+            let home_region = match b.len() {
+                0 => None,
+                4 => {
+                    let r = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+                    b = &[];
+                    Some(r)
+                }
+                _ => return Err(malformed("bad home region")),
+            };
+            Message::CallMeMaybe { endpoints, home_region }
         }
         0x10 => return Ok(Message::Data(Bytes::copy_from_slice(b))),
         _ => return Err(malformed("unknown message type")),
@@ -239,8 +253,12 @@ mod tests {
             Message::Ping { tx: [1; 12] },
             Message::Pong { tx: [2; 12], src: "198.51.100.7:41641".parse().expect("addr") },
             Message::Pong { tx: [3; 12], src: "[2001:db8::5]:1".parse().expect("addr") },
-            Message::CallMeMaybe { endpoints: vec!["10.0.0.1:1".parse().expect("a"), "[::1]:2".parse().expect("a")] },
-            Message::CallMeMaybe { endpoints: vec![] },
+            Message::CallMeMaybe {
+                endpoints: vec!["10.0.0.1:1".parse().expect("a"), "[::1]:2".parse().expect("a")],
+                home_region: None,
+            },
+            Message::CallMeMaybe { endpoints: vec![], home_region: Some(7) },
+            Message::CallMeMaybe { endpoints: vec!["10.0.0.1:1".parse().expect("a")], home_region: Some(u32::MAX) },
             Message::Data(Bytes::from_static(b"payload")),
         ];
         for m in msgs {
@@ -264,7 +282,17 @@ mod tests {
 
     #[test]
     fn bad_bodies_are_errors_not_panics() {
-        for body in [&[][..], &[0x01, 1, 2], &[0x02; 13], &[0x03, 17], &[0x03, 1, 4, 1, 2], &[0x7f], &[0x01; 14]] {
+        for body in [
+            &[][..],
+            &[0x01, 1, 2],
+            &[0x02; 13],
+            &[0x03, 17],
+            &[0x03, 1, 4, 1, 2],
+            &[0x03, 0, 1, 2],
+            &[0x03, 0, 1, 2, 3, 4, 5],
+            &[0x7f],
+            &[0x01; 14],
+        ] {
             assert!(decode_body(body).is_err(), "{body:?}");
         }
         let mut seed = 7u32;

@@ -397,7 +397,8 @@ impl<R: CryptoRngCore> NodeCore<R> {
             self.send_direct(&peer, to, &Message::Ping { tx });
         }
         if call && !endpoints.is_empty() {
-            self.send_relay(&peer, &Message::CallMeMaybe { endpoints });
+            let home_region = self.home.current().map(|h| h.region_id);
+            self.send_relay(&peer, &Message::CallMeMaybe { endpoints, home_region });
         }
     }
 
@@ -451,7 +452,7 @@ impl<R: CryptoRngCore> NodeCore<R> {
                 }
             }
             (Message::CallMeMaybe { .. }, _) if self.settings.relay_only => {}
-            (Message::CallMeMaybe { endpoints }, _) => {
+            (Message::CallMeMaybe { endpoints, .. }, _) => {
                 let p = self.peers.entry(sender).or_default();
                 p.paths.add_candidates(&endpoints);
                 p.paths.on_activity(now);
