@@ -2,8 +2,9 @@
 //! and in it the first relay of the map that has not failed lately.
 //!
 //! The home moves only on a clear improvement (30 % faster and 5 ms less), unless the current
-//! home failed (`force`). Regions the map marks `Avoid` come after all others. A relay that failed or said it is restarting is avoided for
-//! [`BAD_RELAY_FOR`]; a region is failing when every relay in it is.
+//! home failed (`force`). Regions the map marks `Avoid` come after all others. A relay that
+//! failed or said it is restarting is avoided for [`BAD_RELAY_FOR`]; a region is failing when
+//! every relay in it is.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

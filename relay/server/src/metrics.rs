@@ -124,6 +124,29 @@ impl StunResult {
     }
 }
 
+/// Answer to one FindPeer question.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LookupResult {
+    /// Connected here or to a sibling.
+    Present,
+    /// Not in the region.
+    Absent,
+    /// Over the client's lookup budget: not answered.
+    Limited,
+}
+
+impl LookupResult {
+    const ALL: [LookupResult; 3] = [LookupResult::Present, LookupResult::Absent, LookupResult::Limited];
+
+    fn label(self) -> &'static str {
+        match self {
+            LookupResult::Present => "present",
+            LookupResult::Absent => "absent",
+            LookupResult::Limited => "limited",
+        }
+    }
+}
+
 /// Describes every metric (call once, after installing the recorder).
 pub fn describe() {
     describe_gauge!("relay_clients_connected", "DERP clients currently logged in");
@@ -193,8 +216,7 @@ pub struct RelayMetrics {
     pub(crate) mesh_remote_clients: Gauge,
     pub(crate) mesh_forwarded_out: Counter,
     pub(crate) mesh_forwarded_in: Counter,
-    /// FindPeer answers: present, absent, limited.
-    pub(crate) lookups: [Counter; 3],
+    lookups: [Counter; 3],
     dropped: [Counter; 6],
     handshake: [Counter; 9],
     stun: [Counter; 4],
@@ -225,8 +247,7 @@ impl RelayMetrics {
             mesh_remote_clients: metrics::gauge!("relay_mesh_remote_clients"),
             mesh_forwarded_out: metrics::counter!("relay_mesh_forwarded_total", "direction" => "out"),
             mesh_forwarded_in: metrics::counter!("relay_mesh_forwarded_total", "direction" => "in"),
-            lookups: ["present", "absent", "limited"]
-                .map(|r| metrics::counter!("relay_peer_lookups_total", "result" => r)),
+            lookups: LookupResult::ALL.map(|r| metrics::counter!("relay_peer_lookups_total", "result" => r.label())),
             dropped: DropReason::ALL.map(|r| metrics::counter!("relay_packets_dropped_total", "reason" => r.label())),
             handshake: HandshakeFailure::ALL
                 .map(|r| metrics::counter!("relay_handshake_failures_total", "reason" => r.label())),
@@ -257,6 +278,11 @@ impl RelayMetrics {
     /// Counts a STUN datagram.
     pub fn stun(&self, result: StunResult) {
         self.stun[result as usize].increment(1);
+    }
+
+    /// Counts a FindPeer question by its answer.
+    pub fn lookup(&self, result: LookupResult) {
+        self.lookups[result as usize].increment(1);
     }
 }
 

@@ -30,7 +30,7 @@ use super::inbox::Inbox;
 use super::router::{Control, Delivery, Packet};
 use super::{Ctx, FrameSink, Next};
 use crate::config::ClientRate;
-use crate::metrics::DropReason;
+use crate::metrics::{DropReason, LookupResult};
 
 /// Peers remembered per client for PeerGone notices on disconnect.
 const MAX_SENT_TO: usize = 4096;
@@ -211,11 +211,11 @@ impl ClientSession {
     /// Answers whether `peer` is in this relay's region, within the client's lookup budget.
     fn find(&mut self, peer: PublicKey, now: Instant, ctx: Ctx<'_>, out: &mut impl FrameSink) {
         if !self.lookup_budget.try_take(now, 1.0) {
-            ctx.metrics.lookups[2].increment(1);
+            ctx.metrics.lookup(LookupResult::Limited);
             return;
         }
         let present = ctx.router.is_present(&peer);
-        ctx.metrics.lookups[usize::from(!present)].increment(1);
+        ctx.metrics.lookup(if present { LookupResult::Present } else { LookupResult::Absent });
         out.queue(&Frame::PeerPresence { peer, present });
     }
 
