@@ -4,8 +4,9 @@
 //! - the **shell** owns the UDP socket: it feeds commands, datagrams, relay events and the
 //!   core's timer into the core, then sends what the core transmits (direct datagrams on the
 //!   socket, relay packets to the relay link) and acts on its events;
-//! - the **relay link** ([`crate::relay_link`]) keeps the connection to the home relay the
-//!   core chose.
+//! - the **relay links** ([`crate::relay_link`]): the connection to the home relay the core
+//!   chose, and one to a relay of each other region where peers the node talks to are homed,
+//!   opened and closed as the core says.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,10 +25,11 @@ use warren_relay_proto::{PublicKey, SecretKey};
 
 use crate::core::disco;
 use crate::core::paths::Path;
-use crate::core::{Destination, Event, HomeTarget, NodeCore, Settings};
-pub use crate::core::{HomeStatus, PeerStatus, Received, Status};
-use crate::regionmap::RegionMap;
-use crate::relay_link::{RelayEvent, RelayTask};
+use crate::core::{Destination, Event, HomeTarget, Link, NodeCore, Settings};
+pub use crate::core::{HomeStatus, LinkStatus, PeerStatus, Received, RegionSource, Status};
+use crate::regionmap::{RegionMap, UnknownRegion};
+use crate::relay_link::{RelayEvent, RelayEventKind, RelayTask};
+use warren_relay_proto::Frame;
 
 /// Node settings.
 #[derive(Debug, Clone)]
@@ -49,6 +51,10 @@ pub struct NodeConfig {
     pub relay_only: bool,
     /// The HTTP proxy setting for relay connections.
     pub proxy: crate::net::ProxyChoice,
+    /// A link to another region's relay unused for this long is closed.
+    pub link_idle: Duration,
+    /// Peers' home regions the user knows (`KEY@REGION`), until the peers say otherwise.
+    pub peer_hints: Vec<(PublicKey, u32)>,
 }
 
 impl NodeConfig {
@@ -63,6 +69,8 @@ impl NodeConfig {
             rehome_interval: Duration::from_secs(30),
             relay_only: false,
             proxy: crate::net::ProxyChoice::FromEnv,
+            link_idle: Duration::from_secs(60),
+            peer_hints: Vec::new(),
         }
     }
 }
@@ -88,12 +96,19 @@ pub enum NodeError {
     /// No answer in time.
     #[error("no answer within the deadline")]
     Timeout,
+    /// A peer address that is not `KEY` or `KEY@REGION`.
+    #[error("peer must be 64 hex digits, optionally followed by @REGION")]
+    BadPeer,
+    /// `KEY@REGION` names a region the map does not have.
+    #[error(transparent)]
+    UnknownRegion(#[from] UnknownRegion),
 }
 
 enum Cmd {
     Send(PublicKey, Bytes),
     Status(oneshot::Sender<Status>),
     Ping(PublicKey, oneshot::Sender<(Path, Duration)>),
+    Hint(PublicKey, u32),
 }
 
 /// A running node. Dropping it stops it; [`Node::shutdown`] also waits for its tasks.
@@ -104,6 +119,7 @@ pub struct Node {
     cancel: CancellationToken,
     tasks: TaskTracker,
     public: PublicKey,
+    region_map: RegionMap,
 }
 
 impl Drop for Node {
@@ -127,38 +143,67 @@ impl Node {
         let (received_tx, received) = mpsc::channel(4096);
         let (home_tx, home_rx) = watch::channel(None);
         let (relay_events_tx, relay_events) = mpsc::channel(4096);
-        let (relay_out_tx, relay_out) = mpsc::channel(4096);
         let public = config.secret.public_key();
-        let relay = RelayTask {
+        let tasks = TaskTracker::new();
+        let spawner = LinkSpawner {
             secret: config.secret.clone(),
             ca_file: config.ca_file.clone(),
             proxy: config.proxy.clone(),
-            home: home_rx,
             events: relay_events_tx,
-            out: relay_out,
+            tasks: tasks.clone(),
             cancel: cancel.clone(),
         };
-        let tasks = TaskTracker::new();
-        tasks.spawn(relay.run());
+        let relay_out = spawner.spawn(Link::Home, home_rx, cancel.clone());
         let settings = Settings {
             secret: config.secret,
-            region_map: config.region_map,
+            region_map: config.region_map.clone(),
             stun_interval: config.stun_interval,
             rehome_interval: config.rehome_interval,
             relay_only: config.relay_only,
+            link_idle: config.link_idle,
         };
+        let mut core = NodeCore::new(settings, OsRng, Instant::now());
+        for (peer, region) in config.peer_hints {
+            core.handle_hint(peer, region);
+        }
         let shell = Shell {
-            core: NodeCore::new(settings, OsRng, Instant::now()),
+            core,
             socket,
             home_tx,
-            relay_out: relay_out_tx,
+            relay_out,
+            links: HashMap::new(),
+            spawner,
             received: received_tx,
             pings: HashMap::new(),
         };
         tasks.spawn(shell.run(cmds, relay_events, cancel.clone()));
+        // Region links are spawned later, while the shell (still tracked) runs.
         tasks.close();
         info!(key = %public, "node started");
-        Ok(Node { cmds: cmds_tx, received: tokio::sync::Mutex::new(received), cancel, tasks, public })
+        Ok(Node {
+            cmds: cmds_tx,
+            received: tokio::sync::Mutex::new(received),
+            cancel,
+            tasks,
+            public,
+            region_map: config.region_map,
+        })
+    }
+
+    /// Parses a peer address, `KEY` or `KEY@REGION` (a region id or code of the node's map).
+    ///
+    /// # Errors
+    /// [`NodeError::BadPeer`], or [`NodeError::UnknownRegion`] naming the regions there are.
+    pub fn parse_peer(&self, s: &str) -> Result<(PublicKey, Option<u32>), NodeError> {
+        parse_peer(s, &self.region_map)
+    }
+
+    /// Says where `peer` is homed (a `KEY@REGION` hint); the peer's own word replaces it.
+    ///
+    /// # Errors
+    /// [`NodeError::Stopped`].
+    pub async fn hint(&self, peer: PublicKey, region: u32) -> Result<(), NodeError> {
+        self.cmds.send(Cmd::Hint(peer, region)).await.map_err(|_| NodeError::Stopped)
     }
 
     /// This node's public key.
@@ -221,12 +266,74 @@ impl Node {
     }
 }
 
+/// `KEY` or `KEY@REGION`, the region by id or code of `map`.
+///
+/// # Errors
+/// [`NodeError::BadPeer`] or [`NodeError::UnknownRegion`].
+pub fn parse_peer(s: &str, map: &RegionMap) -> Result<(PublicKey, Option<u32>), NodeError> {
+    let (key, region) = match s.split_once('@') {
+        Some((k, r)) => (k, Some(r)),
+        None => (s, None),
+    };
+    let key = PublicKey::from_hex(key.trim()).map_err(|_| NodeError::BadPeer)?;
+    let region = region.map(|r| map.resolve(r.trim())).transpose()?;
+    Ok((key, region))
+}
+
+/// What a new relay link needs; the shell starts one per region link.
+struct LinkSpawner {
+    secret: SecretKey,
+    ca_file: Option<PathBuf>,
+    proxy: crate::net::ProxyChoice,
+    events: mpsc::Sender<RelayEvent>,
+    tasks: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl LinkSpawner {
+    /// A token cancelled with the node, or on its own.
+    fn cancel_child(&self) -> CancellationToken {
+        self.cancel.child_token()
+    }
+
+    /// Starts the link's task; returns the queue of frames it sends.
+    fn spawn(
+        &self,
+        link: Link,
+        target: watch::Receiver<Option<HomeTarget>>,
+        cancel: CancellationToken,
+    ) -> mpsc::Sender<Frame> {
+        let (out_tx, out) = mpsc::channel(4096);
+        let task = RelayTask {
+            link,
+            secret: self.secret.clone(),
+            ca_file: self.ca_file.clone(),
+            proxy: self.proxy.clone(),
+            home: target,
+            events: self.events.clone(),
+            out,
+            cancel,
+        };
+        self.tasks.spawn(task.run());
+        out_tx
+    }
+}
+
+/// A running link to another region's relay.
+struct RegionLink {
+    target: watch::Sender<Option<HomeTarget>>,
+    out: mpsc::Sender<Frame>,
+    cancel: CancellationToken,
+}
+
 /// The node's socket, its relay link's queues, and the core they feed.
 struct Shell {
     core: NodeCore<OsRng>,
     socket: Arc<UdpSocket>,
     home_tx: watch::Sender<Option<HomeTarget>>,
-    relay_out: mpsc::Sender<(PublicKey, Bytes)>,
+    relay_out: mpsc::Sender<Frame>,
+    links: HashMap<u32, RegionLink>,
+    spawner: LinkSpawner,
     received: mpsc::Sender<Received>,
     /// Explicit pings waiting for their answer, by the core's id.
     pings: HashMap<u64, oneshot::Sender<(Path, Duration)>>,
@@ -274,33 +381,39 @@ impl Shell {
                     self.pings.insert(id, reply);
                 }
             }
+            Cmd::Hint(peer, region) => self.core.handle_hint(peer, region),
         }
     }
 
     fn on_relay(&mut self, ev: RelayEvent) {
         let now = Instant::now();
-        match ev {
-            RelayEvent::Connected => self.core.handle_relay_connected(),
-            RelayEvent::Lost(_region, url) => self.core.handle_relay_lost(url, now),
-            RelayEvent::Packet(src, data) => self.core.handle_relay_packet(src, &data, now),
+        let link = ev.link;
+        // A closed region link's last words are not news.
+        if let Link::Region(r) = link {
+            if !self.links.contains_key(&r) {
+                return;
+            }
+        }
+        match ev.kind {
+            RelayEventKind::Connected => self.core.handle_relay_connected(link),
+            RelayEventKind::Lost(url) => self.core.handle_relay_lost(link, url, now),
+            RelayEventKind::Packet(src, data) => self.core.handle_relay_packet(link, src, &data, now),
+            RelayEventKind::Gone(peer, reason) => self.core.handle_peer_gone(link, peer, reason, now),
+            RelayEventKind::Presence(peer, present) => self.core.handle_presence(link, peer, present, now),
         }
     }
 
-    /// Sends what the core transmits and acts on its events.
-    async fn drive(&mut self) {
-        while let Some(t) = self.core.poll_transmit() {
-            match t.dst {
-                Destination::Direct(to) => {
-                    if let Err(e) = self.socket.send_to(&t.payload, to).await {
-                        debug!(%to, error = %e, "direct send failed");
-                    }
-                }
-                // A full relay queue drops the packet, as a congested path would.
-                Destination::Relay(peer) => {
-                    let _ = self.relay_out.try_send((peer, t.payload));
-                }
-            }
+    /// The queue of frames for `link`; None for a region link that is not open.
+    fn link_out(&self, link: Link) -> Option<&mpsc::Sender<Frame>> {
+        match link {
+            Link::Home => Some(&self.relay_out),
+            Link::Region(r) => self.links.get(&r).map(|l| &l.out),
         }
+    }
+
+    /// Acts on the core's events, then sends what it transmits (a region link the core just
+    /// opened is there for its first packet).
+    async fn drive(&mut self) {
         while let Some(ev) = self.core.poll_event() {
             match ev {
                 Event::Received(r) => {
@@ -308,6 +421,12 @@ impl Shell {
                 }
                 Event::HomeChanged(target) => {
                     self.home_tx.send_replace(Some(target));
+                }
+                Event::LinkOpen(target) => self.open_link(target),
+                Event::LinkClosed(region) => {
+                    if let Some(l) = self.links.remove(&region) {
+                        l.cancel.cancel();
+                    }
                 }
                 Event::PingAnswered { id, path, rtt } => {
                     if let Some(reply) = self.pings.remove(&id) {
@@ -319,6 +438,40 @@ impl Shell {
                 }
             }
         }
+        while let Some(t) = self.core.poll_transmit() {
+            match t.dst {
+                Destination::Direct(to) => {
+                    if let Err(e) = self.socket.send_to(&t.payload, to).await {
+                        debug!(%to, error = %e, "direct send failed");
+                    }
+                }
+                // A full relay queue drops the packet, as a congested path would.
+                Destination::Relay { link, peer } => {
+                    if let Some(out) = self.link_out(link) {
+                        let _ = out.try_send(Frame::SendPacket { dst: peer, packet: t.payload });
+                    }
+                }
+                Destination::Find { link, peer } => {
+                    if let Some(out) = self.link_out(link) {
+                        let _ = out.try_send(Frame::FindPeer { peer });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the link to `target`'s region, or moves the running one to that relay.
+    fn open_link(&mut self, target: HomeTarget) {
+        let region = target.region_id;
+        if let Some(l) = self.links.get(&region) {
+            l.target.send_replace(Some(target));
+            return;
+        }
+        let (target_tx, target_rx) = watch::channel(Some(target));
+        // Closed with the node, or alone when the core closes it.
+        let cancel = self.spawner.cancel_child();
+        let out = self.spawner.spawn(Link::Region(region), target_rx, cancel.clone());
+        self.links.insert(region, RegionLink { target: target_tx, out, cancel });
     }
 
     /// Resolves each region's STUN server and learns our LAN endpoint.

@@ -1,7 +1,8 @@
-//! The link to the home relay: dials the relay the core chose, keeps it up with jittered
-//! exponential backoff, carries packets both ways, and reports Restarting and failures so the
-//! core can move home. A new home (a sibling in the same region, or another region) is
-//! dialled at once.
+//! A relay link: the connection to the home relay, or to a relay of another region where peers
+//! are homed. It dials the relay the core chose, keeps it up with jittered exponential backoff,
+//! carries frames both ways, and reports Restarting and failures so the core can move on. A new
+//! target (a sibling in the same region, or another region for the home) is dialled at once.
+//! Only the home link tells its relay it is preferred.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -12,34 +13,57 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use warren_common::limits::Backoff;
 use warren_relay_client::{ConnectOptions, DerpClient};
-use warren_relay_proto::{Frame, PublicKey, SecretKey};
+use warren_relay_proto::{Frame, PeerGoneReason, PublicKey, SecretKey};
 
-use crate::core::HomeTarget;
+use crate::core::{HomeTarget, Link};
 
 /// Delay between attempts to reach the home relay: 100 ms doubling to 10 s, jittered.
 const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
-/// What the relay task reports.
+/// What a relay link reports, tagged with the link.
 #[derive(Debug)]
-pub(crate) enum RelayEvent {
+pub(crate) struct RelayEvent {
+    pub(crate) link: Link,
+    pub(crate) kind: RelayEventKind,
+}
+
+#[derive(Debug)]
+pub(crate) enum RelayEventKind {
     Connected,
     /// The relay said it is restarting, or the connection failed.
-    Lost(u32, String),
+    Lost(String),
     Packet(PublicKey, Bytes),
+    /// PeerGone: the key left, or (NotHere) was never here.
+    Gone(PublicKey, PeerGoneReason),
+    /// The answer to a FindPeer.
+    Presence(PublicKey, bool),
 }
 
 pub(crate) struct RelayTask {
+    pub(crate) link: Link,
     pub(crate) secret: SecretKey,
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) proxy: crate::net::ProxyChoice,
     pub(crate) home: watch::Receiver<Option<HomeTarget>>,
     pub(crate) events: mpsc::Sender<RelayEvent>,
-    pub(crate) out: mpsc::Receiver<(PublicKey, Bytes)>,
+    /// SendPacket and FindPeer frames to send.
+    pub(crate) out: mpsc::Receiver<Frame>,
     pub(crate) cancel: CancellationToken,
 }
 
 impl RelayTask {
-    /// Connects to the home relay, through the proxy when one is set for its host.
+    async fn report(&self, kind: RelayEventKind) {
+        let _ = self.events.send(RelayEvent { link: self.link, kind }).await;
+    }
+
+    fn name(&self) -> &'static str {
+        match self.link {
+            Link::Home => "home relay",
+            Link::Region(_) => "region link",
+        }
+    }
+
+    /// Connects to the relay, through the proxy when one is set for its host.
     async fn connect(&self, target: &HomeTarget) -> Result<DerpClient, warren_relay_client::ClientError> {
         let url = warren_common::url::RelayUrl::parse(&target.url)?;
         let proxy = self.proxy.for_host(&url.host)?;
@@ -65,9 +89,11 @@ impl RelayTask {
             };
             let wait = match connected {
                 Ok(mut client) => {
-                    info!(region = target.region_id, url = %target.url, "home relay connected");
-                    let _ = client.send(&Frame::NotePreferred { preferred: true }).await;
-                    let _ = self.events.send(RelayEvent::Connected).await;
+                    info!(region = target.region_id, url = %target.url, "{} connected", self.name());
+                    if self.link == Link::Home {
+                        let _ = client.send(&Frame::NotePreferred { preferred: true }).await;
+                    }
+                    self.report(RelayEventKind::Connected).await;
                     let (wait, healthy) = self.serve(&mut client, &target).await;
                     failures = if healthy { 0 } else { failures + 1 };
                     if self.cancel.is_cancelled() {
@@ -76,12 +102,12 @@ impl RelayTask {
                     wait
                 }
                 Err(e) => {
-                    warn!(region = target.region_id, url = %target.url, error = %e, "home relay connection failed");
+                    warn!(region = target.region_id, url = %target.url, error = %e, "{} connection failed", self.name());
                     failures += 1;
                     None
                 }
             };
-            let _ = self.events.send(RelayEvent::Lost(target.region_id, target.url.clone())).await;
+            self.report(RelayEventKind::Lost(target.url.clone())).await;
             let delay = wait.unwrap_or_else(|| BACKOFF.delay(failures));
             // A new home (a sibling in the same region, or another region) is dialled at once.
             tokio::select! {
@@ -101,12 +127,11 @@ impl RelayTask {
                 _ = self.cancel.cancelled() => return (None, true),
                 changed = self.home.changed() => {
                     if changed.is_err() || self.home.borrow().as_ref() != Some(target) {
-                        info!(region = target.region_id, "moving home relay");
+                        info!(region = target.region_id, "moving {}", self.name());
                         return (Some(Duration::ZERO), true);
                     }
                 }
-                Some((dst, data)) = self.out.recv() => {
-                    let mut frame = Frame::SendPacket { dst, packet: data };
+                Some(mut frame) = self.out.recv() => {
                     let mut batch = 0;
                     loop {
                         if client.queue(&frame).is_err() {
@@ -114,11 +139,11 @@ impl RelayTask {
                         }
                         batch += 1;
                         match self.out.try_recv() {
-                            Ok((dst, data)) if batch < 64 => frame = Frame::SendPacket { dst, packet: data },
-                            Ok((dst, data)) => {
-                                // Keep the packet for the next batch.
+                            Ok(next) if batch < 64 => frame = next,
+                            Ok(next) => {
+                                // Keep the frame for the next batch.
                                 let _ = client.flush().await;
-                                frame = Frame::SendPacket { dst, packet: data };
+                                frame = next;
                                 batch = 0;
                             }
                             Err(_) => break,
@@ -129,20 +154,20 @@ impl RelayTask {
                     }
                 }
                 frame = client.recv() => match frame {
-                    Ok(Frame::RecvPacket { src, packet }) => {
-                        let _ = self.events.send(RelayEvent::Packet(src, packet)).await;
-                    }
+                    Ok(Frame::RecvPacket { src, packet }) => self.report(RelayEventKind::Packet(src, packet)).await,
+                    Ok(Frame::PeerGone { peer, reason }) => self.report(RelayEventKind::Gone(peer, reason)).await,
+                    Ok(Frame::PeerPresence { peer, present }) => self.report(RelayEventKind::Presence(peer, present)).await,
                     Ok(Frame::Ping(d)) => {
                         let _ = client.send(&Frame::Pong(d)).await;
                     }
                     Ok(Frame::Restarting { reconnect_in_ms, .. }) => {
-                        info!(region = target.region_id, reconnect_in_ms, "home relay is restarting");
+                        info!(region = target.region_id, reconnect_in_ms, "{} is restarting", self.name());
                         return (Some(Duration::from_millis(u64::from(reconnect_in_ms))), true);
                     }
                     Ok(Frame::Health { problem }) if !problem.is_empty() => warn!(region = target.region_id, %problem, "relay health"),
                     Ok(_) => {}
                     Err(e) => {
-                        warn!(region = target.region_id, error = %e, "home relay connection lost");
+                        warn!(region = target.region_id, error = %e, "{} connection lost", self.name());
                         return (None, started.elapsed() > Duration::from_secs(10));
                     }
                 },

@@ -1,6 +1,8 @@
 //! A meshed region of three `warren-relay` processes on loopback with relay-only nodes spread
 //! over them: packets cross the mesh, a killed relay's node moves to a sibling and its traffic
-//! resumes, and a draining relay costs the nodes on the other relays nothing.
+//! resumes, and a draining relay costs the nodes on the other relays nothing. And two regions,
+//! each its own mesh on its own loopback address, whose nodes reach each other through links to
+//! the other region's relays.
 
 use std::io::Read as _;
 use std::net::TcpStream;
@@ -33,7 +35,10 @@ struct RelayProc {
 /// Relay processes, killed when the test ends however it ends.
 struct Region {
     relays: Vec<RelayProc>,
-    dir: tempfile::TempDir,
+    /// The state directory (the dev CA, configs, logs); owned by the first region started.
+    dir: PathBuf,
+    _owned: Option<tempfile::TempDir>,
+    ip: &'static str,
 }
 
 impl Drop for Region {
@@ -47,23 +52,34 @@ impl Drop for Region {
 
 impl Region {
     fn start(n: usize) -> Region {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Region::start_on(n, "127.0.0.1", None)
+    }
+
+    /// `n` meshed relays listening on `ip`; `beside` shares its state directory (and dev CA).
+    fn start_on(n: usize, ip: &'static str, beside: Option<&Region>) -> Region {
+        let (dir, owned) = match beside {
+            Some(r) => (r.dir.clone(), None),
+            None => {
+                let t = tempfile::tempdir().expect("tempdir");
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
         let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_tcp_port(), free_tcp_port())).collect();
-        let peers: Vec<String> = ports.iter().map(|(d, _)| format!("\"https://localhost:{d}\"")).collect();
-        let mut region = Region { relays: Vec::new(), dir };
+        let peers: Vec<String> = ports.iter().map(|(d, _)| format!("\"https://{ip}:{d}\"")).collect();
+        let mut region = Region { relays: Vec::new(), dir, _owned: owned, ip };
         for (i, (derp, admin)) in ports.into_iter().enumerate() {
-            let state = region.dir.path();
+            let state = region.dir.as_path();
             let config = format!(
-                "listen = \"127.0.0.1:{derp}\"\nstate_dir = \"{s}\"\nkey_file = \"{s}/relay-{i}.key\"\n\
-                 [tls]\nmode = \"dev\"\n[stun]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+                "listen = \"{ip}:{derp}\"\nhostname = \"{ip}\"\nstate_dir = \"{s}\"\nkey_file = \"{s}/relay-{ip}-{i}.key\"\n\
+                 [tls]\nmode = \"dev\"\n[stun]\nlisten = \"{ip}:0\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
                  [shutdown]\ngrace_period = \"3s\"\nreconnect_in = \"100ms\"\n\
                  [mesh]\npeers = [{}]\nca_file = \"{s}/dev-ca.pem\"\n",
                 peers.join(", "),
                 s = state.display()
             );
-            let path = state.join(format!("relay-{i}.toml"));
+            let path = state.join(format!("relay-{ip}-{i}.toml"));
             std::fs::write(&path, config).expect("write config");
-            let log = std::fs::File::create(state.join(format!("relay-{i}.log"))).expect("log");
+            let log = std::fs::File::create(state.join(format!("relay-{ip}-{i}.log"))).expect("log");
             let child = Command::new(bin("warren-relay"))
                 .arg("--config")
                 .arg(&path)
@@ -75,19 +91,35 @@ impl Region {
             region.relays.push(RelayProc { child, derp, admin });
             // The first relay creates the shared dev CA; the others start once it exists.
             wait_until(Duration::from_secs(10), "relay listening", || {
-                TcpStream::connect(("127.0.0.1", derp)).is_ok() && state.join("dev-ca.pem").exists()
+                TcpStream::connect((ip, derp)).is_ok() && state.join("dev-ca.pem").exists()
             });
         }
+        let start = Instant::now();
         for i in 0..n {
-            wait_until(Duration::from_secs(10), "mesh links up", || {
-                region.metric(i, "relay_mesh_peers") == n as f64 - 1.0
-            });
+            while region.metric(i, "relay_mesh_peers") != n as f64 - 1.0 {
+                assert!(start.elapsed() < Duration::from_secs(10), "mesh links up on {ip}\nlog:\n{}", region.log(i));
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
         region
     }
 
     fn ca(&self) -> PathBuf {
-        self.dir.path().join("dev-ca.pem")
+        self.dir.join("dev-ca.pem")
+    }
+
+    /// This region's entry of a region map: `id`, its relays in order, `avoid` as given.
+    fn map_entry(&self, id: u32, avoid: bool) -> serde_json::Value {
+        let nodes: Vec<_> = self
+            .relays
+            .iter()
+            .enumerate()
+            .map(|(k, r)| {
+                serde_json::json!({"Name": format!("{id}{k}"), "HostName": "localhost", "IPv4": self.ip,
+                    "DERPPort": r.derp, "STUNPort": -1})
+            })
+            .collect();
+        serde_json::json!({"RegionID": id, "RegionCode": format!("r{id}"), "Nodes": nodes, "Avoid": avoid})
     }
 
     /// A region map listing the relays starting from `first`: nodes prefer the first entry.
@@ -113,7 +145,7 @@ impl Region {
     }
 
     fn log(&self, i: usize) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("relay-{i}.log"))).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join(format!("relay-{}-{i}.log", self.ip))).unwrap_or_default()
     }
 }
 
@@ -126,10 +158,15 @@ fn wait_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
 }
 
 async fn relay_only_node(map: RegionMap, ca: &FsPath) -> Node {
+    relay_only_node_with(map, ca, |_| {}).await
+}
+
+async fn relay_only_node_with(map: RegionMap, ca: &FsPath, tune: impl FnOnce(&mut NodeConfig)) -> Node {
     let mut cfg = NodeConfig::new(SecretKey::generate(&mut OsRng), map);
     cfg.ca_file = Some(ca.to_path_buf());
     cfg.udp_bind = "127.0.0.1:0".parse().expect("addr");
     cfg.relay_only = true;
+    tune(&mut cfg);
     let node = Node::start(cfg).await.expect("node starts");
     let start = Instant::now();
     while !node.status().await.is_ok_and(|s| s.relay_connected) {
@@ -253,4 +290,74 @@ async fn a_drain_loses_no_packets_between_nodes_on_other_relays() {
     );
     assert_eq!(seqs.len() as u32, sent_bc, "no packet lost between nodes on surviving relays");
     assert!(gap.is_some(), "the moving node's traffic continues");
+}
+
+/// A map of region 1 (`r1`) and region 2 (`r2`), the one not named `home` marked Avoid.
+fn two_region_map(r1: &Region, r2: &Region, home: u32) -> RegionMap {
+    let map = serde_json::json!({"Regions": {"1": r1.map_entry(1, home != 1), "2": r2.map_entry(2, home != 2)}});
+    RegionMap::parse(map.to_string().as_bytes()).expect("map")
+}
+
+async fn recv_from(node: &Node, from: PublicKey) -> Bytes {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = tokio::time::timeout_at(deadline, node.recv()).await.expect("a packet in time").expect("recv");
+        if r.from == from {
+            return r.data;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_homed_in_different_regions_reach_each_other_with_and_without_a_hint() {
+    let r1 = Region::start_on(2, "127.0.0.1", None);
+    let r2 = Region::start_on(2, "127.0.0.2", Some(&r1));
+    let ca = r1.ca();
+    let idle = |c: &mut NodeConfig| c.link_idle = Duration::from_secs(2);
+    let a = relay_only_node_with(two_region_map(&r1, &r2, 1), &ca, idle).await;
+    let b = relay_only_node_with(two_region_map(&r1, &r2, 2), &ca, idle).await;
+    let c = relay_only_node_with(two_region_map(&r1, &r2, 1), &ca, idle).await;
+    let (ka, kb, kc) = (a.public_key(), b.public_key(), c.public_key());
+    let present = "relay_peer_lookups_total{result=\"present\"}";
+    let clients =
+        |r: &Region| r.metric(0, "relay_clients_connected").max(0.0) + r.metric(1, "relay_clients_connected").max(0.0);
+    assert_eq!((clients(&r1), clients(&r2)), (2.0, 1.0), "a and c homed in region 1, b in region 2");
+
+    // No hint: region 1 says b is not there, region 2 says it is, and the packet goes there.
+    a.send(kb, Bytes::from_static(b"no hint")).await.expect("send");
+    assert_eq!(&recv_from(&b, ka).await[..], b"no hint");
+    b.send(ka, Bytes::from_static(b"reply")).await.expect("send");
+    assert_eq!(&recv_from(&a, kb).await[..], b"reply");
+    let (path, rtt) = a.ping(kb, Duration::from_secs(3)).await.expect("ping across regions");
+    eprintln!("a -> b (homed in region 2): ping over {path:?} in {rtt:?}");
+    let lookups = r2.metric(0, present).max(0.0) + r2.metric(1, present).max(0.0);
+    assert_eq!(lookups, 1.0, "one lookup answered present by region 2");
+    let status = a.status().await.expect("status");
+    let peer = status.peers.iter().find(|p| p.key == kb.to_hex()).expect("b in a's status");
+    assert_eq!(peer.home_region, Some(2));
+    assert!(peer.relay.as_deref().is_some_and(|u| u.contains(&r2.relays[0].derp.to_string())), "{peer:?}");
+    assert_eq!(status.region_links.iter().map(|l| l.region_id).collect::<Vec<_>>(), vec![2]);
+
+    // A hint: straight to region 2, no lookup.
+    let (hinted, region) = c.parse_peer(&format!("{}@r2", kb.to_hex())).expect("a known region");
+    assert_eq!((hinted, region), (kb, Some(2)));
+    c.hint(kb, 2).await.expect("hint");
+    c.send(kb, Bytes::from_static(b"hinted")).await.expect("send");
+    assert_eq!(&recv_from(&b, kc).await[..], b"hinted");
+    b.send(kc, Bytes::from_static(b"reply")).await.expect("send");
+    assert_eq!(&recv_from(&c, kb).await[..], b"reply");
+    let lookups = r2.metric(0, present).max(0.0) + r2.metric(1, present).max(0.0);
+    assert_eq!(lookups, 1.0, "the hinted send asked no one");
+
+    // A region the map does not have is a clear error.
+    let e = c.parse_peer(&format!("{}@9", kb.to_hex())).expect_err("no region 9");
+    assert!(e.to_string().contains("regions with relays: 1 (r1), 2 (r2)"), "{e}");
+
+    // Idle links close: region 2 keeps only b, region 1 only a and c.
+    wait_until(Duration::from_secs(10), "idle region links closed", || (clients(&r1), clients(&r2)) == (2.0, 1.0));
+    let status = a.status().await.expect("status");
+    assert!(status.region_links.is_empty(), "{:?}", status.region_links);
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
 }

@@ -62,6 +62,14 @@ impl Home {
         self.bad_nodes.insert(url, now);
     }
 
+    /// The relay to use in `region`: the first of the map that has not failed lately; when all
+    /// have, the one that failed longest ago. For the home and for links to other regions.
+    pub(crate) fn node_in(&self, map: &RegionMap, region: u32) -> Option<HomeTarget> {
+        let r = map.region(region)?;
+        let node = RegionMap::derp_nodes(r).min_by_key(|n| self.bad_nodes.get(&n.url()).copied())?;
+        Some(HomeTarget::of(region, node))
+    }
+
     /// Chooses again; returns the new target when it changed.
     pub(crate) fn choose(&mut self, map: &RegionMap, force: bool, now: Instant) -> Option<HomeTarget> {
         self.bad_nodes.retain(|_, t| now.saturating_duration_since(*t) < BAD_RELAY_FOR);
@@ -83,11 +91,8 @@ impl Home {
             }
         }
         // When every region failed recently, `best` is the first in id order, possibly the
-        // current home again: the relay link keeps retrying it. Within the region: the first
-        // relay that has not failed lately; when all have, the one that failed longest ago.
-        let region = map.region(best)?;
-        let node = RegionMap::derp_nodes(region).min_by_key(|n| self.bad_nodes.get(&n.url()).copied())?;
-        let target = HomeTarget::of(best, node);
+        // current home again: the relay link keeps retrying it.
+        let target = self.node_in(map, best)?;
         if self.current.as_ref() == Some(&target) {
             return None;
         }

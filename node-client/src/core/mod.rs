@@ -2,21 +2,25 @@
 //!
 //! ```text
 //! inputs                                   outputs
-//! handle_send(peer, data, now)             poll_transmit() -> Transmit { Direct(addr) | Relay(key), payload }
-//! handle_ping(peer, now) -> id             poll_event()    -> Received | HomeChanged | PingAnswered | PingExpired
-//! handle_datagram(from, bytes, now)        poll_timeout()  -> when to call handle_timeout
-//! handle_relay_packet(src, bytes, now)
-//! handle_relay_connected() / handle_relay_lost(url, now)
-//! handle_timeout(now)
+//! handle_send(peer, data, now)             poll_transmit() -> Transmit { Direct(addr) | Relay{link, key}
+//! handle_ping(peer, now) -> id                                          | Find{link, key}, payload }
+//! handle_hint(peer, region)                poll_event()    -> Received | HomeChanged | LinkOpen | LinkClosed
+//! handle_datagram(from, bytes, now)                           | PingAnswered | PingExpired
+//! handle_relay_packet(link, src, bytes, now)
+//! handle_relay_connected(link) / handle_relay_lost(link, url, now)
+//! handle_peer_gone(link, peer, now) / handle_presence(link, peer, present, now)
+//! handle_timeout(now)                      poll_timeout()  -> when to call handle_timeout
 //! ```
 //!
-//! The shell (`node.rs`) owns the UDP socket and the relay link: it feeds in what happened with
-//! the current time, then sends every transmit and acts on every event before waiting again.
+//! The shell (`node.rs`) owns the UDP socket and the relay links (the home one, and one per
+//! other region the core opens): it feeds in what happened with the current time, then sends
+//! every transmit and acts on every event before waiting again.
 //! Every message between peers is a sealed [`disco`] envelope, over direct UDP or as the opaque
 //! payload of a relay packet. Randomness (ping ids, nonces) comes from the `R` the core is given.
 //!
 //! - [`paths`]: which path reaches one peer (pings, pongs, trust, candidates);
 //! - [`home`]: which relay is home;
+//! - [`reach`]: peers homed in other regions: region links and lookups;
 //! - [`peers`]: per-peer state and counters, and the status snapshot;
 //! - [`disco`]: the sealed peer messages.
 
@@ -24,25 +28,28 @@ pub mod disco;
 pub(crate) mod home;
 pub mod paths;
 pub(crate) mod peers;
+pub mod reach;
 #[cfg(test)]
 mod testing;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rand_core::CryptoRngCore;
 use tracing::{debug, info};
-use warren_relay_proto::{stun, PublicKey, SecretKey};
+use warren_relay_proto::{stun, PeerGoneReason, PublicKey, SecretKey};
 
 use self::disco::{Message, PeerBox};
 pub use self::home::HomeTarget;
 use self::paths::Path;
 use self::peers::Peer;
 pub use self::peers::{HomeStatus, PeerStatus, Received, Status};
+use self::reach::Reach;
+pub use self::reach::{Link, LinkStatus, RegionSource};
 use crate::regionmap::RegionMap;
 
 /// How often the core wants [`NodeCore::handle_timeout`].
@@ -71,6 +78,8 @@ pub struct Settings {
     pub rehome_interval: Duration,
     /// Never use direct paths.
     pub relay_only: bool,
+    /// A link to another region's relay unused for this long is closed.
+    pub link_idle: Duration,
 }
 
 /// Where a transmit goes.
@@ -78,8 +87,21 @@ pub struct Settings {
 pub enum Destination {
     /// A UDP datagram to this address (a peer's endpoint or a STUN server).
     Direct(SocketAddr),
-    /// A packet through the home relay to this key.
-    Relay(PublicKey),
+    /// A packet through a relay link to this key.
+    Relay {
+        /// Which relay connection.
+        link: Link,
+        /// To whom.
+        peer: PublicKey,
+    },
+    /// A question (FindPeer) to a relay link: is this key connected to your region? The
+    /// payload is empty; the answer comes to [`NodeCore::handle_presence`].
+    Find {
+        /// Which relay connection.
+        link: Link,
+        /// Whom.
+        peer: PublicKey,
+    },
 }
 
 /// Bytes the shell must send.
@@ -98,6 +120,11 @@ pub enum Event {
     Received(Received),
     /// The home relay changed: the relay link dials it.
     HomeChanged(HomeTarget),
+    /// Open a link to a relay of another region (`target.region_id`), or move the open one to
+    /// this relay.
+    LinkOpen(HomeTarget),
+    /// Close the link to this region.
+    LinkClosed(u32),
     /// An explicit ping ([`NodeCore::handle_ping`]) was answered.
     PingAnswered {
         /// The id `handle_ping` returned.
@@ -136,6 +163,7 @@ pub struct NodeCore<R> {
     boxes: HashMap<PublicKey, PeerBox>,
     home: home::Home,
     relay_connected: bool,
+    reach: Reach,
     stun_servers: Vec<(u32, SocketAddr)>,
     stun_pending: HashMap<[u8; 12], StunProbe>,
     /// STUN server -> our address as it saw us.
@@ -163,6 +191,7 @@ impl<R> std::fmt::Debug for NodeCore<R> {
 impl<R: CryptoRngCore> NodeCore<R> {
     /// A core started at `now`.
     pub fn new(settings: Settings, rng: R, now: Instant) -> Self {
+        let reach = Reach::new(settings.link_idle);
         NodeCore {
             public: settings.secret.public_key(),
             settings,
@@ -171,6 +200,7 @@ impl<R: CryptoRngCore> NodeCore<R> {
             boxes: HashMap::new(),
             home: home::Home::default(),
             relay_connected: false,
+            reach,
             stun_servers: Vec::new(),
             stun_pending: HashMap::new(),
             mapped: HashMap::new(),
@@ -213,7 +243,7 @@ impl<R: CryptoRngCore> NodeCore<R> {
             }
             Path::Relay => {
                 p.tx_relay += 1;
-                if !self.send_relay(&peer, &Message::Data(data)) {
+                if !self.send_relay(&peer, &Message::Data(data), now) {
                     debug!(peer = %peer.short(), "no path: relay not connected");
                 }
             }
@@ -242,10 +272,16 @@ impl<R: CryptoRngCore> NodeCore<R> {
                 self.send_direct(&peer, to, &Message::Ping { tx });
             }
             Path::Relay => {
-                self.send_relay(&peer, &Message::Ping { tx });
+                self.send_relay(&peer, &Message::Ping { tx }, now);
             }
         }
         Some(id)
+    }
+
+    /// The user said `peer` is homed in `region` (`KEY@REGION`); the peer's own word, when it
+    /// comes, replaces this.
+    pub fn handle_hint(&mut self, peer: PublicKey, region: u32) {
+        self.peers.entry(peer).or_default().learn_region(region, RegionSource::Hint);
     }
 
     /// A UDP datagram arrived from `from`: a peer's envelope or a STUN answer.
@@ -264,21 +300,84 @@ impl<R: CryptoRngCore> NodeCore<R> {
         }
     }
 
-    /// The home relay delivered a packet from `src`.
-    pub fn handle_relay_packet(&mut self, src: PublicKey, data: &[u8], now: Instant) {
+    /// A relay link delivered a packet from `src` (the relay vouches for the key). One coming
+    /// over another region's link says the peer is connected there.
+    pub fn handle_relay_packet(&mut self, link: Link, src: PublicKey, data: &[u8], now: Instant) {
+        if let Link::Region(r) = link {
+            if self.reach.use_link(r, now) && src != self.public {
+                self.peers.entry(src).or_default().learn_region(r, RegionSource::Seen);
+            }
+        }
         self.on_envelope(data, src, None, now);
     }
 
-    /// The home relay connection is up.
-    pub fn handle_relay_connected(&mut self) {
-        self.relay_connected = true;
+    /// A relay connection logged in.
+    pub fn handle_relay_connected(&mut self, link: Link) {
+        match link {
+            Link::Home => self.relay_connected = true,
+            Link::Region(r) => self.reach.set_connected(r, true),
+        }
     }
 
-    /// The home relay at `url` failed or said it is restarting: choose another.
-    pub fn handle_relay_lost(&mut self, url: String, now: Instant) {
-        self.relay_connected = false;
+    /// The relay at `url` failed or said it is restarting: the home moves to another relay;
+    /// a region link to the next relay of its region.
+    pub fn handle_relay_lost(&mut self, link: Link, url: String, now: Instant) {
         self.home.note_failed(url, now);
-        self.choose_home(true, now);
+        match link {
+            Link::Home => {
+                self.relay_connected = false;
+                self.choose_home(true, now);
+            }
+            Link::Region(r) => {
+                self.reach.set_connected(r, false);
+                let next = self.home.node_in(&self.settings.region_map, r);
+                if let Some(next) = next.filter(|n| self.reach.target(r).is_some_and(|cur| cur != n)) {
+                    self.reach.open(next.clone(), now);
+                    self.events.push_back(Event::LinkOpen(next));
+                }
+            }
+        }
+    }
+
+    /// A relay link said `peer` is gone. NotHere, from the link we send that peer's packets
+    /// over, starts a lookup in the other regions; what was sent lately is resent once found.
+    pub fn handle_peer_gone(&mut self, link: Link, peer: PublicKey, reason: PeerGoneReason, now: Instant) {
+        if reason != PeerGoneReason::NotHere || self.route(&peer) != link || self.reach.looking_up(&peer) {
+            return;
+        }
+        let asked = self.link_region(link);
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        if p.region.is_some_and(|(r, _)| Some(r) == asked) {
+            p.region = None;
+        }
+        let held = p.recent.take(now);
+        let regions: BTreeSet<u32> = self
+            .settings
+            .region_map
+            .regions()
+            .filter(|r| RegionMap::derp_node(r).is_some() && Some(r.region_id) != asked)
+            .map(|r| r.region_id)
+            .collect();
+        if !self.reach.start_lookup(peer, regions.clone(), held, now) {
+            return;
+        }
+        debug!(peer = %peer.short(), ?asked, "peer not at the relay asked: looking it up");
+        for r in regions {
+            let link = self.link_to(r, now);
+            self.transmits.push_back(Transmit { dst: Destination::Find { link, peer }, payload: Bytes::new() });
+        }
+    }
+
+    /// A relay link answered FindPeer. The first "present" ends the lookup: the peer is homed
+    /// (or at least connected) there, and what was held goes there.
+    pub fn handle_presence(&mut self, link: Link, peer: PublicKey, present: bool, now: Instant) {
+        let Some(region) = self.link_region(link) else { return };
+        let Some(held) = self.reach.on_presence(&peer, region, present) else { return };
+        info!(peer = %peer.short(), region, "peer found in another region");
+        self.peers.entry(peer).or_default().learn_region(region, RegionSource::Lookup);
+        for payload in held {
+            self.relay_payload(peer, payload, now);
+        }
     }
 
     /// Periodic work: STUN, home choice, probing active peers, expiring what went unanswered.
@@ -314,6 +413,10 @@ impl<R: CryptoRngCore> NodeCore<R> {
             keep
         });
         self.stun_pending.retain(|_, p| now.saturating_duration_since(p.sent) < STUN_TIMEOUT);
+        for r in self.reach.expire(now) {
+            info!(region = r, "closing the idle link to another region");
+            self.events.push_back(Event::LinkClosed(r));
+        }
     }
 
     /// The next datagram or relay packet to send.
@@ -321,7 +424,8 @@ impl<R: CryptoRngCore> NodeCore<R> {
         self.transmits.pop_front()
     }
 
-    /// The next thing the shell must act on.
+    /// The next thing the shell must act on; act on all of them before sending the transmits
+    /// ([`Event::LinkOpen`] comes before the first packet for that link).
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
@@ -345,7 +449,17 @@ impl<R: CryptoRngCore> NodeCore<R> {
             url: h.url.clone(),
         });
         let distinct_ports: HashSet<u16> = self.mapped.values().map(|a| a.port()).collect();
-        let mut peers: Vec<PeerStatus> = self.peers.iter().map(|(k, p)| p.status(k, now)).collect();
+        let mut peers: Vec<PeerStatus> = self
+            .peers
+            .iter()
+            .map(|(k, p)| {
+                let relay = match self.route(k) {
+                    Link::Home => self.home.current().map(|h| h.url.clone()),
+                    Link::Region(r) => self.reach.target(r).map(|t| t.url.clone()),
+                };
+                p.status(k, now, relay)
+            })
+            .collect();
         peers.sort_by(|a, b| a.key.cmp(&b.key));
         Status {
             public_key: self.public.to_hex(),
@@ -356,6 +470,8 @@ impl<R: CryptoRngCore> NodeCore<R> {
             mapping_varies_by_dest: (self.mapped.len() >= 2).then_some(distinct_ports.len() > 1),
             region_latency_ms: self.home.region_rtt.iter().map(|(k, v)| (*k, v.as_secs_f64() * 1e3)).collect(),
             peers,
+            region_links: self.reach.status(now),
+            lookup_dropped: self.reach.dropped(),
         }
     }
 
@@ -374,31 +490,86 @@ impl<R: CryptoRngCore> NodeCore<R> {
         self.transmits.push_back(Transmit { dst: Destination::Direct(to), payload });
     }
 
-    /// Queues `msg` for the relay; false when the relay is not connected (nothing is queued).
-    fn send_relay(&mut self, peer: &PublicKey, msg: &Message) -> bool {
-        if !self.relay_connected {
+    /// Queues `msg` for the relay link that reaches `peer` (or holds it while the peer is looked
+    /// up); false when that is the home relay and it is not connected (nothing is queued).
+    fn send_relay(&mut self, peer: &PublicKey, msg: &Message, now: Instant) -> bool {
+        if !self.reach.looking_up(peer) && self.route(peer) == Link::Home && !self.relay_connected {
             return false;
         }
         let payload = self.seal(peer, msg);
-        self.transmits.push_back(Transmit { dst: Destination::Relay(*peer), payload });
+        self.relay_payload(*peer, payload, now)
+    }
+
+    /// Sends a sealed envelope over the link for `peer`, keeping it a while in case that relay
+    /// says the peer is not there.
+    fn relay_payload(&mut self, peer: PublicKey, payload: Bytes, now: Instant) -> bool {
+        if self.reach.hold(&peer, payload.clone()) {
+            return true;
+        }
+        let link = match self.route(&peer) {
+            Link::Region(r) => self.link_to(r, now),
+            Link::Home if !self.relay_connected => return false,
+            Link::Home => Link::Home,
+        };
+        self.peers.entry(peer).or_default().recent.push(payload.clone(), now);
+        self.transmits.push_back(Transmit { dst: Destination::Relay { link, peer }, payload });
         true
     }
 
-    /// Pings due candidates and, without a direct path, tells the peer our endpoints.
-    fn probe_peer(&mut self, peer: PublicKey, now: Instant) {
-        if self.settings.relay_only {
-            return;
+    /// The link that reaches `peer`: its home region's, when that is known and not ours.
+    fn route(&self, peer: &PublicKey) -> Link {
+        let home = self.home.current().map(|h| h.region_id);
+        match self.peers.get(peer).and_then(|p| p.region) {
+            Some((r, _)) if Some(r) != home && self.settings.region_map.region(r).is_some() => Link::Region(r),
+            _ => Link::Home,
         }
-        let endpoints = self.endpoints();
+    }
+
+    /// The region a link's relay is in.
+    fn link_region(&self, link: Link) -> Option<u32> {
+        match link {
+            Link::Home => self.home.current().map(|h| h.region_id),
+            Link::Region(r) => Some(r),
+        }
+    }
+
+    /// The link to `region` (our home's, or a region link, opened now if need be), marked used.
+    fn link_to(&mut self, region: u32, now: Instant) -> Link {
+        if self.home.current().is_some_and(|h| h.region_id == region) {
+            return Link::Home;
+        }
+        if !self.reach.use_link(region, now) {
+            let Some(target) = self.home.node_in(&self.settings.region_map, region) else { return Link::Home };
+            info!(region, url = %target.url, "opening a link to another region");
+            self.reach.open(target.clone(), now);
+            self.events.push_back(Event::LinkOpen(target));
+        }
+        Link::Region(region)
+    }
+
+    /// Pings due candidates and, without a direct path, tells the peer our endpoints; tells it
+    /// our home region once per home (also when relay-only, with no endpoints).
+    fn probe_peer(&mut self, peer: PublicKey, now: Instant) {
+        let relay_only = self.settings.relay_only;
+        let endpoints = if relay_only { Vec::new() } else { self.endpoints() };
+        let home_region = self.home.current().map(|h| h.region_id);
         let Some(p) = self.peers.get_mut(&peer) else { return };
-        let pings = p.paths.poll_pings(now, &mut self.rng);
-        let call = p.paths.want_call_me_maybe(now);
+        let (pings, call) = if relay_only {
+            (Vec::new(), false)
+        } else {
+            (p.paths.poll_pings(now, &mut self.rng), p.paths.want_call_me_maybe(now))
+        };
+        let tell = home_region.is_some() && p.told_home != Some(home_region);
         for (to, tx) in pings {
             self.send_direct(&peer, to, &Message::Ping { tx });
         }
-        if call && !endpoints.is_empty() {
-            let home_region = self.home.current().map(|h| h.region_id);
-            self.send_relay(&peer, &Message::CallMeMaybe { endpoints, home_region });
+        if (call && !endpoints.is_empty()) || tell {
+            let msg = Message::CallMeMaybe { endpoints, home_region };
+            if self.send_relay(&peer, &msg, now) {
+                if let Some(p) = self.peers.get_mut(&peer) {
+                    p.told_home = Some(home_region);
+                }
+            }
         }
     }
 
@@ -427,7 +598,7 @@ impl<R: CryptoRngCore> NodeCore<R> {
         match (msg, from) {
             (Message::Ping { tx }, Some(from)) => {
                 let p = self.peers.entry(sender).or_default();
-                p.paths.on_ping_from(from, now);
+                p.paths.on_ping_from(from);
                 // Ping back at once: the peer's ping just opened its NAT towards us.
                 let back = p.paths.ping_back(from, now, &mut self.rng);
                 self.send_direct(&sender, from, &Message::Pong { tx, src: from });
@@ -437,7 +608,7 @@ impl<R: CryptoRngCore> NodeCore<R> {
             }
             (Message::Ping { tx }, None) => {
                 let unspecified = SocketAddr::from(([0, 0, 0, 0], 0));
-                self.send_relay(&sender, &Message::Pong { tx, src: unspecified });
+                self.send_relay(&sender, &Message::Pong { tx, src: unspecified }, now);
             }
             (Message::Pong { tx, src }, from) => {
                 if let Some(from) = from {
@@ -451,11 +622,26 @@ impl<R: CryptoRngCore> NodeCore<R> {
                     self.events.push_back(Event::PingAnswered { id: ping.id, path: ping.path, rtt });
                 }
             }
-            (Message::CallMeMaybe { .. }, _) if self.settings.relay_only => {}
-            (Message::CallMeMaybe { endpoints, .. }, _) => {
+            (Message::CallMeMaybe { endpoints, home_region }, _) => {
                 let p = self.peers.entry(sender).or_default();
+                if let Some(r) = home_region {
+                    if p.learn_region(r, RegionSource::Told) {
+                        debug!(peer = %sender.short(), region = r, "peer's home region");
+                    }
+                }
+                if self.settings.relay_only {
+                    return;
+                }
+                // Ping what it named at once. A CallMeMaybe is not traffic: counting it as
+                // activity kept two idle peers telling each other forever (and their links up).
                 p.paths.add_candidates(&endpoints);
-                p.paths.on_activity(now);
+                let pings: Vec<_> = endpoints
+                    .iter()
+                    .filter_map(|ep| Some((*ep, p.paths.ping_back(*ep, now, &mut self.rng)?)))
+                    .collect();
+                for (to, tx) in pings {
+                    self.send_direct(&sender, to, &Message::Ping { tx });
+                }
                 self.probe_peer(sender, now);
             }
             (Message::Data(payload), from) => {
@@ -503,6 +689,10 @@ impl<R: CryptoRngCore> NodeCore<R> {
         if let Some(target) = self.home.choose(&self.settings.region_map, force, now) {
             let region = target.region_id;
             info!(region, latency = ?self.home.region_rtt.get(&region), "home region chosen");
+            // The home connection reaches that region's peers now.
+            if self.reach.remove(region) {
+                self.events.push_back(Event::LinkClosed(region));
+            }
             self.events.push_back(Event::HomeChanged(target));
         }
     }

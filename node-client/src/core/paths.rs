@@ -101,10 +101,10 @@ impl PeerPaths {
         self.candidates.entry(ep).or_default();
     }
 
-    /// A Ping from the peer arrived directly from `from`: that address reaches it.
-    pub fn on_ping_from(&mut self, from: SocketAddr, now: Instant) {
+    /// A Ping from the peer arrived directly from `from`: that address reaches it. Not activity
+    /// of ours: the peer's heartbeats must not keep us heartbeating back once both are idle.
+    pub fn on_ping_from(&mut self, from: SocketAddr) {
         self.add_candidate(from);
-        self.on_activity(now);
     }
 
     /// A Pong arrived from `from`. Returns the round-trip time if it answered our ping.
@@ -293,7 +293,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p = PeerPaths::default();
         for i in 0..100u16 {
-            p.on_ping_from(SocketAddr::from(([192, 0, 2, 1], 1000 + i)), t0);
+            p.on_ping_from(SocketAddr::from(([192, 0, 2, 1], 1000 + i)));
         }
         assert_eq!(p.candidates().count(), MAX_CANDIDATES);
         assert!(!p.poll_pings(t0 + ACTIVE_FOR, &mut OsRng).iter().any(|_| true));

@@ -8,11 +8,18 @@ use serde::Serialize;
 use warren_relay_proto::PublicKey;
 
 use super::paths::{Path, PeerPaths};
+use super::reach::{LinkStatus, Recent, RegionSource};
 
-/// One peer: its paths and packet counters.
+/// One peer: its paths, where it is homed, and packet counters.
 #[derive(Debug, Default)]
 pub(crate) struct Peer {
     pub(crate) paths: PeerPaths,
+    /// Its home region and how we know it.
+    pub(crate) region: Option<(u32, RegionSource)>,
+    /// Our home region when we last told the peer (CallMeMaybe); `Some(None)`: told with no home.
+    pub(crate) told_home: Option<Option<u32>>,
+    /// Relay packets sent lately, to resend if the relay said the peer is not there.
+    pub(crate) recent: Recent,
     pub(crate) tx_direct: u64,
     pub(crate) tx_relay: u64,
     pub(crate) rx_direct: u64,
@@ -20,10 +27,23 @@ pub(crate) struct Peer {
 }
 
 impl Peer {
-    /// This peer's line in [`Status`].
-    pub(crate) fn status(&self, key: &PublicKey, now: Instant) -> PeerStatus {
+    /// Learns the peer's home region from `source`, unless a better source already said.
+    /// True when it changed.
+    pub(crate) fn learn_region(&mut self, region: u32, source: RegionSource) -> bool {
+        if self.region.is_some_and(|(r, s)| s > source || (r == region && s == source)) {
+            return false;
+        }
+        self.region = Some((region, source));
+        true
+    }
+
+    /// This peer's line in [`Status`]; `relay` is the URL of the relay that carries it.
+    pub(crate) fn status(&self, key: &PublicKey, now: Instant, relay: Option<String>) -> PeerStatus {
         PeerStatus {
             key: key.to_hex(),
+            home_region: self.region.map(|(r, _)| r),
+            region_source: self.region.map(|(_, s)| s),
+            relay,
             path: match self.paths.current(now) {
                 Path::Direct(a) => format!("direct {a}"),
                 Path::Relay => "relay".into(),
@@ -70,6 +90,10 @@ pub struct Status {
     pub region_latency_ms: BTreeMap<u32, f64>,
     /// Known peers.
     pub peers: Vec<PeerStatus>,
+    /// Links to relays of other regions (peers homed there).
+    pub region_links: Vec<LinkStatus>,
+    /// Packets held while a peer was looked up, dropped because no region had it.
+    pub lookup_dropped: u64,
 }
 
 /// The home relay.
@@ -88,6 +112,12 @@ pub struct HomeStatus {
 pub struct PeerStatus {
     /// The peer's key.
     pub key: String,
+    /// The region the peer is homed in, when known.
+    pub home_region: Option<u32>,
+    /// How that is known: `told` (the peer said), `hint` (`KEY@REGION`), `lookup`, `seen`.
+    pub region_source: Option<RegionSource>,
+    /// The relay that carries its relay packets (our home, or a region link's relay).
+    pub relay: Option<String>,
     /// `direct <ip:port>` or `relay`.
     pub path: String,
     /// Round trip of the direct path, in ms.
