@@ -49,6 +49,12 @@ pub struct NodeFile {
     pub stun_interval: Option<ConfigDuration>,
     /// Never go direct.
     pub relay_only: Option<bool>,
+    /// Peers whose home region is known ahead, `"KEY@REGION"` (a region id or code of the map);
+    /// a peer's own word replaces the hint.
+    #[serde(default)]
+    pub peers: Vec<String>,
+    /// A link to another region's relay unused for this long is closed, e.g. "60s".
+    pub link_idle: Option<ConfigDuration>,
     /// HTTP proxy for the relay and the edges' TCP tunnels, `http://[user:password@]host:port`;
     /// `"none"` ignores `HTTPS_PROXY`/`ALL_PROXY`; absent: those variables decide.
     pub proxy: Option<String>,
@@ -187,6 +193,15 @@ impl NodeFile {
         if self.stun_interval.is_some_and(|d| d.0 < Duration::from_secs(1)) {
             return Err(ConfigError::invalid("stun_interval", "at least 1s"));
         }
+        for p in &self.peers {
+            let key = p.split_once('@').map_or(p.as_str(), |(k, _)| k);
+            if warren_relay_proto::PublicKey::from_hex(key.trim()).is_err() {
+                return Err(ConfigError::invalid("peers", format!("{p:?}: want 64 hex digits, optionally @REGION")));
+            }
+        }
+        if self.link_idle.is_some_and(|d| d.0 < Duration::from_secs(1)) {
+            return Err(ConfigError::invalid("link_idle", "at least 1s"));
+        }
         admin_listen(&self.admin)?;
         self.funnel.transport(self.proxy.as_deref())?;
         if self.funnel.token.is_some() && self.funnel.token_file.is_some() {
@@ -254,6 +269,10 @@ mod tests {
         assert_eq!(f.services[0].target, "/etc/warren/./site");
         assert_eq!(f.services[1].target, "3000");
         assert_eq!(f.token().expect("token").as_deref(), Some("t"));
+        let hinted =
+            parse(&format!("peers = [\"{}@fra\", \"{}\"]\nlink_idle = \"2m\"\n", "ab".repeat(32), "cd".repeat(32)))
+                .expect("valid peers");
+        assert_eq!((hinted.peers.len(), hinted.link_idle.map(|d| d.0)), (2, Some(Duration::from_secs(120))));
         let url = parse("region_map = \"https://x/regions.json\"\n").expect("valid");
         assert_eq!(url.region_map.as_deref(), Some("https://x/regions.json"));
     }
@@ -278,6 +297,8 @@ mod tests {
             ("[funnel]\ntcp_port = 0\n", "funnel.tcp_port"),
             ("[funnel]\ndead_after = \"100ms\"\n", "funnel.dead_after"),
             ("[funnel]\nquic_retry = \"2h\"\n", "funnel.quic_retry"),
+            ("peers = [\"abc@fra\"]\n", "peers"),
+            ("link_idle = \"10ms\"\n", "link_idle"),
         ];
         for (text, key) in cases {
             let e = parse(text).expect_err(text).to_string();

@@ -2,8 +2,9 @@
 //!
 //! ```text
 //! {"cmd":"status"}                                   -> {"ok":true,"status":{...}}
-//! {"cmd":"ping","peer":"<hex>","count":3}            -> {"ok":true,"pings":[{"path":"direct 1.2.3.4:5","rtt_ms":0.4},..]}
-//! {"cmd":"send","peer":"<hex>","data":"text"}        -> {"ok":true}
+//! {"cmd":"ping","peer":"<hex>[@region]","count":3}  -> {"ok":true,"pings":[{"path":"direct 1.2.3.4:5","rtt_ms":0.4},..]}
+//! {"cmd":"send","peer":"<hex>[@region]","data":"text"} -> {"ok":true}
+//!     @region (an id or code of the region map) says where the peer is homed
 //! {"cmd":"recv","timeout_ms":5000}                   -> {"ok":true,"from":"<hex>","data":"text","path":"relay"}
 //! {"cmd":"funnel_add","service":{...},"background":false}
 //!                                                    -> {"ok":true,"urls":["https://<name>.<domain>/api"]}
@@ -394,6 +395,15 @@ fn done(r: Result<(), String>) -> Value {
     }
 }
 
+/// `KEY` or `KEY@REGION`; a region hint is given to the node before the key is used.
+async fn peer_address(node: &Node, s: &str) -> Result<PublicKey, NodeError> {
+    let (key, region) = node.parse_peer(s)?;
+    if let Some(r) = region {
+        node.hint(key, r).await?;
+    }
+    Ok(key)
+}
+
 async fn answer(daemon: &Daemon, req: Request, holder: u64) -> (Value, After) {
     let node = &daemon.node;
     let answer = match req {
@@ -402,7 +412,10 @@ async fn answer(daemon: &Daemon, req: Request, holder: u64) -> (Value, After) {
             Err(e) => err(e),
         },
         Request::Ping { peer, count } => {
-            let Ok(peer) = PublicKey::from_hex(&peer) else { return (err("peer must be 64 hex digits"), After::Next) };
+            let peer = match peer_address(node, &peer).await {
+                Ok(p) => p,
+                Err(e) => return (err(e), After::Next),
+            };
             let mut pings = Vec::new();
             for _ in 0..count.unwrap_or(1).clamp(1, 100) {
                 match node.ping(peer, Duration::from_secs(3)).await {
@@ -415,7 +428,10 @@ async fn answer(daemon: &Daemon, req: Request, holder: u64) -> (Value, After) {
             json!({"ok": true, "pings": pings})
         }
         Request::Send { peer, data } => {
-            let Ok(peer) = PublicKey::from_hex(&peer) else { return (err("peer must be 64 hex digits"), After::Next) };
+            let peer = match peer_address(node, &peer).await {
+                Ok(p) => p,
+                Err(e) => return (err(e), After::Next),
+            };
             match node.send(peer, Bytes::from(data.into_bytes())).await {
                 Ok(()) => json!({"ok": true}),
                 Err(e) => err(e),

@@ -35,7 +35,8 @@ enum Command {
     Status(ControlArgs),
     /// Ping a peer over its current path.
     Ping {
-        /// The peer's public key (64 hex digits).
+        /// The peer's public key (64 hex digits), optionally `@REGION` (id or code) where it is
+        /// homed.
         peer: String,
         /// How many pings.
         #[arg(short, long, default_value_t = 3)]
@@ -45,7 +46,8 @@ enum Command {
     },
     /// Send a text packet to a peer.
     Send {
-        /// The peer's public key (64 hex digits).
+        /// The peer's public key (64 hex digits), optionally `@REGION` (id or code) where it is
+        /// homed.
         peer: String,
         /// The text to send.
         data: String,
@@ -263,6 +265,8 @@ struct Settings {
     udp: std::net::SocketAddr,
     stun_interval: Duration,
     relay_only: bool,
+    peers: Vec<String>,
+    link_idle: Option<Duration>,
     control: PathBuf,
     funnel: Option<FunnelConfig>,
     /// The proxy setting (for the relay here; the funnel has its own copy).
@@ -326,6 +330,8 @@ impl Settings {
             udp,
             stun_interval,
             relay_only: args.relay_only || file.relay_only.unwrap_or(false),
+            peers: file.peers.clone(),
+            link_idle: file.link_idle.map(|d| d.0),
             control: args.control.clone().or(file.control.clone()).unwrap_or_else(|| defaults::CONTROL.into()),
             funnel,
             proxy: transport.proxy,
@@ -343,6 +349,14 @@ async fn up(settings: Settings) -> anyhow::Result<()> {
     cfg.stun_interval = settings.stun_interval;
     cfg.relay_only = settings.relay_only;
     cfg.proxy = settings.proxy.clone();
+    if let Some(idle) = settings.link_idle {
+        cfg.link_idle = idle;
+    }
+    for p in &settings.peers {
+        if let (key, Some(region)) = warren::node::parse_peer(p, &cfg.region_map)? {
+            cfg.peer_hints.push((key, region));
+        }
+    }
     let node = std::sync::Arc::new(Node::start(cfg).await?);
     report(&format!("node {} up; control socket {}", node.public_key().to_hex(), settings.control.display()));
     let cancel = tokio_util::sync::CancellationToken::new();

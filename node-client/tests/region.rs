@@ -316,7 +316,7 @@ async fn nodes_homed_in_different_regions_reach_each_other_with_and_without_a_hi
     let idle = |c: &mut NodeConfig| c.link_idle = Duration::from_secs(2);
     let a = relay_only_node_with(two_region_map(&r1, &r2, 1), &ca, idle).await;
     let b = relay_only_node_with(two_region_map(&r1, &r2, 2), &ca, idle).await;
-    let c = relay_only_node_with(two_region_map(&r1, &r2, 1), &ca, idle).await;
+    let c = std::sync::Arc::new(relay_only_node_with(two_region_map(&r1, &r2, 1), &ca, idle).await);
     let (ka, kb, kc) = (a.public_key(), b.public_key(), c.public_key());
     let present = "relay_peer_lookups_total{result=\"present\"}";
     let clients =
@@ -338,11 +338,18 @@ async fn nodes_homed_in_different_regions_reach_each_other_with_and_without_a_hi
     assert!(peer.relay.as_deref().is_some_and(|u| u.contains(&r2.relays[0].derp.to_string())), "{peer:?}");
     assert_eq!(status.region_links.iter().map(|l| l.region_id).collect::<Vec<_>>(), vec![2]);
 
-    // A hint: straight to region 2, no lookup.
-    let (hinted, region) = c.parse_peer(&format!("{}@r2", kb.to_hex())).expect("a known region");
-    assert_eq!((hinted, region), (kb, Some(2)));
-    c.hint(kb, 2).await.expect("hint");
-    c.send(kb, Bytes::from_static(b"hinted")).await.expect("send");
+    // A hint, as `warren send KEY@r2` gives it: straight to region 2, no lookup.
+    let daemon = std::sync::Arc::new(warren::control::Daemon::new(c.clone(), None, None).expect("daemon"));
+    let sock = r1.dir.join("c.sock");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let serving = tokio::spawn({
+        let (sock, cancel) = (sock.clone(), cancel.clone());
+        async move { warren::control::serve(daemon, &sock, cancel).await }
+    });
+    wait_until(Duration::from_secs(5), "control socket", || sock.exists());
+    let send = serde_json::json!({"cmd": "send", "peer": format!("{}@r2", kb.to_hex()), "data": "hinted"});
+    let r = warren::control::request(&sock, &send).await.expect("control answers");
+    assert_eq!(r["ok"], true, "{r}");
     assert_eq!(&recv_from(&b, kc).await[..], b"hinted");
     b.send(kc, Bytes::from_static(b"reply")).await.expect("send");
     assert_eq!(&recv_from(&c, kb).await[..], b"reply");
@@ -350,14 +357,19 @@ async fn nodes_homed_in_different_regions_reach_each_other_with_and_without_a_hi
     assert_eq!(lookups, 1.0, "the hinted send asked no one");
 
     // A region the map does not have is a clear error.
-    let e = c.parse_peer(&format!("{}@9", kb.to_hex())).expect_err("no region 9");
-    assert!(e.to_string().contains("regions with relays: 1 (r1), 2 (r2)"), "{e}");
+    let bad = serde_json::json!({"cmd": "ping", "peer": format!("{}@9", kb.to_hex())});
+    let r = warren::control::request(&sock, &bad).await.expect("control answers");
+    assert_eq!(r["ok"], false, "{r}");
+    let e = r["error"].as_str().unwrap_or_default();
+    assert!(e.contains("region \"9\"") && e.contains("regions with relays: 1 (r1), 2 (r2)"), "{e}");
+    cancel.cancel();
+    let _ = serving.await;
 
     // Idle links close: region 2 keeps only b, region 1 only a and c.
     wait_until(Duration::from_secs(10), "idle region links closed", || (clients(&r1), clients(&r2)) == (2.0, 1.0));
     let status = a.status().await.expect("status");
     assert!(status.region_links.is_empty(), "{:?}", status.region_links);
-    for n in [a, b, c] {
+    for n in [&a, &b, &*c] {
         n.shutdown().await;
     }
 }
