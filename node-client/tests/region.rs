@@ -14,7 +14,7 @@ use bytes::Bytes;
 use rand_core::OsRng;
 use warren::node::{Node, NodeConfig};
 use warren::regionmap::RegionMap;
-use warren_common::testing::free_tcp_port;
+use warren_common::testing::{free_tcp_port, free_udp_port};
 use warren_relay_proto::{PublicKey, SecretKey};
 
 const MESH_KEY: &str = "region-test-mesh-key-abcdef0123";
@@ -29,6 +29,7 @@ fn bin(name: &str) -> PathBuf {
 struct RelayProc {
     child: Child,
     derp: u16,
+    stun: u16,
     admin: u16,
 }
 
@@ -64,14 +65,14 @@ impl Region {
                 (t.path().to_path_buf(), Some(t))
             }
         };
-        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_tcp_port(), free_tcp_port())).collect();
-        let peers: Vec<String> = ports.iter().map(|(d, _)| format!("\"https://{ip}:{d}\"")).collect();
+        let ports: Vec<(u16, u16, u16)> = (0..n).map(|_| (free_tcp_port(), free_udp_port(), free_tcp_port())).collect();
+        let peers: Vec<String> = ports.iter().map(|(d, _, _)| format!("\"https://{ip}:{d}\"")).collect();
         let mut region = Region { relays: Vec::new(), dir, _owned: owned, ip };
-        for (i, (derp, admin)) in ports.into_iter().enumerate() {
+        for (i, (derp, stun, admin)) in ports.into_iter().enumerate() {
             let state = region.dir.as_path();
             let config = format!(
                 "listen = \"{ip}:{derp}\"\nhostname = \"{ip}\"\nstate_dir = \"{s}\"\nkey_file = \"{s}/relay-{ip}-{i}.key\"\n\
-                 [tls]\nmode = \"dev\"\n[stun]\nlisten = \"{ip}:0\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
+                 [tls]\nmode = \"dev\"\n[stun]\nlisten = \"{ip}:{stun}\"\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n\
                  [shutdown]\ngrace_period = \"3s\"\nreconnect_in = \"100ms\"\n\
                  [mesh]\npeers = [{}]\nca_file = \"{s}/dev-ca.pem\"\n",
                 peers.join(", "),
@@ -88,7 +89,7 @@ impl Region {
                 .stderr(log)
                 .spawn()
                 .expect("relay starts");
-            region.relays.push(RelayProc { child, derp, admin });
+            region.relays.push(RelayProc { child, derp, stun, admin });
             // The first relay creates the shared dev CA; the others start once it exists.
             wait_until(Duration::from_secs(10), "relay listening", || {
                 TcpStream::connect((ip, derp)).is_ok() && state.join("dev-ca.pem").exists()
@@ -116,7 +117,7 @@ impl Region {
             .enumerate()
             .map(|(k, r)| {
                 serde_json::json!({"Name": format!("{id}{k}"), "HostName": "localhost", "IPv4": self.ip,
-                    "DERPPort": r.derp, "STUNPort": -1})
+                    "DERPPort": r.derp, "STUNPort": r.stun})
             })
             .collect();
         serde_json::json!({"RegionID": id, "RegionCode": format!("r{id}"), "Nodes": nodes, "Avoid": avoid})
@@ -372,4 +373,40 @@ async fn nodes_homed_in_different_regions_reach_each_other_with_and_without_a_hi
     for n in [&a, &b, &*c] {
         n.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_homed_in_different_regions_find_a_direct_path() {
+    let r1 = Region::start_on(1, "127.0.0.1", None);
+    let r2 = Region::start_on(1, "127.0.0.2", Some(&r1));
+    let ca = r1.ca();
+    let direct = |c: &mut NodeConfig| c.relay_only = false;
+    let a = relay_only_node_with(two_region_map(&r1, &r2, 1), &ca, direct).await;
+    let b = relay_only_node_with(two_region_map(&r1, &r2, 2), &ca, direct).await;
+    let (ka, kb) = (a.public_key(), b.public_key());
+    a.send(kb, Bytes::from_static(b"first")).await.expect("send");
+    assert_eq!(&recv_from(&b, ka).await[..], b"first");
+    let started = Instant::now();
+    let path = loop {
+        let status = a.status().await.expect("status");
+        let path = status.peers.iter().find(|p| p.key == kb.to_hex()).map(|p| p.path.clone()).unwrap_or_default();
+        if path.starts_with("direct") || started.elapsed() > Duration::from_secs(5) {
+            break path;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    eprintln!("a (region 1) -> b (region 2): {path} after {:?}", started.elapsed());
+    let b_udp = b.status().await.expect("status").udp_local;
+    assert_eq!(path, format!("direct {b_udp}"), "the CallMeMaybe crossed regions and the pings met");
+    a.send(kb, Bytes::from_static(b"second")).await.expect("send");
+    let second = loop {
+        let r = tokio::time::timeout(Duration::from_secs(5), b.recv()).await.expect("in time").expect("recv");
+        if r.from == ka {
+            break r;
+        }
+    };
+    assert!(matches!(second.path, warren::paths::Path::Direct(_)), "{:?}", second.path);
+    assert_eq!(&second.data[..], b"second");
+    a.shutdown().await;
+    b.shutdown().await;
 }
