@@ -22,6 +22,8 @@ pub fn describe() {
     describe_gauge!("node_relay_connected", "1 while the home relay connection is up.");
     describe_gauge!("node_peers", "Peers known to the node.");
     describe_gauge!("node_peers_direct", "Peers reached over a direct path.");
+    describe_gauge!("node_region_links", "Open links to relays of other regions (peers homed there).");
+    describe_gauge!("node_lookup_dropped", "Packets held for a peer lookup that found no region (since start).");
 }
 
 /// Counts one answered request.
@@ -63,4 +65,6 @@ pub fn node_gauges(s: &Status) {
     gauge!("node_peers").set(s.peers.len() as f64);
     let direct = s.peers.iter().filter(|p| p.path.starts_with("direct")).count();
     gauge!("node_peers_direct").set(direct as f64);
+    gauge!("node_region_links").set(s.region_links.len() as f64);
+    gauge!("node_lookup_dropped").set(s.lookup_dropped as f64);
 }
