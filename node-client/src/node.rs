@@ -2,8 +2,8 @@
 //!
 //! Tasks, both on the node's [`TaskTracker`] and stopped by [`Node::shutdown`]:
 //! - the **shell** owns the UDP socket: it feeds commands, datagrams, relay events and the
-//!   core's timer into the core, then sends what the core transmits (direct datagrams on the
-//!   socket, relay packets to the relay link) and acts on its events;
+//!   core's timer into the core, then acts on its events and sends what it transmits (direct
+//!   datagrams on the socket, relay frames to the relay link the core names);
 //! - the **relay links** ([`crate::relay_link`]): the connection to the home relay the core
 //!   chose, and one to a relay of each other region where peers the node talks to are homed,
 //!   opened and closed as the core says.
@@ -326,7 +326,7 @@ struct RegionLink {
     cancel: CancellationToken,
 }
 
-/// The node's socket, its relay link's queues, and the core they feed.
+/// The node's socket, its relay links' queues, and the core they feed.
 struct Shell {
     core: NodeCore<OsRng>,
     socket: Arc<UdpSocket>,

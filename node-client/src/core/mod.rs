@@ -13,8 +13,8 @@
 //! ```
 //!
 //! The shell (`node.rs`) owns the UDP socket and the relay links (the home one, and one per
-//! other region the core opens): it feeds in what happened with the current time, then sends
-//! every transmit and acts on every event before waiting again.
+//! other region the core opens): it feeds in what happened with the current time, then acts on
+//! every event and sends every transmit before waiting again.
 //! Every message between peers is a sealed [`disco`] envelope, over direct UDP or as the opaque
 //! payload of a relay packet. Randomness (ping ids, nonces) comes from the `R` the core is given.
 //!
