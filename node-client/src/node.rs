@@ -153,7 +153,7 @@ impl Node {
             tasks: tasks.clone(),
             cancel: cancel.clone(),
         };
-        let relay_out = spawner.spawn(Link::Home, home_rx, cancel.clone());
+        let relay_out = spawner.spawn(Link::Home, 0, home_rx, cancel.clone());
         let settings = Settings {
             secret: config.secret,
             region_map: config.region_map.clone(),
@@ -172,6 +172,7 @@ impl Node {
             home_tx,
             relay_out,
             links: HashMap::new(),
+            next_epoch: 1,
             spawner,
             received: received_tx,
             pings: HashMap::new(),
@@ -300,12 +301,14 @@ impl LinkSpawner {
     fn spawn(
         &self,
         link: Link,
+        epoch: u64,
         target: watch::Receiver<Option<HomeTarget>>,
         cancel: CancellationToken,
     ) -> mpsc::Sender<Frame> {
         let (out_tx, out) = mpsc::channel(4096);
         let task = RelayTask {
             link,
+            epoch,
             secret: self.secret.clone(),
             ca_file: self.ca_file.clone(),
             proxy: self.proxy.clone(),
@@ -321,6 +324,7 @@ impl LinkSpawner {
 
 /// A running link to another region's relay.
 struct RegionLink {
+    epoch: u64,
     target: watch::Sender<Option<HomeTarget>>,
     out: mpsc::Sender<Frame>,
     cancel: CancellationToken,
@@ -333,6 +337,8 @@ struct Shell {
     home_tx: watch::Sender<Option<HomeTarget>>,
     relay_out: mpsc::Sender<Frame>,
     links: HashMap<u32, RegionLink>,
+    /// The epoch of the next region link's task.
+    next_epoch: u64,
     spawner: LinkSpawner,
     received: mpsc::Sender<Received>,
     /// Explicit pings waiting for their answer, by the core's id.
@@ -388,9 +394,9 @@ impl Shell {
     fn on_relay(&mut self, ev: RelayEvent) {
         let now = Instant::now();
         let link = ev.link;
-        // A closed region link's last words are not news.
+        // A closed region link's last words are not news, even once the region has a new one.
         if let Link::Region(r) = link {
-            if !self.links.contains_key(&r) {
+            if self.links.get(&r).is_none_or(|l| l.epoch != ev.epoch) {
                 return;
             }
         }
@@ -470,8 +476,10 @@ impl Shell {
         let (target_tx, target_rx) = watch::channel(Some(target));
         // Closed with the node, or alone when the core closes it.
         let cancel = self.spawner.cancel_child();
-        let out = self.spawner.spawn(Link::Region(region), target_rx, cancel.clone());
-        self.links.insert(region, RegionLink { target: target_tx, out, cancel });
+        let epoch = self.next_epoch;
+        self.next_epoch += 1;
+        let out = self.spawner.spawn(Link::Region(region), epoch, target_rx, cancel.clone());
+        self.links.insert(region, RegionLink { epoch, target: target_tx, out, cancel });
     }
 
     /// Resolves each region's STUN server and learns our LAN endpoint.

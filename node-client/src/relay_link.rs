@@ -24,6 +24,8 @@ const BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from
 #[derive(Debug)]
 pub(crate) struct RelayEvent {
     pub(crate) link: Link,
+    /// Which task of that link (a region link closed and opened again is a new one).
+    pub(crate) epoch: u64,
     pub(crate) kind: RelayEventKind,
 }
 
@@ -41,6 +43,7 @@ pub(crate) enum RelayEventKind {
 
 pub(crate) struct RelayTask {
     pub(crate) link: Link,
+    pub(crate) epoch: u64,
     pub(crate) secret: SecretKey,
     pub(crate) ca_file: Option<PathBuf>,
     pub(crate) proxy: crate::net::ProxyChoice,
@@ -53,7 +56,7 @@ pub(crate) struct RelayTask {
 
 impl RelayTask {
     async fn report(&self, kind: RelayEventKind) {
-        let _ = self.events.send(RelayEvent { link: self.link, kind }).await;
+        let _ = self.events.send(RelayEvent { link: self.link, epoch: self.epoch, kind }).await;
     }
 
     fn name(&self) -> &'static str {
