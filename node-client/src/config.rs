@@ -194,8 +194,7 @@ impl NodeFile {
             return Err(ConfigError::invalid("stun_interval", "at least 1s"));
         }
         for p in &self.peers {
-            let key = p.split_once('@').map_or(p.as_str(), |(k, _)| k);
-            if warren_relay_proto::PublicKey::from_hex(key.trim()).is_err() {
+            if crate::node::split_peer(p).is_err() {
                 return Err(ConfigError::invalid("peers", format!("{p:?}: want 64 hex digits, optionally @REGION")));
             }
         }

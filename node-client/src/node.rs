@@ -272,12 +272,21 @@ impl Node {
 /// # Errors
 /// [`NodeError::BadPeer`] or [`NodeError::UnknownRegion`].
 pub fn parse_peer(s: &str, map: &RegionMap) -> Result<(PublicKey, Option<u32>), NodeError> {
+    let (key, region) = split_peer(s)?;
+    let region = region.map(|r| map.resolve(r)).transpose()?;
+    Ok((key, region))
+}
+
+/// `KEY` or `KEY@REGION`: the key, and the region as written (for a check without the map).
+///
+/// # Errors
+/// [`NodeError::BadPeer`].
+pub fn split_peer(s: &str) -> Result<(PublicKey, Option<&str>), NodeError> {
     let (key, region) = match s.split_once('@') {
-        Some((k, r)) => (k, Some(r)),
+        Some((k, r)) => (k, Some(r.trim())),
         None => (s, None),
     };
     let key = PublicKey::from_hex(key.trim()).map_err(|_| NodeError::BadPeer)?;
-    let region = region.map(|r| map.resolve(r.trim())).transpose()?;
     Ok((key, region))
 }
 

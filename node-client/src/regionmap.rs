@@ -194,6 +194,11 @@ impl RegionMap {
         self.regions.values()
     }
 
+    /// Regions with at least one relay (not STUN-only), in id order.
+    pub fn relay_regions(&self) -> impl Iterator<Item = &Region> {
+        self.regions().filter(|r| RegionMap::derp_node(r).is_some())
+    }
+
     /// The first node of a region that serves DERP, if any.
     pub fn derp_node(region: &Region) -> Option<&RelayNode> {
         region.nodes.iter().find(|n| !n.stun_only)
@@ -222,8 +227,7 @@ impl RegionMap {
             _ => Err(UnknownRegion {
                 name: name.to_owned(),
                 known: self
-                    .regions()
-                    .filter(|r| RegionMap::derp_node(r).is_some())
+                    .relay_regions()
                     .map(|r| {
                         if r.region_code.is_empty() {
                             r.region_id.to_string()

@@ -77,8 +77,7 @@ impl Home {
         let failing = |id: u32| {
             map.region(id).is_none_or(|r| RegionMap::derp_nodes(r).all(|n| self.bad_nodes.contains_key(&n.url())))
         };
-        let mut regions: Vec<u32> =
-            map.regions().filter(|r| RegionMap::derp_nodes(r).next().is_some()).map(|r| r.region_id).collect();
+        let mut regions: Vec<u32> = map.relay_regions().map(|r| r.region_id).collect();
         let avoided = |id: u32| map.region(id).is_some_and(|r| r.avoid);
         regions.sort_by_key(|id| (failing(*id), avoided(*id), rtt(*id), *id));
         let &best = regions.first()?;

@@ -351,13 +351,8 @@ impl<R: CryptoRngCore> NodeCore<R> {
             p.region = None;
         }
         let held = p.recent.take(now);
-        let regions: BTreeSet<u32> = self
-            .settings
-            .region_map
-            .regions()
-            .filter(|r| RegionMap::derp_node(r).is_some() && Some(r.region_id) != asked)
-            .map(|r| r.region_id)
-            .collect();
+        let regions: BTreeSet<u32> =
+            self.settings.region_map.relay_regions().map(|r| r.region_id).filter(|r| Some(*r) != asked).collect();
         if !self.reach.start_lookup(peer, regions.clone(), held, now) {
             return;
         }
@@ -559,7 +554,7 @@ impl<R: CryptoRngCore> NodeCore<R> {
         } else {
             (p.paths.poll_pings(now, &mut self.rng), p.paths.want_call_me_maybe(now))
         };
-        let tell = home_region.is_some() && p.told_home != Some(home_region);
+        let tell = home_region.is_some() && p.told_home != home_region;
         for (to, tx) in pings {
             self.send_direct(&peer, to, &Message::Ping { tx });
         }
@@ -567,7 +562,7 @@ impl<R: CryptoRngCore> NodeCore<R> {
             let msg = Message::CallMeMaybe { endpoints, home_region };
             if self.send_relay(&peer, &msg, now) {
                 if let Some(p) = self.peers.get_mut(&peer) {
-                    p.told_home = Some(home_region);
+                    p.told_home = home_region;
                 }
             }
         }

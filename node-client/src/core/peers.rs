@@ -16,8 +16,8 @@ pub(crate) struct Peer {
     pub(crate) paths: PeerPaths,
     /// Its home region and how we know it.
     pub(crate) region: Option<(u32, RegionSource)>,
-    /// Our home region when we last told the peer (CallMeMaybe); `Some(None)`: told with no home.
-    pub(crate) told_home: Option<Option<u32>>,
+    /// Our home region when we last told the peer it (CallMeMaybe).
+    pub(crate) told_home: Option<u32>,
     /// Relay packets sent lately, to resend if the relay said the peer is not there.
     pub(crate) recent: Recent,
     pub(crate) tx_direct: u64,
