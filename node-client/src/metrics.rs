@@ -24,6 +24,15 @@ pub fn describe() {
     describe_gauge!("node_peers_direct", "Peers reached over a direct path.");
     describe_gauge!("node_region_links", "Open links to relays of other regions (peers homed there).");
     describe_gauge!("node_lookup_dropped", "Packets held for a peer lookup that found no region (since start).");
+    describe_gauge!(
+        "node_packets_resent",
+        "Data packets resent over another path because their direct path was given up unconfirmed (since start)."
+    );
+    describe_gauge!(
+        "node_packets_unprotected",
+        "Data packets sent directly while too much was held to keep them for a resend (since start)."
+    );
+    describe_gauge!("node_packets_duplicate", "Data packets received twice; the copies were dropped (since start).");
 }
 
 /// Counts one answered request.
@@ -67,4 +76,8 @@ pub fn node_gauges(s: &Status) {
     gauge!("node_peers_direct").set(direct as f64);
     gauge!("node_region_links").set(s.region_links.len() as f64);
     gauge!("node_lookup_dropped").set(s.lookup_dropped as f64);
+    let sum = |f: fn(&crate::core::PeerStatus) -> u64| s.peers.iter().map(f).sum::<u64>() as f64;
+    gauge!("node_packets_resent").set(sum(|p| p.tx_resent));
+    gauge!("node_packets_unprotected").set(sum(|p| p.tx_unprotected));
+    gauge!("node_packets_duplicate").set(sum(|p| p.rx_duplicate));
 }

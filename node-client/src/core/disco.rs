@@ -113,6 +113,12 @@ impl PeerBox {
     }
 }
 
+/// The first 8 bytes of an envelope's nonce, which tell its copies apart from other envelopes.
+pub fn nonce_tag(packet: &[u8]) -> Option<u64> {
+    let bytes = packet.get(36..44)?;
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
+}
+
 /// The sender key of an envelope (unauthenticated until [`PeerBox::open`] succeeds).
 ///
 /// # Errors

@@ -236,10 +236,14 @@ impl<R: CryptoRngCore> NodeCore<R> {
         let p = self.peers.entry(peer).or_default();
         let first = !p.paths.is_active(now);
         p.paths.on_activity(now);
+        // What a path given up still held goes first, so the peer gets it in order.
+        self.resend_stranded(peer, now);
+        let Some(p) = self.peers.get_mut(&peer) else { return };
         match p.paths.current(now) {
             Path::Direct(to) => {
                 p.tx_direct += 1;
-                self.send_direct(&peer, to, &Message::Data(data));
+                let payload = self.seal(&peer, &Message::Data(data));
+                self.send_data_direct(peer, to, payload, now);
             }
             Path::Relay => {
                 p.tx_relay += 1;
@@ -397,6 +401,7 @@ impl<R: CryptoRngCore> NodeCore<R> {
         let active: Vec<PublicKey> =
             self.peers.iter().filter(|(_, p)| p.paths.is_active(now)).map(|(k, _)| *k).collect();
         for peer in active {
+            self.resend_stranded(peer, now);
             self.probe_peer(peer, now);
         }
         let events = &mut self.events;
@@ -483,6 +488,34 @@ impl<R: CryptoRngCore> NodeCore<R> {
     fn send_direct(&mut self, peer: &PublicKey, to: SocketAddr, msg: &Message) {
         let payload = self.seal(peer, msg);
         self.transmits.push_back(Transmit { dst: Destination::Direct(to), payload });
+    }
+
+    /// Sends a sealed data envelope directly, held until a Pong confirms it arrived.
+    fn send_data_direct(&mut self, peer: PublicKey, to: SocketAddr, payload: Bytes, now: Instant) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.paths.sent_data(to, payload.clone(), now);
+        }
+        self.transmits.push_back(Transmit { dst: Destination::Direct(to), payload });
+    }
+
+    /// Resends, over the path used now, the data a given-up direct path held unconfirmed.
+    fn resend_stranded(&mut self, peer: PublicKey, now: Instant) {
+        let Some(p) = self.peers.get_mut(&peer) else { return };
+        let stranded = p.paths.take_stranded(now);
+        if stranded.is_empty() {
+            return;
+        }
+        p.tx_resent += stranded.len() as u64;
+        let path = p.paths.current(now);
+        debug!(peer = %peer.short(), packets = stranded.len(), ?path, "resending what a lost direct path held");
+        for payload in stranded {
+            match path {
+                Path::Direct(to) => self.send_data_direct(peer, to, payload, now),
+                Path::Relay => {
+                    self.relay_payload(peer, payload, now);
+                }
+            }
+        }
     }
 
     /// Queues `msg` for the relay link that reaches `peer` (or holds it while the peer is looked
@@ -642,6 +675,12 @@ impl<R: CryptoRngCore> NodeCore<R> {
             (Message::Data(payload), from) => {
                 let p = self.peers.entry(sender).or_default();
                 p.paths.on_activity(now);
+                if !p.seen.insert(data) {
+                    // A copy: resent over the relay after a direct path was given up, or after
+                    // a relay said the peer was not there, and the first one arrived after all.
+                    p.rx_duplicate += 1;
+                    return;
+                }
                 let path = match from {
                     Some(a) => {
                         p.rx_direct += 1;

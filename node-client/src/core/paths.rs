@@ -10,19 +10,32 @@
 //!   another candidate replaces it only when clearly faster;
 //! - the direct path is used while it answered within [`TRUST`]; it is pinged every
 //!   [`HEARTBEAT`], so a dead path falls back to the relay within about [`TRUST`];
+//! - data sent directly is held until a Pong to a later ping confirms it. Under traffic the
+//!   path is pinged every [`CONFIRM_INTERVAL`], and a ping that would confirm held data but
+//!   stays unanswered for [`lost_after`] gives the path up at once; what it held is handed back
+//!   ([`PeerPaths::take_stranded`]) to be resent over the path used now, so a cut loses nothing
+//!   (the receiver drops the copies of what had arrived after all, by the envelope's nonce);
 //! - without a direct path, all candidates are re-probed every [`PROBE_INTERVAL`] and the peer
 //!   is re-asked (CallMeMaybe through the relay) at the same pace.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use rand_core::RngCore;
 
 /// How long a direct path stays trusted after its last Pong.
 pub const TRUST: Duration = Duration::from_millis(2500);
 /// Ping interval on the current direct path.
 pub const HEARTBEAT: Duration = Duration::from_millis(700);
+/// Ping interval on the current direct path while data sent over it waits for confirmation.
+pub const CONFIRM_INTERVAL: Duration = Duration::from_millis(100);
+/// Direct data packets held for confirmation per peer, at most; past either bound the oldest
+/// are let go unconfirmed (counted as unprotected).
+pub const MAX_HELD: usize = 4096;
+/// Bytes of held direct data per peer, at most.
+pub const MAX_HELD_BYTES: usize = 4 << 20;
 /// Re-probe interval of all candidates (and CallMeMaybe) while no direct path is trusted.
 pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
 /// Re-probe interval of other candidates while a direct path is trusted.
@@ -48,8 +61,71 @@ pub enum Path {
 #[derive(Debug, Default, Clone)]
 struct Candidate {
     last_ping: Option<Instant>,
+    /// The held-data sequence number when it was last pinged: data numbered from here on went
+    /// out after that ping.
+    last_ping_mark: u64,
     last_pong: Option<Instant>,
     rtt: Option<Duration>,
+}
+
+/// A ping waiting for its Pong.
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    to: SocketAddr,
+    sent: Instant,
+    /// Held data numbered below this went out before the ping: its Pong confirms that data.
+    mark: u64,
+}
+
+/// A data envelope sent directly, not yet confirmed.
+#[derive(Debug)]
+struct HeldPacket {
+    seq: u64,
+    to: SocketAddr,
+    sent: Instant,
+    payload: Bytes,
+}
+
+/// Direct data waiting for a Pong that confirms it, oldest first.
+#[derive(Debug, Default)]
+struct Held {
+    packets: VecDeque<HeldPacket>,
+    bytes: usize,
+    next_seq: u64,
+    /// Packets let go unconfirmed because the bounds were reached.
+    unprotected: u64,
+}
+
+impl Held {
+    fn push(&mut self, to: SocketAddr, payload: Bytes, now: Instant) {
+        self.bytes += payload.len();
+        self.packets.push_back(HeldPacket { seq: self.next_seq, to, sent: now, payload });
+        self.next_seq += 1;
+        while self.packets.len() > MAX_HELD || self.bytes > MAX_HELD_BYTES {
+            self.pop();
+            self.unprotected += 1;
+        }
+    }
+
+    fn pop(&mut self) -> Option<HeldPacket> {
+        let p = self.packets.pop_front()?;
+        self.bytes -= p.payload.len();
+        Some(p)
+    }
+
+    /// A Pong from `from` to a ping sent at `mark`: what went there before it arrived.
+    fn confirm(&mut self, from: SocketAddr, mark: u64) {
+        let before = self.packets.len();
+        self.packets.retain(|p| p.seq >= mark || p.to != from);
+        if self.packets.len() != before {
+            self.bytes = self.packets.iter().map(|p| p.payload.len()).sum();
+        }
+    }
+
+    /// The oldest held packet sent to `to`.
+    fn oldest_to(&self, to: SocketAddr) -> Option<u64> {
+        self.packets.iter().find(|p| p.to == to).map(|p| p.seq)
+    }
 }
 
 /// Path state of one peer.
@@ -57,7 +133,11 @@ struct Candidate {
 pub struct PeerPaths {
     candidates: BTreeMap<SocketAddr, Candidate>,
     best: Option<SocketAddr>,
-    pending: HashMap<[u8; 12], (SocketAddr, Instant)>,
+    /// The best candidate, given up because a confirming ping went unanswered; a Pong from it
+    /// restores it.
+    suspect: Option<SocketAddr>,
+    pending: HashMap<[u8; 12], Pending>,
+    held: Held,
     last_activity: Option<Instant>,
     first_activity: Option<Instant>,
     first_direct: Option<Instant>,
@@ -109,21 +189,25 @@ impl PeerPaths {
 
     /// A Pong arrived from `from`. Returns the round-trip time if it answered our ping.
     pub fn on_pong(&mut self, tx: [u8; 12], from: SocketAddr, now: Instant) -> Option<Duration> {
-        let (to, sent) = self.pending.remove(&tx)?;
-        if to != from {
+        let ping = self.pending.remove(&tx)?;
+        if ping.to != from {
             // Answered from another address than pinged: not proof that `to` works.
             return None;
         }
-        let rtt = now.saturating_duration_since(sent);
+        let rtt = now.saturating_duration_since(ping.sent);
+        self.held.confirm(from, ping.mark);
+        if self.suspect == Some(from) {
+            self.suspect = None;
+        }
         let c = self.candidates.entry(from).or_default();
         c.last_pong = Some(now);
         c.rtt = Some(rtt);
         let switch = match self.best.and_then(|b| self.candidates.get(&b).map(|c| (b, c.clone()))) {
             None => true,
             Some((b, _)) if b == from => false,
-            Some((_, cur)) => {
-                let cur_alive = cur.last_pong.is_some_and(|t| now.saturating_duration_since(t) < TRUST);
-                !cur_alive || cur.rtt.is_some_and(|r| rtt.as_secs_f64() < r.as_secs_f64() * BETTER_RATIO)
+            Some((b, cur)) => {
+                !self.usable(b, &cur, now)
+                    || cur.rtt.is_some_and(|r| rtt.as_secs_f64() < r.as_secs_f64() * BETTER_RATIO)
             }
         };
         if switch {
@@ -133,12 +217,61 @@ impl PeerPaths {
         Some(rtt)
     }
 
+    /// Whether candidate `a` carries data now: answered within [`TRUST`] and not given up.
+    fn usable(&self, a: SocketAddr, c: &Candidate, now: Instant) -> bool {
+        self.suspect != Some(a) && trusted(c, now)
+    }
+
     /// The path to use now.
     pub fn current(&self, now: Instant) -> Path {
         match self.best.and_then(|b| self.candidates.get(&b).map(|c| (b, c))) {
-            Some((b, c)) if c.last_pong.is_some_and(|t| now.saturating_duration_since(t) < TRUST) => Path::Direct(b),
+            Some((b, c)) if self.usable(b, c, now) => Path::Direct(b),
             _ => Path::Relay,
         }
+    }
+
+    /// Holds a data envelope just sent directly to `to` until a Pong confirms it.
+    pub fn sent_data(&mut self, to: SocketAddr, payload: Bytes, now: Instant) {
+        self.held.push(to, payload, now);
+    }
+
+    /// Gives the direct path up if a ping that would confirm its held data went unanswered for
+    /// [`lost_after`]; then returns, oldest first, the held envelopes that went over a path no
+    /// longer used, to be resent over [`Self::current`]. Held data older than [`PING_TIMEOUT`]
+    /// is let go: whatever could confirm it has expired.
+    pub fn take_stranded(&mut self, now: Instant) -> Vec<Bytes> {
+        if let Some(b) = self.best.filter(|b| self.suspect != Some(*b)) {
+            if let Some(oldest) = self.held.oldest_to(b) {
+                let wait = lost_after(self.candidates.get(&b).and_then(|c| c.rtt));
+                let overdue = self
+                    .pending
+                    .values()
+                    .any(|p| p.to == b && p.mark > oldest && now.saturating_duration_since(p.sent) >= wait);
+                if overdue {
+                    self.suspect = Some(b);
+                }
+            }
+        }
+        while self.held.packets.front().is_some_and(|p| now.saturating_duration_since(p.sent) >= PING_TIMEOUT) {
+            self.held.pop();
+        }
+        // Every push follows a call of this, so held packets go to one path but right after a
+        // switch: the oldest and the newest tell.
+        let current = self.current(now);
+        let on_current = |p: Option<&HeldPacket>| p.is_none_or(|p| current == Path::Direct(p.to));
+        if on_current(self.held.packets.front()) && on_current(self.held.packets.back()) {
+            return Vec::new();
+        }
+        let (stranded, kept): (VecDeque<_>, VecDeque<_>) =
+            std::mem::take(&mut self.held.packets).into_iter().partition(|p| current != Path::Direct(p.to));
+        self.held.packets = kept;
+        self.held.bytes = self.held.packets.iter().map(|p| p.payload.len()).sum();
+        stranded.into_iter().map(|p| p.payload).collect()
+    }
+
+    /// Direct data let go unconfirmed because too much was held.
+    pub fn unprotected(&self) -> u64 {
+        self.held.unprotected
     }
 
     /// Round-trip time of the current direct path.
@@ -161,27 +294,37 @@ impl PeerPaths {
 
     /// Pings due now: `(endpoint, transaction id)` pairs, each already recorded as pending.
     pub fn poll_pings(&mut self, now: Instant, rng: &mut impl RngCore) -> Vec<(SocketAddr, [u8; 12])> {
-        self.pending.retain(|_, (_, sent)| now.saturating_duration_since(*sent) < PING_TIMEOUT);
+        self.pending.retain(|_, p| now.saturating_duration_since(p.sent) < PING_TIMEOUT);
         if !self.is_active(now) {
             return Vec::new();
         }
         let direct = self.current(now);
         let mut due = Vec::new();
         for (addr, c) in &mut self.candidates {
-            let interval = match direct {
-                Path::Direct(b) if b == *addr => HEARTBEAT,
-                Path::Direct(_) => REPROBE_INTERVAL,
-                Path::Relay => PROBE_INTERVAL,
+            let interval = if Some(*addr) == self.best && trusted(c, now) {
+                // Data sent since its last ping waits for a Pong: confirm it soon.
+                let unconfirmed = self.held.packets.back().is_some_and(|p| p.seq >= c.last_ping_mark);
+                if unconfirmed || self.suspect == Some(*addr) {
+                    CONFIRM_INTERVAL
+                } else {
+                    HEARTBEAT
+                }
+            } else if matches!(direct, Path::Direct(_)) {
+                REPROBE_INTERVAL
+            } else {
+                PROBE_INTERVAL
             };
             if c.last_ping.is_none_or(|t| now.saturating_duration_since(t) >= interval) {
                 c.last_ping = Some(now);
+                c.last_ping_mark = self.held.next_seq;
                 let mut tx = [0u8; 12];
                 rng.fill_bytes(&mut tx);
                 due.push((*addr, tx));
             }
         }
-        for (addr, tx) in &due {
-            self.pending.insert(*tx, (*addr, now));
+        let mark = self.held.next_seq;
+        for (to, tx) in &due {
+            self.pending.insert(*tx, Pending { to: *to, sent: now, mark });
         }
         due
     }
@@ -209,16 +352,29 @@ impl PeerPaths {
             return None;
         }
         c.last_ping = Some(now);
+        c.last_ping_mark = self.held.next_seq;
         let mut tx = [0u8; 12];
         rng.fill_bytes(&mut tx);
-        self.pending.insert(tx, (from, now));
+        self.pending.insert(tx, Pending { to: from, sent: now, mark: self.held.next_seq });
         Some(tx)
     }
 
     /// Records a ping sent outside `poll_pings` (e.g. an explicit `warren ping`).
     pub fn note_ping(&mut self, tx: [u8; 12], to: SocketAddr, now: Instant) {
-        self.pending.insert(tx, (to, now));
+        self.pending.insert(tx, Pending { to, sent: now, mark: self.held.next_seq });
     }
+}
+
+/// Whether `c` answered within [`TRUST`].
+fn trusted(c: &Candidate, now: Instant) -> bool {
+    c.last_pong.is_some_and(|t| now.saturating_duration_since(t) < TRUST)
+}
+
+/// How long a ping that would confirm held data may go unanswered before the path is given
+/// up: four round trips, at least 300 ms (a queue or a scheduler hiccup is not a cut), at most
+/// [`TRUST`].
+pub fn lost_after(rtt: Option<Duration>) -> Duration {
+    (rtt.unwrap_or(Duration::ZERO) * 4).clamp(Duration::from_millis(300), TRUST)
 }
 
 #[cfg(test)]
@@ -299,5 +455,36 @@ mod tests {
         assert!(!p.poll_pings(t0 + ACTIVE_FOR, &mut OsRng).iter().any(|_| true));
         p.add_candidates(&[ep("0.0.0.0:1"), ep("192.0.2.1:0")]);
         assert_eq!(p.candidates().count(), MAX_CANDIDATES);
+    }
+
+    #[test]
+    fn held_data_is_confirmed_by_a_later_pong_bounded_and_handed_back_when_the_path_is_lost() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut p = PeerPaths::default();
+        p.on_activity(t0);
+        p.add_candidates(&[ep("192.0.2.1:4000")]);
+        let (to, tx) = p.poll_pings(t0, &mut OsRng)[0];
+        p.on_pong(tx, to, t0 + ms(1));
+        p.sent_data(to, Bytes::from_static(b"one"), t0 + ms(2));
+        // Data since the last ping: the next one is due after CONFIRM_INTERVAL, not HEARTBEAT.
+        assert!(p.poll_pings(t0 + ms(50), &mut OsRng).is_empty());
+        let (_, confirm) = p.poll_pings(t0 + ms(1) + CONFIRM_INTERVAL, &mut OsRng)[0];
+        p.sent_data(to, Bytes::from_static(b"two"), t0 + ms(120));
+        p.on_pong(confirm, to, t0 + ms(121));
+        // "one" went before the confirming ping; "two" after it, so it is still held.
+        assert_eq!(p.poll_pings(t0 + ms(221), &mut OsRng).len(), 1, "\"two\" waits: confirm it");
+        assert!(p.take_stranded(t0 + ms(321)).is_empty(), "its ping is not overdue yet");
+        let lost = t0 + ms(221) + lost_after(Some(ms(1)));
+        assert_eq!(p.take_stranded(lost), vec![Bytes::from_static(b"two")], "given up: handed back");
+        assert_eq!(p.current(lost), Path::Relay);
+        // Bounded: past MAX_HELD the oldest go unprotected.
+        let mut q = PeerPaths::default();
+        for _ in 0..MAX_HELD + 10 {
+            q.sent_data(to, Bytes::from_static(b"x"), t0);
+        }
+        assert_eq!((q.held.packets.len(), q.unprotected()), (MAX_HELD, 10));
+        q.sent_data(to, Bytes::from(vec![0u8; MAX_HELD_BYTES]), t0);
+        assert_eq!(q.held.packets.len(), 1, "bytes bound too");
     }
 }

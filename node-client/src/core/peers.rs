@@ -1,12 +1,13 @@
 //! What the node keeps per peer, and the status snapshot it reports.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::time::Instant;
 
 use bytes::Bytes;
 use serde::Serialize;
 use warren_relay_proto::PublicKey;
 
+use super::disco;
 use super::paths::{Path, PeerPaths};
 use super::reach::{LinkStatus, Recent, RegionSource};
 
@@ -20,10 +21,17 @@ pub(crate) struct Peer {
     pub(crate) told_home: Option<u32>,
     /// Relay packets sent lately, to resend if the relay said the peer is not there.
     pub(crate) recent: Recent,
+    /// Data envelopes received lately, to drop copies.
+    pub(crate) seen: SeenNonces,
     pub(crate) tx_direct: u64,
     pub(crate) tx_relay: u64,
     pub(crate) rx_direct: u64,
     pub(crate) rx_relay: u64,
+    /// Data packets sent again over another path because the direct path that carried them
+    /// was given up before confirming them.
+    pub(crate) tx_resent: u64,
+    /// Data packets received twice (the copy was dropped).
+    pub(crate) rx_duplicate: u64,
 }
 
 impl Peer {
@@ -55,6 +63,9 @@ impl Peer {
             tx_relay: self.tx_relay,
             rx_direct: self.rx_direct,
             rx_relay: self.rx_relay,
+            tx_resent: self.tx_resent,
+            tx_unprotected: self.paths.unprotected(),
+            rx_duplicate: self.rx_duplicate,
         }
     }
 }
@@ -134,4 +145,64 @@ pub struct PeerStatus {
     pub rx_direct: u64,
     /// Data packets received through the relay.
     pub rx_relay: u64,
+    /// Data packets resent over another path because the direct path was given up before a
+    /// Pong confirmed them.
+    pub tx_resent: u64,
+    /// Data packets sent directly while too much was held to keep them for a resend.
+    pub tx_unprotected: u64,
+    /// Data packets received twice; the copies were dropped.
+    pub rx_duplicate: u64,
+}
+
+/// Data envelopes seen lately from one peer, by nonce: the last [`MAX_SEEN`].
+#[derive(Debug, Default)]
+pub(crate) struct SeenNonces {
+    order: VecDeque<u64>,
+    set: HashSet<u64>,
+}
+
+/// Data envelopes remembered per peer; more than a peer can hold and resend
+/// ([`super::paths::MAX_HELD`]), so every copy falls inside the window.
+pub(crate) const MAX_SEEN: usize = 2 * super::paths::MAX_HELD;
+
+impl SeenNonces {
+    /// Notes an opened envelope; false if one with its nonce was seen within the window. The
+    /// nonce's first 8 bytes stand for it: nonces are random, and only authenticated
+    /// envelopes get here.
+    pub(crate) fn insert(&mut self, envelope: &[u8]) -> bool {
+        let Some(tag) = disco::nonce_tag(envelope) else { return true };
+        if !self.set.insert(tag) {
+            return false;
+        }
+        self.order.push_back(tag);
+        if self.order.len() > MAX_SEEN {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copies_are_recognised_within_the_window_by_nonce() {
+        let envelope = |n: u64| {
+            let mut e = vec![0u8; disco::HEADER_LEN + 17];
+            e[36..44].copy_from_slice(&n.to_le_bytes());
+            e
+        };
+        let mut seen = SeenNonces::default();
+        assert!(seen.insert(&envelope(1)));
+        assert!(!seen.insert(&envelope(1)), "a copy");
+        for n in 2..(MAX_SEEN as u64 + 2) {
+            assert!(seen.insert(&envelope(n)));
+        }
+        assert!(seen.insert(&envelope(1)), "forgotten past the window");
+        assert!(seen.insert(&[0u8; 10]), "too short to tell: kept");
+        assert_eq!(seen.order.len(), MAX_SEEN);
+    }
 }

@@ -452,3 +452,75 @@ fn the_home_moving_into_a_linked_region_closes_that_link() {
     sim.run_for(Duration::from_millis(100));
     assert_eq!(sim.received(1), vec![&b"one"[..], b"two"]);
 }
+
+impl Sim {
+    /// Sends `count` numbered packets from node 0 to node 1, one every 10 ms, calling `at(i)`
+    /// before the `i`th; returns what was sent.
+    fn stream(&mut self, count: u32, mut at: impl FnMut(&mut Sim, u32)) -> Vec<Vec<u8>> {
+        let b = self.key(1);
+        let mut sent = Vec::new();
+        for i in 0..count {
+            at(self, i);
+            let data = format!("packet {i}").into_bytes();
+            self.nodes[0].core.handle_send(b, Bytes::from(data.clone()), self.now);
+            sent.push(data);
+            self.run_for(Duration::from_millis(10));
+        }
+        self.run_for(Duration::from_millis(200));
+        sent
+    }
+
+    /// What node `i` received after its first packet, as owned bytes.
+    fn received_after_first(&self, i: usize) -> Vec<Vec<u8>> {
+        self.nodes[i].received.iter().skip(1).map(|r| r.data.to_vec()).collect()
+    }
+}
+
+#[test]
+fn a_cut_direct_path_under_traffic_loses_nothing() {
+    let mut sim = Sim::new(map(&[(1, &[8443])]), &[]);
+    sim.send(0, 1, b"hello");
+    sim.run_for(Duration::from_millis(200));
+    assert!(sim.path(0, 1).starts_with("direct"), "direct first");
+    let mut cut = None;
+    let mut switched = None;
+    let sent = sim.stream(300, |sim, i| {
+        if i == 50 {
+            sim.direct_up = false;
+            cut = Some(sim.now);
+        }
+        if let Some(c) = cut.filter(|_| switched.is_none() && sim.path(0, 1) == "relay") {
+            switched = Some(sim.now - c);
+        }
+    });
+    // Every packet arrives once, in order: what the dead path held went over the relay first.
+    assert_eq!(sim.received_after_first(1), sent);
+    let switched = switched.expect("fell back to the relay");
+    let bound = paths::CONFIRM_INTERVAL + paths::lost_after(None) + 2 * TICK;
+    assert!(switched <= bound, "gave the path up after {switched:?}, long before the trust window");
+    let (a, b) = (sim.peer(0, 1), sim.peer(1, 0));
+    assert!(a.tx_resent > 0 && a.tx_unprotected == 0, "{a:?}");
+    assert!(b.rx_duplicate < a.tx_resent, "only what had arrived after all is a copy: {b:?}");
+}
+
+#[test]
+fn confirmed_data_is_never_resent_and_a_short_outage_returns_to_the_direct_path() {
+    let mut sim = Sim::new(map(&[(1, &[8443])]), &[]);
+    sim.send(0, 1, b"hello");
+    sim.run_for(Duration::from_millis(200));
+    let sent = sim.stream(100, |_, _| {});
+    assert_eq!(sim.received_after_first(1), sent);
+    let (a, b) = (sim.peer(0, 1), sim.peer(1, 0));
+    assert_eq!((a.tx_resent, b.rx_duplicate, a.tx_direct), (0, 0, 100), "a live path confirms everything");
+    // 400 ms without the direct link: given up, then found again once it answers.
+    let sent = sim.stream(100, |sim, i| match i {
+        10 => sim.direct_up = false,
+        50 => sim.direct_up = true,
+        _ => {}
+    });
+    assert_eq!(sim.received_after_first(1)[100..], sent[..]);
+    assert!(sim.peer(0, 1).tx_resent > 0);
+    assert!(sim.path(0, 1).starts_with("direct"), "direct again: {}", sim.path(0, 1));
+    let last = sim.nodes[1].received.last().expect("delivered");
+    assert!(matches!(last.path, Path::Direct(_)), "the last packets went direct");
+}
