@@ -32,7 +32,51 @@ pub const TARGETS: &[(&str, Body)] = &[
     ("access", access),
     ("dns_reply", dns_reply),
     ("proxy_header", proxy_header),
+    ("relay_conversation", relay_conversation),
+    ("tunnel_conversation", tunnel_conversation),
 ];
+
+/// A tunnel stream carrying a sequence of messages, as `read_message` takes them: the first
+/// byte seeds where the stream is split. Splitting never changes what decodes, and every
+/// message decoded re-encodes (when within the encoder's limits) to one that decodes the same.
+pub fn tunnel_conversation(data: &[u8]) {
+    use warren_tunnel_proto::Message;
+    let Some((seed, stream)) = data.split_first() else { return };
+    let whole: Vec<Message> = {
+        let mut buf = BytesMut::from(stream);
+        std::iter::from_fn(|| Message::decode(&mut buf).ok().flatten()).collect()
+    };
+    // The same bytes arriving in chunks of 1 to 16 bytes.
+    let mut buf = BytesMut::new();
+    let mut split = Vec::new();
+    let mut failed = false;
+    let mut step = usize::from(*seed % 16) + 1;
+    for chunk in stream.chunks(step) {
+        buf.extend_from_slice(chunk);
+        step = step % 16 + 1;
+        while !failed {
+            match Message::decode(&mut buf) {
+                Ok(Some(m)) => split.push(m),
+                Ok(None) => break,
+                Err(_) => failed = true,
+            }
+        }
+    }
+    assert_eq!(split, whole, "what decodes does not depend on how the stream was split");
+    for m in whole {
+        let mut out = BytesMut::new();
+        if m.encode(&mut out).is_ok() {
+            assert_eq!(Message::decode(&mut out).ok().flatten().as_ref(), Some(&m), "re-encoded");
+            assert!(out.is_empty(), "one message, no bytes left");
+        }
+    }
+}
+
+/// A whole conversation of four clients and a mesh sibling with the relay's core, scripted by
+/// the input (raw frames, packets, inboxes drained, time passing, clients leaving).
+pub fn relay_conversation(data: &[u8]) {
+    warren_relay::fuzzing::relay_conversation(data, std::time::Instant::now());
+}
 
 /// A DNS reply as the edge reads it when checking a custom domain's proof (the first two bytes
 /// are taken as the id of the query it answers).

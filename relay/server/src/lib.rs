@@ -38,6 +38,12 @@ pub mod fuzzing {
             let _ = crate::web::route(&head);
         }
     }
+
+    /// A whole conversation of clients and a mesh sibling with the relay's core, scripted by
+    /// `script` (see `core/conversation.rs`), starting at `start`.
+    pub fn relay_conversation(script: &[u8], start: std::time::Instant) {
+        crate::core::conversation::run(script, start);
+    }
 }
 pub use reload::{ReloadError, Reloaded};
 pub use server::{Server, ServerError};

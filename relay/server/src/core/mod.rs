@@ -14,12 +14,14 @@
 //! - [`sibling`]: a sibling relay connected to us (WatchConns, ForwardPacket, ClosePeer), and
 //!   what our link to a sibling learns from it (PeerPresent, PeerGone).
 //! - [`inbox`]: one client's bounded queues.
+//! - [`conversation`]: a whole conversation with these, scripted by bytes (a fuzz body).
 //!
 //! Everything here is synchronous, reads no clock (`now` is a parameter) and touches no
 //! socket; the connection actors in `conn`, `mesh_conn` and `mesh` only move bytes.
 //! `scripts/check-sans-io.py` (run by `scripts/test.sh`) refuses a clock read, a spawn, a
 //! timer or a socket in this module outside its tests.
 
+pub(crate) mod conversation;
 pub(crate) mod inbox;
 pub(crate) mod router;
 pub(crate) mod session;
