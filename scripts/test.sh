@@ -74,3 +74,14 @@ fi
 cargo build --workspace --bins --locked
 cargo test --workspace --locked --doc --quiet
 cargo nextest run --workspace --locked --no-fail-fast
+
+# The short soak (scripts/soak.sh --short, about 2 minutes): three meshed relays and two
+# clustered edges under churn, one of them killed or drained every 30 s, on the debug binaries
+# just built. Its report lands in target/soak/.
+if command -v redis-server >/dev/null; then
+    echo "==> short soak"
+    mkdir -p target/soak
+    scripts/soak.sh --short --bin "$PWD/target/debug" --out-dir "$PWD/target/soak"
+else
+    echo "==> short soak skipped: redis-server is not installed"
+fi

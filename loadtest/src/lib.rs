@@ -12,6 +12,7 @@ pub mod origin;
 pub mod probe;
 pub mod relay;
 pub mod report;
+pub mod soak;
 pub mod tcp;
 pub mod ws;
 

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use warren_loadtest::edge::{self, EdgeReport, EdgeScenario};
 use warren_loadtest::relay::{self, Mode, RelayScenario};
 use warren_loadtest::report::with_progress;
-use warren_loadtest::{idle, probe, RelayReport};
+use warren_loadtest::{idle, probe, soak, RelayReport};
 
 /// Load harness for Warren relays and edges. Figures are counted at the clients; read them as ratios
 /// against a baseline measured in the same run.
@@ -108,6 +108,10 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// The soak's clients (scripts/soak.py runs the servers and kills them): stable pairs
+    /// across a region's relays, churning clients and funnel visitors; one JSON line of
+    /// figures per interval on stdout, the totals last.
+    Soak(SoakArgs),
     /// Open N idle clients and report the relay's RSS per client (needs its pid).
     Idle {
         /// Relay URL.
@@ -174,6 +178,55 @@ struct RelayArgs {
     /// Spread connections over 127.0.0.1 .. 127.0.0.N (0: default source address).
     #[arg(long, default_value_t = 0)]
     source_ips: u8,
+}
+
+#[derive(Debug, clap::Args)]
+struct SoakArgs {
+    /// The region's relay URLs (repeatable), in the order clients move through them.
+    #[arg(long, required = true)]
+    relay: Vec<String>,
+    /// CA to trust for the relays.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// Stable sender/receiver pairs, each side on a different relay.
+    #[arg(long, default_value_t = 20)]
+    pairs: usize,
+    /// Packets per second per pair.
+    #[arg(long, default_value_t = 20.0)]
+    rate: f64,
+    /// Packet size in bytes.
+    #[arg(long, default_value_t = 200)]
+    size: usize,
+    /// Churn clients logging in (and leaving) per second.
+    #[arg(long, default_value_t = 20.0)]
+    churn: f64,
+    /// How long a churn client stays.
+    #[arg(long, default_value = "2s", value_parser = duration)]
+    churn_life: Duration,
+    /// Funnel URL for visitors (https://name.funnel.domain:port/path).
+    #[arg(long)]
+    url: Option<String>,
+    /// An edge's public address for the URL's host (repeatable).
+    #[arg(long)]
+    edge: Vec<std::net::SocketAddr>,
+    /// CA to trust for the edges.
+    #[arg(long)]
+    edge_ca: Option<PathBuf>,
+    /// Visits per second (every fourth uploads --upload-size bytes).
+    #[arg(long, default_value_t = 10.0)]
+    visit_rate: f64,
+    /// Upload size in bytes.
+    #[arg(long, default_value_t = 65536)]
+    upload_size: usize,
+    /// How long to run.
+    #[arg(long, default_value = "2m", value_parser = duration)]
+    duration: Duration,
+    /// Report interval.
+    #[arg(long, default_value = "10s", value_parser = duration)]
+    interval: Duration,
+    /// After a client logs in again, its pair's packets count as the switch's for this long.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    settle: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -280,6 +333,33 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 return Ok(());
             }
             probe_cmd(settings, listen).await
+        }
+        Command::Soak(a) => {
+            let scenario = soak::SoakScenario {
+                relays: a.relay,
+                ca: a.ca,
+                pairs: a.pairs,
+                rate: a.rate,
+                size: a.size,
+                churn: a.churn,
+                churn_life: a.churn_life,
+                visit_url: a.url,
+                edges: a.edge,
+                edge_ca: a.edge_ca,
+                visit_rate: a.visit_rate,
+                upload_size: a.upload_size,
+                duration: a.duration,
+                interval: a.interval,
+                settle: a.settle,
+            };
+            let total = soak::run(scenario, |t| {
+                if let Ok(line) = serde_json::to_string(t) {
+                    print(&line);
+                }
+            })
+            .await?;
+            print(&serde_json::to_string(&serde_json::json!({ "total": total }))?);
+            Ok(())
         }
         Command::Idle { relay, ca, pid, clients, source_ips, websocket } => {
             let r =
