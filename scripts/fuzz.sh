@@ -25,11 +25,12 @@ while [ $# -gt 0 ]; do
 done
 command -v cargo-fuzz >/dev/null || { echo "fuzz.sh: needs cargo-fuzz (cargo install cargo-fuzz)" >&2; exit 2; }
 export RUSTC_BOOTSTRAP=1
-fuzz=(cargo fuzz run --sanitizer none --features libfuzzer)
 if [ ${#targets[@]} -eq 0 ]; then
-    mapfile -t targets < <(cargo fuzz list)
+    mapfile -t targets < <(cargo fuzz list | grep -vx any)
 fi
-cargo fuzz build --sanitizer none --features libfuzzer "${targets[@]:0:1}" >/dev/null 2>&1 || true
+# One binary serves every body (WARREN_FUZZ_TARGET picks it): one build and one link.
+cargo fuzz build --sanitizer none --features libfuzzer any
+fuzzer=target/x86_64-unknown-linux-gnu/release/any
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -44,16 +45,17 @@ for t in "${targets[@]}"; do
     result=ok
     # New inputs go to a scratch directory first; the committed corpus only gets the ones that
     # add coverage (the merge below).
-    if ! "${fuzz[@]}" "$t" "$work/$t" "$corpus" -- -max_total_time="$seconds" -rss_limit_mb=2048 \
-        -timeout=10 -print_final_stats=1 >"$log" 2>&1; then
+    mkdir -p "fuzz/artifacts/$t"
+    if ! WARREN_FUZZ_TARGET=$t "$fuzzer" "$work/$t" "$corpus" -max_total_time="$seconds" -rss_limit_mb=2048 \
+        -timeout=10 -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$t/" >"$log" 2>&1; then
         result="crash: $(grep -m1 -oE 'artifact_prefix=.*|Test unit written to [^ ]+' "$log" || echo see log)"
         failed=1
-        cp "$log" "fuzz/artifacts/$t.log" 2>/dev/null || true
+        cp "$log" "fuzz/artifacts/$t.log"
     fi
     runs=$(grep -oE 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1 || true)
     cov=$(grep -oE 'cov: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+' || true)
     ft=$(grep -oE 'ft: [0-9]+' "$log" | tail -1 | grep -oE '[0-9]+' || true)
-    "${fuzz[@]}" "$t" -- -merge=1 "$corpus" "$work/$t" >/dev/null 2>&1 || true
+    WARREN_FUZZ_TARGET=$t "$fuzzer" -merge=1 "$corpus" "$work/$t" >/dev/null 2>&1 || true
     after=$(find "$corpus" -type f | wc -l)
     rate=$(( ${runs:-0} / seconds ))
     row="| $t | $seconds | ${runs:-?} | $rate | ${cov:-?} | ${ft:-?} | $before → $after | $result |"

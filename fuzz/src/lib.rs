@@ -13,6 +13,23 @@ use warren_relay_proto::{FrameDecoder, Framer, PublicKey, SecretKey, Transport};
 /// A fuzz body.
 pub type Body = fn(&[u8]);
 
+/// The body `WARREN_FUZZ_TARGET` names (read once), for the `any` target: one binary serves
+/// every body, so `scripts/fuzz.sh` builds (and links, with LTO) once instead of per target.
+///
+/// # Panics
+/// When the variable is unset or names no target: the run is misconfigured.
+pub fn by_env(data: &[u8]) {
+    static BODY: std::sync::OnceLock<Body> = std::sync::OnceLock::new();
+    let body = BODY.get_or_init(|| {
+        let name = std::env::var("WARREN_FUZZ_TARGET").unwrap_or_default();
+        match TARGETS.iter().find(|(n, _)| *n == name) {
+            Some((_, body)) => *body,
+            None => panic!("WARREN_FUZZ_TARGET={name:?} names none of the fuzz targets"),
+        }
+    });
+    body(data);
+}
+
 /// Every body by target name (the corpus directory names).
 pub const TARGETS: &[(&str, Body)] = &[
     ("derp_frames", derp_frames),
