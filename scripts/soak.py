@@ -145,7 +145,7 @@ def main():
     ap.add_argument("--minutes", type=float, default=30)
     ap.add_argument("--kill-every", type=float, default=180, help="seconds between kills")
     ap.add_argument("--down-for", type=float, default=3, help="seconds a killed server stays down")
-    ap.add_argument("--pairs", type=int, default=40)
+    ap.add_argument("--pairs", type=int, default=120)
     ap.add_argument("--rate", type=float, default=20)
     ap.add_argument("--churn", type=float, default=20)
     ap.add_argument("--visit-rate", type=float, default=10)
@@ -361,7 +361,8 @@ def build_report(a, ticks, total, events, samples):
             continue
         row = {"minute": m}
         for k in ["sent", "delivered", "lost", "switch_delivered", "switch_lost", "duplicates", "switches",
-                  "churn_logins", "churn_failed", "churn_sent", "churn_received", "visits_ok", "visits_failover"]:
+                  "churn_logins", "churn_failed", "churn_sent", "churn_received", "visits_ok", "websockets_ok",
+                  "visits_failover"]:
             row[k] = sum(t.get(k, 0) for t in ts)
         row["visits_failed"] = sum(len(t.get("visit_failures", [])) for t in ts)
         row["p99_us_max"] = max((t["latency"]["p99_us"] for t in ts if t["latency"]["count"]), default=None)
@@ -388,6 +389,7 @@ def build_report(a, ticks, total, events, samples):
         "packets were judged": total.get("delivered", 0) > 0,
         "visitor failures only in flight on a SIGKILLed edge": not unexplained,
         "visitors were answered": total.get("visits_ok", 0) > 0,
+        "WebSocket sessions echoed": total.get("websockets_ok", 0) > 0,
         "redis keys bounded": not warm_keys or max(warm_keys) <= 2 * min(warm_keys) + 20,
     }
     growth_ok = all(g["rss_growth_pct"] < a.max_growth and g["fd_growth_pct"] < a.max_growth for g in grow)
@@ -397,7 +399,9 @@ def build_report(a, ticks, total, events, samples):
               "per_minute": minutes, "growth": grow, "growth_within_limit": growth_ok,
               "redis_keys": {"min": min(keys, default=None), "max": max(keys, default=None)},
               "relay_drops_last": samples[-1]["drops"] if samples else {},
-              "visit_failures": failures, "unexplained_visit_failures": unexplained, "checks": checks}
+              "visit_failures": failures, "unexplained_visit_failures": unexplained,
+              "lost_samples": [x for t in ticks for x in t.get("lost_samples", [])][:50], "ticks": ticks,
+              "checks": checks}
     report["failed"] = [k for k, v in checks.items() if not v]
     return report
 
@@ -444,6 +448,7 @@ def print_summary(r):
     print(f"soak: {r['minutes_run']} min, {len(r['events'])} kills/drains; packets delivered {t.get('delivered')}, "
           f"lost {t.get('lost')}, in switch windows {t.get('switch_delivered')} delivered / {t.get('switch_lost')} lost; "
           f"churn logins {t.get('churn_logins')} (failed {t.get('churn_failed')}); visits ok {t.get('visits_ok')}, "
+          f"WebSocket sessions ok {t.get('websockets_ok')}, "
           f"failed {len(r['visit_failures'])} ({len(r['unexplained_visit_failures'])} unexplained)")
     for g in r["growth"]:
         print(f"  {g['process']}#{g['incarnation']}: RSS {g['rss_kib'][0]} -> {g['rss_kib'][1]} KiB "

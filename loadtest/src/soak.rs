@@ -10,8 +10,8 @@
 //!   loss; every other lost packet is a defect.
 //! - **Churn**: clients that log in to a random relay, send a few packets to stable receivers
 //!   and leave, at a set rate.
-//! - **Visitors**: requests to a funnel URL through one edge after the other (GETs, and every
-//!   fourth an upload). A visitor that cannot connect to one edge tries the next, as a browser
+//! - **Visitors**: requests to a funnel URL through one edge after the other (GETs, every
+//!   fourth an upload, every fourth a WebSocket session echoing three messages). A visitor that cannot connect to one edge tries the next, as a browser
 //!   does with a name's addresses; a request that fails after its connection was made is a
 //!   failure, reported with the edge and the time.
 
@@ -93,6 +93,8 @@ pub struct Tick {
     pub delivered: u64,
     /// Lost outside any switch window: defects.
     pub lost: u64,
+    /// The first few of those: pair, sequence number, send time, where each side was.
+    pub lost_samples: Vec<String>,
     /// Judged inside a switch window: delivered and lost.
     pub switch_delivered: u64,
     /// Lost inside a switch window.
@@ -115,6 +117,8 @@ pub struct Tick {
     pub churn_received: u64,
     /// Visits answered 200.
     pub visits_ok: u64,
+    /// WebSocket sessions whose three echoes came back intact.
+    pub websockets_ok: u64,
     /// Visits that found an edge refusing connections and went to the next.
     pub visits_failover: u64,
     /// Visits that failed: `"<edge> <reason>"` each.
@@ -128,15 +132,18 @@ struct Ledger {
     sent_ms: Vec<u32>,
     /// Copies received by sequence number.
     got: Vec<u8>,
-    /// Switch windows (ms since the start); the end is `u32::MAX` while the client is away.
-    windows: Vec<(u32, u32)>,
+    /// Switch windows (ms since the start) and whose (side); the end is `u32::MAX` while that
+    /// side is away.
+    windows: Vec<(u32, u32, usize)>,
+    /// Relays each side logged in to: (ms since the start, side, relay index).
+    moves: Vec<(u32, usize, usize)>,
     /// Sequence numbers judged so far.
     judged: usize,
 }
 
 impl Ledger {
     fn in_window(&self, at: u32) -> bool {
-        self.windows.iter().any(|(a, b)| (*a..=*b).contains(&at))
+        self.windows.iter().any(|(a, b, _)| (*a..=*b).contains(&at))
     }
 }
 
@@ -159,6 +166,7 @@ struct Counters {
     churn_sent: AtomicU64,
     churn_received: AtomicU64,
     visits_ok: AtomicU64,
+    websockets_ok: AtomicU64,
     visits_failover: AtomicU64,
     visit_failures: Mutex<Vec<String>>,
     latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
@@ -205,14 +213,19 @@ impl Soak {
         pair.up[side].store(false, Ordering::Release);
         let from = lost.saturating_duration_since(self.t0).saturating_sub(SWITCH_MARGIN);
         let from = u32::try_from(from.as_millis()).unwrap_or(u32::MAX);
-        lock(&pair.ledger).windows.push((from, u32::MAX));
+        lock(&pair.ledger).windows.push((from, u32::MAX, side));
     }
 
     /// It logged in again: the window closes `settle` from now.
-    fn switch_done(&self, pair: &Pair, side: usize, lost: Instant) {
+    /// Notes where a side of `pair` logged in.
+    fn logged_in(&self, pair: &Pair, side: usize, relay: usize) {
         pair.up[side].store(true, Ordering::Release);
+        lock(&pair.ledger).moves.push((self.ms(), side, relay));
+    }
+
+    fn switch_done(&self, pair: &Pair, side: usize, lost: Instant) {
         let end = self.ms().saturating_add(u32::try_from(self.s.settle.as_millis()).unwrap_or(0));
-        if let Some(w) = lock(&pair.ledger).windows.iter_mut().rev().find(|w| w.1 == u32::MAX) {
+        if let Some(w) = lock(&pair.ledger).windows.iter_mut().rev().find(|w| w.1 == u32::MAX && w.2 == side) {
             w.1 = end;
         }
         self.c.switches.fetch_add(1, Ordering::Relaxed);
@@ -225,6 +238,7 @@ impl Soak {
         let lost = Instant::now();
         self.switch_started(pair, side, lost);
         let next = self.login(secret, (idx + 1) % self.s.relays.len()).await?;
+        self.logged_in(pair, side, next.1);
         self.switch_done(pair, side, lost);
         Some(next)
     }
@@ -233,7 +247,15 @@ impl Soak {
     /// drains, as a node does.
     async fn sender(self: Arc<Self>, pair: Arc<Pair>, secret: SecretKey, relay: usize) {
         let Some((mut client, mut idx)) = self.login(&secret, relay).await else { return };
-        pair.up[0].store(true, Ordering::Release);
+        self.logged_in(&pair, 0, idx);
+        // The first packet waits for the receiver's login to reach every relay of the mesh.
+        while !pair.up[1].load(Ordering::Acquire) {
+            if Instant::now() >= self.deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(self.s.settle).await;
         let every = Duration::from_secs_f64(1.0 / self.s.rate);
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -278,7 +300,7 @@ impl Soak {
 
     async fn receiver(self: Arc<Self>, pair: Arc<Pair>, secret: SecretKey, relay: usize) {
         let Some((mut client, mut idx)) = self.login(&secret, relay).await else { return };
-        pair.up[1].store(true, Ordering::Release);
+        self.logged_in(&pair, 1, idx);
         loop {
             let left = self.deadline.saturating_duration_since(Instant::now()) + Duration::from_secs(4);
             let moved = match tokio::time::timeout(left, client.recv()).await {
@@ -325,6 +347,14 @@ impl Soak {
         if self.s.churn <= 0.0 {
             return;
         }
+        // Churn sends to the stable receivers: it starts once they are logged in everywhere.
+        while !self.pairs.iter().all(|p| p.up[1].load(Ordering::Acquire)) {
+            if Instant::now() >= self.deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(self.s.settle).await;
         let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / self.s.churn));
         let mut n = 0usize;
         while Instant::now() < self.deadline {
@@ -371,26 +401,35 @@ impl Soak {
         Ok(())
     }
 
-    /// One visit: the `n`th edge first, the others if it refuses connections.
+    /// One visit: the `n`th edge first, the others if it refuses connections. Every fourth
+    /// visit uploads, every fourth (offset by two) is a WebSocket session of three echoes.
     async fn visit(&self, url: &RelayUrl, tls: &tokio_rustls::TlsConnector, n: usize, body: Option<Bytes>) {
         let edges = self.s.edges.len();
+        let websocket = n % 4 == 2;
         for k in 0..edges {
             let e = (n + k) % edges;
-            let io = match dial(url, Some(self.s.edges[e]), Some(tls)).await {
-                Ok(io) => io,
+            let addr = self.s.edges[e];
+            let outcome = if websocket {
+                crate::ws::echo_session(url, addr, tls, 3, 64).await.map(|()| 200)
+            } else {
+                match dial(url, Some(addr), Some(tls)).await {
+                    Ok(io) => request(io, url, body.clone()).await,
+                    Err(why) => Err(why),
+                }
+            };
+            match outcome {
                 Err("connect") => {
                     self.c.visits_failover.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                Err(why) => return self.visit_failed(e, why),
-            };
-            return match request(io, url, body).await {
                 Ok(200) => {
-                    self.c.visits_ok.fetch_add(1, Ordering::Relaxed);
+                    let ok = if websocket { &self.c.websockets_ok } else { &self.c.visits_ok };
+                    ok.fetch_add(1, Ordering::Relaxed);
                 }
                 Ok(status) => self.visit_failed(e, &format!("status {status}")),
                 Err(why) => self.visit_failed(e, why),
-            };
+            }
+            return;
         }
         self.visit_failed(n % edges, "every edge refused the connection");
     }
@@ -414,7 +453,18 @@ impl Soak {
                 let (at, got) = (l.sent_ms[seq], l.got[seq]);
                 let windowed = l.in_window(at);
                 match (windowed, got) {
-                    (false, 0) => t.lost += 1,
+                    (false, 0) => {
+                        t.lost += 1;
+                        if t.lost_samples.len() < 10 {
+                            t.lost_samples.push(format!(
+                                "pair {} seq {seq} sent at {:.3} s; logins (ms, side, relay) {:?}; windows {:?}",
+                                p.id,
+                                f64::from(at) / 1e3,
+                                l.moves,
+                                l.windows
+                            ));
+                        }
+                    }
                     (false, _) => t.delivered += 1,
                     (true, 0) => t.switch_lost += 1,
                     (true, _) => t.switch_delivered += 1,
@@ -434,6 +484,7 @@ impl Soak {
         t.churn_sent = c.churn_sent.swap(0, Ordering::Relaxed);
         t.churn_received = c.churn_received.swap(0, Ordering::Relaxed);
         t.visits_ok = c.visits_ok.swap(0, Ordering::Relaxed);
+        t.websockets_ok = c.websockets_ok.swap(0, Ordering::Relaxed);
         t.visits_failover = c.visits_failover.swap(0, Ordering::Relaxed);
         t.visit_failures = std::mem::take(&mut *lock(&c.visit_failures));
         let h = lock(&c.latency).replace(histogram());
@@ -522,6 +573,7 @@ fn add(total: &mut Tick, t: &Tick) {
     total.sent += t.sent;
     total.delivered += t.delivered;
     total.lost += t.lost;
+    total.lost_samples.extend(t.lost_samples.iter().cloned());
     total.switch_delivered += t.switch_delivered;
     total.switch_lost += t.switch_lost;
     total.duplicates += t.duplicates;
@@ -532,6 +584,7 @@ fn add(total: &mut Tick, t: &Tick) {
     total.churn_sent += t.churn_sent;
     total.churn_received += t.churn_received;
     total.visits_ok += t.visits_ok;
+    total.websockets_ok += t.websockets_ok;
     total.visits_failover += t.visits_failover;
     total.visit_failures.extend(t.visit_failures.iter().cloned());
 }

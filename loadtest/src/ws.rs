@@ -122,6 +122,27 @@ pub async fn run(s: &WsScenario) -> anyhow::Result<WsReport> {
     })
 }
 
+/// One session of `messages` echoes of `size` bytes on a connection to `connect_addr`, as a
+/// soak visitor makes it.
+pub(crate) async fn echo_session(
+    url: &RelayUrl,
+    connect_addr: SocketAddr,
+    tls: &tokio_rustls::TlsConnector,
+    messages: u64,
+    size: usize,
+) -> Result<(), &'static str> {
+    let s = WsScenario {
+        url: String::new(),
+        connect_addr: Some(connect_addr),
+        ca: None,
+        sessions: 1,
+        messages,
+        size,
+        timeout: Duration::from_secs(10),
+    };
+    session(&s, url, Some(tls), &Mutex::default()).await
+}
+
 fn lock(t: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
     t.lock().unwrap_or_else(|e| e.into_inner())
 }

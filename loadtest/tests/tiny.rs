@@ -111,7 +111,7 @@ async fn soak_clients_judge_every_packet_and_count_switches() {
     let t = warren_loadtest::soak::run(soak(vec![url(&a)], a.dev_ca_cert().map(Into::into), 2, 2), |_| {})
         .await
         .expect("runs");
-    assert!(t.delivered >= 150 && t.delivered == t.sent, "every packet judged and delivered: {t:?}");
+    assert!(t.delivered >= 100 && t.delivered == t.sent, "every packet judged and delivered: {t:?}");
     assert_eq!((t.lost, t.switch_lost, t.switches, t.duplicates), (0, 0, 0, 0), "{t:?}");
     assert!(t.churn_logins > 0 && t.churn_received == t.churn_sent, "{t:?}");
 
