@@ -3,9 +3,9 @@
 
 Starts Redis, three meshed relays, two clustered edges, an origin and a node publishing it;
 runs `warren-loadtest soak` against them (stable pairs across the relays, churning clients,
-funnel visitors); every --kill-every seconds SIGKILLs or SIGTERMs (drains) a random relay or
-edge and starts it again. Samples every process's RSS and open files, Redis's keys and the
-relays' drop counters. Writes a JSON report (figures per minute, events, checks) and, when
+funnel visitors); every --kill-every seconds SIGKILLs or SIGTERMs (drains) a random relay (one
+that has clients: moved clients stay where they went) or edge and starts it again. Samples
+every process's RSS and open files, Redis's keys and the relays' drop counters. Writes a JSON report (figures per minute, events, checks) and, when
 matplotlib is there, a PNG; exits 1 if a check failed.
 
 Checks: no packet lost between peers outside the switch window of a moved client; visitor
@@ -128,15 +128,17 @@ def redis_keys(port):
     return len(keys), by
 
 
-def relay_drops(admin_port):
+def relay_metrics(admin_port):
+    """The relay's drops by reason, and its logged-in clients."""
     try:
         _, text = http_get(f"http://127.0.0.1:{admin_port}/metrics")
     except OSError:
-        return None
+        return None, None
     drops = {}
     for m in re.finditer(r'^relay_packets_dropped_total\{reason="([a-z_]+)"\} ([0-9.e+]+)$', text, re.M):
         drops[m.group(1)] = float(m.group(2))
-    return drops
+    m = re.search(r"^relay_clients_connected ([0-9.e+]+)$", text, re.M)
+    return drops, (int(float(m.group(1))) if m else None)
 
 
 def main():
@@ -282,8 +284,8 @@ def main():
                 for name, p in procs.items():
                     if p.pid and (x := proc_sample(p.pid)):
                         s["procs"][name] = {"rss_kib": x[0], "fds": x[1], "incarnation": p.incarnation}
-                    if name.startswith("relay") and p.pid:
-                        s["drops"][name] = relay_drops(rports[int(name[5:])][2])
+                    if name.startswith("relay") and p.pid and name in s["procs"]:
+                        s["drops"][name], s["procs"][name]["clients"] = relay_metrics(rports[int(name[5:])][2])
                 for name, p in fixed.items():
                     if p.poll() is None and (x := proc_sample(p.pid)):
                         s["procs"][name] = {"rss_kib": x[0], "fds": x[1], "incarnation": 1}
@@ -294,7 +296,11 @@ def main():
                 samples.append(s)
             if now >= next_kill and now - t0 < seconds - 20:
                 next_kill += a.kill_every
-                name = rng.choice(sorted(procs))
+                # A relay its clients have all left (they stay where they moved) would die
+                # unnoticed: relays with clients, and the edges, are the candidates.
+                last = samples[-1]["procs"] if samples else {}
+                names = [n for n in sorted(procs) if not n.startswith("relay") or last.get(n, {}).get("clients")]
+                name = rng.choice(names or sorted(procs))
                 how = rng.choice(["SIGKILL", "SIGTERM"])
                 p = procs[name]
                 e = {"t": now - t0, "target": name, "signal": how}
@@ -331,21 +337,32 @@ def main():
             subprocess.run(["rm", "-rf", tmp])
 
 
+# The harness keeps a ledger entry per packet it sent: its growth is by design, not judged.
+NOT_JUDGED = {"loadtest"}
+
+
 def growth(samples, warmup, seconds):
     """Per process incarnation that lived past warm-up and another quarter of the run: RSS and
-    fds at the end of warm-up and at its last sample, and the growth in percent."""
+    fds from a reference sample to its last one, and the growth in percent. A relay's memory and
+    files follow its logged-in clients, which move when siblings die: its reference is the first
+    sample after warm-up with the same number of clients as at the end (within 5 %), and a
+    relay whose count never came back is not judged."""
     lives = {}
     for s in samples:
         for name, x in s["procs"].items():
-            lives.setdefault((name, x["incarnation"]), []).append((s["t"], x["rss_kib"], x["fds"]))
+            lives.setdefault((name, x["incarnation"]), []).append((s["t"], x["rss_kib"], x["fds"], x.get("clients")))
     out = []
+    span = max(60.0, seconds / 4)
     for (name, inc), pts in sorted(lives.items()):
-        born = pts[0][0]
-        after = [p for p in pts if p[0] >= born + warmup]
-        if len(after) < 2 or after[-1][0] - after[0][0] < max(60.0, seconds / 4):
+        if name in NOT_JUDGED:
             continue
-        (_, r0, f0), (_, r1, f1) = after[0], after[-1]
-        out.append({"process": name, "incarnation": inc, "from_s": after[0][0], "to_s": after[-1][0],
+        born, last = pts[0][0], pts[-1]
+        same = lambda c: last[3] is None or c is not None and abs(c - last[3]) <= max(2, 0.05 * last[3])
+        ref = next((p for p in pts if p[0] >= born + warmup and last[0] - p[0] >= span and same(p[3])), None)
+        if ref is None:
+            continue
+        (_, r0, f0, c0), (_, r1, f1, c1) = ref, last
+        out.append({"process": name, "incarnation": inc, "from_s": ref[0], "to_s": last[0], "clients": [c0, c1],
                     "rss_kib": [r0, r1], "rss_growth_pct": round(100.0 * (r1 - r0) / max(r0, 1), 2),
                     "fds": [f0, f1], "fd_growth_pct": round(100.0 * (f1 - f0) / max(f0, 1), 2)})
     return out
@@ -401,6 +418,7 @@ def build_report(a, ticks, total, events, samples):
               "relay_drops_last": samples[-1]["drops"] if samples else {},
               "visit_failures": failures, "unexplained_visit_failures": unexplained,
               "lost_samples": [x for t in ticks for x in t.get("lost_samples", [])][:50], "ticks": ticks,
+              "samples": samples,
               "checks": checks}
     report["failed"] = [k for k, v in checks.items() if not v]
     return report
@@ -451,8 +469,9 @@ def print_summary(r):
           f"WebSocket sessions ok {t.get('websockets_ok')}, "
           f"failed {len(r['visit_failures'])} ({len(r['unexplained_visit_failures'])} unexplained)")
     for g in r["growth"]:
-        print(f"  {g['process']}#{g['incarnation']}: RSS {g['rss_kib'][0]} -> {g['rss_kib'][1]} KiB "
-              f"({g['rss_growth_pct']:+.1f} %), fds {g['fds'][0]} -> {g['fds'][1]}")
+        print(f"  {g['process']}#{g['incarnation']} ({g['from_s']:.0f}-{g['to_s']:.0f} s): RSS {g['rss_kib'][0]} -> "
+              f"{g['rss_kib'][1]} KiB ({g['rss_growth_pct']:+.1f} %), fds {g['fds'][0]} -> {g['fds'][1]}"
+              + (f", clients {g['clients'][0]} -> {g['clients'][1]}" if g["clients"][1] is not None else ""))
     for k, v in r["checks"].items():
         print(f"  [{'ok' if v else 'FAIL'}] {k}")
 
