@@ -115,11 +115,15 @@ impl Held {
 
     /// A Pong from `from` to a ping sent at `mark`: what went there before it arrived.
     fn confirm(&mut self, from: SocketAddr, mark: u64) {
-        let before = self.packets.len();
-        self.packets.retain(|p| p.seq >= mark || p.to != from);
-        if self.packets.len() != before {
-            self.bytes = self.packets.iter().map(|p| p.payload.len()).sum();
-        }
+        self.take_where(|p| p.seq < mark && p.to == from);
+    }
+
+    /// Removes the packets `f` picks and returns them, oldest first.
+    fn take_where(&mut self, f: impl Fn(&HeldPacket) -> bool) -> VecDeque<HeldPacket> {
+        let (taken, kept): (VecDeque<_>, VecDeque<_>) = std::mem::take(&mut self.packets).into_iter().partition(f);
+        self.packets = kept;
+        self.bytes -= taken.iter().map(|p| p.payload.len()).sum::<usize>();
+        taken
     }
 
     /// The oldest held packet sent to `to`.
@@ -262,11 +266,7 @@ impl PeerPaths {
         if on_current(self.held.packets.front()) && on_current(self.held.packets.back()) {
             return Vec::new();
         }
-        let (stranded, kept): (VecDeque<_>, VecDeque<_>) =
-            std::mem::take(&mut self.held.packets).into_iter().partition(|p| current != Path::Direct(p.to));
-        self.held.packets = kept;
-        self.held.bytes = self.held.packets.iter().map(|p| p.payload.len()).sum();
-        stranded.into_iter().map(|p| p.payload).collect()
+        self.held.take_where(|p| current != Path::Direct(p.to)).into_iter().map(|p| p.payload).collect()
     }
 
     /// Direct data let go unconfirmed because too much was held.
