@@ -22,3 +22,5 @@ pub mod runtime;
 pub mod testing;
 pub mod tls;
 pub mod url;
+#[cfg(feature = "ws-echo")]
+pub mod ws_echo;

@@ -26,7 +26,7 @@ use serde::Serialize;
 use warren_common::url::RelayUrl;
 
 use crate::dial::dial;
-use crate::report::{histogram, Latency, PROGRESS};
+use crate::report::{histogram, lock, Latency, PROGRESS};
 
 /// Largest chunk a POST body is written in.
 const CHUNK: usize = 64 << 10;
@@ -190,10 +190,6 @@ pub async fn run(s: &EdgeScenario) -> anyhow::Result<EdgeReport> {
         requests_per_second: t.answered as f64 / seconds.max(1e-9),
         latency,
     })
-}
-
-fn lock(t: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
-    t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn connect(

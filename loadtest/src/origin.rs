@@ -59,22 +59,9 @@ type Answer = http_body_util::Either<Pattern, http_body_util::Full<Bytes>>;
 
 async fn answer(mut req: Request<Incoming>, pattern: Bytes) -> Result<Response<Answer>, Infallible> {
     let upgrade = req.headers().get("upgrade").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    if let (true, Some(key)) = (upgrade, req.headers().get("sec-websocket-key")) {
-        let accept = warren_relay_proto::ws::accept_key(&String::from_utf8_lossy(key.as_bytes()));
-        let upgraded = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            if let Ok(io) = upgraded.await {
-                let _ = echo(hyper_util::rt::TokioIo::new(io)).await;
-            }
-        });
-        let mut r = text(101, String::new());
-        let h = r.headers_mut();
-        h.insert("upgrade", hyper::header::HeaderValue::from_static("websocket"));
-        h.insert("connection", hyper::header::HeaderValue::from_static("Upgrade"));
-        if let Ok(v) = hyper::header::HeaderValue::from_str(&accept) {
-            h.insert("sec-websocket-accept", v);
-        }
-        return Ok(r);
+    if upgrade {
+        let head = warren_common::ws_echo::upgrade(&mut req);
+        return Ok(head.map(|()| http_body_util::Either::Right(http_body_util::Full::new(Bytes::new()))));
     }
     let want = req.uri().path().strip_prefix("/bytes/").and_then(|n| n.parse::<u64>().ok());
     if let (Some(n), &hyper::Method::GET) = (want, req.method()) {
@@ -96,39 +83,6 @@ async fn answer(mut req: Request<Incoming>, pattern: Bytes) -> Result<Response<A
     }
     let secs = started.elapsed().as_secs_f64().max(1e-9);
     Ok(text(200, format!("received {got} bytes at {:.1} MB/s\n", got as f64 / secs / 1e6)))
-}
-
-/// Echoes a WebSocket's messages (as text frames) until it closes.
-async fn echo(mut io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin) -> std::io::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use warren_relay_proto::ws::{self, Control, Role, WsDecoder};
-    let mut decoder = WsDecoder::new(Role::Server);
-    let (mut input, mut data, mut out) = (bytes::BytesMut::new(), bytes::BytesMut::new(), bytes::BytesMut::new());
-    loop {
-        input.reserve(16 << 10);
-        if io.read_buf(&mut input).await? == 0 {
-            return Ok(());
-        }
-        loop {
-            let control = decoder.decode(&mut input, &mut data).map_err(std::io::Error::other)?;
-            if !data.is_empty() {
-                ws::encode_frame(&mut out, ws::opcode::TEXT, &data.split(), None);
-            }
-            match control {
-                Some(Control::Ping(p)) => ws::encode_frame(&mut out, ws::opcode::PONG, &p, None),
-                Some(Control::Close(_)) => {
-                    ws::encode_frame(&mut out, ws::opcode::CLOSE, &[], None);
-                    io.write_all(&out).await?;
-                    return Ok(());
-                }
-                Some(Control::Pong(_)) => {}
-                None => break,
-            }
-        }
-        if !out.is_empty() {
-            io.write_all(&out.split()).await?;
-        }
-    }
 }
 
 fn text(status: u16, s: String) -> Response<Answer> {

@@ -37,6 +37,11 @@ impl Latency {
     }
 }
 
+/// Locks a tally; a panicked holder leaves plain counters behind, still usable.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A new auto-resizing histogram of nanoseconds with 3 significant digits.
 pub fn histogram() -> Histogram<u64> {
     // 3 significant digits is within hdrhistogram's accepted range (0..=5), so this cannot fail.

@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body_util::{BodyExt, Full};
-use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rand_core::{OsRng, RngCore};
 use serde::Serialize;
@@ -32,7 +31,7 @@ use warren_relay_client::{ConnectOptions, DerpClient};
 use warren_relay_proto::{Frame, PublicKey, SecretKey};
 
 use crate::dial::dial;
-use crate::report::{histogram, Latency};
+use crate::report::{histogram, lock, Latency};
 
 /// Packets are judged once this old.
 const JUDGE_AFTER_MS: u32 = 3000;
@@ -170,10 +169,6 @@ struct Counters {
     visits_failover: AtomicU64,
     visit_failures: Mutex<Vec<String>>,
     latency: Mutex<Option<hdrhistogram::Histogram<u64>>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct Soak {
@@ -495,8 +490,6 @@ impl Soak {
 
 /// One HTTP/1.1 request on a fresh connection, body read to the end.
 async fn request(io: Box<dyn crate::dial::Io>, url: &RelayUrl, body: Option<Bytes>) -> Result<u16, &'static str> {
-    let (mut send, conn) = http1::handshake(TokioIo::new(io)).await.map_err(|_| "handshake")?;
-    tokio::spawn(conn);
     let method = if body.is_some() { "POST" } else { "GET" };
     let req = http::Request::builder()
         .method(method)
@@ -505,7 +498,7 @@ async fn request(io: Box<dyn crate::dial::Io>, url: &RelayUrl, body: Option<Byte
         .body(Full::new(body.unwrap_or_default()))
         .map_err(|_| "request")?;
     let attempt = async {
-        let resp = send.send_request(req).await.map_err(|_| "request failed")?;
+        let resp = warren_common::http1::request(TokioIo::new(io), req).await.map_err(|_| "request failed")?;
         let status = resp.status().as_u16();
         resp.into_body().collect().await.map_err(|_| "response body cut")?;
         Ok(status)

@@ -16,7 +16,7 @@ use warren_common::url::RelayUrl;
 use warren_relay_proto::ws::{self, Role, WsDecoder};
 
 use crate::dial::{dial, Io};
-use crate::report::{histogram, Latency, PROGRESS};
+use crate::report::{histogram, lock, Latency, PROGRESS};
 
 /// Largest upgrade response head read.
 const MAX_HEAD: usize = 16 << 10;
@@ -141,10 +141,6 @@ pub(crate) async fn echo_session(
         timeout: Duration::from_secs(10),
     };
     session(&s, url, Some(tls), &Mutex::default()).await
-}
-
-fn lock(t: &Mutex<Tally>) -> std::sync::MutexGuard<'_, Tally> {
-    t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn session(
